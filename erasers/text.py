@@ -1,0 +1,91 @@
+"""The one interface every host's text encoder is adapted to.
+
+A closed-form edit, facilitated transport or SAFREE needs three things from a text encoder: the
+per-token conditioning the denoiser sees, which positions are real tokens, and the token ids. Each host
+adapter (ComfyUI CLIP, a diffusers pipeline, the shapes world, a single-file checkpoint) implements
+``TextEncoder``; everything in ``erasers/`` talks only to this protocol.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from .errors import ConceptTooLong, EmptyConceptList
+
+
+@dataclass
+class PromptEncoding:
+    """Encoded prompts, always float32 on CPU.
+
+    hidden: (N, T, d) — exactly the context the denoiser's text projections receive (SDXL: the 2048-d
+        concatenation; Flux/SD3: the T5 sequence the host builds).
+    lengths: (N,) — number of real token positions including BOS/EOS (the attention-mask sum).
+    token_ids: per prompt, the unpadded ids including BOS/EOS, as the host tokenizer produced them.
+    pooled: (N, p) or None — the pooled vector where the family has one.
+    has_bos: whether position 0 is a start token (CLIP: yes; T5: no).
+    """
+
+    hidden: torch.Tensor
+    lengths: torch.Tensor
+    token_ids: list
+    pooled: Optional[torch.Tensor] = None
+    has_bos: bool = True
+
+    @property
+    def last_subject_index(self) -> torch.Tensor:
+        """Index of the last word token (UCE/SPEED "mask sum − 2"); 0 (the SOT) for the empty prompt."""
+        return (self.lengths - 2).clamp(min=0)
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """What the core needs from a host text encoder."""
+
+    #: model family the encoder belongs to ("sd1", "sd2", "sdxl", "sd3", "flux", "shapes")
+    family: str
+    #: number of positions per prompt chunk (77 for CLIP)
+    context_length: int
+
+    def encode(self, prompts: Sequence[str]) -> PromptEncoding:
+        """Encode a batch of prompts in one pass (padding to ``context_length``)."""
+        ...
+
+
+def check_prompts(prompts: Sequence[str], what: str = "concept") -> list:
+    """Strip and validate a user list; empty entries are dropped, an empty list is an error."""
+    cleaned = [p.strip() for p in prompts if p is not None and p.strip()]
+    if not cleaned:
+        raise EmptyConceptList(
+            f"Expected at least one {what}, found none. Type one {what} per line (or separate them with "
+            f"commas), e.g. 'Van Gogh'."
+        )
+    return cleaned
+
+
+def check_fits(encoding: PromptEncoding, prompts: Sequence[str], context_length: int) -> None:
+    """Refuse prompts that the tokenizer had to truncate: a cut concept erases the wrong thing."""
+    for prompt, ids in zip(prompts, encoding.token_ids):
+        if len(ids) > context_length:
+            raise ConceptTooLong(
+                f"The concept '{prompt[:60]}' has {len(ids)} tokens with start/end markers, but the text "
+                f"encoder's context holds {context_length}. Shorten it or split it into several concepts."
+            )
+
+
+def split_concepts(text: str) -> list:
+    """User text box → list: one concept per line; commas separate too unless the line is quoted."""
+    out = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if len(line) >= 2 and line[0] == line[-1] == '"':
+            out.append(line[1:-1].strip())
+        else:
+            out.extend(part.strip() for part in line.split(",") if part.strip())
+    return out
