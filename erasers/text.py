@@ -89,3 +89,31 @@ def split_concepts(text: str) -> list:
         else:
             out.extend(part.strip() for part in line.split(",") if part.strip())
     return out
+
+
+def encode_batched(encoder: TextEncoder, prompts: Sequence[str], chunk: int = 64,
+                   progress=None) -> PromptEncoding:
+    """Encode many prompts in batches of ``chunk`` (one forward pass each, never one by one).
+
+    ``progress(done, total)`` is called after each batch so hosts can drive a progress bar.
+    """
+    prompts = list(prompts)
+    parts = []
+    for start in range(0, len(prompts), chunk):
+        parts.append(encoder.encode(prompts[start:start + chunk]))
+        if progress is not None:
+            progress(min(start + chunk, len(prompts)), len(prompts))
+    if not parts:
+        raise EmptyConceptList("Nothing to encode.")
+    pooled = None
+    if all(p.pooled is not None for p in parts):
+        pooled = torch.cat([p.pooled.float() for p in parts])
+    encoding = PromptEncoding(
+        hidden=torch.cat([p.hidden.float() for p in parts]),
+        lengths=torch.cat([p.lengths for p in parts]),
+        token_ids=[ids for p in parts for ids in p.token_ids],
+        pooled=pooled,
+        has_bos=parts[0].has_bos,
+    )
+    check_fits(encoding, prompts, encoder.context_length)
+    return encoding

@@ -1,0 +1,99 @@
+"""Config dataclasses: each eraser validates its own parameters and serialises to a flat dict.
+
+The same dict goes into eraser-file metadata, ComfyUI workflow ``extra`` metadata and A1111 infotext, so
+an image or a file always says exactly how its eraser was made.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from .errors import EraserError
+from .text import check_prompts
+
+
+class ConfigError(EraserError):
+    pass
+
+
+@dataclass
+class EraserConfig:
+    """Fields shared by every closed-form method."""
+
+    method: ClassVar[str] = ""
+
+    concepts: list = field(default_factory=list)
+    #: one anchor/guide per concept, or one for all; empty → the method's default for ``concept_type``
+    anchors: list = field(default_factory=list)
+    preserve: list = field(default_factory=list)
+    #: "object" (things, people, characters), "art" (styles) or "nudity" — picks the published defaults
+    concept_type: str = "object"
+    #: rank cap for storage (truncated SVD); None keeps the delta exact
+    rank_cap: Optional[int] = None
+
+    CONCEPT_TYPES: ClassVar[tuple] = ("object", "art", "nudity")
+
+    def __post_init__(self):
+        self.concepts = [c for c in (self.concepts or [])]
+        self.anchors = [a for a in (self.anchors or [])]
+        self.preserve = [p for p in (self.preserve or [])]
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        self.concepts = check_prompts(self.concepts, "concept to erase")
+        # anchors may legitimately be "" (erase towards the unconditional prompt): keep empties
+        self.anchors = [a.strip() if a is not None else "" for a in self.anchors]
+        self.preserve = [p.strip() for p in self.preserve if p and p.strip()]
+        if self.concept_type not in self.CONCEPT_TYPES:
+            raise ConfigError(f"concept_type must be one of {self.CONCEPT_TYPES}, found '{self.concept_type}'.")
+        if self.anchors and len(self.anchors) not in (1, len(self.concepts)):
+            raise ConfigError(
+                f"Expected one anchor for all concepts or one per concept ({len(self.concepts)}), found "
+                f"{len(self.anchors)}. Give a single anchor (e.g. 'art') or one per line in the same order."
+            )
+        if self.rank_cap is not None and int(self.rank_cap) < 1:
+            raise ConfigError(f"rank_cap must be ≥ 1 or empty, found {self.rank_cap}.")
+        erased = {c.lower() for c in self.concepts}
+        clash = [p for p in self.preserve if p.lower() in erased]
+        if clash:
+            raise ConfigError(f"These concepts are both erased and preserved: {clash}. Remove them from one list.")
+
+    def _check_positive(self, **values) -> None:
+        for name, value in values.items():
+            if value is None or not (value >= 0) or value != value:
+                raise ConfigError(f"{self.method}: {name} must be a number ≥ 0, found {value!r}.")
+
+    def anchors_for_concepts(self, default: str) -> list:
+        """One anchor per concept (broadcasting a single one; the method's default when none is given)."""
+        if not self.anchors:
+            return [default] * len(self.concepts)
+        if len(self.anchors) == 1:
+            return self.anchors * len(self.concepts)
+        return list(self.anchors)
+
+    # -- serialisation ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = {"method": self.method}
+        out.update(dataclasses.asdict(self))
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EraserConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"method"})
+        if unknown:
+            raise ConfigError(f"{cls.method}: unknown parameters {unknown}; known ones are {sorted(known)}.")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def describe(config: EraserConfig) -> str:
+    """One-line human summary, e.g. for logs and infotext."""
+    extra: dict[str, Any] = {k: v for k, v in config.to_dict().items()
+                             if k not in ("method", "concepts", "anchors", "preserve")}
+    return f"{config.method}: erase {config.concepts} → {config.anchors or 'default'}; {extra}"
