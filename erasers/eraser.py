@@ -145,7 +145,7 @@ def compute_eraser(config, encoder, weights: Mapping[str, torch.Tensor], family=
         if config.rank_cap is not None and delta.rank > config.rank_cap:
             delta, err = compress(delta, rank_cap=config.rank_cap)
             worst = max(worst, err)
-        out[key] = delta
+        out[key] = delta.to(torch.float32)  # storage precision; the math above ran in float64
     if config.rank_cap is not None:
         log.warning("Rank cap %d: worst relative reconstruction error of a layer's delta %.3g",
                     config.rank_cap, worst)

@@ -33,8 +33,9 @@ def to_state_dict(eraser: Eraser, dtype: torch.dtype = torch.float32):
     for key, delta in sorted(eraser.deltas.items()):
         name = kohya_name(key)
         names[name] = key
-        tensors[f"{name}.lora_up.weight"] = delta.up.to(dtype).contiguous()
-        tensors[f"{name}.lora_down.weight"] = delta.down.to(dtype).contiguous()
+        # clone: layers share one down factor in memory, safetensors stores each tensor on its own
+        tensors[f"{name}.lora_up.weight"] = delta.up.to(dtype).contiguous().clone()
+        tensors[f"{name}.lora_down.weight"] = delta.down.to(dtype).contiguous().clone()
         tensors[f"{name}.alpha"] = torch.tensor(float(delta.rank))
     metadata = {
         "eraser.format_version": FORMAT_VERSION,
