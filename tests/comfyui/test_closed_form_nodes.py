@@ -222,3 +222,45 @@ def test_example_workflows_match_the_server_node_schemas(comfy_server):
             if node["type"] in NODE_IDS:
                 names = widget_names(info[node["type"]])
                 assert len(node["widgets_values"]) == len(names), f"{path.name} {node['type']}: {names}"
+
+
+class TokenizerOnlyCLIP:
+    """ComfyUI's real SDXL/Flux tokenizers (files ship with ComfyUI) behind a stand-in encoder that returns
+    each section's token ids as its 'hidden state', so the reshape can be checked position by position."""
+
+    def __init__(self, tokenizer, width):
+        self.tokenizer, self.width = tokenizer, width
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        key = "t5xxl" if "t5xxl" in tokens else "l"
+        ids = torch.tensor([[t for t, _ in section] for section in tokens[key]], dtype=torch.float32)
+        cond = ids.reshape(1, -1, 1).expand(1, ids.numel(), self.width)
+        return cond, ids[:1, -1:].expand(1, 768)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_real_tokenizers_give_one_section_per_prompt(comfy, adapters, family):
+    import comfy.sdxl_clip
+    import comfy.text_encoders.flux
+
+    tokenizer = comfy.sdxl_clip.SDXLTokenizer() if family == "sdxl" else comfy.text_encoders.flux.FluxTokenizer()
+    encoder = adapters.ComfyCLIPEncoder(TokenizerOnlyCLIP(tokenizer, 2048 if family == "sdxl" else 4096))
+    assert encoder.family == family
+    prompts = ["a photo of a cat", "Van Gogh (painter)"]
+    out = encoder.encode(prompts)
+    expected_len = 77 if family == "sdxl" else 256
+    assert encoder.context_length == expected_len and out.hidden.shape[:2] == (2, expected_len)
+    for i, prompt in enumerate(prompts):
+        ids = out.token_ids[i]
+        assert out.hidden[i, : len(ids), 0].tolist() == ids, "row i must hold prompt i's tokens"
+        assert out.lengths[i] == len(ids)
+    assert out.has_bos == (family == "sdxl")
+    if family == "sdxl":
+        assert out.token_ids[0][0] == 49406 and out.token_ids[0][-1] == 49407
+    else:
+        assert out.token_ids[0][-1] == 1 and out.pooled.shape == (2, 768)
+    with pytest.raises(ValueError, match="chunk"):
+        encoder.encode(["word " * 90])
