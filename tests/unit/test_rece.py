@@ -1,5 +1,4 @@
 """RECE: the §4.1 derivation, the shared-factor algorithm against a per-layer reference, rounds, shapes."""
-import math
 
 import pytest
 import torch
