@@ -184,6 +184,7 @@ def test_sd15_nudity_preset_runs():
     assert len(eraser.deltas) == 16 and all(d.is_finite() for d in eraser.deltas.values())
 
 
+@pytest.mark.slow  # 4096-wide closed forms on a 2-core CPU: ~20–40 s
 def test_flux_shapes_end_to_end():
     encoder = ToyTextEncoder(dim=4096, pooled_dim=768, has_bos=False, family="flux", context_length=16)
     eraser = compute_eraser(speed.SPEEDConfig(concepts=["a cat"]), encoder, layer_weights(Family.FLUX))
