@@ -202,7 +202,8 @@ def refine_retain(w: torch.Tensor, erase_map, retain: torch.Tensor, v_min: torch
                   prior_filter: bool, gen: torch.Generator):
     """IPF + DPA (§5.2 steps 3–4): (refined rows, rows spanning them). ``erase_map(X)`` = F X, Δ_erase = W F."""
     influence = (w @ erase_map(retain.T)).norm(dim=0)
-    kept = retain[influence > influence.mean()] if prior_filter else retain
+    # "above the mean"; ≥ so that a single retain row (one preserve prompt, a pooled vector) is kept
+    kept = retain[influence >= influence.mean()] if prior_filter else retain
     if aug_num == 0 or len(kept) == 0:
         return kept, kept
     eps = torch.randn(len(kept), aug_num, generator=gen, dtype=torch.float64)

@@ -190,3 +190,24 @@ def test_flux_shapes_end_to_end():
     eraser = compute_eraser(speed.SPEEDConfig(concepts=["a cat"]), encoder, layer_weights(Family.FLUX))
     assert set(eraser.deltas) == {"txt_in.weight", "vector_in.in_layer.weight"}
     assert all(d.is_finite() for d in eraser.deltas.values())
+
+
+def test_ipf_keeps_the_most_affected_rows_and_dpa_moves_only_along_v_min():
+    d = 12
+    w, retain = rand(20, d, seed=1), rand(9, d, seed=2)
+    f = rand(d, d, seed=3)
+    erase_map = lambda x: f @ x  # Δ_erase = W F
+    v = speed.least_sensitive_direction(w)
+    influence = (w @ f @ retain.T).norm(dim=0)
+    samples, span = speed.refine_retain(w, erase_map, retain, v, 10, True, torch.Generator().manual_seed(0))
+    kept = retain[influence >= influence.mean()]
+    assert 0 < len(kept) < len(retain) and torch.equal(samples[:len(kept)], kept)
+    aug = samples[len(kept):]
+    assert 0 < len(aug) <= 10 * len(kept)
+    # each augmented row is a kept row plus a multiple of v_min
+    resid = aug[:, None, :] - kept[None]
+    off_axis = (resid - (resid @ v)[..., None] * v).norm(dim=-1).min(dim=1).values
+    assert float(off_axis.max()) < 1e-10
+    # a single retain row survives the filter
+    one, _ = speed.refine_retain(w, erase_map, retain[:1], v, 0, True, torch.Generator().manual_seed(0))
+    assert one.shape[0] == 1
