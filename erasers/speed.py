@@ -124,28 +124,35 @@ def solve_shifted(alpha: float, u: torch.Tensor, v: torch.Tensor, x: torch.Tenso
 def least_sensitive_direction(w: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """v_min: unit right singular vector of W with the smallest of its min(out, d) singular values (§5.2 DPA).
 
+    ``w`` is (out, d) or a batch (L, out, d) of equal-shape layers (one batched factorisation for all).
     For out < d it is found from W Wᵀ (u_min, then v = Wᵀu/‖Wᵀu‖), so it lies in W's row space; otherwise
     from WᵀW. Grams larger than ``EIGH_MAX`` use a seeded block inverse iteration (16 vectors, Cholesky
     solves) with a Rayleigh–Ritz step instead of a full eigendecomposition: the same direction up to the
-    iteration's convergence (tested against eigh), at a small fraction of the cost.
+    iteration's convergence (tested against the SVD), at a small fraction of the cost.
     """
     w = w.to(torch.float64)
-    out, d = w.shape
-    gram = w @ w.T if out < d else w.T @ w
-    n = gram.shape[0]
+    single = w.dim() == 2
+    w = w[None] if single else w
+    out, d = w.shape[-2:]
+    wt = w.transpose(-1, -2)
+    gram = w @ wt if out < d else wt @ w
+    n = gram.shape[-1]
     if n <= EIGH_MAX:
-        vec = torch.linalg.eigh(gram)[1][:, 0]
+        vec = torch.linalg.eigh(gram)[1][..., :, :1]
     else:
         gen = torch.Generator().manual_seed(seed)
-        shift = 1e-12 * torch.diagonal(gram).mean()
-        factor = torch.linalg.cholesky(gram + shift * torch.eye(n, dtype=torch.float64))
-        block = torch.randn(n, 16, generator=gen, dtype=torch.float64)
+        eye = torch.eye(n, dtype=torch.float64)
+        shift = 1e-12 * torch.diagonal(gram, dim1=-2, dim2=-1).mean(dim=-1)[:, None, None]
+        factor = torch.linalg.cholesky(gram + shift * eye)
+        block = torch.randn(n, 16, generator=gen, dtype=torch.float64).expand(len(w), n, 16)
         for _ in range(20):
             block = torch.linalg.qr(torch.cholesky_solve(block, factor))[0]
-        vec = block @ torch.linalg.eigh(block.T @ gram @ block)[1][:, 0]
+        ritz = torch.linalg.eigh(block.transpose(-1, -2) @ gram @ block)[1][..., :, :1]
+        vec = block @ ritz
     if out < d:
-        vec = w.T @ vec
-    return vec / vec.norm()
+        vec = wt @ vec
+    vec = (vec / vec.norm(dim=-2, keepdim=True))[..., 0]
+    return vec[0] if single else vec
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> torch.Tensor:
@@ -301,14 +308,19 @@ def erase(config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch
         retain = retain_rows(enc_r, enc_null, pooled)
         k2 = invariants(enc_null, pooled, config.n_centroids, config.seed)
         gen = torch.Generator().manual_seed(config.seed)
+        v_mins = {}
+        for shape in sorted({(s.out_features, s.in_features) for s in group}):  # one batch per shape
+            same = [s.key for s in group if (s.out_features, s.in_features) == shape]
+            batch = least_sensitive_direction(torch.stack([weights[k].to(torch.float64) for k in same]), config.seed)
+            v_mins.update(zip(same, batch))
         for s in group:
-            delta, _ = layer_delta(weights[s.key], c1, c_star, n, retain, k2, config, gen)
+            delta, _ = layer_delta(weights[s.key], c1, c_star, n, retain, k2, config, gen, v_mins[s.key])
             deltas[s.key] = compress(delta)[0]
     return deltas
 
 
 def layer_delta(w: torch.Tensor, c1: torch.Tensor, c_star: torch.Tensor, n: int, retain: torch.Tensor,
-                k2: torch.Tensor, config: SPEEDConfig, gen: torch.Generator):
+                k2: torch.Tensor, config: SPEEDConfig, gen: torch.Generator, v_min: Optional[torch.Tensor] = None):
     """(ΔW as exact float64 factors, Q of the retained directions) for one matrix W (§5.2 steps 1–8)."""
     w = w.to(torch.float64)
     c1, c_star, retain, k2 = (t.to(torch.float64) for t in (c1, c_star, retain, k2))
@@ -318,7 +330,7 @@ def layer_delta(w: torch.Tensor, c1: torch.Tensor, c_star: torch.Tensor, n: int,
         # F X = (Σ_at − Σ_tt)(I + Σ_tt)⁻¹ X with I + Σ_tt = I + (C1ᵀ/n) C1; Δ_erase = W F
         return diff_t @ (c1 @ solve_shifted(1.0, c1.T / n, c1.T, x)) / n
 
-    v_min = least_sensitive_direction(w, config.seed)
+    v_min = least_sensitive_direction(w, config.seed) if v_min is None else v_min.to(torch.float64)
     samples, span = refine_retain(w, erase_map, retain, v_min, int(config.aug_num), config.prior_filter, gen)
     q = retained_basis(samples, span, config.threshold)
     down = speed_down(c1, n, q, k2, config.effective_alpha(), config.effective_lamb())

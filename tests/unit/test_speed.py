@@ -211,3 +211,11 @@ def test_ipf_keeps_the_most_affected_rows_and_dpa_moves_only_along_v_min():
     # a single retain row survives the filter
     one, _ = speed.refine_retain(w, erase_map, retain[:1], v, 0, True, torch.Generator().manual_seed(0))
     assert one.shape[0] == 1
+
+
+def test_batched_least_sensitive_direction_equals_one_by_one():
+    for out, d in ((100, 64), (320, 768)):
+        ws = torch.stack([rand(out, d, seed=s) for s in range(3)])
+        batch = speed.least_sensitive_direction(ws)
+        for w, v in zip(ws, batch):
+            assert abs(float(v @ speed.least_sensitive_direction(w))) > 1 - 1e-9
