@@ -86,7 +86,8 @@ class SPEEDConfig(EraserConfig):
         if int(self.aug_num) != self.aug_num or self.aug_num < 0:
             raise ConfigError(f"speed: aug_num must be a whole number ≥ 0 (published 10), found {self.aug_num!r}.")
         if int(self.n_centroids) != self.n_centroids or self.n_centroids < 0:
-            raise ConfigError(f"speed: n_centroids must be a whole number ≥ 0 (published 3), found {self.n_centroids!r}.")
+            raise ConfigError(f"speed: n_centroids must be a whole number ≥ 0 (published 3), "
+                              f"found {self.n_centroids!r}.")
         self._check_positive(threshold=self.threshold)
         if self.retain_scale is not None:
             self._check_positive(retain_scale=self.retain_scale)
