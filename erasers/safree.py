@@ -269,8 +269,11 @@ def analyse(config: SAFREEConfig, prompt_hidden: torch.Tensor, prompt_length: in
         fraction = min(1.0, (t_prime + 1) / float(config.reference_steps))
     else:
         fraction = 1.0
+    if config.strength != 1.0:
+        # strength interpolates between the prompt (0) and the full projection (1)
+        new_tok = prompt_tok + config.strength * (new_tok - prompt_tok)
     hidden = prompt_hidden.clone()
-    hidden[lo:hi] = new_tok
+    hidden[lo:hi] = new_tok.to(hidden.dtype)
     pooled = None
     if prompt_pooled is not None and concept_pooled is not None:
         pooled = project_pooled(prompt_pooled, concept_pooled)

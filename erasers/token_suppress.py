@@ -100,7 +100,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     b, lq, inner = q.shape
     d = inner // heads
     qh, kh, vh = (t.reshape(b, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
-    mask = bias.to(q.dtype) if bias is not None else None
+    mask = None
+    if bias is not None:
+        mask = bias.to(q.dtype)
+        if mask.ndim == 1:  # (Lk,): one bias per key column
+            mask = mask[None, None, None, :]
+        elif mask.ndim == 2:  # (B, Lk)
+            mask = mask[:, None, None, :]
     out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
     return out.transpose(1, 2).reshape(b, lq, inner)
 
