@@ -121,3 +121,30 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, bias: Optional
     if bias is not None:
         logits = logits + bias
     return logits.softmax(-1)
+
+
+def suppressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor,
+                         plain=None) -> torch.Tensor:
+    """Attention with a per-row column bias (B, T), computed the cheap way.
+
+    Rows without bias (the negative branch) go through ``plain`` (the host's own attention). Rows whose
+    bias only drops columns attend over the kept columns alone — exact and mask-free, so fast kernels stay
+    usable (suppression.md §7.3). Other rows get the additive bias.
+    """
+    plain = plain or attention
+    active = (bias != 0).any(-1)
+    if not bool(active.any()):
+        return plain(q, k, v, heads)
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
+    idle = (~active).nonzero().flatten()
+    if idle.numel():
+        out[idle] = plain(q[idle], k[idle], v[idle], heads)
+    for r in active.nonzero().flatten().tolist():
+        b = bias[r]
+        if bool(((b == 0) | (b <= DROP_BIAS)).all()):
+            keep = b == 0
+            if bool(keep.any()):
+                out[r:r + 1] = plain(q[r:r + 1], k[r:r + 1, keep], v[r:r + 1, keep], heads)
+                continue
+        out[r:r + 1] = attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], heads, b)
+    return out

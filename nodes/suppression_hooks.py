@@ -243,7 +243,8 @@ class Attn2Dispatch:
         k_pos, v_pos = k[:, :T], v[:, :T]
         bias = state.get("token_bias")
         if bias is not None and bias.shape[1] == T:
-            out = ts.attention(q, k_pos, v_pos, heads, bias[:, None, None, :].to(q.device))
+            out = ts.suppressed_attention(q, k_pos, v_pos, heads, bias.to(q.device),
+                                          plain=lambda q_, k_, v_, h: self.plain(q_, k_, v_, h, extra_options))
         else:
             out = self.plain(q, k_pos, v_pos, heads, extra_options)
         for op, (start, length) in zip(state.get("nag") or [], slices):
@@ -261,15 +262,16 @@ def unet_attn2_sites(state_dict_keys) -> list:
     """(block_name, number, block_index) of every cross-attention block, from the model's weight keys."""
     import re
 
-    pattern = re.compile(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.\d+\.transformer_blocks\.(\d+)\.attn2\.to_k\.weight$")
-    names = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+    pattern = re.compile(r"(?:(input_blocks|output_blocks)\.(\d+)\.\d+|(middle_block)\.\d+)"
+                         r"\.transformer_blocks\.(\d+)\.attn2\.to_k\.weight$")
     sites = set()
     for key in state_dict_keys:
         m = pattern.search(key)
         if m:
-            kind = names[m.group(1)]
-            number = 0 if kind == "middle" else int(m.group(2))  # the middle block is ("middle", 0)
-            sites.add((kind, number, int(m.group(3))))
+            if m.group(3):  # the middle block is ("middle", 0) although its path is middle_block.1
+                sites.add(("middle", 0, int(m.group(4))))
+            else:
+                sites.add(("input" if m.group(1) == "input_blocks" else "output", int(m.group(2)), int(m.group(4))))
     return sorted(sites)
 
 
@@ -324,13 +326,13 @@ class DitDispatch:
         bias = state.get("token_bias")
         qs, ks, vs = (_to_seq(t, skip_reshape) for t in (q, k, v))
         B, L, _ = qs.shape
-        if bias is not None:
-            offset = txt_len - bias.shape[1]  # SD3 register tokens sit before the context
+        if bias is not None and mask is None:
+            out = self.suppressed(func, q, k, v, qs, ks, vs, heads, skip_reshape, kw, bias.to(q.device), txt_len)
+        elif bias is not None:  # the model brought its own mask: fold the bias into it
+            offset = txt_len - bias.shape[1]
             full = torch.zeros(B, 1, L, L, dtype=torch.float32, device=q.device)
             full[:, 0, txt_len:, offset:txt_len] = bias.to(q.device)[:, None, :]
-            if mask is not None:
-                full = full + mask.float()
-            out = ts.attention(qs, ks, vs, heads, full)
+            out = ts.attention(qs, ks, vs, heads, full + mask.float())
         else:
             out = func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, **kw)
         for op in state.get("nag") or []:
@@ -338,6 +340,24 @@ class DitDispatch:
             z_neg = self.negative_branch(op, rows, qs, ks, vs, heads, args, state, txt_len)
             out = out.clone()
             out[rows, txt_len:] = cg.nag(out[rows, txt_len:], z_neg, op["phi"], op["tau"], op["alpha"])
+        return out
+
+    def suppressed(self, func, q, k, v, qs, ks, vs, heads, skip_reshape, kw, bias, txt_len):
+        """Image queries of biased rows attend with the column bias (kept columns only when it just drops
+        columns: exact and mask-free); text queries and unbiased rows use the host's attention."""
+        B, L, HD = qs.shape
+        out = torch.empty(B, L, vs.shape[-1], dtype=qs.dtype, device=qs.device)
+        active = (bias != 0).any(-1)
+        idle = (~active).nonzero().flatten()
+        if idle.numel():
+            out[idle] = func(q[idle], k[idle], v[idle], heads, mask=None, skip_reshape=skip_reshape, **kw)
+        offset = txt_len - bias.shape[1]  # SD3 register tokens sit before the context
+        for r in active.nonzero().flatten().tolist():
+            sl = slice(r, r + 1)
+            out[sl, :txt_len] = ts.attention(qs[sl, :txt_len], ks[sl], vs[sl], heads)
+            full = torch.zeros(L, dtype=torch.float32, device=qs.device)
+            full[offset:txt_len] = bias[r]
+            out[sl, txt_len:] = ts.suppressed_attention(qs[sl, txt_len:], ks[sl], vs[sl], heads, full[None])
         return out
 
     # NAG's negative branch: the concept text stream, propagated block by block like the prompt's (§5.4)

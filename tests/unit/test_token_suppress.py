@@ -104,3 +104,14 @@ def test_outside_sigma_window_output_is_bit_identical():
     assert seen is to and torch.equal(out, plain)
     out, plain, _, seen, to = run_wrapper(5.0, risk_gate=1.0)  # gate closed
     assert seen is to and torch.equal(out, plain)
+
+
+def test_row_split_column_drop_equals_biased_attention():
+    q, k, v = qk(seed=9, B=3, T=10)
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[2, 7]] = True
+    bias = torch.stack([torch.zeros(10), ts.logit_bias(mask, 0.0), ts.logit_bias(mask, 0.3)])
+    expected = ts.attention(q, k, v, 4, bias)
+    got = ts.suppressed_attention(q, k, v, 4, bias)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.equal(got[0], ts.attention(q[:1], k[:1], v[:1], 4)[0])  # unbiased row: the plain function
