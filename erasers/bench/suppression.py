@@ -1,7 +1,7 @@
 """Benchmark: per-step cost of the sampling-time suppression methods (``bench suppression``).
 
 Each method is timed against the same unpatched model in the same run, interleaved round by round, and
-reported as a ratio of per-step times (median over rounds). UNet: a random-weight SD1.5-shaped diffusers
+reported as a ratio of per-step times (the fastest round: robust to other load on the machine). UNet: a random-weight SD1.5-shaped diffusers
 ``UNet2DConditionModel`` at 256 px (32×32 latent), CFG batch of 2. Flux (when ``COMFYUI_PATH`` points at
 a ComfyUI checkout and ``--flux``): ComfyUI's own Flux class reduced to a few blocks, sampled end to end.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import statistics
 import time
 
 import torch
@@ -34,7 +33,7 @@ SD15_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="UNet calls per method per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the fastest is reported)")
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size/8)")
     parser.add_argument("--small", action="store_true", help="a reduced UNet (quick smoke run)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
@@ -124,7 +123,7 @@ def bench_unet(args) -> tuple:
         for name, fn in methods.items():
             times[name].append(_time(fn, args.steps))
     ctl.remove()
-    per_step = {name: statistics.median(v) for name, v in times.items()}
+    per_step = {name: min(v) for name, v in times.items()}  # min over rounds: robust to other load
     # SAFREE's one-off prompt analysis with a real (random-weight) CLIP-L text model
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -223,7 +222,7 @@ def bench_flux(args):
     for _ in range(args.rounds):
         for k, fn in methods.items():
             times[k].append(_time(fn, 1) / args.steps)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
 
 
 def _table(title: str, per_step: dict) -> list:
