@@ -13,6 +13,8 @@ CORE_TYPES = {
     "CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "KSamplerAdvanced", "VAEDecode",
     "VAEEncode", "SaveImage", "PreviewImage", "LoadImage", "LoraLoader", "LoraLoaderModelOnly", "CLIPSetLastLayer",
     "Note", "MarkdownNote", "Reroute", "PrimitiveNode",
+    # the Flux examples load the diffusion model, both text encoders and the VAE separately
+    "UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance", "EmptySD3LatentImage", "ConditioningZeroOut",
 }
 
 
