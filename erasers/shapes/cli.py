@@ -20,10 +20,14 @@ def add_subparsers(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None, help="training steps (exact reproduction)")
     train.add_argument("--minutes", type=float, default=None,
                        help="time budget for the text-to-image model; steps derived from the measured speed")
+    train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--classifier-steps", type=int, default=None)
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--out", type=Path, default=None, help="output folder (default: the package weights)")
     train.add_argument("--skip-classifier", action="store_true")
+    train.add_argument("--skip-t2i", action="store_true", help="train only the classifier")
+    train.add_argument("--skip-eval", action="store_true",
+                       help="do not measure base fidelity and record it in the weight file")
     train.add_argument("--checkpoint-every", type=int, default=0,
                        help="also save the EMA model every N steps to OUT/checkpoint_t2i.safetensors")
     train.set_defaults(func=_train)
@@ -37,6 +41,8 @@ def add_subparsers(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--grid", type=Path, default=None, help="write the sampled images as a PNG grid")
     ev.add_argument("--json", type=Path, default=None, help="write the numbers as JSON")
+    ev.add_argument("--record", action="store_true",
+                    help="store the canonical figures in the weight file's metadata (what the tests compare to)")
     ev.set_defaults(func=_eval)
     return shapes
 
@@ -54,9 +60,12 @@ def _train(args) -> int:
 
         cfg.checkpoint_every = args.checkpoint_every
         cfg.checkpoint_path = str((args.out or DEFAULT_T2I.parent) / "checkpoint_t2i.safetensors")
+    if args.batch_size is not None:
+        cfg.batch_size = args.batch_size
     if args.classifier_steps is not None:
         cfg.classifier_steps = args.classifier_steps
-    result = train_all(cfg, out_dir=args.out, threads=args.threads, skip_classifier=args.skip_classifier)
+    result = train_all(cfg, out_dir=args.out, threads=args.threads, skip_classifier=args.skip_classifier,
+                       skip_t2i=args.skip_t2i, skip_eval=args.skip_eval)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -68,11 +77,15 @@ def _eval(args) -> int:
     from .evaluate import evaluate
     from .model import load_default, load_pipeline, to_pil_grid
 
+    from .model import DEFAULT_T2I, record_fidelity
+
     pipe = load_pipeline(args.weights) if args.weights else load_default()
     clf = load_classifier(args.classifier) if args.classifier else load_classifier()
     result = evaluate(pipe, clf, per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
                       seed=args.seed)
     print(result["markdown"])
+    if args.record:
+        record_fidelity(args.weights or DEFAULT_T2I, result)
     if args.grid:
         # one row per (shape, colour) prompt
         to_pil_grid(result["canonical"]["images"], nrow=args.per_prompt).save(args.grid)

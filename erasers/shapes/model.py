@@ -310,6 +310,25 @@ def load_pipeline(path: Union[str, Path] = DEFAULT_T2I, device: str = "cpu") -> 
     return pipe.to(device)
 
 
+def record_fidelity(path: Union[str, Path], result: dict) -> None:
+    """Rewrite ``path`` with the canonical fidelity figures of ``evaluate()`` in its metadata."""
+    from safetensors.torch import load_file, save_file
+
+    meta = read_metadata(path, FORMAT_T2I)
+    c = result["canonical"]
+    extra = json.loads(meta.get("extra", "{}"))
+    extra["fidelity"] = {**result["settings"], **{k: c[k] for k in ("n", "shape_accuracy", "colour_accuracy",
+                                                                     "both_accuracy", "shape_confusion",
+                                                                     "colour_confusion")}}
+    if "paraphrase" in result:
+        p = result["paraphrase"]
+        extra["paraphrase_fidelity"] = {k: p[k] for k in ("n", "shape_accuracy", "colour_accuracy", "both_accuracy")}
+    meta["extra"] = json.dumps(extra)
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata=meta)
+    load_default.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
 def load_default() -> ShapesPipeline:
     """The shipped model, loaded once and cached. It is shared: call ``.clone()`` before editing weights."""
