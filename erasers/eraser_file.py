@@ -30,11 +30,11 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 def to_state_dict(eraser: Eraser, dtype: torch.dtype = torch.float32):
     tensors, names = {}, {}
-    for key, delta in sorted(eraser.deltas.items()):
+    for key, delta in sorted(eraser.deltas.items()):  # copies: methods may share factors across layers
         name = kohya_name(key)
         names[name] = key
-        tensors[f"{name}.lora_up.weight"] = delta.up.to(dtype).contiguous()
-        tensors[f"{name}.lora_down.weight"] = delta.down.to(dtype).contiguous()
+        tensors[f"{name}.lora_up.weight"] = delta.up.to(dtype, copy=True).contiguous()
+        tensors[f"{name}.lora_down.weight"] = delta.down.to(dtype, copy=True).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(delta.rank))
     metadata = {
         "eraser.format_version": FORMAT_VERSION,
