@@ -140,3 +140,12 @@ def clip_tokenizer(directory: str, pad_token: Optional[str] = None, context_leng
     if pad_token is not None:
         kwargs["pad_token"] = pad_token
     return CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), **kwargs)
+
+
+def fix_meta_buffers(model: torch.nn.Module) -> None:
+    """Recreate the non-persistent ``position_ids`` buffers of a CLIP model built on the meta device
+    (loading a state dict with ``assign=True`` fills parameters, not these)."""
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta and name.endswith("position_ids"):
+            owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            owner.register_buffer("position_ids", torch.arange(buf.shape[-1]).expand(1, -1), persistent=False)

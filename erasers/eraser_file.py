@@ -67,11 +67,8 @@ def save_eraser(eraser: Eraser, path: str, dtype: torch.dtype = torch.float32) -
     return path
 
 
-def read_safetensors(path: str):
-    """(tensors, metadata) from a .safetensors file, with errors that say what is wrong."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def check_safetensors(path: str) -> None:
+    """Refuse pickles, missing, empty, truncated or non-safetensors files before anything is loaded."""
     name = os.path.basename(path)
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise BadEraserFile(
@@ -92,6 +89,15 @@ def read_safetensors(path: str):
             f"'{name}' is not a .safetensors file (its header is unreadable).{hint} Expected the "
             f"safetensors layout; re-download or re-save the file."
         )
+
+
+def read_safetensors(path: str):
+    """(tensors, metadata) from a .safetensors file, with errors that say what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    name = os.path.basename(path)
+    check_safetensors(path)
     try:
         tensors = load_file(path)
         from safetensors import safe_open
