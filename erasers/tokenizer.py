@@ -54,7 +54,7 @@ def vocab_from_bpe(merge_lines: list) -> tuple:
     The well-known construction: the 256 byte symbols, the same with the end-of-word mark ``</w>``, then
     each of the first ``N_MERGES`` merges joined, then ``<|startoftext|>`` and ``<|endoftext|>``.
     """
-    merges = [tuple(line.split()) for line in merge_lines[1: N_MERGES + 1]]
+    merges = [tuple(line.split()) for line in merge_lines[1: N_MERGES + 1] if line.strip()]
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
@@ -88,9 +88,9 @@ def cache_dir() -> str:
     return os.path.join(base, "concept-erasers", "clip_tokenizer")
 
 
-def package_bpe_files(packages: Iterable = BPE_PACKAGES) -> list:
+def package_bpe_files(packages: Optional[Iterable] = None) -> list:
     found = []
-    for package, name in packages:
+    for package, name in (BPE_PACKAGES if packages is None else packages):
         try:
             spec = importlib.util.find_spec(package)
         except (ImportError, ValueError):
@@ -150,7 +150,7 @@ def find_tokenizer_dir(tokenizer_dir: Optional[str] = None, diffusers_dir: Optio
         for bpe in package_bpe_files():
             log.info("CLIP tokenizer rebuilt from %s", bpe)
             return write_vocab_from_bpe(bpe, cache_dir())
-        searched.append("installed packages open_clip / clip (" + BPE_NAME + ")")
+        searched.append(f"installed packages {' / '.join(p for p, _ in BPE_PACKAGES) or '(none)'} ({BPE_NAME})")
         for folder in hf_cache_dirs():
             if has_vocab(folder):
                 return folder
