@@ -227,3 +227,39 @@ def test_param_values_follow_the_config_field_types():
                               ["lam=2", "variant=2023", "expand_prompts=true", "preserve_scale=none"])
     assert config.lam == 2.0 and isinstance(config.lam, float)
     assert config.variant == "2023" and config.expand_prompts is True and config.preserve_scale is None
+
+
+def test_erase_from_a_diffusers_folder_matches_the_api(tmp_path, tokenizer_dir, capsys):
+    pytest.importorskip("diffusers")
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from erasers import diffusers_api
+    from erasers.clip_text import clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    clip, tok = tiny_clip(32), clip_tokenizer(tokenizer_dir)
+    folder = tmp_path / "tiny-sd"
+    unet.save_pretrained(folder / "unet")
+    clip.save_pretrained(folder / "text_encoder")
+    tok.save_pretrained(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "vae": [None, None]}))
+    out_file = tmp_path / "d.safetensors"
+    code, out, err = run(capsys, "erase", "--diffusers", folder, "--concept", "red square", "--out", out_file)
+    assert code == 0, err
+    from_cli = load_eraser(str(out_file))
+    direct = diffusers_api.compute_eraser_for_pipeline(
+        SimpleNamespace(unet=unet, text_encoder=clip, tokenizer=tok), UCEConfig(concepts=["red square"]))
+    assert from_cli.keys() == direct.keys() and len(direct.keys()) == 8  # 1 down + 1 mid + 2 up blocks × k/v
+    for key in direct.keys():
+        assert torch.allclose(from_cli.dense(key), direct.dense(key), rtol=1e-4, atol=1e-6), key
+    code, _, err = run(capsys, "erase", "--diffusers", tmp_path / "nowhere", "--concept", "x", "--out", out_file)
+    assert_clean_error(code, err, "model_index.json")

@@ -183,3 +183,27 @@ def test_sdxl_style_encoder_concatenates_penultimate_layers(tmp_path):
     assert torch.allclose(out.hidden[0, :, :16], first[0], atol=1e-6)
     assert torch.allclose(out.hidden[0, :, 16:], second.hidden_states[-2][0], atol=1e-6)
     assert torch.allclose(out.pooled[0], second.text_embeds[0], atol=1e-6)
+
+
+def test_flux_transformer_text_projections_apply_and_restore():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=24, axes_dims_rope=[2, 2, 4])
+    encoder = ToyTextEncoder(dim=32, family="flux", pooled_dim=24, has_bos=False, context_length=16)
+    pipe = SimpleNamespace(transformer=transformer, text_encoder_adapter=lambda: encoder)
+    params = api.projection_params(pipe)
+    assert {k: n for k, (n, _) in params.items()} == {
+        "txt_in.weight": "context_embedder.weight",
+        "vector_in.in_layer.weight": "time_text_embed.text_embedder.linear_1.weight"}
+    assert api.pipeline_family(pipe) == Family.FLUX
+    eraser = api.compute_eraser_for_pipeline(pipe, UCEConfig(concepts=["red square"]))
+    assert set(eraser.deltas) == set(params)
+    before = snapshot(transformer)
+    with api.erased(pipe, eraser, strength=1.0):
+        changed = {n for n, p in transformer.named_parameters() if not torch.equal(p, before[n])}
+        assert changed == {n for n, _ in params.values()}
+    for name, p in transformer.named_parameters():
+        assert torch.equal(p, before[name])
