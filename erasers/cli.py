@@ -154,8 +154,9 @@ def cmd_erase(args) -> int:
     path = save_eraser(eraser, args.out)
     t = eraser.timings
     ranks = sorted({d.rank for d in eraser.deltas.values()})
+    rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
     print(f"{eraser.method} eraser for {family.label} ({os.path.basename(source)}): {len(eraser.concepts)} "
-          f"concept(s), {len(eraser.deltas)} layers, rank {ranks[0]}–{ranks[-1]}")
+          f"concept(s), {len(eraser.deltas)} layers, rank {rank}")
     print(f"load {loaded - started:.2f} s, text encoding {t.get('encode_s', 0):.2f} s, solve "
           f"{t.get('solve_s', 0):.2f} s" + (f", rank-cap error {eraser.reconstruction_error:.3g}"
                                            if config.rank_cap else ""))
@@ -191,8 +192,9 @@ def cmd_info(args) -> int:
     print(f"anchors:     {', '.join(repr(a) for a in eraser.config.get('anchors', [])) or '(method default)'}")
     print(f"preserve:    {', '.join(eraser.config.get('preserve', [])) or '(none)'}")
     print(f"parameters:  {json.dumps(params, ensure_ascii=False, sort_keys=True)}")
+    low, high = min(ranks, default=0), max(ranks, default=0)
     print(f"edits:       {len(eraser.deltas)} layers ({', '.join(f'{n}× {k}' for k, n in sorted(kinds.items()))}), "
-          f"rank {min(ranks, default=0)}–{max(ranks, default=0)}")
+          f"rank {low if low == high else f'{low}–{high}'}")
     print(f"made by:     concept-erasers {eraser.pack_version}; base fingerprint {eraser.base_fingerprint[:16]}")
     if args.layers:
         for key, delta in sorted(eraser.deltas.items()):
