@@ -33,6 +33,12 @@ def to_state_dict(eraser: Eraser, dtype: torch.dtype = torch.float32):
     for key, delta in sorted(eraser.deltas.items()):  # copies: methods may share factors across layers
         name = kohya_name(key)
         names[name] = key
+        out_features, in_features = delta.shape
+        if delta.rank * (out_features + in_features) >= out_features * in_features:
+            # full-rank edits (RECE, MACE) are smaller dense; `.diff` is the stock key for a dense
+            # delta in ComfyUI's and A1111's LoRA loaders, so the file still loads everywhere
+            tensors[f"{name}.diff"] = delta.dense(dtype).contiguous()
+            continue
         tensors[f"{name}.lora_up.weight"] = delta.up.to(dtype, copy=True).contiguous()
         tensors[f"{name}.lora_down.weight"] = delta.down.to(dtype, copy=True).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(delta.rank))
@@ -121,7 +127,14 @@ def from_state_dict(tensors: dict, metadata: dict, source: Optional[str] = None)
     layers = json.loads(metadata.get("eraser.layers", "{}"))
     deltas, unknown = {}, []
     stems = {k.rsplit(".lora_", 1)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in tensors}
+    identities = {}  # one shared identity per input width: a dense delta is stored as (Δ, I)
     for stem in sorted(stems):
+        dense = tensors.get(f"{stem}.diff")
+        if stem in layers and dense is not None:
+            width = dense.shape[1]
+            identities.setdefault(width, torch.eye(width))
+            deltas[layers[stem]] = LowRankDelta(dense.float(), identities[width])
+            continue
         up, down = tensors.get(f"{stem}.lora_up.weight"), tensors.get(f"{stem}.lora_down.weight")
         if stem not in layers or up is None or down is None:
             unknown.append(stem)
@@ -131,7 +144,7 @@ def from_state_dict(tensors: dict, metadata: dict, source: Optional[str] = None)
         deltas[layers[stem]] = LowRankDelta(up.float() * scale, down.float())
     if unknown:
         raise UnknownKeys(f"{name} holds keys this eraser format does not know: {unknown[:10]}"
-                          f"{' …' if len(unknown) > 10 else ''}. Expected <layer>.lora_up/lora_down/alpha "
+                          f"{' …' if len(unknown) > 10 else ''}. Expected <layer>.lora_up/lora_down/alpha (or <layer>.diff) "
                           f"for the layers listed in its metadata.")
     config = json.loads(metadata.get("eraser.config", "{}"))
     eraser = Eraser(deltas, family or Family.UNET, config, metadata.get("eraser.base_fingerprint", ""),

@@ -161,3 +161,20 @@ def test_rank_cap_reports_error_and_shrinks_file(tmp_path, caplog):
     assert capped.reconstruction_error > 0
     assert os.path.getsize(save_eraser(capped, str(tmp_path / "c"))) < \
         os.path.getsize(save_eraser(full, str(tmp_path / "f")))
+
+
+def test_full_rank_deltas_are_stored_dense_under_the_stock_diff_key(tmp_path):
+    from safetensors.torch import load_file
+
+    from erasers.eraser import Eraser
+
+    g = torch.Generator().manual_seed(0)
+    key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    full = LowRankDelta(torch.randn(320, 768, generator=g), torch.randn(768, 768, generator=g))  # rank 768
+    eraser = Eraser({key: full}, Family.SD1, UCEConfig(concepts=["x"]).to_dict())
+    path = save_eraser(eraser, str(tmp_path / "dense.safetensors"))
+    tensors = load_file(path)
+    assert set(tensors) == {kohya_name(key) + ".diff"}  # 320×768 floats instead of (320+768)×768
+    loaded = load_eraser(path)
+    assert torch.equal(loaded.dense(key), tensors[kohya_name(key) + ".diff"])
+    assert torch.allclose(loaded.dense(key, torch.float64), full.dense(torch.float64), rtol=1e-6, atol=1e-4)
