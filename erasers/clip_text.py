@@ -82,7 +82,12 @@ class ClipTextEncoder:
             pooled = pooled.float().cpu()
         return hidden.float().cpu(), pooled
 
-    def encode(self, prompts: Sequence[str]) -> PromptEncoding:
+    def encode_real_tokens(self, prompts: Sequence[str]) -> PromptEncoding:
+        """Like ``encode`` but padded only to the longest prompt: CLIP is causal with absolute
+        positions, so every row up to a prompt's EOS is exactly what the full 77-row pass gives."""
+        return self.encode(prompts, trim=True)
+
+    def encode(self, prompts: Sequence[str], trim: bool = False) -> PromptEncoding:
         prompts = list(prompts)
         unique = list(dict.fromkeys(prompts))  # encode each distinct prompt once, in order
         index = torch.tensor([unique.index(p) for p in prompts])
@@ -93,7 +98,8 @@ class ClipTextEncoder:
                 first_ids = ids
             eos = tower.tokenizer.eos_token_id
             pad = tower.tokenizer.pad_token_id if tower.tokenizer.pad_token_id is not None else eos
-            h, p = self._run(tower, pad_ids(ids, self.context_length, pad, eos))
+            length = min(max(len(r) for r in ids), self.context_length) if trim else self.context_length
+            h, p = self._run(tower, pad_ids(ids, length, pad, eos))
             hidden.append(h)
             if p is not None:
                 pooled = p

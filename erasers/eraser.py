@@ -87,12 +87,23 @@ class TimedEncoder:
     def __getattr__(self, name):
         return getattr(self._encoder, name)
 
-    def encode(self, prompts):
+    def _timed(self, fn, prompts):
         start = time.perf_counter()
         try:
-            return self._encoder.encode(prompts)
+            return fn(prompts)
         finally:
             self.seconds += time.perf_counter() - start
+
+    def encode(self, prompts):
+        return self._timed(self._encoder.encode, prompts)
+
+    def __dir__(self):
+        return dir(self._encoder)
+
+    @property
+    def encode_real_tokens(self):
+        inner = getattr(self._encoder, "encode_real_tokens", None)
+        return None if inner is None else (lambda prompts: self._timed(inner, prompts))
 
 
 def fingerprint(weights: Mapping[str, torch.Tensor], keys=None) -> str:

@@ -295,10 +295,11 @@ def erase(config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch
           progress=None) -> dict:
     """ΔW for the selected layers in ``specs`` (canonical key → W₀ in ``weights``)."""
     specs = [s for s in specs if s.kind in config.kinds()]
-    enc_c = encode_batched(encoder, config.concepts, progress=progress)
-    enc_a = encode_batched(encoder, config.anchors_for_concepts(config.default_anchor()))
-    enc_null = encode_batched(encoder, [""])
-    enc_r = encode_batched(encoder, config.preserve) if config.preserve else None
+    last_only = config.concept_type != "nudity"  # nudity aligns every row; otherwise last words only
+    enc_c = encode_batched(encoder, config.concepts, progress=progress, real_tokens_only=last_only)
+    enc_a = encode_batched(encoder, config.anchors_for_concepts(config.default_anchor()), real_tokens_only=last_only)
+    enc_null = encode_batched(encoder, [""])  # invariants need its EOS/padding rows
+    enc_r = encode_batched(encoder, config.preserve, real_tokens_only=True) if config.preserve else None
     if enc_r is None:
         log.info("SPEED: no preserve list given; retaining the empty prompt's rows as the reference does. "
                  "List concepts to keep (e.g. other artists or people) for a more precise null space.")

@@ -92,19 +92,30 @@ def split_concepts(text: str) -> list:
 
 
 def encode_batched(encoder: TextEncoder, prompts: Sequence[str], chunk: int = 64,
-                   progress=None) -> PromptEncoding:
+                   progress=None, real_tokens_only: bool = False) -> PromptEncoding:
     """Encode many prompts in batches of ``chunk`` (one forward pass each, never one by one).
 
     ``progress(done, total)`` is called after each batch so hosts can drive a progress bar.
+    ``real_tokens_only``: the caller reads only rows up to each prompt's EOS (e.g. the last word). An
+    encoder that offers ``encode_real_tokens`` then skips the padding positions — exact for causal
+    encoders like CLIP, where a row never sees the positions after it, and ~10× less work for short
+    prompts. Rows past a prompt's own length are then zero-filled and must not be read.
     """
     prompts = list(prompts)
+    encode = encoder.encode
+    if real_tokens_only and callable(getattr(encoder, "encode_real_tokens", None)):
+        encode = encoder.encode_real_tokens
     parts = []
     for start in range(0, len(prompts), chunk):
-        parts.append(encoder.encode(prompts[start:start + chunk]))
+        parts.append(encode(prompts[start:start + chunk]))
         if progress is not None:
             progress(min(start + chunk, len(prompts)), len(prompts))
     if not parts:
         raise EmptyConceptList("Nothing to encode.")
+    width = max(p.hidden.shape[1] for p in parts)
+    for p in parts:  # chunks trimmed to their own longest prompt: pad to a common length
+        if p.hidden.shape[1] < width:
+            p.hidden = torch.nn.functional.pad(p.hidden, (0, 0, 0, width - p.hidden.shape[1]))
     pooled = None
     if all(p.pooled is not None for p in parts):
         pooled = torch.cat([p.pooled.float() for p in parts])

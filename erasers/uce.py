@@ -124,10 +124,11 @@ def erase(config: UCEConfig, encoder: TextEncoder, weights: Mapping[str, torch.T
           progress=None) -> dict:
     """ΔW for every layer in ``specs`` (canonical key → W₀ in ``weights``)."""
     concepts, guides = erase_pairs(config)
-    enc_c = encode_batched(encoder, concepts, progress=progress)
-    enc_g = encode_batched(encoder, guides)
+    last_only = config.variant == "2025"  # 2025 reads the last-word rows only (and pooled vectors)
+    enc_c = encode_batched(encoder, concepts, progress=progress, real_tokens_only=last_only)
+    enc_g = encode_batched(encoder, guides, real_tokens_only=last_only)
     retain = retain_prompts(config)
-    enc_p = encode_batched(encoder, retain) if retain else None
+    enc_p = encode_batched(encoder, retain, real_tokens_only=last_only) if retain else None
     factors = {}
     deltas = {}
     for spec in specs:
