@@ -35,8 +35,8 @@ def import_pack():
 
 @pytest.fixture(scope="module")
 def membrane_file(sd15_loaded, tmp_path_factory):
-    from erasers.keys import kohya_name
-
+    import_pack()
+    kohya_name = importlib.import_module(f"{PACK}.erasers.keys").kohya_name
     model = sd15_loaded[0]
     g = torch.Generator().manual_seed(0)
     tensors = {}
@@ -84,3 +84,32 @@ def test_membrane_in_a_real_sampling_run(comfy, sd15_loaded, membrane_file):
     full = run(with_membrane(False, 1.0), UNRELATED)
     assert change_u < (full - base_u).norm() / base_u.norm()
     assert torch.equal(run(model, UNRELATED), base_u)  # the input model is untouched
+
+
+@pytest.mark.server
+def test_nodes_run_in_a_server_workflow(comfy_server, membrane_file):
+    import shutil
+
+    from comfy_harness import txt2img_prompt
+
+    info = comfy_server.object_info()
+    assert "EraserSPMLoad" in info and "EraserLoRALoad" in info, comfy_server.log_tail()
+    spm_dir = comfy_server.base_dir / "models" / "spm"
+    spm_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(membrane_file, spm_dir / "snoopy.safetensors")
+    outputs = {}
+    for name, loaders in (("base", None), ("one", 1), ("three", 3)):
+        prompt = txt2img_prompt(CONCEPT, "", seed=5, prefix=f"ce_spm_{name}")
+        source = ["1", 0]
+        for i in range(loaders or 0):
+            node_id = f"s{i}"
+            prompt[node_id] = {"class_type": "EraserSPMLoad", "inputs": {
+                "model": source, "clip": ["1", 1], "membrane": "snoopy.safetensors", "strength": 1.0,
+                "transport": True, "combination": "official", "concepts": ""}}
+            source = [node_id, 0]
+        prompt["5"]["inputs"]["model"] = source
+        history = comfy_server.run_prompt(prompt)
+        assert history.get("status", {}).get("status_str") == "success", comfy_server.log_tail()
+        images = history["outputs"]["7"]["images"]
+        outputs[name] = (comfy_server.base_dir / "output" / images[0]["filename"]).read_bytes()
+    assert outputs["one"] != outputs["base"] and outputs["three"] != outputs["one"]
