@@ -86,11 +86,26 @@ def test_membrane_in_a_real_sampling_run(comfy, sd15_loaded, membrane_file):
     assert torch.equal(run(model, UNRELATED), base_u)  # the input model is untouched
 
 
+@pytest.fixture(scope="module")
+def spm_server(comfy, sd15_checkpoint, tmp_path_factory):
+    """Like the harness's comfy_server, with a long start-up limit (shared CPUs can be slow)."""
+    from comfy_harness import ComfyServer
+
+    server = ComfyServer(comfy.path, tmp_path_factory.mktemp("spm_base"), checkpoint=sd15_checkpoint)
+    server.start(timeout=900)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.mark.server
-def test_nodes_run_in_a_server_workflow(comfy_server, membrane_file):
+def test_nodes_run_in_a_server_workflow(spm_server, membrane_file):
     import shutil
 
     from comfy_harness import txt2img_prompt
+
+    comfy_server = spm_server
 
     info = comfy_server.object_info()
     assert "EraserSPMLoad" in info and "EraserLoRALoad" in info, comfy_server.log_tail()
