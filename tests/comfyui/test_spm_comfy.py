@@ -123,7 +123,7 @@ def test_nodes_run_in_a_server_workflow(spm_server, membrane_file):
                 "transport": True, "combination": "official", "concepts": ""}}
             source = [node_id, 0]
         prompt["5"]["inputs"]["model"] = source
-        history = comfy_server.run_prompt(prompt)
+        history = comfy_server.run_prompt(prompt, timeout=900)
         assert history.get("status", {}).get("status_str") == "success", comfy_server.log_tail()
         images = history["outputs"]["7"]["images"]
         outputs[name] = (comfy_server.base_dir / "output" / images[0]["filename"]).read_bytes()
