@@ -237,37 +237,57 @@ def membrane_forward(x: torch.Tensor, y: torch.Tensor, stack: LayerStack, rates:
     """y + ΔW(m_b)·x_b for every batch item b (rates: (B, n), one row per item).
 
     ``x``/``y`` are the layer's input and output: (B, …, in) / (B, …, out) for Linear, (B, C, H, W) for a
-    1×1 convolution (``channels_first``). Dense k×k convolution deltas are the hook's job.
+    1×1 convolution (``channels_first``). Dense k×k convolution deltas are the hook's job. The low-rank
+    product is accumulated straight into the output (one pass over it, no full-size temporaries); under
+    autograd a new tensor is returned instead.
     """
-    if channels_first:
-        x, y = x.movedim(1, -1), y.movedim(1, -1)
     s = stack.cast(x.device, x.dtype)
     m = rates.to(device=x.device, dtype=x.dtype)
     b = x.shape[0]
-    xf = x.reshape(b, -1, x.shape[-1])
-    delta = torch.zeros(b, xf.shape[1], y.shape[-1], device=x.device, dtype=x.dtype)
+    inplace = not torch.is_grad_enabled()
+    if channels_first:  # (B, C, H, W) → (B, C, L): views, the token axis last
+        xf, out = x.reshape(b, x.shape[1], -1), y.reshape(b, y.shape[1], -1)
+    else:
+        xf, out = x.reshape(b, -1, x.shape[-1]), y.reshape(b, -1, y.shape[-1])
+    if not inplace or out.data_ptr() != y.data_ptr():
+        out = out.clone()
     if s.combination == "official":
         n, r = s.up.shape[0], s.up.shape[2]
-        h = (xf @ s.down.reshape(n * r, -1).T).reshape(b, -1, n, r)
-        z = torch.einsum("blnr,bn->blr", h, m)  # (Σⱼ mⱼDⱼ) x
-        up_eff = torch.einsum("bn,nor->bro", m, s.up)  # (Σᵢ mᵢUᵢ)ᵀ per item
-        delta += torch.bmm(z, up_eff)
+        down = s.down.reshape(n * r, -1)
+        if channels_first:
+            h = (down @ xf).reshape(b, n, r, -1)  # (B, n, r, L)
+            z = torch.einsum("bnrl,bn->brl", h, m)  # (Σⱼ mⱼDⱼ) x
+            out.baddbmm_(torch.einsum("bn,nor->bor", m, s.up), z)  # += (Σᵢ mᵢUᵢ) z
+        else:
+            h = (xf @ down.T).reshape(b, -1, n, r)
+            z = torch.einsum("blnr,bn->blr", h, m)
+            out.baddbmm_(z, torch.einsum("bn,nor->bro", m, s.up))
     else:
-        if s.up is not None:
-            delta += ((xf @ s.down.T) * m[:, s.owner][:, None, :]) @ s.up.T
-        for start, length, up, down, owner in s.sliced:
-            delta[..., start:start + length] += ((xf @ down.T) * m[:, owner][:, None, :]) @ up.T
-        for i, w, rows in s.dense:
-            part = m[:, i, None, None] * (xf @ w.T)
-            if rows is None:
-                delta += part
-            else:
-                delta[..., rows[0]:rows[0] + rows[1]] += part
-        for i, bias, rows in s.bias:
-            part = m[:, i, None, None] * bias
-            if rows is None:
-                delta += part
-            else:
-                delta[..., rows[0]:rows[0] + rows[1]] += part
-    out = y + delta.reshape(y.shape)
-    return out.movedim(-1, 1) if channels_first else out
+        _linear_terms(xf, out, s, m, channels_first)
+    return out.reshape(y.shape)
+
+
+def _linear_terms(xf, out, s: LayerStack, m, channels_first: bool) -> None:
+    """Σᵢ mᵢ ΔWᵢ x accumulated into ``out`` (channels-last (B, L, ·) or channels-first (B, ·, L))."""
+    def rows(t, start, length):
+        return t.narrow(1 if channels_first else 2, start, length)
+
+    def add_lowrank(target, up, down, owner):
+        if channels_first:
+            z = (down @ xf) * m[:, owner][:, :, None]  # (B, R, L)
+            target.baddbmm_(up.expand(xf.shape[0], -1, -1), z)
+        else:
+            z = (xf @ down.T) * m[:, owner][:, None, :]  # (B, L, R)
+            target.baddbmm_(z, up.T.expand(xf.shape[0], -1, -1))
+
+    if s.up is not None:
+        add_lowrank(out, s.up, s.down, s.owner)
+    for start, length, up, down, owner in s.sliced:
+        add_lowrank(rows(out, start, length), up, down, owner)
+    for i, w, rng in s.dense:
+        part = (w @ xf) if channels_first else (xf @ w.T)
+        part = part * m[:, i, None, None]
+        (out if rng is None else rows(out, *rng)).add_(part)
+    for i, bias, rng in s.bias:
+        shaped = bias[None, :, None] if channels_first else bias[None, None, :]
+        (out if rng is None else rows(out, *rng)).add_(m[:, i, None, None] * shaped)

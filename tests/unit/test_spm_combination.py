@@ -123,3 +123,23 @@ def test_unrelated_prompt_contribution_equals_the_formula():
     x = torch.randn(1, 3, IN, dtype=torch.float64)
     out = membrane_forward(x, torch.zeros(1, 3, OUT, dtype=torch.float64), stacks([mem], "official"), rate)
     torch.testing.assert_close(out, m * m * x @ f.dense(torch.float64).T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["official", "linear"])
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_in_place_inference_path_equals_the_autograd_path(mode, channels_first):
+    mems = [Membrane({KEY: factors(11)}), Membrane({KEY: factors(12)})]
+    stack = stacks(mems, mode)
+    rates = torch.tensor([[0.3, 0.7], [1.0, 0.2]])
+    x = torch.randn(2, IN, 3, 3) if channels_first else torch.randn(2, 9, IN)
+    y = torch.randn(2, OUT, 3, 3) if channels_first else torch.randn(2, 9, OUT)
+    expected = membrane_forward(x, y, stack, rates, channels_first)
+    assert not torch.equal(expected, y)
+    with torch.no_grad():
+        y2 = y.clone()
+        got = membrane_forward(x, y2, stack, rates, channels_first)
+    torch.testing.assert_close(got, expected)
+    xl = x.movedim(1, -1) if channels_first else x
+    direct = torch.stack([xl[b] @ (delta_official if mode == "official" else delta_linear)(
+        [factors(11), factors(12)], rates[b].tolist()).T for b in range(2)])
+    torch.testing.assert_close(got, y + (direct.movedim(-1, 1) if channels_first else direct), rtol=1e-4, atol=1e-5)
