@@ -128,3 +128,24 @@ def test_nodes_run_in_a_server_workflow(spm_server, membrane_file):
         images = history["outputs"]["7"]["images"]
         outputs[name] = (comfy_server.base_dir / "output" / images[0]["filename"]).read_bytes()
     assert outputs["one"] != outputs["base"] and outputs["three"] != outputs["one"]
+
+
+def test_erasure_lora_always_gate_equals_the_hooked_delta(comfy, sd15_loaded, membrane_file):
+    """The static add_patches path ("always") and the run-time hook path give the same sampling result."""
+    runtime, core = import_pack()
+    lora = importlib.import_module(f"{PACK}.nodes.lora")
+    model, clip, _ = sd15_loaded
+    deltas, report = runtime.convert_for_model(model, membrane_file)
+    assert report.format == "spm" and not report.unmatched
+    static = model.clone()
+    applied = static.add_patches(lora.static_patches(deltas), 0.5)
+    assert len(applied) == len(deltas)
+    hooked = model.clone()
+    runtime.attach(hooked, core.Membrane(deltas, core.Gate(core.GATE_ALWAYS), 0.5), None, [], None)
+    base = sample(comfy, model, clip, UNRELATED, "", seed=4, steps=2, size=64)
+    out_static = sample(comfy, static, clip, UNRELATED, "", seed=4, steps=2, size=64)
+    out_hooked = sample(comfy, hooked, clip, UNRELATED, "", seed=4, steps=2, size=64)
+    assert (out_static - base).norm() > 1e-3 * base.norm()
+    torch.testing.assert_close(out_static, out_hooked, rtol=1e-3, atol=1e-3)
+    comfy.model_management.unload_all_models()
+    assert torch.equal(sample(comfy, model, clip, UNRELATED, "", seed=4, steps=2, size=64), base)
