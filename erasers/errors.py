@@ -44,3 +44,7 @@ class MissingTokenizer(EraserError):
 
 class EraserAlreadyApplied(EraserError):
     """An eraser is already written into these weights; remove it before applying another."""
+
+
+class UnknownFormat(BadEraserFile):
+    """No format recogniser accepted a file; the message lists every format tried."""

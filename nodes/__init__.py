@@ -11,6 +11,8 @@ log = logging.getLogger(__name__)
 
 NODE_MODULES = (
     "closed_form",
+    "spm",
+    "lora",
     "suppression",
 )
 
@@ -26,7 +28,11 @@ async def comfy_entrypoint():
         async def get_node_list(self):
             nodes = []
             for name in NODE_MODULES:
-                module = importlib.import_module(f"{__name__}.{name}")
+                try:
+                    module = importlib.import_module(f"{__name__}.{name}")
+                except ImportError as exc:  # one broken/missing module must not hide the others
+                    log.error("Concept Erasers: node module '%s' could not be imported: %s", name, exc)
+                    continue
                 nodes.extend(module.NODES)
             return nodes
 
