@@ -40,3 +40,7 @@ class BadEraserFile(EraserError):
 
 class MissingTokenizer(EraserError):
     """No CLIP tokenizer could be found for a single-file checkpoint."""
+
+
+class RefusedPath(EraserError):
+    """A file name or folder a host route refuses to serve (traversal, absolute path, unknown folder)."""

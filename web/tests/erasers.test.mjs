@@ -175,3 +175,9 @@ test("stepOf prefers step2, then round, then the legacy 10x step", () => {
   assert.equal(stepOf({ step: 0.5 }), 0.05);
   assert.equal(stepOf({}), 0.01);
 });
+
+test("SLD's safety concept is one sentence, whitespace normalised", () => {
+  const sld = { id: 7, type: "EraserSLD", mode: 0,
+    widgets: [w("preset", "medium"), w("safety_concept", "an image showing hate,\n  violence"), w("strength", 1)] };
+  assert.deepEqual(describeNode(sld).concepts, ["an image showing hate, violence"]);
+});

@@ -70,3 +70,8 @@ test("info rows and formatting", () => {
   assert.deepEqual(Object.fromEntries(infoRows({ file: "x", concepts: [] })).concepts, "none recorded");
   assert.deepEqual(infoRows(null), []);
 });
+
+test("one-line boxes (SLD) get the concepts joined with commas, unquoted", () => {
+  assert.equal(applyPreset("old", ["hate", "violence, gore"], "replace", { oneLine: true }), "hate, violence, gore");
+  assert.equal(applyPreset("nudity", ["blood"], "append", { oneLine: true }), "nudity, blood");
+});

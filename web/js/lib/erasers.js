@@ -21,7 +21,8 @@ export const NODE_KINDS = {
   EraserSPMLoad: { kind: "SPM membrane", file: { folder: "spm" } },
   EraserLoRALoad: { kind: "erasure LoRA", file: { folder: "loras" } },
   EraserSAFREE: { kind: "SAFREE", concepts: ["concepts"], preset: "preset", strength: "strength" },
-  EraserSLD: { kind: "SLD", concepts: ["safety_concept"], preset: "preset", strength: "strength" },
+  // SLD reads its safety concept as one sentence, not a list
+  EraserSLD: { kind: "SLD", concepts: ["safety_concept"], wholeText: true, strength: "strength" },
   EraserConceptGuidance: { kind: "concept guidance", concepts: ["concepts"], strength: "strength" },
   EraserTokenSuppress: { kind: "token suppression", concepts: ["concepts"], strength: "strength" },
 };
@@ -107,7 +108,8 @@ export function describeNode(node, fileInfo = {}) {
     const w = widgetByName(node, name);
     if (!w) continue;
     entry.conceptsWidget = entry.conceptsWidget || name;
-    const list = splitConcepts(w.value);
+    const list = spec.wholeText ? [String(w.value ?? "").split(/\s+/).filter(Boolean).join(" ")].filter(Boolean)
+      : splitConcepts(w.value);
     if (list.length) {
       entry.concepts = list;
       entry.conceptsWidget = name;

@@ -34,7 +34,12 @@ function splitBoxText(text) {
 
 // Put a preset into a concept box: "replace" its text, or "append" the concepts it does not hold yet
 // (compared case-insensitively), keeping what the user typed.
-export function applyPreset(currentText, items, mode = "replace") {
+// `oneLine`: for boxes read as one sentence (SLD's safety concept), the concepts are joined with ", ".
+export function applyPreset(currentText, items, mode = "replace", { oneLine = false } = {}) {
+  if (oneLine) {
+    const base = mode === "append" ? String(currentText ?? "").trim() : "";
+    return [base, items.join(", ")].filter(Boolean).join(", ");
+  }
   if (mode === "replace") return presetToText(items);
   const have = new Set(splitBoxText(currentText).map((c) => c.toLowerCase()));
   const add = items.filter((c) => !have.has(c.toLowerCase()));
