@@ -75,3 +75,9 @@ test("one-line boxes (SLD) get the concepts joined with commas, unquoted", () =>
   assert.equal(applyPreset("old", ["hate", "violence, gore"], "replace", { oneLine: true }), "hate, violence, gore");
   assert.equal(applyPreset("nudity", ["blood"], "append", { oneLine: true }), "nudity, blood");
 });
+
+test("escapeHtml neutralises markup in preset names shown by LiteGraph's menu", async () => {
+  const { escapeHtml } = await import("../js/lib/format.js");
+  assert.equal(escapeHtml('<img src=x onerror="alert(1)">&\''), "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;&amp;&#39;");
+  assert.equal(escapeHtml(null), "");
+});

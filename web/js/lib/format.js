@@ -35,3 +35,8 @@ export function infoRows(info) {
   if (info.pack_version) rows.push(["made by", `Concept Erasers ${info.pack_version}`]);
   return rows;
 }
+
+// LiteGraph's context menu sets entries with innerHTML: preset names (user-typed) are escaped for it.
+export function escapeHtml(text) {
+  return String(text ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
