@@ -280,6 +280,7 @@ const STYLE = `
 .ce-switch:indeterminate { background: #a08a2a; }
 .ce-strength { flex: 1; min-width: 80px; }
 .ce-num { width: 56px; background: var(--comfy-input-bg, #222); color: inherit; border: 1px solid var(--border-color, #555); border-radius: 4px; }
+.ce-preset { flex: 1; min-width: 0; }
 .ce-select, .ce-btn { background: var(--comfy-menu-bg, #333); color: inherit; border: 1px solid var(--border-color, #555);
   border-radius: 4px; font-size: 12px; padding: 1px 4px; cursor: pointer; }
 .ce-missing { border: 1px solid #c0392b; background: rgba(192,57,43,.15); border-radius: 6px; padding: 6px 8px; }
@@ -552,7 +553,19 @@ async function checkLoadedWorkflow() {
 // ------------------------------------------------------------------------------------------------
 // the sidebar tab
 
+// A missing file stops being reported once its node names another file (the user picked a present one).
+function currentMissing() {
+  const nodes = new Map(graphNodes().map((n) => [n.id, n]));
+  return state.missing.filter((m) => {
+    const node = nodes.get(m.node);
+    if (!node) return true;
+    const fw = findFileWidget(node);
+    return !fw || fw.value === m.name;
+  });
+}
+
 function renderMissing(container) {
+  state.missing = currentMissing();
   if (!state.missing.length) return;
   const list = el("ul", { style: "margin: 4px 0 0 16px; padding: 0;" });
   for (const m of state.missing) {
@@ -690,14 +703,14 @@ function renderTab(container) {
   root.appendChild(list);
   renderUserPresets(root);
   container.replaceChildren(root);
-  if (state.tab) state.tab.sig = signature(entries) + `|${state.missing.length}|${ms}`;
+  if (state.tab) state.tab.sig = signature(entries) + `|${currentMissing().length}|${ms}`;
 }
 
 function refreshTab(force = false) {
   const tab = state.tab;
   if (!tab || !tab.container?.isConnected) return;
   const entries = currentEntries();
-  const sig = signature(entries) + `|${state.missing.length}|${masterState(entries)}`;
+  const sig = signature(entries) + `|${currentMissing().length}|${masterState(entries)}`;
   if (!force && sig === tab.sig) return;
   // do not pull an input from under the user's cursor while they type in it
   if (!force && tab.container.contains(document.activeElement) && document.activeElement.tagName !== "BODY") return;
