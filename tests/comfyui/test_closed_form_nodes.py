@@ -34,6 +34,9 @@ def pack(comfy):
         module = importlib.util.module_from_spec(spec)
         sys.modules[PACK] = module
         spec.loader.exec_module(module)
+    elif not hasattr(sys.modules[PACK], "comfy_entrypoint"):
+        # first imported by the unit tests before ComfyUI was importable: run the entry point again
+        importlib.reload(sys.modules[PACK])
     return sys.modules[PACK]
 
 
@@ -61,6 +64,12 @@ def erasers_dir(comfy, tmp_path, monkeypatch):
 
 def kv_keys(model):
     return sorted(k for k in model.model_state_dict() if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")))
+
+
+@pytest.fixture(scope="module")
+def sd15_eraser(nodes, sd15_loaded):
+    model, clip, _ = sd15_loaded
+    return erase(nodes, model, clip, strength=0.0)[1]
 
 
 def erase(nodes, model, clip, strength=1.0, concepts="Van Gogh"):
@@ -145,20 +154,23 @@ def test_save_then_load_gives_identical_patches(comfy, nodes, sd15_loaded, erase
 
 
 @pytest.mark.parametrize("name", ["../escape", "sub/dir", "..", "a\\b", ""])
-def test_save_refuses_paths(nodes, sd15_loaded, erasers_dir, name):
-    model, clip, _ = sd15_loaded
-    _, eraser = erase(nodes, model, clip, strength=0.0)
+def test_save_refuses_paths(nodes, sd15_eraser, erasers_dir, name):
     with pytest.raises(ValueError, match="plain file name"):
-        nodes.EraserSave.execute(eraser, name)
+        nodes.EraserSave.execute(sd15_eraser, name)
     assert list(erasers_dir.iterdir()) == []
 
 
-def test_eraser_for_another_model_is_refused(comfy, nodes, sd15_loaded):
-    model, clip, _ = sd15_loaded
-    _, eraser = erase(nodes, model, clip, strength=0.0)
-    eraser.deltas["input_blocks.99.1.transformer_blocks.0.attn2.to_k.weight"] = eraser.deltas[eraser.keys()[0]]
+def test_eraser_for_another_model_is_refused(comfy, nodes, sd15_loaded, sd15_eraser):
+    import dataclasses
+
+    model, _, _ = sd15_loaded
+    deltas = dict(sd15_eraser.deltas)
+    deltas["input_blocks.99.1.transformer_blocks.0.attn2.to_k.weight"] = deltas[sd15_eraser.keys()[0]]
     with pytest.raises(ValueError, match="input_blocks.99"):
-        nodes.EraserApply.execute(model, eraser, 1.0)
+        nodes.EraserApply.execute(model, dataclasses.replace(sd15_eraser, deltas=deltas), 1.0)
+    sdxl = dataclasses.replace(sd15_eraser, family=type(sd15_eraser.family)("sdxl"))
+    with pytest.raises(ValueError, match="made for SDXL"):
+        nodes.EraserApply.execute(model, sdxl, 1.0)
 
 
 @pytest.mark.server
@@ -184,3 +196,29 @@ def test_a_workflow_through_the_node_runs_in_a_comfyui_server(comfy_server):
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert entry["outputs"]["7"]["images"][0]["filename"].endswith(".png")
     assert (comfy_server.base_dir / "models" / "erasers" / "server_test.safetensors").is_file()
+
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def widget_names(node_info: dict) -> list:
+    """Widget inputs in the order the frontend stores them in ``widgets_values`` (required, then optional)."""
+    names = []
+    for group in ("required", "optional"):
+        for name, spec in node_info["input"].get(group, {}).items():
+            if isinstance(spec[0], list) or spec[0] in WIDGET_TYPES:
+                names.append(name)
+    return names
+
+
+@pytest.mark.server
+def test_example_workflows_match_the_server_node_schemas(comfy_server):
+    import json
+
+    info = comfy_server.object_info()
+    for path in sorted((ROOT / "example_workflows").glob("*.json")):
+        for node in json.loads(path.read_text(encoding="utf-8"))["nodes"]:
+            assert node["type"] in info, f"{path.name}: {node['type']} is not a node of this ComfyUI"
+            if node["type"] in NODE_IDS:
+                names = widget_names(info[node["type"]])
+                assert len(node["widgets_values"]) == len(names), f"{path.name} {node['type']}: {names}"
