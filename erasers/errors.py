@@ -44,3 +44,7 @@ class MissingTokenizer(EraserError):
 
 class RefusedPath(EraserError):
     """A file name or folder a host route refuses to serve (traversal, absolute path, unknown folder)."""
+
+
+class UnknownFormat(BadEraserFile):
+    """No format recogniser accepted a file; the message lists every format tried."""

@@ -11,6 +11,8 @@ log = logging.getLogger(__name__)
 
 NODE_MODULES = (
     "closed_form",
+    "spm",
+    "lora",
 )
 
 

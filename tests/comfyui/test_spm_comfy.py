@@ -1,0 +1,86 @@
+"""SPM membranes in a real ComfyUI sampling run (random-weight SD1.5 checkpoint, CPU).
+
+The concept prompt (its token is in the prompt: m = 1) must change the output; an unrelated prompt must
+get exactly the formula's share: with the official combination one membrane acts at m(p)², so sampling
+it equals sampling the same membrane with transport off at strength m(p) (rate m → ΔW·m²).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfy_harness import REPO_ROOT, sample
+
+PACK = "concept_erasers_spm_test"
+TARGET = re.compile(r"^((input|output)_blocks\.\d+\.1|middle_block\.1)\.(proj_in|proj_out|transformer_blocks\.\d+\."
+                    r"(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.0\.proj|ff\.net\.2))\.weight$")
+CONCEPT, UNRELATED = "a photo of snoopy", "a bowl of tomato soup on a table"
+
+
+def import_pack():
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, REPO_ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(REPO_ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{PACK}.nodes.spm_runtime"), importlib.import_module(f"{PACK}.erasers.spm")
+
+
+@pytest.fixture(scope="module")
+def membrane_file(sd15_loaded, tmp_path_factory):
+    from erasers.keys import kohya_name
+
+    model = sd15_loaded[0]
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for key, w in model.model.diffusion_model.state_dict().items():
+        if TARGET.match(key):
+            stem = kohya_name(key)
+            tail = tuple(w.shape[2:])
+            tensors[f"{stem}.lora_down.weight"] = 0.15 * torch.randn((1, w.shape[1]) + tail, generator=g)
+            tensors[f"{stem}.lora_up.weight"] = 0.15 * torch.randn((w.shape[0], 1) + tail, generator=g)
+            tensors[f"{stem}.alpha"] = torch.tensor(1.0)
+    assert tensors, "no SPM target layer found in the test UNet"
+    path = tmp_path_factory.mktemp("spm") / "snoopy.safetensors"
+    save_file(tensors, str(path), metadata={"prompts": "snoopy", "rank": "1", "alpha": "1.0"})
+    return str(path)
+
+
+def test_membrane_in_a_real_sampling_run(comfy, sd15_loaded, membrane_file):
+    runtime, core = import_pack()
+    model, clip, _ = sd15_loaded
+    deltas, report = runtime.convert_for_model(model, membrane_file, fmt="spm")
+    assert not report.unmatched and report.concepts == ["snoopy"]
+    encoder = runtime.ComfyTextEncoder(clip)
+
+    def with_membrane(transport, strength):
+        gate = core.Gate(core.GATE_FT if transport else core.GATE_ALWAYS, ["snoopy"])
+        m = model.clone()
+        runtime.attach(m, core.Membrane(deltas, gate, strength), encoder if transport else None,
+                       [CONCEPT, UNRELATED], "official")
+        return m
+
+    def run(m, text):
+        return sample(comfy, m, clip, text, "", seed=3, steps=2, size=64)
+
+    base_c, base_u = run(model, CONCEPT), run(model, UNRELATED)
+    gated = with_membrane(True, 1.0)
+    out_c, out_u = run(gated, CONCEPT), run(gated, UNRELATED)
+    m_u = core.RateCache(gated.model_options["transformer_options"][runtime.MEMBRANES_KEY].membranes,
+                         encoder).rates([UNRELATED])[0, 0].item()
+    assert 0.0 < m_u < 1.0
+    change_c = (out_c - base_c).norm() / base_c.norm()
+    change_u = (out_u - base_u).norm() / base_u.norm()
+    assert change_c > 1e-2, f"the concept prompt's output barely moved ({change_c:.3g})"
+    formula = run(with_membrane(False, m_u), UNRELATED)  # static membrane at rate m → ΔW·m²
+    torch.testing.assert_close(out_u, formula, rtol=1e-3, atol=1e-3)
+    full = run(with_membrane(False, 1.0), UNRELATED)
+    assert change_u < (full - base_u).norm() / base_u.norm()
+    assert torch.equal(run(model, UNRELATED), base_u)  # the input model is untouched
