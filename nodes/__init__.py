@@ -13,6 +13,7 @@ NODE_MODULES = (
     "closed_form",
     "spm",
     "lora",
+    "suppression",
 )
 
 
