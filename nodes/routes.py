@@ -1,6 +1,7 @@
 """HTTP routes for the front end: eraser-file info and concept presets.
 
-    GET /concept_erasers/file_info?folder=erasers|spm|loras&name=<file>  → header metadata + short hash
+    GET /concept_erasers/file_info?folder=erasers|spm|loras|any&name=<file>  → header metadata + short hash
+    ("any": the first of erasers, spm, loras holding the name — the SPM / LoRA loaders list all three)
     GET /concept_erasers/presets                                        → the pack's concept presets
 
 Files are served only from the registered model folders, through ``folder_paths.get_full_path``, after
@@ -22,6 +23,7 @@ from ..erasers.file_info import describe_header
 log = logging.getLogger(__name__)
 
 ALLOWED_FOLDERS = ("erasers", "spm", "loras")
+ANY_FOLDER = "any"
 PACK_ROOT = Path(__file__).resolve().parents[1]
 #: preset sources: the keyword lists the sampling-time methods use, and name → list JSON files
 PRESET_TEXT_DIR = PACK_ROOT / "erasers" / "data" / "presets"
@@ -31,40 +33,54 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 _registered = False
 
 
+def check_name(folder: str, name: str) -> None:
+    """Refuse anything but a relative ``.safetensors`` name in a known folder (``RefusedPath``)."""
+    if folder not in ALLOWED_FOLDERS + (ANY_FOLDER,):
+        raise RefusedPath(f"Unknown folder '{folder}': expected one of {', '.join(ALLOWED_FOLDERS + (ANY_FOLDER,))}.")
+    if not isinstance(name, str) or not name.strip():
+        raise RefusedPath("Expected a file name, found an empty one.")
+    if "\\" in name or "\x00" in name:
+        raise RefusedPath(f"Refused '{name}': file names use '/' and hold no backslash or NUL.")
+    if name.startswith("/") or os.path.isabs(name) or _DRIVE.match(name):
+        raise RefusedPath(f"Refused '{name}': expected a name relative to a models folder, found an absolute path.")
+    if any(part in ("..", ".", "") for part in name.split("/")):
+        raise RefusedPath(f"Refused '{name}': '..', '.' and empty path parts are not allowed.")
+    if not name.lower().endswith(".safetensors"):
+        raise RefusedPath(f"Refused '{name}': only .safetensors files are described.")
+
+
+def locate_model_file(folder: str, name: str, folder_paths):
+    """``(full path, folder it was found in)``; ``folder="any"`` searches erasers, spm, loras in turn."""
+    check_name(folder, name)
+    for candidate in (ALLOWED_FOLDERS if folder == ANY_FOLDER else (folder,)):
+        if candidate not in folder_paths.folder_names_and_paths:
+            continue
+        full = folder_paths.get_full_path(candidate, name)
+        if not full or not os.path.isfile(full):
+            continue
+        # belt and braces: the joined path must lie inside one of the folder's directories
+        roots = [os.path.abspath(d) for d in folder_paths.get_folder_paths(candidate)]
+        target = os.path.abspath(full)
+        if not any(os.path.commonpath([root, target]) == root for root in roots):
+            raise RefusedPath(f"Refused '{name}': it resolves outside models/{candidate}.")
+        return full, candidate
+    where = "models/" + folder if folder != ANY_FOLDER else "models/" + ", models/".join(ALLOWED_FOLDERS)
+    raise FileNotFoundError(f"No file '{name}' in {where} (or the folder is not registered).")
+
+
 def resolve_model_file(folder: str, name: str, folder_paths) -> str:
     """Full path of ``name`` inside the registered model folder ``folder``, or an error.
 
     Raises ``RefusedPath`` for anything but a relative ``.safetensors`` name in a known folder, and
     ``FileNotFoundError`` when the folder has no such file.
     """
-    if folder not in ALLOWED_FOLDERS:
-        raise RefusedPath(f"Unknown folder '{folder}': expected one of {', '.join(ALLOWED_FOLDERS)}.")
-    if not isinstance(name, str) or not name.strip():
-        raise RefusedPath("Expected a file name, found an empty one.")
-    if "\\" in name or "\x00" in name:
-        raise RefusedPath(f"Refused '{name}': file names use '/' and hold no backslash or NUL.")
-    if name.startswith("/") or os.path.isabs(name) or _DRIVE.match(name):
-        raise RefusedPath(f"Refused '{name}': expected a name relative to models/{folder}, found an absolute path.")
-    if any(part in ("..", ".", "") for part in name.split("/")):
-        raise RefusedPath(f"Refused '{name}': '..', '.' and empty path parts are not allowed.")
-    if not name.lower().endswith(".safetensors"):
-        raise RefusedPath(f"Refused '{name}': only .safetensors files are described.")
-    if folder not in folder_paths.folder_names_and_paths:
-        raise FileNotFoundError(f"No model folder '{folder}' is registered.")
-    full = folder_paths.get_full_path(folder, name)
-    if not full or not os.path.isfile(full):
-        raise FileNotFoundError(f"No file '{name}' in models/{folder}.")
-    # belt and braces: the joined path must lie inside one of the folder's directories
-    roots = [os.path.abspath(d) for d in folder_paths.get_folder_paths(folder)]
-    target = os.path.abspath(full)
-    if not any(os.path.commonpath([root, target]) == root for root in roots):
-        raise RefusedPath(f"Refused '{name}': it resolves outside models/{folder}.")
-    return full
+    return locate_model_file(folder, name, folder_paths)[0]
 
 
 def file_info(folder: str, name: str, folder_paths) -> dict:
-    info = describe_header(resolve_model_file(folder, name, folder_paths))
-    info["folder"] = folder
+    path, found_in = locate_model_file(folder, name, folder_paths)
+    info = describe_header(path)
+    info["folder"] = found_in
     info["name"] = name
     return info
 

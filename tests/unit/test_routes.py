@@ -238,3 +238,17 @@ def test_the_repositorys_presets_load():
     names = [p["name"] for p in presets]
     assert len(names) == len(set(names))
     assert all(p["concepts"] for p in presets)
+
+
+def test_any_folder_searches_erasers_spm_loras_in_turn(model_dirs):
+    _, dirs = model_dirs
+    save_file({"x": torch.zeros(2)}, str(dirs["loras"] / "l.safetensors"))
+    save_file({"x": torch.zeros(2)}, str(dirs["spm"] / "a.safetensors"))
+    fp = FakeFolderPaths(dirs)
+    assert routes.locate_model_file("any", "l.safetensors", fp) == (str(dirs["loras"] / "l.safetensors"), "loras")
+    assert routes.locate_model_file("any", "a.safetensors", fp)[1] == "erasers", "erasers comes first"
+    with pytest.raises(FileNotFoundError):
+        routes.locate_model_file("any", "ckpt.safetensors", fp)  # checkpoints is never searched
+    with pytest.raises(errors.RefusedPath):
+        routes.locate_model_file("any", "../secret.safetensors", fp)
+    assert routes.file_info("any", "l.safetensors", fp)["folder"] == "loras"

@@ -17,7 +17,7 @@ import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
 import {
-  EXTRA_KEY, NODE_KINDS, badgeText, collectErasers, describeNode, fileKey, findFileWidget, isPackType, masterState,
+  ADAPTER_FOLDERS, ANY_FOLDER, EXTRA_KEY, NODE_KINDS, badgeText, collectErasers, describeNode, fileKey, findFileWidget, isPackType, masterState,
   missingFiles, missingFilesMessage, missingFromSummary, setAllEnabled, setNodeEnabled, signature, workflowSummary,
 } from "./lib/erasers.js";
 import { escapeHtml, infoRows } from "./lib/format.js";
@@ -511,7 +511,9 @@ function wrapSerialize() {
 
 async function availableFiles(folders) {
   const out = {};
-  await Promise.all([...folders].map(async (folder) => {
+  // "any" is not a ComfyUI folder: it stands for the three the SPM / LoRA loaders list together
+  const real = new Set([...folders].flatMap((f) => (f === ANY_FOLDER ? ADAPTER_FOLDERS : [f])));
+  await Promise.all([...real].map(async (folder) => {
     try {
       const list = await fetchJson(`/models/${encodeURIComponent(folder)}`);
       if (Array.isArray(list)) out[folder] = list;

@@ -68,8 +68,8 @@ test("unknown widget names of other branches fall back to generic names", () => 
   const spm = { id: 4, type: "EraserSPMLoad", mode: 0,
     widgets: [w("spm_name", "snoopy.safetensors", { values: ["snoopy.safetensors"] }), w("multiplier", 0.5)] };
   const e = describeNode(spm);
-  assert.equal(e.file.folder, "spm");
-  assert.equal(e.file.name, "snoopy.safetensors");
+  assert.equal(e.file.folder, "any");
+  assert.equal(e.file.name, "snoopy.safetensors", "a combo named *_name is found when the spec's name is absent");
   assert.equal(e.strength, 0.5);
   assert.equal(e.strengthWidget, "multiplier");
 });
@@ -180,4 +180,21 @@ test("SLD's safety concept is one sentence, whitespace normalised", () => {
   const sld = { id: 7, type: "EraserSLD", mode: 0,
     widgets: [w("preset", "medium"), w("safety_concept", "an image showing hate,\n  violence"), w("strength", 1)] };
   assert.deepEqual(describeNode(sld).concepts, ["an image showing hate, violence"]);
+});
+
+test("SPM / LoRA loaders: folder 'any', present in any adapter folder; the summary keeps the real folder", () => {
+  const spm = { id: 4, type: "EraserSPMLoad", mode: 0, widgets: [w("membrane", "snoopy.safetensors", { values: ["snoopy.safetensors"] }),
+    w("strength", 1), w("transport", true), w("combination", "official"), w("concepts", "")] };
+  const lora = { id: 5, type: "EraserLoRALoad", mode: 0, widgets: [w("file", "esd.safetensors", { values: [] }),
+    w("strength", 1), w("gate", "always"), w("concepts", "van gogh")] };
+  const info = { "any/snoopy.safetensors": { folder: "spm", concepts: ["snoopy"], method: "spm", sha256: "aa" } };
+  const entries = collectErasers([spm, lora], info);
+  assert.equal(entries[0].file.folder, "any");
+  assert.deepEqual(entries[0].concepts, ["snoopy"]);
+  assert.deepEqual(entries[1].concepts, ["van gogh"], "typed concepts when the file has none");
+  const summary = workflowSummary(entries);
+  assert.equal(summary.erasers[0].file.folder, "spm");
+  const missing = missingFiles(entries, { erasers: [], spm: ["snoopy.safetensors"], loras: [] }, summary);
+  assert.deepEqual(missing.map((m) => m.name), ["esd.safetensors"]);
+  assert.deepEqual(missingFiles(entries, {}, summary), [], "no listing, no verdict");
 });

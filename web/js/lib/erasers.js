@@ -13,13 +13,20 @@ export const MODE_BYPASS = 4;
 
 // node id → how to read it. `concepts`: text widgets holding concepts (first non-empty wins);
 // `file`: the combo naming a model file and its folder; `toggle: false`: not switched by the master switch.
+export const ANY_FOLDER = "any";
+export const ADAPTER_FOLDERS = ["erasers", "spm", "loras"];
+
 export const NODE_KINDS = {
   EraserClosedForm: { kind: "closed form", concepts: ["concepts"], strength: "strength", method: "method" },
   EraserLoad: { kind: "eraser file", file: { widget: "eraser_name", folder: "erasers" }, strength: "strength" },
   EraserApply: { kind: "apply eraser", strength: "strength" },
   EraserSave: { kind: "save eraser", toggle: false },
-  EraserSPMLoad: { kind: "SPM membrane", file: { folder: "spm" } },
-  EraserLoRALoad: { kind: "erasure LoRA", file: { folder: "loras" } },
+  // these two list the files of models/erasers, spm and loras together: folder "any" (the route searches
+  // them in that order); their `concepts` box only matters for files without concept metadata
+  EraserSPMLoad: { kind: "SPM membrane", file: { widget: "membrane", folder: "any" }, concepts: ["concepts"],
+    strength: "strength" },
+  EraserLoRALoad: { kind: "erasure LoRA", file: { widget: "file", folder: "any" }, concepts: ["concepts"],
+    strength: "strength" },
   EraserSAFREE: { kind: "SAFREE", concepts: ["concepts"], preset: "preset", strength: "strength" },
   // SLD reads its safety concept as one sentence, not a list
   EraserSLD: { kind: "SLD", concepts: ["safety_concept"], wholeText: true, strength: "strength" },
@@ -52,7 +59,8 @@ export function findStrengthWidget(node) {
 export function findFileWidget(node) {
   const spec = NODE_KINDS[node.type] || {};
   if (!spec.file) return null;
-  if (spec.file.widget) return widgetByName(node, spec.file.widget);
+  const named = spec.file.widget ? widgetByName(node, spec.file.widget) : null;
+  if (named) return named;
   return (node.widgets || []).find((w) => w && typeof w.value === "string" && FILE_NAME.test(w.name)
     && Array.isArray(w.options?.values)) || null;
 }
@@ -250,8 +258,12 @@ export function badgeText(entry, { maxConcepts = 3, maxChars = 48 } = {}) {
 // with) keeps concepts and hashes of files this machine does not have.
 export function workflowSummary(entries, previous = null) {
   const prev = new Map();
+  const prevByName = new Map();
   for (const e of previous?.erasers || []) {
-    if (e && e.file && e.file.folder && e.file.name) prev.set(fileKey(e.file.folder, e.file.name), e);
+    if (e && e.file && e.file.folder && e.file.name) {
+      prev.set(fileKey(e.file.folder, e.file.name), e);
+      if (!prevByName.has(e.file.name)) prevByName.set(e.file.name, e);
+    }
   }
   const erasers = entries.map((e) => {
     const item = { node: e.id, type: e.type, kind: e.kind, enabled: e.enabled };
@@ -261,8 +273,8 @@ export function workflowSummary(entries, previous = null) {
     if (e.conceptSource === "preset") item.preset = e.concepts[0].replace(/^preset: /, "");
     if (e.file) {
       const info = e.file.info;
-      const old = prev.get(fileKey(e.file.folder, e.file.name));
-      const file = { folder: e.file.folder, name: e.file.name };
+      const old = prev.get(fileKey(e.file.folder, e.file.name)) || prevByName.get(e.file.name);
+      const file = { folder: info?.folder || old?.file?.folder || e.file.folder, name: e.file.name };
       const sha = info?.sha256 || old?.file?.sha256;
       if (sha) file.sha256 = sha;
       const method = info?.method || old?.file?.method;
@@ -280,24 +292,35 @@ export function workflowSummary(entries, previous = null) {
 
 // Files a loaded workflow names but this server does not have. `available`: folder → list of file
 // names (a combo's options or GET /models/<folder>); a folder missing from `available` is not judged.
+// Folder "any" (the SPM / LoRA loaders) counts as present if any of erasers, spm, loras holds the name.
+export function availableIn(available, folder) {
+  if (folder !== ANY_FOLDER) return available?.[folder];
+  const lists = ADAPTER_FOLDERS.map((f) => available?.[f]).filter(Array.isArray);
+  return lists.length ? lists.flat() : undefined;
+}
+
 export function missingFiles(entries, available, savedSummary = null) {
   const saved = new Map();
+  const savedByName = new Map();
   for (const e of savedSummary?.erasers || []) {
-    if (e && e.file && e.file.folder && e.file.name) saved.set(fileKey(e.file.folder, e.file.name), e);
+    if (e && e.file && e.file.folder && e.file.name) {
+      saved.set(fileKey(e.file.folder, e.file.name), e);
+      if (!savedByName.has(e.file.name)) savedByName.set(e.file.name, e);
+    }
   }
   const out = [];
   const seen = new Set();
   for (const e of entries) {
     if (!e.file || !e.file.name) continue;
-    const list = available?.[e.file.folder];
+    const list = availableIn(available, e.file.folder);
     if (!Array.isArray(list) || list.includes(e.file.name)) continue;
     const key = fileKey(e.file.folder, e.file.name);
     if (seen.has(key)) continue;
     seen.add(key);
-    const old = saved.get(key);
+    const old = saved.get(key) || savedByName.get(e.file.name);
     out.push({
       node: e.id,
-      folder: e.file.folder,
+      folder: old?.file?.folder || e.file.folder,
       name: e.file.name,
       concepts: Array.isArray(old?.concepts) ? old.concepts.slice() : [],
       sha256: old?.file?.sha256 || null,
@@ -312,7 +335,7 @@ export function missingFromSummary(savedSummary, available) {
   const seen = new Set();
   for (const e of savedSummary?.erasers || []) {
     if (!e || !e.file || !e.file.folder || !e.file.name) continue;
-    const list = available?.[e.file.folder];
+    const list = availableIn(available, e.file.folder);
     if (!Array.isArray(list) || list.includes(e.file.name)) continue;
     const key = fileKey(e.file.folder, e.file.name);
     if (seen.has(key)) continue;
