@@ -46,5 +46,9 @@ class EraserAlreadyApplied(EraserError):
     """An eraser is already written into these weights; remove it before applying another."""
 
 
+class RefusedPath(EraserError):
+    """A file name or folder a host route refuses to serve (traversal, absolute path, unknown folder)."""
+
+
 class UnknownFormat(BadEraserFile):
     """No format recogniser accepted a file; the message lists every format tried."""

@@ -23,6 +23,8 @@ async def comfy_entrypoint():
     from . import folders
 
     folders.register_model_folders()
+    from . import routes  # front-end routes (web/): file info and presets
+    routes.register_routes()
 
     class ConceptErasersExtension(ComfyExtension):
         async def get_node_list(self):
