@@ -40,3 +40,7 @@ class BadEraserFile(EraserError):
 
 class MissingTokenizer(EraserError):
     """No CLIP tokenizer could be found for a single-file checkpoint."""
+
+
+class UnknownFormat(BadEraserFile):
+    """No format recogniser accepted a file; the message lists every format tried."""

@@ -83,7 +83,12 @@ class ToyTextEncoder:
         return ([self.BOS] if self.has_bos else []) + [self.token_id(w) for w in words] + [self.EOS]
 
     def encode(self, prompts: Sequence[str]) -> PromptEncoding:
-        ids = [self.tokenize(p) for p in prompts]
+        return self.encode_ids([self.tokenize(p) for p in prompts])
+
+    def encode_ids(self, ids: Sequence[Sequence[int]]) -> PromptEncoding:
+        """Encode token-id lists directly (SAFREE's masked prompts replace single ids)."""
+        ids = [list(r) for r in ids]
+        prompts = ids
         padded = torch.full((len(prompts), self.context_length), self.EOS, dtype=torch.long)
         for i, row in enumerate(ids):
             row = row[: self.context_length]
@@ -97,3 +102,31 @@ class ToyTextEncoder:
         if self.pooled_proj is not None:
             pooled = hidden[torch.arange(len(prompts)), lengths - 1] @ self.pooled_proj
         return PromptEncoding(hidden=hidden, lengths=lengths, token_ids=ids, pooled=pooled, has_bos=self.has_bos)
+
+
+def spm_tensors(family: Family, seed: int = 0, rank: int = 1, alpha: float = 1.0, scale: float = 0.05) -> dict:
+    """A membrane in the official SPM layout (kohya names from diffusers paths) with random factors."""
+    from .formats.spm import official_modules
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for path, (inn, outn, conv) in official_modules(family).items():
+        stem = "lora_unet_" + path.replace(".", "_")
+        tail = (1, 1) if conv else ()
+        out[f"{stem}.lora_down.weight"] = scale * torch.randn((rank, inn) + tail, generator=gen)
+        out[f"{stem}.lora_up.weight"] = scale * torch.randn((outn, rank) + tail, generator=gen)
+        out[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def spm_model_shapes(family: Family) -> dict:
+    """Canonical key → weight shape of every SPM target layer (plus the keys family detection reads)."""
+    from .formats.spm import official_modules
+    from .keys import diffusers_to_canonical
+
+    shapes = {}
+    for path, (inn, outn, conv) in official_modules(family).items():
+        shapes[diffusers_to_canonical(path + ".weight")] = (outn, inn, 1, 1) if conv else (outn, inn)
+    if family == Family.SDXL:
+        shapes["label_emb.0.0.weight"] = (1280, 2816)
+    return shapes

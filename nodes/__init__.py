@@ -11,6 +11,9 @@ log = logging.getLogger(__name__)
 
 NODE_MODULES = (
     "closed_form",
+    "spm",
+    "lora",
+    "suppression",
 )
 
 
