@@ -54,6 +54,23 @@ def text_projection_modules(diffusion_model) -> dict:
             if KV.search(name) and getattr(module, "weight", None) is not None}
 
 
+def unet_shapes(sd_model, route: str) -> dict:
+    """canonical key → shape of every UNet parameter (what adapter files are matched against)."""
+    return {name: tuple(p.shape) for name, p in diffusion_model_of(sd_model, route).named_parameters()}
+
+
+def modules_for(diffusion_model, keys) -> dict:
+    """canonical weight key → the module owning it; KeyError naming the first missing layer."""
+    out = {}
+    for key in keys:
+        stem = key[: -len(".weight")] if key.endswith(".weight") else key
+        try:
+            out[key] = diffusion_model.get_submodule(stem)
+        except AttributeError:
+            raise KeyError(f"Concept Erasers: layer {key} is not in this model.") from None
+    return out
+
+
 def _patcher_backups(sd_model) -> dict:
     """Forge keeps the unpatched weights of merged layers in ``backup`` (Forge 1) / ``lora_loader.backup`` (2)."""
     forge_objects = getattr(sd_model, "forge_objects", None)
@@ -92,6 +109,8 @@ def original_weights(sd_model, route: str, direct=None) -> dict:
 
 
 def delta_tensor(delta, multiplier: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    if isinstance(delta, torch.Tensor):  # a dense delta (some adapter formats)
+        return (delta.to(device=device, dtype=torch.float32) * float(multiplier)).to(dtype)
     up = delta.up.to(device=device, dtype=torch.float32)
     down = delta.down.to(device=device, dtype=torch.float32)
     return ((up @ down) * float(multiplier)).to(dtype)
@@ -109,7 +128,7 @@ class DeltaModule:
 
     def __init__(self, net, delta, key: str):
         self.network = net
-        self.up, self.down = delta.up, delta.down
+        self.delta = delta
         self.sd_key = layer_name(key)
         self.network_key = key
 
@@ -118,14 +137,15 @@ class DeltaModule:
 
     def calc_updown(self, orig_weight):
         # float32: the host adds (W.to(updown.dtype) + ΔW) and casts back once
-        updown = delta_tensor(self, self.multiplier(), device=orig_weight.device)
+        updown = delta_tensor(self.delta, self.multiplier(), device=orig_weight.device)
         return updown.reshape(orig_weight.shape), None
 
     def forward(self, x, y):
         """``opts.lora_functional`` ("old method"): y + x·ΔWᵀ instead of merging."""
-        down = self.down.to(x.device, x.dtype)
-        up = self.up.to(x.device, x.dtype)
-        return y + (x @ down.T @ up.T) * self.multiplier()
+        w = delta_tensor(self.delta, self.multiplier(), device=x.device, dtype=x.dtype)
+        if w.dim() != 2 or x.shape[-1] != w.shape[1]:  # a 1×1 conv (SPM proj_in on SD1): channels first
+            return y + torch.nn.functional.conv2d(x, w.reshape(w.shape[0], w.shape[1], 1, 1))
+        return y + x @ w.T
 
 
 class _OnDisk(SimpleNamespace):
@@ -169,7 +189,7 @@ class LoraRoute:
         if not entries:
             return
         unet = sd_model.model.diffusion_model
-        modules = text_projection_modules(unet)
+        modules = modules_for(unet, {key for entry in entries for key in entry.deltas})
         if any(getattr(m, "network_layer_name", None) is None for m in modules.values()):
             # normally done by the Lora extension on model load; needed before its merge can find layers
             assign = getattr(self.networks, "assign_network_names_to_compvis_modules", None)
@@ -197,12 +217,8 @@ class DirectRoute:
         self.restore()
         if not entries:
             return
-        modules = text_projection_modules(sd_model.model.diffusion_model)
+        modules = modules_for(sd_model.model.diffusion_model, {key for entry in entries for key in entry.deltas})
         sums = {}
-        for entry in entries:
-            for key in entry.deltas:
-                if key not in modules:
-                    raise KeyError(f"Concept Erasers: layer {key} of '{entry.label}' is not in this model.")
         with torch.no_grad():
             for entry in entries:
                 for key, delta in entry.deltas.items():
@@ -225,9 +241,11 @@ class DirectRoute:
 
 
 # -- route "forge": ModelPatcher.add_patches on a clone --------------------------------------------
-def forge_patches(entry: PlanEntry, dtype=torch.float32) -> dict:
-    """``diffusion_model.<key>`` → ("diff" patch): a 1-tuple holding the dense ΔW (strength applied by Forge)."""
-    return {"diffusion_model." + key: (delta_tensor(delta, 1.0, dtype=dtype),) for key, delta in entry.deltas.items()}
+def forge_patches(entry: PlanEntry, shapes: dict, dtype=torch.float32) -> dict:
+    """``diffusion_model.<key>`` → ("diff" patch): a 1-tuple holding the dense ΔW in the weight's shape
+    (strength is applied by Forge)."""
+    return {"diffusion_model." + key: (delta_tensor(delta, 1.0, dtype=dtype).reshape(shapes[key]),)
+            for key, delta in entry.deltas.items()}
 
 
 def add_patches(unet, patches: dict, strength: float, filename: str):
@@ -250,6 +268,7 @@ class ForgeRoute:
         unet = forge_objects.unet.clone()
         # SDXL has 140 K/V matrices: keep the dense diffs in half precision when the model is
         dtype = torch.float16 if getattr(unet, "model_dtype", lambda: None)() in (torch.float16, torch.bfloat16) else torch.float32
+        shapes = {name: tuple(p.shape) for name, p in unet.model.diffusion_model.named_parameters()}
         for entry in entries:
-            add_patches(unet, forge_patches(entry, dtype), entry.multiplier, entry.name)
+            add_patches(unet, forge_patches(entry, shapes, dtype), entry.multiplier, entry.name)
         forge_objects.unet = unet

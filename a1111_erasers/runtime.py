@@ -25,7 +25,7 @@ from typing import Callable, Optional
 from . import files, plugins
 from .backend import Backend, detect_backend
 from .core import core_module
-from .inject import PREFIX, DirectRoute, ForgeRoute, LoraRoute, PlanEntry, original_weights
+from .inject import PREFIX, DirectRoute, ForgeRoute, LoraRoute, PlanEntry, original_weights, unet_shapes
 from .settings import INFOTEXT_KEY, UISettings
 from .tags import TagRequest, find_tags
 from .text_encoder import WebuiTextEncoder
@@ -184,9 +184,12 @@ class Controller:
         spm_requests = self.requests(state, "spm")
         if spm_requests:
             available = self.available("spm")
+            prompts = list(getattr(p, "prompts", None) or getattr(p, "all_prompts", None) or [""])
+            make = lambda name, label, deltas, mult, source: PlanEntry(  # noqa: E731
+                PREFIX + name, label, deltas, mult, source)
             entries += plugins.spm_entries(
-                spm_requests, lambda name: files.resolve(name, available), list(getattr(p, "prompts", []) or []),
-                encoder, shapes, PlanEntry)
+                spm_requests, lambda name: files.resolve(name, available), prompts[0], encoder,
+                unet_shapes(p.sd_model, route), make)
         state.entries, state.entries_model = entries, model_id
         return entries
 

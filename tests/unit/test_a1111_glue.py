@@ -646,3 +646,71 @@ def test_core_and_glue_load_under_unique_names():
     finally:
         for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[key]
+
+
+# ----------------------------------------------------------------------------------------------------
+# SPM membranes (core: erasers/spm.py, formats/spm.py, transport.py)
+# ----------------------------------------------------------------------------------------------------
+def save_spm(tmp_path, name="snoopy_spm", prompts="snoopy"):
+    """A rank-1 membrane in the Con6924/SPM kohya layout on two SD1 attn2 layers."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = {}
+    for stem, out_f in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320),
+                        ("lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_v", 320)):
+        tensors[f"{stem}.lora_up.weight"] = 0.1 * torch.randn(out_f, 1, generator=gen)
+        tensors[f"{stem}.lora_down.weight"] = 0.1 * torch.randn(1, 768, generator=gen)
+        tensors[f"{stem}.alpha"] = torch.tensor(1.0)
+    (tmp_path / "spm").mkdir(exist_ok=True)
+    save_file(tensors, str(tmp_path / "spm" / f"{name}.safetensors"),
+              metadata={"prompts": prompts, "rank": "1", "alpha": "1.0"})
+    return {("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" if "to_k" in s else
+             "output_blocks.11.1.transformer_blocks.0.attn2.to_v.weight"):
+            tensors[f"{s}.lora_up.weight"] @ tensors[f"{s}.lora_down.weight"]
+            for s in {k.split(".")[0] for k in tensors}}
+
+
+def spm_generation(controller, networks, sd_model, prompt, tag):
+    p = FakeP(sd_model, prompts=[prompt])
+    controller.begin(p, settings.UISettings())
+    controller.set_tags(p, "spm", tags.find_tags(tag))
+    entries = controller.apply_weights(p, "networks")
+    networks.forward_all(sd_model)
+    controller.finish(p)
+    return p, entries
+
+
+def test_spm_tag_applies_the_membrane_at_its_transport_rate(tmp_path):
+    dense = save_spm(tmp_path)
+    sd_model = FakeSDModel()
+    controller, networks, _ = lora_controller(tmp_path)
+    networks.assign_network_names_to_compvis_modules(sd_model)
+    original = snapshot(sd_model)
+    key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    layer = sd_model.model.diffusion_model.get_submodule(key[:-7])
+
+    # the prompt names the concept: token overlap 1 → m = 1; official rule → (0.5·m)² · UD
+    p, entries = spm_generation(controller, networks, sd_model, "a photo of snoopy", "<spm:snoopy_spm:0.5>")
+    assert len(entries) == 1 and runtime.ERROR_KEY not in p.extra_generation_params
+    close(layer.weight, original["diffusion_model." + key] + 0.25 * dense[key], atol=1e-6)
+
+    # an unrelated prompt opens the membrane less
+    spm_generation(controller, networks, sd_model, "a bowl of fruit", "<spm:snoopy_spm:0.5>")
+    moved = (layer.weight.detach() - original["diffusion_model." + key]).norm()
+    assert 0 < moved < (0.25 * dense[key]).norm()
+
+    # transport off: a plain LoRA at the weight (official rule: weight²)
+    spm_generation(controller, networks, sd_model, "a bowl of fruit", "<spm:snoopy_spm:0.5:ft=0>")
+    close(layer.weight, original["diffusion_model." + key] + 0.25 * dense[key], atol=1e-6)
+
+    spm_generation(controller, networks, sd_model, "a bowl of fruit", "")
+    assert_bit_identical(sd_model, original)
+
+
+def test_missing_spm_file_stops_with_a_message(tmp_path):
+    sd_model = FakeSDModel()
+    controller, networks, interrupts = lora_controller(tmp_path)
+    p, entries = spm_generation(controller, networks, sd_model, "x", "<spm:nothing_here:1>")
+    assert entries == [] and "No SPM membrane named 'nothing_here'" in p.extra_generation_params[runtime.ERROR_KEY]
+    assert interrupts == [1]
