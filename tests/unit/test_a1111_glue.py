@@ -714,3 +714,62 @@ def test_missing_spm_file_stops_with_a_message(tmp_path):
     p, entries = spm_generation(controller, networks, sd_model, "x", "<spm:nothing_here:1>")
     assert entries == [] and "No SPM membrane named 'nothing_here'" in p.extra_generation_params[runtime.ERROR_KEY]
     assert interrupts == [1]
+
+
+def test_entry_script_loads_and_drives_the_hooks_with_a_fake_webui(tmp_path, monkeypatch):
+    """scripts/concept_erasers_a1111.py imported the way the webui does, against fake ``modules``."""
+    import importlib.util
+
+    calls = {}
+    mods = {name: types.ModuleType(name) for name in ("modules", "modules.scripts", "modules.script_callbacks",
+                                                      "modules.devices", "modules.paths", "modules.shared")}
+
+    class Script:
+        pass
+
+    mods["modules.scripts"].Script, mods["modules.scripts"].AlwaysVisible = Script, object()
+    for hook in ("on_model_loaded", "on_before_ui", "on_script_unloaded"):
+        setattr(mods["modules.script_callbacks"], hook, lambda fn, hook=hook: calls.setdefault(hook, fn))
+    mods["modules.paths"].models_path = str(tmp_path)
+    mods["modules.shared"].cmd_opts = types.SimpleNamespace(erasers_dir=None, spm_dir=None)
+    mods["modules.shared"].opts = types.SimpleNamespace(extra_networks_default_multiplier=1.0)
+    mods["modules.shared"].state = types.SimpleNamespace(interrupt=lambda: None)
+    for name, module in mods.items():
+        monkeypatch.setitem(sys.modules, name, module)
+        if "." in name:
+            setattr(mods["modules"], name.split(".")[1], module)
+    networks = make_fake_networks()
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    monkeypatch.setitem(sys.modules, "ldm.modules.attention", types.ModuleType("ldm.modules.attention"))
+    for name in [k for k in sys.modules if k.startswith("concept_erasers_a1111_glue")]:
+        monkeypatch.delitem(sys.modules, name)
+    spec = importlib.util.spec_from_file_location("concept_erasers_a1111_entry", ROOT / "scripts" / "concept_erasers_a1111.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    monkeypatch.setattr(entry.controller, "_detect", lambda: be.Backend(be.A1111, networks, None))
+    assert set(calls) == {"on_model_loaded", "on_before_ui", "on_script_unloaded"}
+    script = entry.ConceptErasersScript()
+    assert script.title() == "Concept Erasers" and script.show(False) is mods["modules.scripts"].AlwaysVisible
+
+    sd_model = FakeSDModel()
+    networks.assign_network_names_to_compvis_modules(sd_model)
+    original = snapshot(sd_model)
+    p = FakeP(sd_model)
+    args = [True, "uce", "van gogh", "art"]  # API-style short args
+    script.before_process(p, *args)
+    script.after_extra_networks_activate(p, *args, batch_number=0, prompts=p.prompts, seeds=[1], subseeds=[1],
+                                         extra_network_data={})
+    script.process_before_every_sampling(p, *args, x=None, noise=None, c=None, uc=None)
+    networks.forward_all(sd_model)
+    script.postprocess(p, None, *args)
+    assert json.loads(p.extra_generation_params["Concept Erasers"])["concepts"] == "van gogh"
+    key = "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+    assert not torch.equal(sd_model.model.diffusion_model.get_submodule(key[:-7]).weight, original["diffusion_model." + key])
+    p2 = FakeP(sd_model)
+    script.before_process(p2, False)
+    script.after_extra_networks_activate(p2, False)
+    networks.forward_all(sd_model)
+    script.postprocess(p2, None, False)
+    assert_bit_identical(sd_model, original)
+    calls["on_model_loaded"](sd_model)
+    assert entry.controller.erasers == {}
