@@ -1,0 +1,76 @@
+"""The glue against the real webui modules: the Lora built-in's own merge/restore code on a small model
+with LDM-named layers and random weights (see conftest.py for when this runs)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("a1111_glue_fakes", ROOT / "tests" / "unit" / "test_a1111_glue.py")
+fakes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fakes)  # the fake model and helpers of the unit tier
+
+from a1111_erasers import backend as be  # noqa: E402
+from a1111_erasers import runtime, settings  # noqa: E402
+
+
+def real_forward_all(networks, sd_model):
+    """Run the Lora built-in's own lazy merge on every Linear, as its patched forward would."""
+    for module in sd_model.model.modules():
+        if isinstance(module, torch.nn.Linear):
+            networks.network_apply_weights(module)
+
+
+def test_real_lora_merge_enable_disable_and_compose(webui, tmp_path, monkeypatch):
+    networks, network = webui["networks"], webui["network"]
+    sd_model = fakes.FakeSDModel()
+    from modules import shared
+
+    monkeypatch.setattr(shared, "sd_model", sd_model, raising=False)
+    for name, module in sd_model.model.named_modules():
+        module.network_layer_name = name.replace(".", "_")
+    controller = runtime.Controller(runtime.Host(models_path=str(tmp_path)),
+                                    backend=be.Backend(be.A1111, networks, network))
+    original = fakes.snapshot(sd_model)
+    key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    layer = sd_model.model.diffusion_model.get_submodule(key[:-7])
+
+    p = fakes.FakeP(sd_model)
+    controller.begin(p, fakes.UCE_UI)
+    networks.loaded_networks.clear()
+    controller.apply_weights(p, "networks")
+    assert all(isinstance(n, network.Network) for n in networks.loaded_networks)
+    real_forward_all(networks, sd_model)
+    (eraser,) = controller.erasers.values()
+    fakes.close(layer.weight, original["diffusion_model." + key] + eraser.dense(key), atol=1e-5)
+    controller.finish(p)
+
+    lora = fakes.UserLora(sd_model)
+    networks.loaded_networks[:] = [lora]
+    p2 = fakes.FakeP(sd_model)
+    controller.begin(p2, fakes.UCE_UI)
+    controller.apply_weights(p2, "networks")
+    real_forward_all(networks, sd_model)
+    lora_k = lora.deltas["diffusion_model_" + key[:-7].replace(".", "_")]
+    fakes.close(layer.weight, original["diffusion_model." + key] + lora_k + eraser.dense(key), atol=1e-5)
+    controller.finish(p2)
+
+    networks.loaded_networks.clear()
+    p3 = fakes.FakeP(sd_model)
+    controller.begin(p3, settings.UISettings())
+    controller.apply_weights(p3, "networks")
+    real_forward_all(networks, sd_model)
+    fakes.assert_bit_identical(sd_model, original)
+
+
+def test_real_infotext_round_trip(webui):
+    try:
+        from modules import infotext_utils as iu
+    except ImportError:
+        from modules import generation_parameters_copypaste as iu
+    ui = settings.UISettings(enabled=True, concepts="Van Gogh, Monet", anchors="art", strength=0.7)
+    text = "a painting\nSteps: 20, " + f"{settings.INFOTEXT_KEY}: {iu.quote(ui.to_infotext())}"
+    params = iu.parse_generation_parameters(text)
+    pasted = settings.UISettings.from_dict({n: settings.paste_getter(n)(params) for n in settings.ARG_ORDER})
+    assert pasted == ui
