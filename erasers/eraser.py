@@ -148,6 +148,7 @@ def compute_eraser(config, encoder, weights: Mapping[str, torch.Tensor], family=
     worst = 0.0
     out = {}
     for key, delta in deltas.items():
+        delta = delta.to(torch.float32)  # storage precision; the solves ran in float64
         if not delta.is_finite():
             raise NonFiniteResult(
                 f"{method.title} produced NaN/Inf for layer {key}. The system is ill-conditioned for these "
@@ -156,7 +157,7 @@ def compute_eraser(config, encoder, weights: Mapping[str, torch.Tensor], family=
         if config.rank_cap is not None and delta.rank > config.rank_cap:
             delta, err = compress(delta, rank_cap=config.rank_cap)
             worst = max(worst, err)
-        out[key] = delta.to(torch.float32)  # storage precision; the math above ran in float64
+        out[key] = delta
     if config.rank_cap is not None:
         log.warning("Rank cap %d: worst relative reconstruction error of a layer's delta %.3g",
                     config.rank_cap, worst)

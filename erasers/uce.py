@@ -134,8 +134,9 @@ def erase(config: UCEConfig, encoder: TextEncoder, weights: Mapping[str, torch.T
     for spec in specs:
         pooled = spec.kind == "pooled_in"
         if pooled not in factors:
-            factors[pooled] = stream_factors(config, enc_c, enc_g, enc_p, pooled)
+            a, b = stream_factors(config, enc_c, enc_g, enc_p, pooled)
+            factors[pooled] = (a.float(), b.float())
         a, b = factors[pooled]
-        w0 = weights[spec.key].to(torch.float64)
-        deltas[spec.key] = LowRankDelta(w0 @ a, b)
+        # the solve ran in float64; projecting W₀ onto the small d×n factor needs only float32
+        deltas[spec.key] = LowRankDelta(weights[spec.key].float() @ a, b)
     return deltas
