@@ -6,11 +6,12 @@
 
 Files are served only from the registered model folders, through ``folder_paths.get_full_path``, after
 ``resolve_model_file`` has refused traversal, absolute paths, backslashes and unknown folders. Nothing
-here imports ComfyUI at module level: ``register_routes`` imports ``server.PromptServer`` lazily.
+here imports ComfyUI at module level: ``register_routes`` finds the running ``server.PromptServer`` lazily.
 """
 from __future__ import annotations
 
 import asyncio
+import sys
 import json
 import logging
 import os
@@ -137,9 +138,13 @@ def register_routes(server=None, folder_paths=None) -> bool:
     if _registered:
         return False
     if server is None:
-        from server import PromptServer
-
-        server = PromptServer.instance
+        # Only a running ComfyUI server has routes. Importing server.py ourselves would start importing
+        # the whole web app (and fails when ComfyUI is used in-process, e.g. by scripts and tests).
+        prompt_server = getattr(sys.modules.get("server"), "PromptServer", None)
+        server = getattr(prompt_server, "instance", None)
+        if server is None:
+            log.info("Concept Erasers: no ComfyUI server is running; file-info routes not registered.")
+            return False
     if folder_paths is None:
         import folder_paths  # noqa: PLW0621  (host module, imported lazily)
     from aiohttp import web
