@@ -27,7 +27,9 @@ SD15_UNET = dict(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 → 256 px images)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (one step per config each)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine, idle OpenMP threads spin and inflate "
+                             "CPU time; 0 keeps torch's default)")
     parser.add_argument("--combination", default="official", choices=("official", "linear"))
 
 
@@ -54,7 +56,7 @@ def run(args) -> list:
     from ..diffusers_apply import DiffusersMembranes
     from ..testing import ToyTextEncoder
 
-    if getattr(args, "threads", 0):
+    if getattr(args, "threads", 1):
         torch.set_num_threads(args.threads)
     latent = getattr(args, "latent", 32)
     rounds = getattr(args, "rounds", 4)
