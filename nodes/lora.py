@@ -60,14 +60,14 @@ class EraserLoRALoad(io.ComfyNode):
         return io.Schema(
             node_id="EraserLoRALoad",
             display_name="Load Erasure LoRA",
-            category="erasers/lora",
+            category="concept_erasers/adapters",
             description="Applies an erasure LoRA or weight file (kohya, diffusers/PEFT, EraseAnything Flux, UCE, "
                         "ESD). Gate 'facilitated transport' keeps it shut for prompts unrelated to its concepts.",
             inputs=[
-                io.Model.Input("model"),
-                io.Combo.Input("file", options=adapter_files()),
-                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05),
-                io.Combo.Input("gate", options=list(GATE_MODES), default=GATE_MODES[0]),
+                io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."),
+                io.Combo.Input("file", options=adapter_files(), tooltip="Erasure LoRA or weight file from models/erasers, models/spm or models/loras."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="Scales the adapter: 0 = the original model, 1 = as trained."),
+                io.Combo.Input("gate", options=list(GATE_MODES), default=GATE_MODES[0], tooltip="always: a plain LoRA; facilitated transport: opens only for prompts near its concepts (needs CLIP)."),
                 io.Clip.Input("clip", optional=True, tooltip="Needed by the facilitated-transport gate."),
                 io.String.Input("concepts", default="", optional=True,
                                 tooltip="Concepts the gate opens for, comma-separated (default: the file's metadata)."),

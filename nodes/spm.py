@@ -18,14 +18,14 @@ class EraserSPMLoad(io.ComfyNode):
         return io.Schema(
             node_id="EraserSPMLoad",
             display_name="Load SPM Membrane",
-            category="erasers/lora",
+            category="concept_erasers/adapters",
             description="Applies an SPM membrane with facilitated transport: it opens for prompts near its "
                         "concepts and stays nearly shut for others. Chain several; they combine as selected.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."),
                 io.Clip.Input("clip", tooltip="The text encoder loaded with this model (scores each prompt)."),
                 io.Combo.Input("membrane", options=adapter_files(), tooltip=f"From models/{', '.join(ADAPTER_FOLDERS)}"),
-                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="Scales the adapter: 0 = the original model, 1 = as trained."),
                 io.Boolean.Input("transport", default=True, tooltip="Facilitated transport on/off (off: a plain LoRA)."),
                 io.Combo.Input("combination", options=list(COMBINATIONS), default="official",
                                tooltip="official: factors scaled by m and summed (m², cross terms, like the "

@@ -19,15 +19,15 @@ from . import suppression_hooks as hooks
 
 log = logging.getLogger(__name__)
 
-CATEGORY = "concept erasers/suppression"
+CATEGORY = "concept_erasers/suppression"
 UNET_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 def common_inputs():
     return [
         io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="0 switches the method off"),
-        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01),
-        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01),
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Where in the schedule the method starts acting (0 = first step)."),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Where in the schedule the method stops acting (1 = last step)."),
         io.Float.Input("risk_gate", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="prompts whose similarity to the concepts is below this are left untouched (0 = off)"),
     ]
@@ -78,15 +78,15 @@ class EraserSAFREE(io.ComfyNode):
             node_id="EraserSAFREE", display_name="SAFREE concept projection", category=CATEGORY,
             description="Projects the prompt tokens that carry the concepts out of the concept subspace "
                         "(SAFREE); benign prompts stay bit-identical.",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"),
+            inputs=[io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."), io.Clip.Input("clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."),
                     io.String.Input("prompt", multiline=True, default="",
                                     tooltip="the positive prompt (the same text as in CLIP Text Encode)"),
                     io.String.Input("concepts", multiline=True, default="", tooltip="empty → the preset's keywords"),
-                    io.Combo.Input("preset", options=preset_names(), default="nudity"),
-                    io.Float.Input("alpha", default=0.01, min=0.0, max=1.0, step=0.001),
-                    io.Boolean.Input("include_eos", default=True),
-                    io.Boolean.Input("self_validating", default=True),
-                    io.Boolean.Input("keywords_as_negative", default=False)] + common_inputs(),
+                    io.Combo.Input("preset", options=preset_names(), default="nudity", tooltip="keyword list used when concepts is empty (files in erasers/data/presets)"),
+                    io.Float.Input("alpha", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="detection margin α of the masked-token test (paper: 0.01)"),
+                    io.Boolean.Input("include_eos", default=True, tooltip="also project the EOS/padding positions, which carry the concept in causal CLIP"),
+                    io.Boolean.Input("self_validating", default=True, tooltip="SAFREE's step switch t′: use the projection only for the early steps it selects"),
+                    io.Boolean.Input("keywords_as_negative", default=False, tooltip="also use the joined keywords as the negative prompt (the reference always does)")] + common_inputs(),
             outputs=[io.Model.Output()])
 
     @classmethod
@@ -134,9 +134,9 @@ class EraserSLD(io.ComfyNode):
             node_id="EraserSLD", display_name="Safe Latent Diffusion", category=CATEGORY,
             description="Safe Latent Diffusion: a gated third guidance branch away from a safety concept "
                         "(one extra model pass per step).",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"),
-                    io.Combo.Input("preset", options=list(sld.PRESETS), default="medium"),
-                    io.String.Input("safety_concept", multiline=True, default=sld.SAFETY_CONCEPT)] + common_inputs(),
+            inputs=[io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."), io.Clip.Input("clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."),
+                    io.Combo.Input("preset", options=list(sld.PRESETS), default="medium", tooltip="SLD hyper-parameter preset: weak, medium, strong or max"),
+                    io.String.Input("safety_concept", multiline=True, default=sld.SAFETY_CONCEPT, tooltip="the text guided away from (SLD's default safety concept)")] + common_inputs(),
             outputs=[io.Model.Output()])
 
     @classmethod
@@ -168,11 +168,11 @@ class EraserConceptGuidance(io.ComfyNode):
             node_id="EraserConceptGuidance", display_name="Concept attention guidance (NAG)", category=CATEGORY,
             description="Normalized attention guidance with the concepts as the negative branch, inside every "
                         "cross/joint attention; works on guidance-distilled Flux.",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"),
-                    io.String.Input("concepts", multiline=True, default="nudity, naked"),
-                    io.Float.Input("phi", default=5.0, min=1.0, max=20.0, step=0.1),
-                    io.Float.Input("tau", default=2.5, min=1.0, max=10.0, step=0.1),
-                    io.Float.Input("alpha", default=0.25, min=0.0, max=1.0, step=0.01),
+            inputs=[io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."), io.Clip.Input("clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."),
+                    io.String.Input("concepts", multiline=True, default="nudity, naked", tooltip="concepts to suppress, one per line or comma-separated"),
+                    io.Float.Input("phi", default=5.0, min=1.0, max=20.0, step=0.1, tooltip="extrapolation scale φ (1 = off; NAG default 5)"),
+                    io.Float.Input("tau", default=2.5, min=1.0, max=10.0, step=0.1, tooltip="L1-norm ratio clamp τ (NAG default 2.5)"),
+                    io.Float.Input("alpha", default=0.25, min=0.0, max=1.0, step=0.01, tooltip="blend α with the positive attention (NAG default 0.25)"),
                     io.Float.Input("sigma_end", default=-1.0, min=-1.0, max=100.0, step=0.01,
                                    tooltip="NAG acts while σ ≥ sigma_end; −1 = published default (4 UNet, 0.75 flow)"),
                     ] + common_inputs(),
@@ -211,12 +211,12 @@ class EraserTokenSuppress(io.ComfyNode):
             node_id="EraserTokenSuppress", display_name="Token attention suppression", category=CATEGORY,
             description="Scales down (or drops) the image→text attention to the prompt tokens that carry the "
                         "concepts, inside a σ window.",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"),
-                    io.String.Input("concepts", multiline=True, default="nudity, naked"),
+            inputs=[io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."), io.Clip.Input("clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."),
+                    io.String.Input("concepts", multiline=True, default="nudity, naked", tooltip="concepts to suppress, one per line or comma-separated"),
                     io.Float.Input("factor", default=0.0, min=0.0, max=1.0, step=0.01,
                                    tooltip="attention multiplier for concept tokens (0 = drop)"),
-                    io.Boolean.Input("include_eos", default=True),
-                    io.Float.Input("similarity", default=0.9, min=0.0, max=1.0, step=0.01),
+                    io.Boolean.Input("include_eos", default=True, tooltip="also suppress EOS/padding positions, which carry the concept"),
+                    io.Float.Input("similarity", default=0.9, min=0.0, max=1.0, step=0.01, tooltip="a prompt token counts as a concept token above this cosine to a keyword"),
                     io.String.Input("prompt", multiline=True, default="",
                                     tooltip="optional: the positive prompt, for exact token matches")] + common_inputs(),
             outputs=[io.Model.Output()])

@@ -81,7 +81,10 @@ def test_pack_loads_as_a_custom_node(comfy, pack, erasers_dir):
     extension = asyncio.run(pack.comfy_entrypoint())
     node_list = asyncio.run(extension.get_node_list())
     schemas = [cls.GET_SCHEMA() for cls in node_list]  # what ComfyUI runs when it registers a V3 node
-    assert {s.node_id for s in schemas} == NODE_IDS
+    # every node id of the pack is fixed (saved workflows name them); every input has a tooltip
+    assert {s.node_id for s in schemas} == NODE_IDS | {
+        "EraserSPMLoad", "EraserLoRALoad", "EraserSAFREE", "EraserSLD", "EraserConceptGuidance",
+        "EraserTokenSuppress"}
     for cls, schema in zip(node_list, schemas):
         inputs = cls.INPUT_TYPES()  # the /object_info view
         widgets = {**inputs["required"], **inputs.get("optional", {})}
