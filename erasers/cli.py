@@ -29,7 +29,8 @@ PLUGINS = [".shapes.cli", ".demo", ".generate"]
 #: benchmark name → "module:function" or callable(argv) -> int
 BENCHES: dict = {
     "closed-form": ".bench.closed_form:main",
-    # later: "spm", "suppression", "shapes" — register here or with register_bench()
+    "spm": ".bench.spm:main",
+    "suppression": ".bench.suppression:main",
 }
 
 
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if hasattr(module, "add_subparsers"):
             module.add_subparsers(subparsers)
+        elif hasattr(module, "add_subparser"):  # a module that adds exactly one subcommand
+            module.add_subparser(subparsers)
     return parser
 
 
