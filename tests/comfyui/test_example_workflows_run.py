@@ -39,6 +39,15 @@ def for_cpu_test(workflow: dict) -> dict:
     return wf
 
 
+#: loader widgets that name model files a DiT example expects the user to have
+MODEL_FILE_WIDGETS = {("UNETLoader", "unet_name"), ("DualCLIPLoader", "clip_name1"),
+                      ("DualCLIPLoader", "clip_name2"), ("VAELoader", "vae_name")}
+
+
+def is_dit_workflow(workflow: dict) -> bool:
+    return any(node["type"] == "UNETLoader" for node in workflow["nodes"])
+
+
 ADAPTER_NODES = {"EraserSPMLoad": ("spm", "membrane"), "EraserLoRALoad": ("loras", "file")}
 UNET_PREFIX = "model.diffusion_model."
 
@@ -83,7 +92,15 @@ def test_every_example_workflow_validates_and_runs(comfy, sd15_unet_config, comf
         workflow = for_cpu_test(json.loads(path.read_text(encoding="utf-8")))
         object_info = comfy_server.object_info()  # fresh: files saved by earlier examples appear in combos
         problems = validate(workflow, object_info)
+        dit = is_dit_workflow(workflow)
+        if dit:  # their model files (Flux weights) cannot exist here; everything else must validate
+            problems = [p for p in problems if not any(f"({t}): '{w}'" in p for t, w in MODEL_FILE_WIDGETS)]
         assert not problems, f"{path.name}:\n" + "\n".join(problems)
+        if dit:
+            # a Flux graph cannot run on the SD1.5 test checkpoint; the DiT hooks run on a reduced Flux
+            # model in test_suppression_comfy.py
+            log.info("%s validated; not run (needs Flux weights)", path.name)
+            continue
         prompt = to_api(workflow, object_info)
         t0 = time.monotonic()
         entry = comfy_server.run_prompt(prompt, timeout=600)
