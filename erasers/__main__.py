@@ -1,7 +1,7 @@
-"""``python -m erasers``: minimal dispatcher (only the ``shapes`` command so far)."""
+"""``python -m erasers …`` — see erasers/cli.py."""
 import sys
 
-from .shapes.cli import main
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,12 +30,11 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 def to_state_dict(eraser: Eraser, dtype: torch.dtype = torch.float32):
     tensors, names = {}, {}
-    for key, delta in sorted(eraser.deltas.items()):
+    for key, delta in sorted(eraser.deltas.items()):  # copies: methods may share factors across layers
         name = kohya_name(key)
         names[name] = key
-        # clone: layers share one down factor in memory, safetensors stores each tensor on its own
-        tensors[f"{name}.lora_up.weight"] = delta.up.to(dtype).contiguous().clone()
-        tensors[f"{name}.lora_down.weight"] = delta.down.to(dtype).contiguous().clone()
+        tensors[f"{name}.lora_up.weight"] = delta.up.to(dtype, copy=True).contiguous()
+        tensors[f"{name}.lora_down.weight"] = delta.down.to(dtype, copy=True).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(delta.rank))
     metadata = {
         "eraser.format_version": FORMAT_VERSION,
@@ -68,11 +67,8 @@ def save_eraser(eraser: Eraser, path: str, dtype: torch.dtype = torch.float32) -
     return path
 
 
-def read_safetensors(path: str):
-    """(tensors, metadata) from a .safetensors file, with errors that say what is wrong."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def check_safetensors(path: str) -> None:
+    """Refuse pickles, missing, empty, truncated or non-safetensors files before anything is loaded."""
     name = os.path.basename(path)
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise BadEraserFile(
@@ -93,6 +89,15 @@ def read_safetensors(path: str):
             f"'{name}' is not a .safetensors file (its header is unreadable).{hint} Expected the "
             f"safetensors layout; re-download or re-save the file."
         )
+
+
+def read_safetensors(path: str):
+    """(tensors, metadata) from a .safetensors file, with errors that say what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    name = os.path.basename(path)
+    check_safetensors(path)
     try:
         tensors = load_file(path)
         from safetensors import safe_open

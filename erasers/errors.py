@@ -40,3 +40,7 @@ class BadEraserFile(EraserError):
 
 class MissingTokenizer(EraserError):
     """No CLIP tokenizer could be found for a single-file checkpoint."""
+
+
+class EraserAlreadyApplied(EraserError):
+    """An eraser is already written into these weights; remove it before applying another."""
