@@ -149,11 +149,18 @@ def least_sensitive_direction(w: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> torch.Tensor:
-    """Deterministic Lloyd k-means (Euclidean), initialised with k distinct rows drawn with ``seed``."""
+    """Deterministic Lloyd k-means (Euclidean) with k-means++ seeding drawn from a ``seed``-ed generator.
+
+    (The reference uses ``kmeans_pytorch`` with a random-rows init; k-means++ avoids its bad local minima.)
+    """
     x = x.to(torch.float64)
     k = min(k, x.shape[0])
     gen = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randperm(x.shape[0], generator=gen)[:k]].clone()
+    centroids = x[torch.randint(x.shape[0], (1,), generator=gen)]
+    while centroids.shape[0] < k:
+        dist2 = torch.cdist(x, centroids).min(dim=1).values ** 2
+        weights = dist2 if float(dist2.sum()) > 0 else torch.ones_like(dist2)
+        centroids = torch.cat([centroids, x[torch.multinomial(weights, 1, generator=gen)]])
     assign = None
     for _ in range(iters):
         new_assign = torch.cdist(x, centroids).argmin(dim=1)
@@ -284,7 +291,6 @@ def erase(config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch
     if enc_r is None:
         log.info("SPEED: no preserve list given; retaining the empty prompt's rows as the reference does. "
                  "List concepts to keep (e.g. other artists or people) for a more precise null space.")
-    alpha, lamb = config.effective_alpha(), config.effective_lamb()
     deltas = {}
     for pooled in (False, True):
         group = [s for s in specs if (s.kind == "pooled_in") == pooled]
@@ -293,20 +299,26 @@ def erase(config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch
         c1, c_star, n = concept_rows(config, enc_c, enc_a, pooled)
         retain = retain_rows(enc_r, enc_null, pooled)
         k2 = invariants(enc_null, pooled, config.n_centroids, config.seed)
-        diff_t = (c_star - c1).T  # (C* − C1)ᵀ: Σ_at − Σ_tt = diff_t C1 / n
-
-        def erase_map(x, c1=c1, n=n, diff_t=diff_t):
-            # F X = (Σ_at − Σ_tt)(I + Σ_tt)⁻¹ X,  I + Σ_tt = I + (C1ᵀ/n) C1
-            return diff_t @ (c1 @ solve_shifted(1.0, c1.T / n, c1.T, x)) / n
-
         gen = torch.Generator().manual_seed(config.seed)
         for s in group:
-            w = weights[s.key].to(torch.float64)
-            v_min = least_sensitive_direction(w, config.seed)
-            samples, span = refine_retain(w, erase_map, retain, v_min, int(config.aug_num),
-                                          config.prior_filter, gen)
-            q = retained_basis(samples, span, config.threshold)
-            down = speed_down(c1, n, q, k2, alpha, lamb)
-            delta = LowRankDelta(w @ diff_t, down)
-            deltas[s.key] = compress(delta)[0] if delta.rank > 1 else delta.to(torch.float32)
+            delta, _ = layer_delta(weights[s.key], c1, c_star, n, retain, k2, config, gen)
+            deltas[s.key] = compress(delta)[0]
     return deltas
+
+
+def layer_delta(w: torch.Tensor, c1: torch.Tensor, c_star: torch.Tensor, n: int, retain: torch.Tensor,
+                k2: torch.Tensor, config: SPEEDConfig, gen: torch.Generator):
+    """(ΔW as exact float64 factors, Q of the retained directions) for one matrix W (§5.2 steps 1–8)."""
+    w = w.to(torch.float64)
+    c1, c_star, retain, k2 = (t.to(torch.float64) for t in (c1, c_star, retain, k2))
+    diff_t = (c_star - c1).T  # (C* − C1)ᵀ: Σ_at − Σ_tt = diff_t C1 / n
+
+    def erase_map(x):
+        # F X = (Σ_at − Σ_tt)(I + Σ_tt)⁻¹ X with I + Σ_tt = I + (C1ᵀ/n) C1; Δ_erase = W F
+        return diff_t @ (c1 @ solve_shifted(1.0, c1.T / n, c1.T, x)) / n
+
+    v_min = least_sensitive_direction(w, config.seed)
+    samples, span = refine_retain(w, erase_map, retain, v_min, int(config.aug_num), config.prior_filter, gen)
+    q = retained_basis(samples, span, config.threshold)
+    down = speed_down(c1, n, q, k2, config.effective_alpha(), config.effective_lamb())
+    return LowRankDelta(w @ diff_t, down), q
