@@ -29,7 +29,7 @@ from typing import ClassVar, Mapping, Optional
 import torch
 
 from .config import ConfigError, EraserConfig
-from .lowrank import LowRankDelta
+from .lowrank import LowRankDelta, compress
 from .text import TextEncoder, encode_batched
 
 log = logging.getLogger(__name__)
@@ -161,17 +161,24 @@ def find_matching_indices(old_ids, new_ids, length: int):
 
 
 def erase_grams(config: MACEConfig, encoder: TextEncoder, progress=None):
-    """Per stream, (Σ e^f e^fᵀ, Σ e^g e^fᵀ) over all templates and concepts (float64)."""
+    """Per stream: (Σ e^f e^fᵀ, Σ e^g e^fᵀ, rows) over all templates and concepts (float64).
+
+    ``rows`` = (E_f, E_g) while there are fewer rows than d (then ΔW is kept as exact low-rank factors),
+    else None.
+    """
     mappings = config.anchors_for_concepts(config.default_anchor())
     grams = {}
     mapped_cache = {}
 
     def add(stream, keys, targets):
-        keys32 = keys.float()
-        both = torch.cat([keys32, targets.float()], dim=1).T @ keys32  # one product for both grams
+        keys, targets = keys.to(torch.float64), targets.to(torch.float64)
         d = keys.shape[1]
-        ff, gf = grams.get(stream, (0.0, 0.0))
-        grams[stream] = (ff + both[:d].double(), gf + both[d:].double())
+        both = torch.cat([keys, targets], dim=1).T @ keys  # one product for both grams
+        ff, gf, rows = grams.get(stream, (0.0, 0.0, (keys[:0], targets[:0])))
+        if rows is not None:
+            rows = (torch.cat([rows[0], keys]), torch.cat([rows[1], targets]))
+            rows = rows if rows[0].shape[0] < d else None
+        grams[stream] = (ff + both[:d], gf + both[d:], rows)
 
     for i, (concept, mapping) in enumerate(zip(config.concepts, mappings)):
         old_prompts = [fill(t, concept) for t in config.templates()]
@@ -206,12 +213,12 @@ def preservation_gram(encoder: TextEncoder, prompts: list, stream: str):
     return total
 
 
-def shared_update(gram_ff: torch.Tensor, gram_gf: torch.Tensor, preserve: Optional[torch.Tensor],
-                  lam: float) -> torch.Tensor:
-    """D with W′ = W (I + D):  D = (Σ e^g e^fᵀ − Σ e^f e^fᵀ) Mat⁻¹,  Mat = λI + Σ e^f e^fᵀ + preserve."""
+def system_matrix(gram_ff: torch.Tensor, preserve: Optional[torch.Tensor], lam: float) -> torch.Tensor:
+    """Mat = λI + Σ e^f e^fᵀ + s(Σ_gen + ω Σ_dom); a small λ replaces λ = 0 when Mat is (nearly) singular."""
     d = gram_ff.shape[0]
     mat = gram_ff + (preserve if preserve is not None else 0.0)
-    factor, info = torch.linalg.cholesky_ex(mat + lam * torch.eye(d, dtype=torch.float64))
+    eye = torch.eye(d, dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(mat + lam * eye)
     diag = torch.diagonal(factor) if int(info) == 0 else None
     if diag is None or float(diag.min() ** 2) < 1e-12 * float(diag.max() ** 2):
         fallback = max(lam, 1e-6 * float(torch.diagonal(mat).mean()))
@@ -219,8 +226,21 @@ def shared_update(gram_ff: torch.Tensor, gram_gf: torch.Tensor, preserve: Option
                     "rank); using λ = %.3g instead. Add preserve prompts or raise lam to silence this.",
                     lam, fallback)
         lam = fallback
-    mat = mat + lam * torch.eye(d, dtype=torch.float64)
-    return torch.linalg.solve(mat, (gram_gf - gram_ff).T).T  # Mat symmetric
+    return mat + lam * eye
+
+
+def shared_update(gram_ff: torch.Tensor, gram_gf: torch.Tensor, preserve: Optional[torch.Tensor],
+                  lam: float, rows=None):
+    """(X, Y) with W′ = W (I + XY):  XY = (E_g − E_f)ᵀ E_f Mat⁻¹ = (Σ e^g e^fᵀ − Σ e^f e^fᵀ) Mat⁻¹.
+
+    With the rows at hand (fewer than d) the factors are exact, X = (E_g − E_f)ᵀ, Y = E_f Mat⁻¹; otherwise
+    X = I and Y is the dense d×d matrix. Mat is symmetric, so Y = (Mat⁻¹ ·)ᵀ by one solve.
+    """
+    mat = system_matrix(gram_ff, preserve, lam)
+    if rows is not None:
+        e_f, e_g = rows
+        return (e_g - e_f).T, torch.linalg.solve(mat, e_f.T).T
+    return torch.eye(mat.shape[0], dtype=torch.float64), torch.linalg.solve(mat, (gram_gf - gram_ff).T).T
 
 
 def erase(config: MACEConfig, encoder: TextEncoder, weights: Mapping[str, torch.Tensor], specs,
@@ -237,15 +257,22 @@ def erase(config: MACEConfig, encoder: TextEncoder, weights: Mapping[str, torch.
         group = [s for s in specs if (s.kind == "pooled_in") == (stream == "pooled")]
         if not group:
             continue
-        gram_ff, gram_gf = grams[stream]
+        gram_ff, gram_gf, rows = grams[stream]
         preserve = None
         if scale > 0:
             g_gen = preservation_gram(encoder, general, stream)
             g_dom = preservation_gram(encoder, list(config.preserve), stream) if omega > 0 else None
             parts = [g for g in (g_gen, None if g_dom is None else omega * g_dom) if g is not None]
             preserve = scale * sum(parts) if parts else None
-        down = shared_update(gram_ff, gram_gf, preserve, lam).float()
-        # (E_g − E_f)ᵀE_f sums thousands of rows: D has full rank, so ΔW = W₀·D is stored with W₀ as up
-        for s in group:
-            deltas[s.key] = LowRankDelta(weights[s.key].to(torch.float32).clone(), down)
+        x, y = shared_update(gram_ff, gram_gf, preserve, lam, rows)
+        if rows is not None:
+            shared, _ = compress(LowRankDelta(x, y))
+            for s in group:
+                w0 = weights[s.key].to(torch.float32)
+                deltas[s.key] = LowRankDelta(w0 @ shared.up, shared.down)
+        else:
+            # thousands of co-occurring rows: the shared update has full rank, ΔW = W₀·D with W₀ as up
+            down = y.float()
+            for s in group:
+                deltas[s.key] = LowRankDelta(weights[s.key].to(torch.float32).clone(), down)
     return deltas
