@@ -34,6 +34,8 @@ class EraserConfig:
     rank_cap: Optional[int] = None
 
     CONCEPT_TYPES: ClassVar[tuple] = ("object", "art", "nudity")
+    #: named published settings: preset name → field values (see ``from_preset``)
+    PRESETS: ClassVar[dict] = {}
 
     def __post_init__(self):
         self.concepts = [c for c in (self.concepts or [])]
@@ -73,6 +75,13 @@ class EraserConfig:
         if len(self.anchors) == 1:
             return self.anchors * len(self.concepts)
         return list(self.anchors)
+
+    @classmethod
+    def from_preset(cls, name: str, **fields) -> "EraserConfig":
+        """A config with a published preset's values; explicit ``fields`` override the preset."""
+        if name not in cls.PRESETS:
+            raise ConfigError(f"{cls.method}: unknown preset '{name}'; available: {', '.join(cls.PRESETS) or 'none'}.")
+        return cls(**{**cls.PRESETS[name], **fields})
 
     # -- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import uce
+from . import mace, rece, speed, uce
 from .errors import UnsupportedFamily
 from .families import Family
 
@@ -28,6 +28,9 @@ ALL_FAMILIES = tuple(Family)
 
 METHODS = {
     "uce": Method("uce", "UCE (Unified Concept Editing)", uce.UCEConfig, uce.erase, ALL_FAMILIES),
+    "rece": Method("rece", "RECE (Reliable and Efficient Concept Erasure)", rece.RECEConfig, rece.erase, ALL_FAMILIES),
+    "speed": Method("speed", "SPEED (null-space concept erasure)", speed.SPEEDConfig, speed.erase, ALL_FAMILIES),
+    "mace": Method("mace", "MACE closed-form refinement", mace.MACEConfig, mace.erase, ALL_FAMILIES),
 }
 
 
