@@ -29,6 +29,7 @@ PLUGINS = [".shapes.cli", ".demo", ".generate"]
 #: benchmark name → "module:function" or callable(argv) -> int
 BENCHES: dict = {
     "closed-form": ".bench.closed_form:main",
+    "shapes": ".bench.shapes:main",
     # later: "spm", "suppression", "shapes" — register here or with register_bench()
 }
 
