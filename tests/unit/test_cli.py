@@ -263,3 +263,21 @@ def test_erase_from_a_diffusers_folder_matches_the_api(tmp_path, tokenizer_dir, 
         assert torch.allclose(from_cli.dense(key), direct.dense(key), rtol=1e-4, atol=1e-6), key
     code, _, err = run(capsys, "erase", "--diffusers", tmp_path / "nowhere", "--concept", "x", "--out", out_file)
     assert_clean_error(code, err, "model_index.json")
+
+
+def test_sd2_single_file_reads_penultimate_layer_with_final_norm(tmp_path, tokenizer_dir):
+    from safetensors.torch import save_file
+
+    clip_h = tiny_clip(1024, projection=True, act="gelu", seed=3)
+    tensors = {"model.diffusion_model." + k: torch.randn(s) * 0.02 for k, s in list(layer_shapes(Family.SD2).items())[:4]}
+    tensors.update({"cond_stage_model.model." + k: v for k, v in openclip_state(clip_h).items()})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "sd2.safetensors"))
+    loaded = load_checkpoint(str(tmp_path / "sd2.safetensors"), tokenizer_dir=tokenizer_dir)
+    assert loaded.family == Family.SD2
+    enc = loaded.encoder.encode(["red square"])
+    row = enc.token_ids[0]
+    with torch.no_grad():
+        out = clip_h(torch.tensor([row + [0] * (77 - len(row))]), output_hidden_states=True)
+        ref = clip_h.text_model.final_layer_norm(out.hidden_states[-2])
+    assert enc.hidden.shape == (1, 77, 1024) and enc.pooled is None
+    assert torch.allclose(enc.hidden, ref, atol=1e-5)
