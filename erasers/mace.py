@@ -82,7 +82,8 @@ class MACEConfig(EraserConfig):
     PRESETS: ClassVar[dict] = {
         "celebrity-1": {"concept_type": "celebrity", "lam": 0.0, "train_preserve_scale": 1e-4, "preserve_weight": 8e3},
         "celebrity-5": {"concept_type": "celebrity", "lam": 0.0, "train_preserve_scale": 1e-4, "preserve_weight": 5e4},
-        "celebrity-10": {"concept_type": "celebrity", "lam": 0.0, "train_preserve_scale": 1e-4, "preserve_weight": 8e4},
+        "celebrity-10": {"concept_type": "celebrity", "lam": 0.0, "train_preserve_scale": 1e-4,
+                         "preserve_weight": 8e4},
         "celebrity-100": {"concept_type": "celebrity", "lam": 0.0, "train_preserve_scale": 1e-4,
                           "preserve_weight": 2e5},
         "art-100": {"concept_type": "art", "lam": 0.0, "train_preserve_scale": 1e-4, "preserve_weight": 8e4},

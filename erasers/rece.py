@@ -68,7 +68,8 @@ class RECEConfig(EraserConfig):
     def validate(self) -> None:
         super().validate()
         if self.epochs is not None and (int(self.epochs) != self.epochs or not 0 <= self.epochs <= 10):
-            raise ConfigError(f"rece: epochs must be a whole number from 0 to 10 (published 1–3), found {self.epochs!r}.")
+            raise ConfigError(f"rece: epochs must be a whole number from 0 to 10 (published 1–3), "
+                              f"found {self.epochs!r}.")
         self._check_positive(lam=self.lam, erase_scale=self.erase_scale, preserve_scale=self.preserve_scale,
                              uce_lam=self.uce_lam)
         if self.regular_scale is not None:

@@ -86,7 +86,8 @@ class SPEEDConfig(EraserConfig):
         if int(self.aug_num) != self.aug_num or self.aug_num < 0:
             raise ConfigError(f"speed: aug_num must be a whole number ≥ 0 (published 10), found {self.aug_num!r}.")
         if int(self.n_centroids) != self.n_centroids or self.n_centroids < 0:
-            raise ConfigError(f"speed: n_centroids must be a whole number ≥ 0 (published 3), found {self.n_centroids!r}.")
+            raise ConfigError(f"speed: n_centroids must be a whole number ≥ 0 (published 3), "
+                              f"found {self.n_centroids!r}.")
         self._check_positive(threshold=self.threshold)
         if self.retain_scale is not None:
             self._check_positive(retain_scale=self.retain_scale)
@@ -124,28 +125,37 @@ def solve_shifted(alpha: float, u: torch.Tensor, v: torch.Tensor, x: torch.Tenso
 def least_sensitive_direction(w: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """v_min: unit right singular vector of W with the smallest of its min(out, d) singular values (§5.2 DPA).
 
+    ``w`` is (out, d) or a batch (L, out, d) of equal-shape layers (one batched factorisation for all).
     For out < d it is found from W Wᵀ (u_min, then v = Wᵀu/‖Wᵀu‖), so it lies in W's row space; otherwise
-    from WᵀW. Grams larger than ``EIGH_MAX`` use a seeded block inverse iteration (16 vectors, Cholesky
+    from WᵀW. Grams larger than ``EIGH_MAX`` use a seeded block inverse iteration (16 vectors, 10 Cholesky
     solves) with a Rayleigh–Ritz step instead of a full eigendecomposition: the same direction up to the
-    iteration's convergence (tested against eigh), at a small fraction of the cost.
+    iteration's convergence (tested against the SVD), at a small fraction of the cost.
     """
+    single = w.dim() == 2
+    w = w[None] if single else w
+    out, d = w.shape[-2:]
+    # the Gram in float32 (half the cost; v_min only sets the direction of DPA's noise), solved in float64
+    w32 = w.to(torch.float32)
+    gram = (w32 @ w32.transpose(-1, -2) if out < d else w32.transpose(-1, -2) @ w32).to(torch.float64)
     w = w.to(torch.float64)
-    out, d = w.shape
-    gram = w @ w.T if out < d else w.T @ w
-    n = gram.shape[0]
+    wt = w.transpose(-1, -2)
+    n = gram.shape[-1]
     if n <= EIGH_MAX:
-        vec = torch.linalg.eigh(gram)[1][:, 0]
+        vec = torch.linalg.eigh(gram)[1][..., :, :1]
     else:
         gen = torch.Generator().manual_seed(seed)
-        shift = 1e-12 * torch.diagonal(gram).mean()
-        factor = torch.linalg.cholesky(gram + shift * torch.eye(n, dtype=torch.float64))
-        block = torch.randn(n, 16, generator=gen, dtype=torch.float64)
-        for _ in range(20):
+        eye = torch.eye(n, dtype=torch.float64)
+        shift = 1e-12 * torch.diagonal(gram, dim1=-2, dim2=-1).mean(dim=-1)[:, None, None]
+        factor = torch.linalg.cholesky(gram + shift * eye)
+        block = torch.randn(n, 16, generator=gen, dtype=torch.float64).expand(len(w), n, 16).contiguous()
+        for _ in range(10):
             block = torch.linalg.qr(torch.cholesky_solve(block, factor))[0]
-        vec = block @ torch.linalg.eigh(block.T @ gram @ block)[1][:, 0]
+        ritz = torch.linalg.eigh(block.transpose(-1, -2) @ gram @ block)[1][..., :, :1]
+        vec = block @ ritz
     if out < d:
-        vec = w.T @ vec
-    return vec / vec.norm()
+        vec = wt @ vec
+    vec = (vec / vec.norm(dim=-2, keepdim=True))[..., 0]
+    return vec[0] if single else vec
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> torch.Tensor:
@@ -202,7 +212,8 @@ def refine_retain(w: torch.Tensor, erase_map, retain: torch.Tensor, v_min: torch
                   prior_filter: bool, gen: torch.Generator):
     """IPF + DPA (§5.2 steps 3–4): (refined rows, rows spanning them). ``erase_map(X)`` = F X, Δ_erase = W F."""
     influence = (w @ erase_map(retain.T)).norm(dim=0)
-    kept = retain[influence > influence.mean()] if prior_filter else retain
+    # "above the mean"; ≥ so that a single retain row (one preserve prompt, a pooled vector) is kept
+    kept = retain[influence >= influence.mean()] if prior_filter else retain
     if aug_num == 0 or len(kept) == 0:
         return kept, kept
     eps = torch.randn(len(kept), aug_num, generator=gen, dtype=torch.float64)
@@ -300,14 +311,19 @@ def erase(config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch
         retain = retain_rows(enc_r, enc_null, pooled)
         k2 = invariants(enc_null, pooled, config.n_centroids, config.seed)
         gen = torch.Generator().manual_seed(config.seed)
+        v_mins = {}
+        for shape in sorted({(s.out_features, s.in_features) for s in group}):  # one batch per shape
+            same = [s.key for s in group if (s.out_features, s.in_features) == shape]
+            batch = least_sensitive_direction(torch.stack([weights[k].to(torch.float64) for k in same]), config.seed)
+            v_mins.update(zip(same, batch))
         for s in group:
-            delta, _ = layer_delta(weights[s.key], c1, c_star, n, retain, k2, config, gen)
+            delta, _ = layer_delta(weights[s.key], c1, c_star, n, retain, k2, config, gen, v_mins[s.key])
             deltas[s.key] = compress(delta)[0]
     return deltas
 
 
 def layer_delta(w: torch.Tensor, c1: torch.Tensor, c_star: torch.Tensor, n: int, retain: torch.Tensor,
-                k2: torch.Tensor, config: SPEEDConfig, gen: torch.Generator):
+                k2: torch.Tensor, config: SPEEDConfig, gen: torch.Generator, v_min: Optional[torch.Tensor] = None):
     """(ΔW as exact float64 factors, Q of the retained directions) for one matrix W (§5.2 steps 1–8)."""
     w = w.to(torch.float64)
     c1, c_star, retain, k2 = (t.to(torch.float64) for t in (c1, c_star, retain, k2))
@@ -317,7 +333,7 @@ def layer_delta(w: torch.Tensor, c1: torch.Tensor, c_star: torch.Tensor, n: int,
         # F X = (Σ_at − Σ_tt)(I + Σ_tt)⁻¹ X with I + Σ_tt = I + (C1ᵀ/n) C1; Δ_erase = W F
         return diff_t @ (c1 @ solve_shifted(1.0, c1.T / n, c1.T, x)) / n
 
-    v_min = least_sensitive_direction(w, config.seed)
+    v_min = least_sensitive_direction(w, config.seed) if v_min is None else v_min.to(torch.float64)
     samples, span = refine_retain(w, erase_map, retain, v_min, int(config.aug_num), config.prior_filter, gen)
     q = retained_basis(samples, span, config.threshold)
     down = speed_down(c1, n, q, k2, config.effective_alpha(), config.effective_lamb())

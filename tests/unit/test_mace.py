@@ -127,6 +127,7 @@ def test_sd15_shapes_end_to_end():
     assert all(d.is_finite() for d in eraser.deltas.values())
 
 
+@pytest.mark.slow  # 4096-wide closed forms on a 2-core CPU: ~20–40 s
 def test_flux_shapes_end_to_end():
     encoder = ToyTextEncoder(dim=4096, pooled_dim=768, has_bos=False, family="flux", context_length=16)
     cfg = mace.MACEConfig(concepts=["a cat"], concept_type="object", anchors=["a dog"], n_templates=10)
