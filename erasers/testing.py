@@ -83,7 +83,12 @@ class ToyTextEncoder:
         return ([self.BOS] if self.has_bos else []) + [self.token_id(w) for w in words] + [self.EOS]
 
     def encode(self, prompts: Sequence[str]) -> PromptEncoding:
-        ids = [self.tokenize(p) for p in prompts]
+        return self.encode_ids([self.tokenize(p) for p in prompts])
+
+    def encode_ids(self, ids: Sequence[Sequence[int]]) -> PromptEncoding:
+        """Encode token-id lists directly (SAFREE's masked prompts replace single ids)."""
+        ids = [list(r) for r in ids]
+        prompts = ids
         padded = torch.full((len(prompts), self.context_length), self.EOS, dtype=torch.long)
         for i, row in enumerate(ids):
             row = row[: self.context_length]

@@ -11,6 +11,7 @@ log = logging.getLogger(__name__)
 
 NODE_MODULES = (
     "closed_form",
+    "suppression",
 )
 
 

@@ -1,0 +1,272 @@
+"""Benchmark: per-step cost of the sampling-time suppression methods (``bench suppression``).
+
+Each method is timed against the same unpatched model in the same run, interleaved round by round, and
+reported as a ratio of per-step times (the fastest round: robust to other load on the machine). UNet: a random-weight SD1.5-shaped diffusers
+``UNet2DConditionModel`` at 256 px (32×32 latent), CFG batch of 2. Flux (when ``COMFYUI_PATH`` points at
+a ComfyUI checkout and ``--flux``): ComfyUI's own Flux class reduced to a few blocks, sampled end to end.
+
+Targets (issue 4): token suppression ≤ 1.10, concept guidance ≤ 1.35, SAFREE ≤ 1.10 after its one-off
+prompt analysis, SLD ≤ 1.60 (one extra pass is inherent).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import time
+
+import torch
+
+from .. import safree, sld
+from .. import token_suppress as ts
+from ..diffusers_suppression import SuppressionProcessors, SuppressionState, safree_embeds
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"token suppression": 1.10, "concept guidance": 1.35, "SAFREE": 1.10, "SLD": 1.60}
+
+SD15_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=3, help="UNet calls per method per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the fastest is reported)")
+    parser.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size/8)")
+    parser.add_argument("--small", action="store_true", help="a reduced UNet (quick smoke run)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    parser.add_argument("--flux", action="store_true", help="also time a reduced ComfyUI Flux (needs COMFYUI_PATH)")
+
+
+class _HashTokenizer:
+    """Deterministic word → id stand-in so the one-off SAFREE analysis runs a real CLIP text model offline."""
+
+    model_max_length = 77
+    pad_token_id = 49407
+
+    def __call__(self, text, truncation=True, max_length=77):
+        ids = [49406] + [1000 + int(hashlib.md5(w.encode()).hexdigest(), 16) % 40000 for w in text.split()] + [49407]
+        return {"input_ids": ids[:max_length]}
+
+
+def _unet(small: bool):
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(SD15_UNET)
+    if small:
+        cfg.update(block_out_channels=(64, 128, 256, 256), layers_per_block=1, attention_head_dim=4)
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**cfg).eval()
+
+
+def _time(fn, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+def bench_unet(args) -> tuple:
+    unet = _unet(args.small)
+    ctl = SuppressionProcessors(unet).install()
+    gen = torch.Generator().manual_seed(1)
+    lat = args.size // 8
+    x = torch.randn(1, 4, lat, lat, generator=gen)
+    uncond, cond, safety, concept = (torch.randn(1, 77, 768, generator=gen) for _ in range(4))
+    t = torch.tensor([500])
+    mask = torch.zeros(77, dtype=torch.bool)
+    mask[5:] = True  # a concept word and every later (EOS/padding) position
+    bias = torch.stack([torch.zeros(77), ts.logit_bias(mask, 0.0)])
+    ctx2 = torch.cat([uncond, cond])
+    x2 = torch.cat([x, x])
+    x3, ctx3 = torch.cat([x, x, x]), torch.cat([uncond, cond, safety])
+    sld_cfg = sld.SLDConfig(preset="medium")
+    sld_state = sld.SLDState()
+
+    @torch.no_grad()
+    def cfg_call():
+        ctl.state = None
+        unet(x2, t, encoder_hidden_states=ctx2)
+
+    @torch.no_grad()
+    def token_call():
+        ctl.state = SuppressionState(token_bias=bias)
+        unet(x2, t, encoder_hidden_states=ctx2)
+
+    @torch.no_grad()
+    def nag_call():
+        ctl.state = SuppressionState(nag_context=concept, nag_rows=torch.tensor([1]))
+        unet(x2, t, encoder_hidden_states=ctx2)
+
+    projected = cond.clone()
+    projected[0, 5:] *= 0.5  # stands for the SAFREE-projected conditioning: same shape, same cost
+
+    @torch.no_grad()
+    def safree_call():
+        ctl.state = None
+        unet(x2, t, encoder_hidden_states=torch.cat([uncond, projected]))
+
+    @torch.no_grad()
+    def sld_call():
+        ctl.state = None
+        eps_u, eps_p, eps_s = unet(x3, t, encoder_hidden_states=ctx3).sample.chunk(3)
+        sld.sld_combine(eps_u, eps_p, eps_s, 7.5, sld_state, sld_cfg, 0)
+
+    methods = {"baseline (CFG)": cfg_call, "token suppression": token_call, "concept guidance": nag_call,
+               "SAFREE": safree_call, "SLD": sld_call}
+    for fn in methods.values():  # warm-up
+        fn()
+    times = {name: [] for name in methods}
+    for _ in range(args.rounds):
+        for name, fn in methods.items():
+            times[name].append(_time(fn, args.steps))
+    ctl.remove()
+    per_step = {name: min(v) for name, v in times.items()}  # min over rounds: robust to other load
+    # SAFREE's one-off prompt analysis with a real (random-weight) CLIP-L text model
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..diffusers_suppression import DiffusersTextEncoder
+
+    torch.manual_seed(2)
+    text_model = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                              num_hidden_layers=12, num_attention_heads=12,
+                                              max_position_embeddings=77)).eval()
+    enc = DiffusersTextEncoder(_HashTokenizer(), text_model)
+    start = time.perf_counter()
+    safree_embeds(enc, "a photo of a nude woman standing on a beach at sunset", safree.SAFREEConfig())
+    analysis = time.perf_counter() - start
+    return per_step, analysis
+
+
+def bench_flux(args):
+    import os
+    import sys
+
+    path = os.environ.get("COMFYUI_PATH", "").strip()
+    if not path:
+        return None
+    sys.path.insert(0, path)
+    saved = sys.argv
+    sys.argv = [saved[0], "--cpu"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.model_detection
+        import comfy.model_patcher
+        import comfy.sample
+    finally:
+        sys.argv = saved
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    name = "concept_erasers_bench"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    nodes = importlib.import_module(f"{name}.nodes.suppression")
+    cfg = comfy.model_detection.model_config_from_unet_config(
+        {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+         "hidden_size": 512, "mlp_ratio": 4.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 4,
+         "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True})
+    model = cfg.get_model({})
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for pname, p in model.diffusion_model.named_parameters():
+            p.copy_(torch.ones_like(p) if p.ndim == 1 and pname.endswith(("weight", "scale"))
+                    else (torch.zeros_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=gen) * 0.02))
+    base = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+    class Clip:  # T5 conditioning: a deterministic random (1, 256, 4096) tensor per token
+        def tokenize(self, text):
+            ids = [2 + int(hashlib.md5(w.encode()).hexdigest(), 16) % 30000 for w in text.split()] + [1]
+            return {"t5xxl": [[(i, 1.0) for i in ids + [0] * (256 - len(ids))]]}
+
+        def encode_from_tokens(self, tokens, return_pooled=False):
+            ids = [t[0] for t in tokens["t5xxl"][0]]
+            cond = torch.stack([torch.randn(4096, generator=torch.Generator().manual_seed(i)) for i in ids])[None] * 0.1
+            return (cond, cond[0, :768, 0][None] * 0 + cond[0, 0, :768][None]) if return_pooled else cond
+
+        def encode_from_tokens_scheduled(self, tokens):
+            c, p = self.encode_from_tokens(tokens, True)
+            return [[c, {"pooled_output": p, "guidance": 3.5}]]
+
+    clip = Clip()
+    prompt = "a photo of a nude person"
+    common = {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "risk_gate": 0.0}
+    patched = {
+        "token suppression": nodes.EraserTokenSuppress.execute(
+            model=base, clip=clip, concepts="nude", factor=0.0, include_eos=False, similarity=0.99, prompt=prompt,
+            **common).result[0],
+        "concept guidance": nodes.EraserConceptGuidance.execute(
+            model=base, clip=clip, concepts="nude", phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0, **common).result[0],
+    }
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    latent = torch.zeros(1, 16, args.size // 8, args.size // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    def run(m):
+        return lambda: comfy.sample.sample(m, noise, args.steps, 1.0, "euler", "simple", pos, pos, latent, seed=0,
+                                           disable_pbar=True)
+
+    methods = {"baseline (Flux, cfg 1)": run(base)}
+    methods.update({k: run(m) for k, m in patched.items()})
+    for fn in methods.values():
+        fn()
+    times = {k: [] for k in methods}
+    for _ in range(args.rounds):
+        for k, fn in methods.items():
+            times[k].append(_time(fn, 1) / args.steps)
+    return {k: min(v) for k, v in times.items()}
+
+
+def _table(title: str, per_step: dict) -> list:
+    names = list(per_step)
+    base = per_step[names[0]]
+    rows = []
+    print(f"\n{title}")
+    print(f"{'method':<24} {'ms/step':>10} {'ratio':>7} {'target':>7}  ok")
+    for name in names:
+        ratio = per_step[name] / base
+        target = TARGETS.get(name)
+        ok = "" if target is None else ("yes" if ratio <= target else "NO")
+        print(f"{name:<24} {1000 * per_step[name]:>10.1f} {ratio:>7.2f} {'' if target is None else f'{target:.2f}':>7}  {ok}")
+        rows.append({"table": title, "method": name, "ms_per_step": 1000 * per_step[name], "ratio": ratio,
+                     "target": target})
+    return rows
+
+
+def run(args) -> list:
+    """Print the table(s); return the rows (method, ms/step, ratio vs baseline, target)."""
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    per_step, analysis = bench_unet(args)
+    kind = "reduced" if args.small else "SD1.5-shaped"
+    rows = _table(f"{kind} UNet, {args.size} px ({args.size // 8}x{args.size // 8} latent), CFG batch 2, CPU, "
+                  f"{torch.get_num_threads()} threads", per_step)
+    print(f"SAFREE one-off prompt analysis (12 masked copies + 17 keywords, random CLIP-L): {analysis:.2f} s")
+    rows.append({"table": "safree", "method": "SAFREE one-off analysis", "seconds": analysis})
+    if getattr(args, "flux", False):
+        flux = bench_flux(args)
+        if flux is None:
+            print("\nFlux: skipped (set COMFYUI_PATH to a ComfyUI checkout)")
+        else:
+            rows += _table(f"reduced Flux (ComfyUI class, 2 double + 4 single blocks, hidden 512), "
+                           f"{args.size} px, cfg 1, CPU", flux)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench suppression", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""ComfyUI nodes for sampling-time suppression: SAFREE, SLD, concept guidance, token suppression.
+
+Each node: validate → ``m = model.clone()`` → register closures through named hooks → return m.
+No weight is touched; strength 0 returns the clone unpatched (bit-identical output).
+"""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..erasers import safree, sld
+from ..erasers.concept_guidance import ALPHA, ConceptGuidanceConfig
+from ..erasers.suppression_base import preset_names, sigma_window
+from ..erasers.text import split_concepts
+from ..erasers.token_suppress import TokenSuppressConfig, match_token_ids
+from . import suppression_clip as sc
+from . import suppression_hooks as hooks
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "concept erasers/suppression"
+UNET_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def common_inputs():
+    return [
+        io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="0 switches the method off"),
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01),
+        io.Float.Input("risk_gate", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="prompts whose similarity to the concepts is below this are left untouched (0 = off)"),
+    ]
+
+
+def window(m, config):
+    return sigma_window(m.get_model_object("model_sampling").percent_to_sigma, config.start_percent, config.end_percent)
+
+
+def register_attention(m, family: str) -> None:
+    """Install the shared dispatchers once; a second suppression node reuses them (methods compose)."""
+    patches_replace = m.model_options.setdefault("transformer_options", {}).get("patches_replace", {})
+    if family in UNET_FAMILIES:
+        current = patches_replace.get("attn2", {})
+        dispatch = hooks.Attn2Dispatch()
+        for name, number, index in hooks.unet_attn2_sites(m.model.diffusion_model.state_dict().keys()):
+            existing = current.get((name, number, index)) or current.get((name, number))
+            if isinstance(existing, hooks.Attn2Dispatch):
+                continue
+            if existing is not None:
+                log.warning("Another node replaced the cross-attention of block %s; suppression skips it.",
+                            (name, number, index))
+                continue
+            m.set_model_attn2_replace(dispatch, name, number, index)
+    else:
+        current = patches_replace.get("dit", {})
+        for kind, index in hooks.dit_sites(family, m.model.diffusion_model):
+            key = ("double_block" if kind == "double" else "single_block", index)
+            existing = current.get(key)
+            if isinstance(existing, hooks.DitDispatch):
+                continue
+            if existing is not None:
+                log.warning("Another node replaced DiT block %s; suppression skips it.", key)
+                continue
+            m.set_model_patch_replace(hooks.DitDispatch(family, kind, index), "dit", key[0], key[1])
+
+
+def add_wrapper(m, name: str, wrapper) -> None:
+    import comfy.patcher_extension
+
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, f"{hooks.WRAPPER_KEY}.{name}", wrapper)
+
+
+class EraserSAFREE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EraserSAFREE", display_name="SAFREE concept projection", category=CATEGORY,
+            description="Projects the prompt tokens that carry the concepts out of the concept subspace "
+                        "(SAFREE); benign prompts stay bit-identical.",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"),
+                    io.String.Input("prompt", multiline=True, default="",
+                                    tooltip="the positive prompt (the same text as in CLIP Text Encode)"),
+                    io.String.Input("concepts", multiline=True, default="", tooltip="empty → the preset's keywords"),
+                    io.Combo.Input("preset", options=preset_names(), default="nudity"),
+                    io.Float.Input("alpha", default=0.01, min=0.0, max=1.0, step=0.001),
+                    io.Boolean.Input("include_eos", default=True),
+                    io.Boolean.Input("self_validating", default=True),
+                    io.Boolean.Input("keywords_as_negative", default=False)] + common_inputs(),
+            outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, clip, prompt, concepts, preset, alpha, include_eos, self_validating,
+                keywords_as_negative, strength, start_percent, end_percent, risk_gate) -> io.NodeOutput:
+        config = safree.SAFREEConfig(concepts=split_concepts(concepts), preset=preset, alpha=alpha,
+                                     include_eos=include_eos, self_validating=self_validating,
+                                     keywords_as_negative=keywords_as_negative, strength=strength,
+                                     start_percent=start_percent, end_percent=end_percent, risk_gate=risk_gate)
+        family = sc.model_family(model)
+        m = model.clone()
+        if not config.active or not prompt.strip():
+            return io.NodeOutput(m)
+        mask_id = sc.T5_PAD if sc.is_t5(family) else safree.CLIP_MASK_ID
+        tokens, positions, copies, n_real = sc.masked_token_dicts(clip, prompt, family, mask_id)
+        prompt_ctx, prompt_pooled = sc.encode(clip, tokens)
+        masked = [sc.encode(clip, t)[0][0] for t in copies]
+        length = min([prompt_ctx.shape[1]] + [c.shape[0] for c in masked])
+        masked_ctx = torch_stack([c[:length] for c in masked], prompt_ctx)
+        concept_ctx, concept_pooled, concept_lengths, _ = sc.encode_many(clip, config.concepts)
+        t5 = sc.is_t5(family)
+        token_range = (sc.token_offset(family), prompt_ctx.shape[1]) if family == "sd3" else None
+        result = safree.analyse(
+            config, prompt_ctx[0], n_real, positions, masked_ctx, torch_full(len(masked), n_real), concept_ctx,
+            concept_lengths, encoder="t5" if t5 else "clip", segments=safree.SEGMENTS.get(family),
+            prompt_pooled=prompt_pooled[0] if (t5 and prompt_pooled is not None) else None,
+            concept_pooled=concept_pooled if t5 else None, token_range=token_range)
+        negative = sc.encode(clip, safree.joined_keywords(config))[0][0] if keywords_as_negative else None
+        if not result.changed and negative is None:
+            return io.NodeOutput(m)
+        end = min(config.end_percent, result.filter_fraction) if result.changed else config.end_percent
+        s_start, s_end = sigma_window(m.get_model_object("model_sampling").percent_to_sigma, config.start_percent, end)
+        add_wrapper(m, "safree", hooks.make_safree_wrapper(result, prompt_ctx[0], s_start, s_end, negative))
+        return io.NodeOutput(m)
+
+
+class EraserSLD(io.ComfyNode):
+    FAMILIES = {"sd1": None, "sd2": None, "sdxl": None, "sd3": None,
+                "flux": "Flux is guidance-distilled and has no unconditional branch; SLD needs true CFG. Use "
+                        "concept guidance (EraserConceptGuidance) instead."}
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EraserSLD", display_name="Safe Latent Diffusion", category=CATEGORY,
+            description="Safe Latent Diffusion: a gated third guidance branch away from a safety concept "
+                        "(one extra model pass per step).",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"),
+                    io.Combo.Input("preset", options=list(sld.PRESETS), default="medium"),
+                    io.String.Input("safety_concept", multiline=True, default=sld.SAFETY_CONCEPT)] + common_inputs(),
+            outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, clip, preset, safety_concept, strength, start_percent, end_percent,
+                risk_gate) -> io.NodeOutput:
+        text = " ".join(safety_concept.split()) or sld.SAFETY_CONCEPT
+        config = sld.SLDConfig(concepts=[text], preset=preset, strength=strength, start_percent=start_percent,
+                               end_percent=end_percent, risk_gate=risk_gate)
+        family = sc.model_family(model)
+        sc.refuse("Safe Latent Diffusion", family, cls.FAMILIES)
+        m = model.clone()
+        if not config.active:
+            return io.NodeOutput(m)
+        import comfy.sampler_helpers
+
+        safety = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        safety_hidden = sc.encode(clip, text)[0]
+        s_start, s_end = window(m, config)
+        fn = hooks.make_sld_pre_cfg(config, comfy.sampler_helpers.convert_cond(safety), sc.parameterisation(m),
+                                    s_start, s_end, safety_hidden, skip_first=not sc.is_t5(family))
+        m.set_model_sampler_pre_cfg_function(fn)
+        return io.NodeOutput(m)
+
+
+class EraserConceptGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EraserConceptGuidance", display_name="Concept attention guidance (NAG)", category=CATEGORY,
+            description="Normalized attention guidance with the concepts as the negative branch, inside every "
+                        "cross/joint attention; works on guidance-distilled Flux.",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"),
+                    io.String.Input("concepts", multiline=True, default="nudity, naked"),
+                    io.Float.Input("phi", default=5.0, min=1.0, max=20.0, step=0.1),
+                    io.Float.Input("tau", default=2.5, min=1.0, max=10.0, step=0.1),
+                    io.Float.Input("alpha", default=0.25, min=0.0, max=1.0, step=0.01),
+                    io.Float.Input("sigma_end", default=-1.0, min=-1.0, max=100.0, step=0.01,
+                                   tooltip="NAG acts while σ ≥ sigma_end; −1 = published default (4 UNet, 0.75 flow)"),
+                    ] + common_inputs(),
+            outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, clip, concepts, phi, tau, alpha, sigma_end, strength, start_percent, end_percent,
+                risk_gate) -> io.NodeOutput:
+        config = ConceptGuidanceConfig(concepts=split_concepts(concepts), phi=phi, tau=tau, alpha=alpha,
+                                       sigma_end=None if sigma_end < 0 else sigma_end, strength=strength,
+                                       start_percent=start_percent, end_percent=end_percent, risk_gate=risk_gate)
+        family = sc.model_family(model)
+        m = model.clone()
+        if not config.active:
+            return io.NodeOutput(m)
+        neg = sc.encode(clip, ", ".join(config.concepts))[0]
+        concept_ctx = sc.encode_many(clip, config.concepts)[0]
+        s_start, s_end = window(m, config)
+        if family == "sd1" and alpha == 0.25 and ALPHA.get(family):
+            log.info("ConceptGuidance: the published SD1.5 workflow uses α = %.2f", ALPHA[family])
+        register_attention(m, family)
+        if family in UNET_FAMILIES:
+            to = m.model_options.setdefault("transformer_options", {})
+            patches = to.get("patches", {}).get("attn2_patch", [])
+            if not any(isinstance(p, hooks.NagAttn2Patch) for p in patches):
+                m.set_model_attn2_patch(hooks.NagAttn2Patch())
+        add_wrapper(m, "concept_guidance", hooks.make_nag_wrapper(
+            config, neg, concept_ctx, s_start, s_end, config.sigma_end_for(family), skip_first=not sc.is_t5(family)))
+        return io.NodeOutput(m)
+
+
+class EraserTokenSuppress(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EraserTokenSuppress", display_name="Token attention suppression", category=CATEGORY,
+            description="Scales down (or drops) the image→text attention to the prompt tokens that carry the "
+                        "concepts, inside a σ window.",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"),
+                    io.String.Input("concepts", multiline=True, default="nudity, naked"),
+                    io.Float.Input("factor", default=0.0, min=0.0, max=1.0, step=0.01,
+                                   tooltip="attention multiplier for concept tokens (0 = drop)"),
+                    io.Boolean.Input("include_eos", default=True),
+                    io.Float.Input("similarity", default=0.9, min=0.0, max=1.0, step=0.01),
+                    io.String.Input("prompt", multiline=True, default="",
+                                    tooltip="optional: the positive prompt, for exact token matches")] + common_inputs(),
+            outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, clip, concepts, factor, include_eos, similarity, prompt, strength, start_percent,
+                end_percent, risk_gate) -> io.NodeOutput:
+        config = TokenSuppressConfig(concepts=split_concepts(concepts), factor=factor, include_eos=include_eos,
+                                     similarity=similarity, strength=strength, start_percent=start_percent,
+                                     end_percent=end_percent, risk_gate=risk_gate)
+        family = sc.model_family(model)
+        m = model.clone()
+        if not config.active:
+            return io.NodeOutput(m)
+        concept_ctx, _, lengths, concept_ids = sc.encode_many(clip, config.concepts)
+        concept_tokens = sc.concept_token_states(concept_ctx, lengths, family)
+        prompt_ref, positions, prompt_length = None, [], None
+        if prompt.strip():
+            tokens = clip.tokenize(prompt)
+            ids = sc.ids_of(tokens, sc.context_key(family))
+            first = 0 if sc.is_t5(family) else 1
+            words = [row[first:sc.real_length(row, family) - 1] for row in concept_ids]
+            positions = [p + sc.token_offset(family) for p in match_token_ids(ids, words)]
+            prompt_ref = sc.encode(clip, tokens)[0][0]
+            prompt_length = sc.real_length(ids, family) + sc.token_offset(family)
+        s_start, s_end = window(m, config)
+        register_attention(m, family)
+        add_wrapper(m, "token_suppress", hooks.make_token_wrapper(
+            config, concept_tokens, concept_ctx, s_start, s_end, prompt_ref, positions, prompt_length,
+            skip_first=not sc.is_t5(family)))
+        return io.NodeOutput(m)
+
+
+def torch_stack(rows, like):
+    import torch
+
+    return torch.stack(rows) if rows else like.new_zeros((0,) + tuple(like.shape[1:]))
+
+
+def torch_full(n, value):
+    import torch
+
+    return torch.full((n,), int(value), dtype=torch.long)
+
+
+NODES = [EraserSAFREE, EraserSLD, EraserConceptGuidance, EraserTokenSuppress]

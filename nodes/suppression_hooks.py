@@ -1,0 +1,544 @@
+"""Host glue for the sampling-time methods: per-step state, attention dispatchers, cfg functions.
+
+Nothing here imports ComfyUI at module level, so the unit tests drive these objects with fake
+``transformer_options``. How it fits together:
+
+* every method registers an APPLY_MODEL wrapper (chainable, keyed) that decides per model call whether
+  it acts (σ window, risk gate, which batch rows are the positive branch) and writes its per-call
+  parameters into a *copy* of ``transformer_options`` under ``STATE_KEY``;
+* one stateless dispatcher per attention site reads that state: ``Attn2Dispatch`` as the attn2 replace
+  of every UNet cross-attention block, ``DitDispatch`` as the ``patches_replace["dit"]`` of every Flux
+  double/single block and SD3 joint block (it installs an ``optimized_attention_override`` for the
+  block's joint attention — available since ComfyUI 0.3.60; Flux's own attn1_patch arrived only in 0.17);
+* with no state (outside the window, gate closed, uncond-only batch) the dispatchers run the host's
+  own attention exactly as the unpatched model would: bit-identical output.
+
+Several methods compose: their wrappers chain, and the dispatchers apply every op found in the state.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from ..erasers import concept_guidance as cg
+from ..erasers import token_suppress as ts
+from ..erasers.suppression_base import in_window, log_gate, risk_score
+
+log = logging.getLogger(__name__)
+
+#: key of the per-call state in transformer_options (and so in every attention patch's extra_options)
+STATE_KEY = "concept_erasers"
+#: extra_options key the NAG attn2_patch uses to tell the replace where the appended concept tokens sit
+NEG_SLICES_KEY = "concept_erasers_neg"
+WRAPPER_KEY = "concept_erasers"
+
+
+# -- small helpers -----------------------------------------------------------------------------------
+
+
+def cond_rows(cond_or_uncond, batch: int, device=None) -> torch.Tensor:
+    """Row indices of the positive branch: chunk i of ``cond_or_uncond`` covers rows [i·b, (i+1)·b)."""
+    chunks = list(cond_or_uncond or [0])
+    per = batch // max(len(chunks), 1)
+    rows = [r for i, c in enumerate(chunks) if c == 0 for r in range(i * per, (i + 1) * per)]
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def with_state(transformer_options: dict, **updates) -> dict:
+    """A copy of transformer_options whose state has ``updates`` merged in (lists are extended, the
+    token bias is summed), so the caller's dict is never mutated and methods compose."""
+    to = dict(transformer_options)
+    state = dict(to.get(STATE_KEY) or {})
+    for key, value in updates.items():
+        if key == "nag":
+            state["nag"] = list(state.get("nag", [])) + [value]
+        elif key == "token_bias" and state.get("token_bias") is not None:
+            state["token_bias"] = state["token_bias"] + value
+        else:
+            state[key] = value
+    to[STATE_KEY] = state
+    return to
+
+
+def matches(row: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether a conditioning row (T, D) is the reference encoding (T₀, D), possibly tiled to T = m·T₀."""
+    if reference is None or row.shape[-1] != reference.shape[-1] or row.shape[0] % reference.shape[0]:
+        return False
+    head = row[: reference.shape[0]].float()
+    return bool(torch.allclose(head, reference.to(head.device, head.dtype), rtol=1e-3, atol=1e-3))
+
+
+def tile_to(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    reps = max(1, length // tensor.shape[0])
+    return tensor.repeat(reps, *([1] * (tensor.ndim - 1)))[:length]
+
+
+class GateLog:
+    """Logs a method's risk score once per distinct prompt (not once per step)."""
+
+    def __init__(self, method: str, threshold: float):
+        self.method, self.threshold, self.seen = method, threshold, {}
+
+    def __call__(self, row: torch.Tensor, concept_hidden: torch.Tensor, skip_first: bool = True) -> bool:
+        key = (tuple(row.shape), round(float(row.float().sum()), 3))
+        if key not in self.seen:
+            score = risk_score(row, concept_hidden.to(row.device), skip_first=skip_first)
+            self.seen[key] = log_gate(self.method, score, self.threshold)
+        return self.seen[key]
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def host_attention():
+    """The host's own attention function (ComfyUI's optimized_attention), or plain SDPA outside ComfyUI."""
+    try:
+        from comfy.ldm.modules.attention import optimized_attention
+    except ImportError:
+        return None
+    return optimized_attention
+
+
+# -- token suppression: per-call mask -------------------------------------------------------------
+
+
+def token_mask_for_row(row: torch.Tensor, concept_tokens: torch.Tensor, similarity: float, include_eos: bool,
+                       prompt_ref: Optional[torch.Tensor] = None, prompt_positions=(), prompt_length=None,
+                       skip_first: bool = True) -> torch.Tensor:
+    """(T,) bool mask of concept positions in one conditioning row.
+
+    Embedding similarity to the keywords' token states always; exact token matches of the prompt text
+    when the row *is* that prompt's encoding (``prompt_ref``). EOS/padding: from the prompt's EOS when the
+    prompt is known, else every position after the last hit (CLIP is causal: all of them carry it).
+    """
+    T = row.shape[0]
+    valid = torch.ones(T, dtype=torch.bool, device=row.device)
+    if skip_first:
+        valid[0] = False  # the start token is the same for every prompt
+    hit = ts.similar_tokens(row, concept_tokens.to(row.device), similarity, valid).cpu()
+    known = prompt_ref is not None and matches(row, prompt_ref)
+    if known:
+        period = prompt_ref.shape[0]
+        for rep in range(T // period):
+            for p in prompt_positions:
+                hit[rep * period + p] = True
+    if include_eos and bool(hit.any()):
+        if known and prompt_length is not None:
+            period = prompt_ref.shape[0]
+            for rep in range(T // period):
+                hit[rep * period + prompt_length - 1:(rep + 1) * period] = True
+        else:
+            last = int(hit.nonzero().max())
+            hit[last + 1:] = True
+    return hit
+
+
+def make_token_wrapper(config, concept_tokens: torch.Tensor, concept_hidden: torch.Tensor, sigma_start: float,
+                       sigma_end: float, prompt_ref=None, prompt_positions=(), prompt_length=None,
+                       skip_first: bool = True) -> Callable:
+    """APPLY_MODEL wrapper: per call, the (B, T) logit bias of the suppressed columns (positive rows only)."""
+    factor = config.effective_factor
+    gate = GateLog("TokenSuppress", config.risk_gate)
+
+    def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                            **kwargs):
+        if c_crossattn is None or not in_window(t, sigma_start, sigma_end):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        rows = cond_rows(transformer_options.get("cond_or_uncond"), c_crossattn.shape[0])
+        bias = torch.zeros(c_crossattn.shape[:2], dtype=torch.float32)
+        for r in rows.tolist():
+            row = c_crossattn[r]
+            if not gate(row, concept_hidden, skip_first):
+                continue
+            mask = token_mask_for_row(row, concept_tokens, config.similarity, config.include_eos, prompt_ref,
+                                      prompt_positions, prompt_length, skip_first)
+            bias[r] = ts.logit_bias(mask, factor)
+        if not bool(bias.any()):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        to = with_state(transformer_options, token_bias=bias.to(c_crossattn.device), txt_len=c_crossattn.shape[1],
+                        model=getattr(executor, "class_obj", None))
+        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+
+    return apply_model_wrapper
+
+
+# -- concept guidance: per-call parameters ------------------------------------------------------------
+
+
+def make_nag_wrapper(config, neg_context: torch.Tensor, concept_hidden: torch.Tensor, sigma_start: float,
+                     sigma_end: float, nag_sigma_end: float, skip_first: bool = True) -> Callable:
+    """APPLY_MODEL wrapper: enables NAG for the positive rows while σ is in the window and σ ≥ σ_end."""
+    gate = GateLog("ConceptGuidance", config.risk_gate)
+    params = {"phi": float(config.phi), "tau": float(config.tau), "alpha": float(config.effective_alpha)}
+
+    def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                            **kwargs):
+        sigma = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        if c_crossattn is None or sigma < nag_sigma_end or not in_window(t, sigma_start, sigma_end):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        rows = cond_rows(transformer_options.get("cond_or_uncond"), c_crossattn.shape[0])
+        rows = torch.tensor([r for r in rows.tolist() if gate(c_crossattn[r], concept_hidden, skip_first)],
+                            dtype=torch.long)
+        if rows.numel() == 0:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        op = dict(params, neg=neg_context, rows=rows.to(c_crossattn.device), stream={})
+        to = with_state(transformer_options, nag=op, txt_len=c_crossattn.shape[1],
+                        model=getattr(executor, "class_obj", None))
+        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+
+    return apply_model_wrapper
+
+
+# -- UNet cross-attention --------------------------------------------------------------------------
+
+
+class NagAttn2Patch:
+    """attn2_patch: appends each active NAG op's concept context to ``context``/``value`` so the block's
+    own to_k/to_v project it; the replace splits it off again (``NEG_SLICES_KEY``)."""
+
+    def __call__(self, n, context, value, extra_options):
+        state = extra_options.get(STATE_KEY) or {}
+        ops = state.get("nag") or []
+        if not ops:
+            return n, context, value
+        slices, parts_c, parts_v = [], [context], [value]
+        start = context.shape[1]
+        for op in ops:
+            neg = op["neg"].to(context.device, context.dtype)
+            neg = neg.expand(context.shape[0], -1, -1)
+            slices.append((start, neg.shape[1]))
+            start += neg.shape[1]
+            parts_c.append(neg)
+            parts_v.append(neg)
+        extra_options[NEG_SLICES_KEY] = slices
+        return n, torch.cat(parts_c, dim=1), torch.cat(parts_v, dim=1)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class Attn2Dispatch:
+    """attn2 replace for every UNet cross-attention block: token bias and NAG from the per-call state;
+    the host's own attention when there is none (bit-identical to the unpatched block)."""
+
+    def __init__(self, attention=None):
+        self.attention = attention  # None → ComfyUI's optimized_attention, else plain SDPA
+
+    def plain(self, q, k, v, heads, extra_options):
+        fn = self.attention or host_attention()
+        if fn is None:
+            return ts.attention(q, k, v, heads)
+        return fn(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                  transformer_options=extra_options)
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        state = extra_options.get(STATE_KEY)
+        if not state:
+            return self.plain(q, k, v, heads, extra_options)
+        slices = extra_options.pop(NEG_SLICES_KEY, [])
+        T = slices[0][0] if slices else k.shape[1]
+        k_pos, v_pos = k[:, :T], v[:, :T]
+        bias = state.get("token_bias")
+        if bias is not None and bias.shape[1] == T:
+            out = ts.suppressed_attention(q, k_pos, v_pos, heads, bias.to(q.device),
+                                          plain=lambda q_, k_, v_, h: self.plain(q_, k_, v_, h, extra_options))
+        else:
+            out = self.plain(q, k_pos, v_pos, heads, extra_options)
+        for op, (start, length) in zip(state.get("nag") or [], slices):
+            rows = op["rows"].to(q.device)
+            z_neg = ts.attention(q[rows], k[rows, start:start + length], v[rows, start:start + length], heads)
+            out = out.clone()
+            out[rows] = cg.nag(out[rows], z_neg, op["phi"], op["tau"], op["alpha"])
+        return out
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def unet_attn2_sites(state_dict_keys) -> list:
+    """(block_name, number, block_index) of every cross-attention block, from the model's weight keys."""
+    import re
+
+    pattern = re.compile(r"(?:(input_blocks|output_blocks)\.(\d+)\.\d+|(middle_block)\.\d+)"
+                         r"\.transformer_blocks\.(\d+)\.attn2\.to_k\.weight$")
+    sites = set()
+    for key in state_dict_keys:
+        m = pattern.search(key)
+        if m:
+            if m.group(3):  # the middle block is ("middle", 0) although its path is middle_block.1
+                sites.add(("middle", 0, int(m.group(4))))
+            else:
+                sites.add(("input" if m.group(1) == "input_blocks" else "output", int(m.group(2)), int(m.group(4))))
+    return sorted(sites)
+
+
+# -- DiT joint attention (Flux double/single blocks, SD3 joint blocks) --------------------------------
+
+
+def _to_seq(t: torch.Tensor, skip_reshape: bool) -> torch.Tensor:
+    """(B, H, L, D) → (B, L, H·D) when the caller passed head-split tensors."""
+    if not skip_reshape:
+        return t
+    b, h, l, d = t.shape
+    return t.transpose(1, 2).reshape(b, l, h * d)
+
+
+class DitDispatch:
+    """``patches_replace["dit"]`` block replacement: with state, installs an attention override for this
+    block's joint attention (image rows × concept text columns bias; NAG on the image rows)."""
+
+    def __init__(self, family: str, kind: str, index: int):
+        self.family, self.kind, self.index = family, kind, index
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, args, extra):
+        to = args.get("transformer_options") or {}
+        state = to.get(STATE_KEY)
+        if not state:
+            return extra["original_block"](args)
+        img = args["img"]
+        if self.kind == "double":
+            txt_len = args["txt"].shape[1]
+            joint = txt_len + img.shape[1]
+        else:  # Flux single block: img is already cat(txt, img)
+            txt_len = state.get("txt_len", 0)
+            joint = img.shape[1]
+        previous = to.get("optimized_attention_override")
+
+        def attention_override(func, q, k, v, heads, *rest, mask=None, skip_reshape=False, **kw):
+            length = q.shape[2] if skip_reshape else q.shape[1]
+            if length != joint or rest:
+                if previous is not None:
+                    return previous(func, q, k, v, heads, *rest, mask=mask, skip_reshape=skip_reshape, **kw)
+                return func(q, k, v, heads, *rest, mask=mask, skip_reshape=skip_reshape, **kw)
+            return self.joint_attention(func, q, k, v, heads, mask, skip_reshape, kw, state, args, txt_len)
+
+        to2 = dict(to)
+        to2["optimized_attention_override"] = attention_override
+        return extra["original_block"](dict(args, transformer_options=to2))
+
+    def joint_attention(self, func, q, k, v, heads, mask, skip_reshape, kw, state, args, txt_len):
+        bias = state.get("token_bias")
+        qs, ks, vs = (_to_seq(t, skip_reshape) for t in (q, k, v))
+        B, L, _ = qs.shape
+        if bias is not None and mask is None:
+            out = self.suppressed(func, q, k, v, qs, ks, vs, heads, skip_reshape, kw, bias.to(q.device), txt_len)
+        elif bias is not None:  # the model brought its own mask: fold the bias into it
+            offset = txt_len - bias.shape[1]
+            full = torch.zeros(B, 1, L, L, dtype=torch.float32, device=q.device)
+            full[:, 0, txt_len:, offset:txt_len] = bias.to(q.device)[:, None, :]
+            out = ts.attention(qs, ks, vs, heads, full + mask.float())
+        else:
+            out = func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, **kw)
+        for op in state.get("nag") or []:
+            rows = op["rows"].to(q.device)
+            z_neg = self.negative_branch(op, rows, qs, ks, vs, heads, args, state, txt_len)
+            out = out.clone()
+            out[rows, txt_len:] = cg.nag(out[rows, txt_len:], z_neg, op["phi"], op["tau"], op["alpha"])
+        return out
+
+    def suppressed(self, func, q, k, v, qs, ks, vs, heads, skip_reshape, kw, bias, txt_len):
+        """Image queries of biased rows attend with the column bias (kept columns only when it just drops
+        columns: exact and mask-free); text queries and unbiased rows use the host's attention."""
+        B, L, HD = qs.shape
+        out = torch.empty(B, L, vs.shape[-1], dtype=qs.dtype, device=qs.device)
+        active = (bias != 0).any(-1)
+        idle = (~active).nonzero().flatten()
+        if idle.numel():
+            out[idle] = func(q[idle], k[idle], v[idle], heads, mask=None, skip_reshape=skip_reshape, **kw)
+        offset = txt_len - bias.shape[1]  # SD3 register tokens sit before the context
+        for r in active.nonzero().flatten().tolist():
+            sl = slice(r, r + 1)
+            out[sl, :txt_len] = ts.attention(qs[sl, :txt_len], ks[sl], vs[sl], heads)
+            full = torch.zeros(L, dtype=torch.float32, device=qs.device)
+            full[offset:txt_len] = bias[r]
+            out[sl, txt_len:] = ts.suppressed_attention(qs[sl, txt_len:], ks[sl], vs[sl], heads, full[None])
+        return out
+
+    # NAG's negative branch: the concept text stream, propagated block by block like the prompt's (§5.4)
+    def negative_branch(self, op, rows, qs, ks, vs, heads, args, state, txt_len):
+        dm = state["model"].diffusion_model
+        q_img, k_img, v_img = qs[rows, txt_len:], ks[rows, txt_len:], vs[rows, txt_len:]
+        stream = op["stream"]
+        vec = args["vec"][rows]
+        if self.family == "flux":
+            from comfy.ldm.flux.layers import apply_mod
+
+            if "txt" not in stream:
+                neg = op["neg"].to(qs.device, dm.txt_in.weight.dtype if hasattr(dm.txt_in, "weight") else qs.dtype)
+                stream["txt"] = dm.txt_in(neg).expand(len(rows), -1, -1).to(qs.dtype)
+            nt = stream["txt"]
+            if self.kind == "double":
+                block = dm.double_blocks[self.index]
+                mod1, mod2 = block.txt_mod(vec)
+                m = apply_mod(block.txt_norm1(nt), (1 + mod1.scale), mod1.shift)
+                qkv = block.txt_attn.qkv(m)
+                tq, tk, tv = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+                tq, tk = block.txt_attn.norm(tq, tk, tv)
+                tq, tk, tv = (_to_seq(t, True).to(qs.dtype) for t in (tq, tk, tv))
+                attn = ts.attention(torch.cat((tq, q_img), 1), torch.cat((tk, k_img), 1), torch.cat((tv, v_img), 1), heads)
+                n_len = tq.shape[1]
+                nt = nt + apply_mod(block.txt_attn.proj(attn[:, :n_len]), mod1.gate)
+                nt = nt + apply_mod(block.txt_mlp(apply_mod(block.txt_norm2(nt), (1 + mod2.scale), mod2.shift)), mod2.gate)
+            else:
+                block = dm.single_blocks[self.index]
+                mod, _ = block.modulation(vec)
+                xm = apply_mod(block.pre_norm(nt), (1 + mod.scale), mod.shift)
+                qkv, mlp = torch.split(block.linear1(xm), [3 * block.hidden_size, block.mlp_hidden_dim], dim=-1)
+                tq, tk, tv = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+                tq, tk = block.norm(tq, tk, tv)
+                tq, tk, tv = (_to_seq(t, True).to(qs.dtype) for t in (tq, tk, tv))
+                attn = ts.attention(torch.cat((tq, q_img), 1), torch.cat((tk, k_img), 1), torch.cat((tv, v_img), 1), heads)
+                n_len = tq.shape[1]
+                out = block.linear2(torch.cat((attn[:, :n_len], block.mlp_act(mlp)), 2))
+                nt = nt + apply_mod(out, mod.gate)
+            stream["txt"] = nt
+            return attn[:, n_len:]
+        if self.family == "sd3":
+            if "txt" not in stream:
+                nctx = dm.context_embedder(op["neg"].to(qs.device, qs.dtype)).expand(len(rows), -1, -1)
+                if getattr(dm, "register_length", 0) > 0:
+                    nctx = torch.cat((dm.register.to(nctx.dtype).expand(len(rows), -1, -1), nctx), 1)
+                stream["txt"] = nctx
+            block = dm.joint_blocks[self.index]
+            (tq, tk, tv), inter = block.context_block.pre_attention(stream["txt"], vec)
+            attn = ts.attention(torch.cat((tq, q_img), 1), torch.cat((tk, k_img), 1), torch.cat((tv, v_img), 1), heads)
+            n_len = tq.shape[1]
+            if inter is not None:
+                stream["txt"] = block.context_block.post_attention(attn[:, :n_len], *inter)
+            return attn[:, n_len:]
+        raise RuntimeError(f"concept guidance has no DiT branch for '{self.family}'")
+
+
+def dit_sites(family: str, diffusion_model) -> list:
+    """(kind, index) of every joint-attention block: Flux double + single blocks, SD3 joint blocks."""
+    if family == "flux":
+        return ([("double", i) for i in range(len(diffusion_model.double_blocks))]
+                + [("single", i) for i in range(len(diffusion_model.single_blocks))])
+    if family == "sd3":
+        return [("double", i) for i in range(len(diffusion_model.joint_blocks))]
+    return []
+
+
+# -- SAFREE: swap the positive conditioning inside the filter window -----------------------------------
+
+
+def make_safree_wrapper(result, prompt_ref: torch.Tensor, sigma_start: float, sigma_end: float,
+                        negative_ref: Optional[torch.Tensor] = None, pooled_ref: Optional[torch.Tensor] = None
+                        ) -> Callable:
+    """APPLY_MODEL wrapper: rows of the positive branch whose context is the analysed prompt's encoding
+    get the projected context (and pooled ``y`` on DiTs); with ``negative_ref`` (keywords as negative) the
+    negative rows get the keyword encoding. Other prompts pass through unchanged."""
+    projected = result.hidden
+    warned = {}
+
+    def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                            **kwargs):
+        if c_crossattn is None or not in_window(t, sigma_start, sigma_end):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        chunks = transformer_options.get("cond_or_uncond")
+        rows = set(cond_rows(chunks, c_crossattn.shape[0]).tolist())
+        new_ctx, new_y, changed = None, None, False
+        for r in range(c_crossattn.shape[0]):
+            row = c_crossattn[r]
+            if r in rows and result.changed and matches(row, prompt_ref):
+                if new_ctx is None:
+                    new_ctx = c_crossattn.clone()
+                new_ctx[r] = tile_to(projected.to(row.device, row.dtype), row.shape[0])
+                y = kwargs.get("y")
+                if result.pooled is not None and y is not None:
+                    new_y = y.clone() if new_y is None else new_y
+                    width = result.pooled.shape[-1]
+                    new_y[r, :width] = result.pooled.to(y.device, y.dtype)
+                changed = True
+            elif r in rows and not matches(row, prompt_ref) and not warned.get("prompt"):
+                warned["prompt"] = True
+                log.warning("SAFREE: the positive conditioning is not the prompt given to the SAFREE node; that "
+                            "conditioning is left unchanged (type the same prompt into both).")
+            elif r not in rows and negative_ref is not None:
+                if row.shape[0] % negative_ref.shape[0] == 0:
+                    if new_ctx is None:
+                        new_ctx = c_crossattn.clone()
+                    new_ctx[r] = tile_to(negative_ref.to(row.device, row.dtype), row.shape[0])
+                    changed = True
+        if not changed:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if new_y is not None:
+            kwargs = dict(kwargs, y=new_y)
+        return executor(x, t, c_concat, new_ctx, control, transformer_options, **kwargs)
+
+    return apply_model_wrapper
+
+
+# -- SLD: a pre-CFG function with one extra model pass for the safety concept -------------------------
+
+
+def step_index(sigma, sample_sigmas) -> tuple:
+    """(i, number of steps) of σ in the run's schedule; (−1, 0) when the schedule is unknown."""
+    if sample_sigmas is None:
+        return -1, 0
+    s = float(sigma.flatten()[0]) if torch.is_tensor(sigma) else float(sigma)
+    ss = sample_sigmas.flatten().float().cpu()
+    return int((ss - s).abs().argmin()), max(len(ss) - 1, 1)
+
+
+def make_sld_pre_cfg(config, safety_cond, parameterisation: str, sigma_start: float, sigma_end: float,
+                     safety_hidden: torch.Tensor, skip_first: bool = True, calc=None) -> Callable:
+    """sampler_pre_cfg_function: ε_p′ = ε_p − 𝟙γ (SLD §2.1) before the host's CFG combines the branches.
+
+    ``safety_cond`` is the safety concept's conditioning in the host's list form; ``calc(model, cond, x,
+    sigma, model_options) → x₀`` runs the extra pass (ComfyUI: encode_model_conds + calc_cond_batch).
+    """
+    from ..erasers import sld
+
+    state = sld.SLDState()
+    gate = GateLog("SLD", config.risk_gate)
+    warned = {}
+
+    def pre_cfg_function(args):
+        out = args["conds_out"]
+        if len(out) < 2 or out[1] is None:
+            if not warned.get("uncond"):
+                warned["uncond"] = True
+                log.warning("SLD needs the negative (unconditional) branch; it is skipped at cfg 1.")
+            return out
+        x, sigma = args["input"], args["sigma"]
+        model_options = args["model_options"]
+        i, total = step_index(sigma, model_options.get("transformer_options", {}).get("sample_sigmas"))
+        if i <= 0:
+            state.reset()
+        if not in_window(sigma, sigma_start, sigma_end):
+            return out
+        ctx = _positive_context(args.get("conds"))
+        if ctx is not None and not gate(ctx, safety_hidden, skip_first):
+            return out
+        x0_safety = (calc or _comfy_calc)(args["model"], safety_cond, x, sigma, model_options)
+        eps_p = sld.to_guidance_space(x, out[0], sigma, parameterisation)
+        eps_u = sld.to_guidance_space(x, out[1], sigma, parameterisation)
+        eps_s = sld.to_guidance_space(x, x0_safety, sigma, parameterisation)
+        state.step = max(i, 0)
+        gamma = sld.sld_gamma(eps_u, eps_p, eps_s, state, config, config.warmup_for(total))
+        cond = sld.from_guidance_space(x, sld.apply_to_cond(eps_p, gamma), sigma, parameterisation)
+        return [cond] + list(out[1:])
+
+    return pre_cfg_function
+
+
+def _positive_context(conds):
+    try:
+        return conds[0][0]["model_conds"]["c_crossattn"].cond[0]
+    except (TypeError, KeyError, IndexError, AttributeError):
+        return None
+
+
+def _comfy_calc(model, safety_cond, x, sigma, model_options):
+    import comfy.samplers
+
+    processed = comfy.samplers.encode_model_conds(model.extra_conds, safety_cond, x, x.device, "positive")
+    (x0,) = comfy.samplers.calc_cond_batch(model, [processed], x, sigma, model_options)
+    return x0

@@ -1,0 +1,104 @@
+"""Host adapters driven with fake transformer_options (no ComfyUI): DiT dispatch, wrappers, helpers."""
+import torch
+
+from erasers import token_suppress as ts
+
+from suppression_pack import load
+
+hooks = load("nodes.suppression_hooks")
+
+
+def test_cond_rows_and_state_copy():
+    assert hooks.cond_rows([1, 0], 4).tolist() == [2, 3]
+    assert hooks.cond_rows([0], 2).tolist() == [0, 1]
+    to = {"cond_or_uncond": [1, 0]}
+    a = hooks.with_state(to, token_bias=torch.ones(2, 3))
+    b = hooks.with_state(a, token_bias=torch.ones(2, 3), nag={"x": 1})
+    assert hooks.STATE_KEY not in to and a[hooks.STATE_KEY]["token_bias"].sum() == 6
+    assert b[hooks.STATE_KEY]["token_bias"].sum() == 12 and len(b[hooks.STATE_KEY]["nag"]) == 1
+
+
+def test_unet_sites_from_keys():
+    keys = ["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+            "diffusion_model.middle_block.1.transformer_blocks.2.attn2.to_k.weight",
+            "output_blocks.11.1.transformer_blocks.0.attn2.to_v.weight"]
+    assert hooks.unet_attn2_sites(keys) == [("input", 1, 0), ("middle", 0, 2)]
+
+
+def fake_flux_double_block(q, k, v, heads):
+    """Stands for a Flux double block: joint attention over cat(txt, img) through the host's wrap_attn."""
+
+    def host_attention(q, k, v, heads, mask=None, skip_reshape=False, **kw):
+        b, h, l, d = q.shape
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, l, h * d)
+
+    def original_block(args):
+        to = args["transformer_options"]
+        override = to.get("optimized_attention_override")
+        if override is None:
+            out = host_attention(q, k, v, heads, skip_reshape=True)
+        else:
+            out = override(host_attention, q, k, v, heads, skip_reshape=True, mask=None, transformer_options=to)
+        return {"img": out, "txt": args["txt"]}
+
+    return original_block
+
+
+def test_dit_token_bias_only_touches_image_rows_of_the_positive_branch():
+    B, H, T, N, D = 2, 2, 5, 7, 8
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T + N, D, generator=gen) for _ in range(3))
+    block = fake_flux_double_block(q, k, v, H)
+    args = {"img": torch.zeros(B, N, 4), "txt": torch.zeros(B, T, 4), "vec": torch.zeros(B, 4),
+            "transformer_options": {}}
+    plain = block(args)["img"]
+    dispatch = hooks.DitDispatch("flux", "double", 0)
+    assert torch.equal(dispatch(args, {"original_block": block})["img"], plain)  # no state → untouched
+    mask = torch.zeros(T, dtype=torch.bool)
+    mask[2] = True
+    bias = torch.stack([torch.zeros(T), ts.logit_bias(mask, 0.0)])
+    args["transformer_options"] = {hooks.STATE_KEY: {"token_bias": bias, "txt_len": T}}
+    out = dispatch(args, {"original_block": block})["img"]
+    assert torch.allclose(out[0], plain[0], atol=1e-6)  # negative row
+    assert torch.allclose(out[1, :T], plain[1, :T], atol=1e-6)  # text queries of the positive row
+    assert not torch.allclose(out[1, T:], plain[1, T:], atol=1e-4)
+    # image queries of the positive row == attention with column 2 dropped
+    qs = q[1:].transpose(1, 2).reshape(1, T + N, H * D)
+    ks = k[1:].transpose(1, 2).reshape(1, T + N, H * D)
+    vs = v[1:].transpose(1, 2).reshape(1, T + N, H * D)
+    keep = torch.ones(T + N, dtype=torch.bool)
+    keep[2] = False
+    expected = ts.attention(qs[:, T:], ks[:, keep], vs[:, keep], H)
+    assert torch.allclose(out[1:, T:], expected, atol=1e-5)
+
+
+def test_safree_wrapper_swaps_only_the_matching_positive_prompt():
+    from erasers.safree import SafreeResult
+
+    prompt = torch.randn(6, 4)
+    projected = prompt.clone()
+    projected[2] = 0
+    res = SafreeResult(projected, torch.tensor([True]), [2], torch.ones(1), changed=True)
+    w = hooks.make_safree_wrapper(res, prompt, 100.0, 0.0, negative_ref=None)
+    seen = {}
+
+    def executor(x, t, c_concat, c_crossattn, control, to, **kw):
+        seen["ctx"] = c_crossattn
+        return x
+
+    other = torch.randn(6, 4)
+    ctx = torch.stack([other, prompt])  # [uncond, cond]
+    w(executor, torch.zeros(2), torch.tensor([5.0, 5.0]), None, ctx, None, {"cond_or_uncond": [1, 0]})
+    assert torch.equal(seen["ctx"][0], other) and torch.equal(seen["ctx"][1], projected)
+    ctx2 = torch.stack([other, other + 1])  # a different positive prompt: untouched, same object
+    w(executor, torch.zeros(2), torch.tensor([5.0, 5.0]), None, ctx2, None, {"cond_or_uncond": [1, 0]})
+    assert seen["ctx"] is ctx2
+    w(executor, torch.zeros(2), torch.tensor([500.0, 500.0]), None, ctx, None, {"cond_or_uncond": [1, 0]})
+    assert seen["ctx"] is ctx  # outside the window
+
+
+def test_step_index():
+    sig = torch.tensor([10.0, 5.0, 1.0, 0.0])
+    assert hooks.step_index(torch.tensor([5.0]), sig) == (1, 3)
+    assert hooks.step_index(torch.tensor([5.0]), None) == (-1, 0)
