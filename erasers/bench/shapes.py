@@ -25,7 +25,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -55,6 +55,8 @@ class Prepared:
     edit_seconds: float
     edits_weights: bool
     detail: str = ""
+    #: replaces ``pipe.__call__`` while sampling (sampling-time methods drive their own loop)
+    sampler: Optional[Callable] = None
 
 
 @dataclass
@@ -117,11 +119,24 @@ def candidates(names) -> List[Candidate]:
             out.append(Candidate(name, skip=reason or "shapes LoRA found but no benchmark adapter yet"))
         else:
             here = importlib.util.find_spec(f"{__package__.rsplit('.', 1)[0]}.diffusers_suppression")
-            reason = ("no diffusers sampling path for suppression methods in the pack "
-                      "(erasers/diffusers_suppression.py missing)") if here is None else \
-                "diffusers suppression path present but not yet wired into this benchmark"
-            out.append(Candidate(name, skip=reason))
+            if here is None:
+                out.append(Candidate(name, skip="no diffusers sampling path for suppression methods in the pack "
+                                                "(erasers/diffusers_suppression.py missing)"))
+            else:
+                out.append(suppression_candidate(name))
     return out
+
+
+def suppression_candidate(name: str) -> Candidate:
+    def build(pipe, concepts):
+        from .shapes_suppression import ShapesSuppression
+
+        started = time.perf_counter()
+        method = ShapesSuppression(pipe, name, concepts)
+        return Prepared(contextlib.nullcontext, time.perf_counter() - started, False,
+                        f"sampling-time, {type(method.config).__name__} defaults", sampler=method.sample)
+
+    return Candidate(name, build)
 
 
 # -- sampling ----------------------------------------------------------------------------------------
@@ -133,10 +148,10 @@ class Sampled:
     seconds: float
 
 
-def sample_and_read(pipe, classifier, prompts, args, prompt_embeds=None) -> Sampled:
+def sample_and_read(pipe, classifier, prompts, args, prompt_embeds=None, sampler=None) -> Sampled:
     started = time.perf_counter()
-    images = pipe(list(prompts), steps=args.steps, guidance=args.guidance, seed=args.seed,
-                  prompt_embeds=prompt_embeds, batch_size=max(1, len(prompts)))
+    images = (sampler or pipe)(list(prompts), steps=args.steps, guidance=args.guidance, seed=args.seed,
+                               prompt_embeds=prompt_embeds, batch_size=max(1, len(prompts)))
     seconds = time.perf_counter() - started
     return Sampled(images, ev.predictions_to_tensors(classifier.predict(images)), seconds)
 
@@ -184,10 +199,13 @@ def attack_rates(pipe, classifier, prep: Prepared, concept: str, originals, args
         out["closed_form"] = None
     if args.attack_steps > 0:
         started = time.perf_counter()
+        # weight edits are attacked in place; sampling-time methods get the embedding found on the base
+        # model (a transfer attack: the gradient does not see their hooks) — marked † in the tables
         context = gradient_context(pipe, classifier, prompts, axis, targets, steps=args.attack_steps,
                                    lr=args.attack_lr, guidance=args.guidance, seed=args.seed + 1)
-        s = sample_and_read(pipe, classifier, prompts, args, prompt_embeds=context)
+        s = sample_and_read(pipe, classifier, prompts, args, prompt_embeds=context, sampler=prep.sampler)
         out["gradient"] = float((s.pred[axis] == targets).float().mean())
+        out["gradient_transfer"] = prep.sampler is not None
         out["gradient_seconds"] = time.perf_counter() - started
     else:
         out["gradient"] = None
@@ -242,13 +260,16 @@ def scaling_sets(concept: str, quick: bool) -> List[List[str]]:
     return sets
 
 
-def run(args) -> dict:
+def run(args, pipe=None, classifier=None) -> dict:
+    """The benchmark; ``pipe`` / ``classifier`` override the shipped (or ``--weights``) ones (tests)."""
     from ..shapes import load_classifier, load_default, load_pipeline
 
     torch.set_num_threads(max(1, int(args.threads)))
     t_start = time.perf_counter()
-    pipe = load_pipeline(args.weights) if args.weights else load_default()
-    classifier = load_classifier(args.classifier) if args.classifier else load_classifier()
+    if pipe is None:
+        pipe = load_pipeline(args.weights) if args.weights else load_default()
+    if classifier is None:
+        classifier = load_classifier(args.classifier) if args.classifier else load_classifier()
     names = args.methods
     concept = args.concept
     reps = (2, 1, 1, 1) if args.quick else (args.reps, max(1, args.reps // 2), max(1, args.reps // 2), 1)
@@ -274,7 +295,7 @@ def run(args) -> dict:
             continue
         prep = cand.build(pipe, [concept])
         with prep.context():
-            s = sample_and_read(pipe, classifier, es.prompts, args)
+            s = sample_and_read(pipe, classifier, es.prompts, args, sampler=prep.sampler)
             attacks = attack_rates(pipe, classifier, prep, concept, originals, args) if not args.quick else {}
         check_restored(pipe, snapshot, cand.name)
         scored = ev.score(s.pred, base.pred, es, [concept])
@@ -338,8 +359,10 @@ def summary_table(results: dict) -> str:
         flag = "all met" if all(met.values()) else "missed: " + ", ".join(k for k, v in met.items() if not v)
         if name not in CLOSED_FORM:
             flag = "(targets are for closed-form methods)"
+        c_form = ("n/a (no weight edit)" if a.get("closed_form") is None else pct(a["closed_form"])) if a else "not run"
+        grad = (pct(a.get("gradient")) + (" †" if a.get("gradient_transfer") else "")) if a else "not run"
         lines.append(f"| {TITLES[name]} | {pct(r['erased']['exact'])} | {pct(r['erased']['synonym_paraphrase'])} | "
-                     f"{pct(a.get('closed_form')) if a else 'not run'} | {pct(a.get('gradient')) if a else 'not run'} | "
+                     f"{c_form} | {grad} | "
                      f"{pct(r['fidelity']['related'])} | {pct(r['fidelity']['unrelated'])} | {r['edit_seconds']:.2f} | "
                      f"{1000 * r['seconds_per_image']:.1f} | {flag} |")
     for name, reason in results["skipped"].items():
@@ -378,7 +401,9 @@ def results_markdown(results: dict, command: str) -> str:
         f"Attacks on {results['methods'] and next(iter(results['methods'].values())).get('attacks', {}).get('n', 0)} "
         f"exact-word prompts: c′ = RECE's closed-form adversarial context (λ_r = {s['lam_r']}); gradient = "
         f"{s['attack_steps']} Adam steps on the input token embeddings maximising the classifier's concept "
-        "probability of the one-step x̂₀ prediction.",
+        "probability of the one-step x̂₀ prediction (†: sampling-time methods have no weights to attack; the "
+        "embedding is found on the base model and then sampled with the method — a transfer attack). "
+        "Multi-concept scaling is run for the closed-form methods.",
         "",
         "## One concept",
         "",
