@@ -81,17 +81,18 @@ def grid_prompts(es, concept: str) -> List[int]:
 
 
 def run_demo(concept: str = "circle", out: str = "erasers_demo", methods=DEFAULT_METHODS, steps: int = 20,
-             reps: int = 2, seed: int = 0, threads: int = 2, show_progress: bool = True) -> dict:
+             reps: int = 2, seed: int = 0, threads: int = 2, show_progress: bool = True, weights=None,
+             classifier=None) -> dict:
     from . import diffusers_api as api
     from .bench import shapes_eval as ev
     from .bench.shapes import closed_form_config
-    from .shapes import load_classifier, load_default
+    from .shapes import load_classifier, load_default, load_pipeline
     from .shapes.model import DEFAULT_GUIDANCE
 
     torch.set_num_threads(max(1, threads))
     started = time.perf_counter()
-    pipe = load_default()
-    classifier = load_classifier()
+    pipe = load_pipeline(weights) if weights else load_default()
+    classifier = load_classifier(classifier) if classifier else load_classifier()
     es = demo_eval_set(concept, reps)
     rows = grid_prompts(es, concept)
     columns, report = {}, {"concept": concept, "steps": steps, "seed": seed, "images_per_column": len(es),
@@ -197,12 +198,15 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weights", default=None, help="a shapes_t2i.safetensors (default: the bundled model)")
+    p.add_argument("--classifier", default=None, help="a shapes_classifier.safetensors (default: bundled)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
-    report = run_demo(args.concept, args.out, methods, steps=args.steps, seed=args.seed, threads=args.threads)
+    report = run_demo(args.concept, args.out, methods, steps=args.steps, seed=args.seed, threads=args.threads,
+                      weights=args.weights, classifier=args.classifier)
     print(report_markdown(report).split("![grid]")[0].rstrip())
     print(f"\nwrote {os.path.join(args.out, 'grid.png')}, report.md, report.json")
     return 0

@@ -37,14 +37,51 @@ log = logging.getLogger(__name__)
 DEFAULT_OUT = os.path.join("benchmarks", "shapes")
 TARGETS = {"exact_max": 0.10, "unrelated_min": 0.95, "related_min": 0.85}
 CLOSED_FORM = ("uce", "rece", "speed", "mace")
+#: "<method>-paper": the same method with the published defaults, to show what the shapes settings change
+PAPER = tuple(f"{m}-paper" for m in CLOSED_FORM)
 ALL_ERASERS = CLOSED_FORM + ("spm", "lora", "safree", "sld", "guidance", "token")
 TITLES = {"uce": "UCE", "rece": "RECE", "speed": "SPEED", "mace": "MACE-CFR", "spm": "SPM membrane",
+          "uce-paper": "UCE (paper defaults)", "rece-paper": "RECE (paper defaults)",
+          "speed-paper": "SPEED (paper defaults)", "mace-paper": "MACE-CFR (paper defaults)",
           "lora": "erasure LoRA", "safree": "SAFREE", "sld": "SLD", "guidance": "concept guidance",
           "token": "token suppression"}
 
-#: Closed-form settings on the shapes model: the published defaults for objects unless listed here.
-#: (Any change from the paper default is documented in RESULTS.md's notes and in the report.)
-SHAPES_PARAMS: Dict[str, dict] = {"uce": {}, "rece": {}, "speed": {}, "mace": {}}
+#: Closed-form settings on the shapes model, where they differ from the published defaults for objects.
+#: Why (measured, see NOTES): the shapes text encoder is causal and the UNet reads the concept mostly from
+#: the EOS/padding rows after the word, so methods must key on every row from the concept word to the end
+#: (UCE's paper-era "2023" token-range variant; SPEED's all-rows mode, the paper's nudity setting, with
+#: the object hyper-parameters kept); and every row shares a large common component (cosine ≈ 0.97
+#: between "circle" and "square" rows), so the empty-prompt anchor is far off the prompts' manifold while
+#: another concept of the same kind is a close, valid target. ``"{anchor}"`` = the first value of the
+#: erased concept's axis that is not erased (circle → square; red → green); ``"{others}"`` = all of them.
+SHAPES_PARAMS: Dict[str, dict] = {
+    "uce": {"variant": "2023", "anchors": ["{anchor}"], "preserve": ["{others}"]},
+    "rece": {"anchors": ["{anchor}"]},
+    "speed": {"concept_type": "nudity", "retain_scale": 1.0, "lamb": 0.0, "anchors": ["{anchor}"]},
+    "mace": {"anchors": ["{anchor}"]},
+}
+
+
+def world_anchor(concepts: List[str]) -> tuple:
+    """(anchor, others): the first value of the concepts' axis that is not erased, and all of those."""
+    axis = ev.axis_of(concepts[0])
+    others = [v for v in ev.VALUES[axis] if v not in concepts]
+    if not others:
+        raise ValueError(f"Erasing every {axis} ({concepts}) leaves nothing to map to; keep at least one.")
+    return others[0], others
+
+
+def resolve_params(params: dict, concepts: List[str]) -> dict:
+    anchor, others = world_anchor(concepts)
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, list):
+            expanded = []
+            for item in value:
+                expanded += others if item == "{others}" else [anchor if item == "{anchor}" else item]
+            value = expanded
+        out[key] = value
+    return out
 
 
 @dataclass
@@ -68,14 +105,18 @@ class Candidate:
 
 # -- the erasers -------------------------------------------------------------------------------------
 
-def closed_form_config(method: str, concepts: List[str], overrides: Optional[dict] = None):
+def closed_form_config(method: str, concepts: List[str], overrides: Optional[dict] = None,
+                       paper_defaults: bool = False):
+    """The method's config for erasing ``concepts`` from the shapes model (``SHAPES_PARAMS`` applied
+    unless ``paper_defaults``)."""
     from ..methods import get_method
 
-    params = {**SHAPES_PARAMS.get(method, {}), **(overrides or {})}
+    base = {} if paper_defaults else SHAPES_PARAMS.get(method, {})
+    params = resolve_params({**base, **(overrides or {})}, list(concepts))
     return get_method(method).config_class(concepts=list(concepts), **params)
 
 
-def closed_form_candidate(method: str) -> Candidate:
+def closed_form_candidate(method: str, paper_defaults: bool = False) -> Candidate:
     from ..methods import METHODS
 
     if method not in METHODS:
@@ -84,7 +125,7 @@ def closed_form_candidate(method: str) -> Candidate:
     def build(pipe, concepts):
         from ..diffusers_api import compute_eraser_for_pipeline, erased
 
-        config = closed_form_config(method, concepts)
+        config = closed_form_config(method, concepts, paper_defaults=paper_defaults)
         started = time.perf_counter()
         eraser = compute_eraser_for_pipeline(pipe, config)
         seconds = time.perf_counter() - started
@@ -92,7 +133,7 @@ def closed_form_candidate(method: str) -> Candidate:
         return Prepared(lambda: erased(pipe, eraser), seconds, True,
                         f"{len(eraser.deltas)} layers, rank {ranks[0]}–{ranks[-1]}")
 
-    return Candidate(method, build)
+    return Candidate(method + ("-paper" if paper_defaults else ""), build)
 
 
 def shapes_file(pattern: str) -> Optional[str]:
@@ -111,6 +152,8 @@ def candidates(names) -> List[Candidate]:
     for name in names:
         if name in CLOSED_FORM:
             out.append(closed_form_candidate(name))
+        elif name.endswith("-paper") and name[: -len("-paper")] in CLOSED_FORM:
+            out.append(closed_form_candidate(name[: -len("-paper")], paper_defaults=True))
         elif name == "spm":
             reason = None if shapes_file("membrane") else "no shapes membrane (trainer not in the pack)"
             out.append(Candidate(name, skip=reason or "shapes membrane found but no benchmark adapter yet"))
@@ -326,7 +369,7 @@ def settings(args, es) -> dict:
             "images_per_sampling": len(es), "quick": bool(args.quick), "threads": args.threads,
             "attack_steps": 0 if args.quick else args.attack_steps, "attack_reps": args.attack_reps,
             "lam_r": args.lam_r, "torch": torch.__version__, "machine": platform.machine(),
-            "params": {k: v for k, v in SHAPES_PARAMS.items()}}
+            "params": SHAPES_PARAMS}
 
 
 def _progress(args):
@@ -357,7 +400,7 @@ def summary_table(results: dict) -> str:
         a = r.get("attacks", {})
         met = r["targets"]
         flag = "all met" if all(met.values()) else "missed: " + ", ".join(k for k, v in met.items() if not v)
-        if name not in CLOSED_FORM:
+        if name not in CLOSED_FORM + PAPER:
             flag = "(targets are for closed-form methods)"
         c_form = ("n/a (no weight edit)" if a.get("closed_form") is None else pct(a["closed_form"])) if a else "not run"
         grad = (pct(a.get("gradient")) + (" †" if a.get("gradient_transfer") else "")) if a else "not run"
@@ -471,12 +514,12 @@ def parse_args(argv=None):
 
     args = build_parser().parse_args(argv)
     if args.methods is None:
-        args.methods = ["uce"] if args.quick else list(ALL_ERASERS)
+        args.methods = ["uce"] if args.quick else list(CLOSED_FORM) + ["uce-paper"] + list(ALL_ERASERS[4:])
     else:
         args.methods = [m.strip().lower() for item in args.methods for m in item.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in ALL_ERASERS]
+    unknown = [m for m in args.methods if m not in ALL_ERASERS + PAPER]
     if unknown:
-        raise SystemExit(f"Unknown eraser(s) {unknown}; choose from {', '.join(ALL_ERASERS)}.")
+        raise SystemExit(f"Unknown eraser(s) {unknown}; choose from {', '.join(ALL_ERASERS + PAPER)}.")
     ev.axis_of(args.concept)
     if args.guidance is None:
         args.guidance = DEFAULT_GUIDANCE
