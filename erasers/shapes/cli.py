@@ -21,6 +21,9 @@ def add_subparsers(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--minutes", type=float, default=None,
                        help="time budget for the text-to-image model; steps derived from the measured speed")
     train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--stop-at", type=int, default=None,
+                       help="stop after this many steps of the --steps schedule (default: 1400 of 2400, "
+                            "which reproduces the shipped weights)")
     train.add_argument("--classifier-steps", type=int, default=None)
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--out", type=Path, default=None, help="output folder (default: the package weights)")
@@ -60,6 +63,10 @@ def _train(args) -> int:
 
         cfg.checkpoint_every = args.checkpoint_every
         cfg.checkpoint_path = str((args.out or DEFAULT_T2I.parent) / "checkpoint_t2i.safetensors")
+    if args.stop_at is not None:
+        cfg.stop_at = args.stop_at
+    elif args.steps is not None or args.minutes is not None:
+        cfg.stop_at = None  # an explicit schedule runs to its end
     if args.batch_size is not None:
         cfg.batch_size = args.batch_size
     if args.classifier_steps is not None:

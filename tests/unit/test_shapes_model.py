@@ -106,12 +106,13 @@ def test_shipped_weights_reproduce_the_reported_base_fidelity():
 
     pipe = shapes_model.load_default()
     reported = pipe.extra["fidelity"]
-    result = evaluate(pipe, load_classifier(), per_prompt=2, steps=10, seed=123, paraphrases=False)
+    result = evaluate(pipe, load_classifier(), per_prompt=2, steps=reported["steps"], guidance=reported["guidance"],
+                      seed=123, paraphrases=False)
     got = result["canonical"]
-    # 40 samples: allow ~2.5 standard errors around the reported (320-sample) figures
-    assert got["shape_accuracy"] >= reported["shape_accuracy"] - 0.15, result["markdown"]
-    assert got["colour_accuracy"] >= reported["colour_accuracy"] - 0.15, result["markdown"]
-    assert got["colour_accuracy"] >= 0.8 and got["shape_accuracy"] >= 0.75, result["markdown"]
+    # 40 samples against the recorded 160: allow ~2.5 standard errors either way
+    assert abs(got["shape_accuracy"] - reported["shape_accuracy"]) <= 0.2, result["markdown"]
+    assert abs(got["colour_accuracy"] - reported["colour_accuracy"]) <= 0.2, result["markdown"]
+    assert got["colour_accuracy"] >= 0.8, result["markdown"]
 
 
 @shipped
