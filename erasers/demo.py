@@ -80,8 +80,19 @@ def grid_prompts(es, concept: str) -> List[int]:
     return rows
 
 
+def auto_threads() -> int:
+    """2 threads on a free machine, 1 on a busy one: oversubscribed OpenMP threads spin and wait, which
+    made this model's sampling 4–10× slower than one thread on the shared 2-core machines we measured."""
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] >= cores
+    except OSError:
+        busy = False
+    return 1 if busy else min(2, cores)
+
+
 def run_demo(concept: str = "circle", out: str = "erasers_demo", methods=DEFAULT_METHODS, steps: int = 20,
-             reps: int = 2, seed: int = 0, threads: int = 2, show_progress: bool = True, weights=None,
+             reps: int = 2, seed: int = 0, threads: int = 0, show_progress: bool = True, weights=None,
              classifier=None) -> dict:
     from . import diffusers_api as api
     from .bench import shapes_eval as ev
@@ -89,7 +100,7 @@ def run_demo(concept: str = "circle", out: str = "erasers_demo", methods=DEFAULT
     from .shapes import load_classifier, load_default, load_pipeline
     from .shapes.model import DEFAULT_GUIDANCE
 
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(max(1, threads or auto_threads()))
     started = time.perf_counter()
     pipe = load_pipeline(weights) if weights else load_default()
     classifier = load_classifier(classifier) if classifier else load_classifier()
@@ -197,7 +208,7 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated closed-form methods")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: 2, or 1 on a busy machine)")
     p.add_argument("--weights", default=None, help="a shapes_t2i.safetensors (default: the bundled model)")
     p.add_argument("--classifier", default=None, help="a shapes_classifier.safetensors (default: bundled)")
     p.set_defaults(func=cmd_demo)
