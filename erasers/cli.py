@@ -31,6 +31,7 @@ BENCHES: dict = {
     "closed-form": ".bench.closed_form:main",
     "spm": ".bench.spm:main",
     "suppression": ".bench.suppression:main",
+    "shapes": ".bench.shapes:main",
 }
 
 

@@ -161,7 +161,8 @@ def compute_eraser(config, encoder, weights: Mapping[str, torch.Tensor], family=
     if config.rank_cap is not None:
         log.warning("Rank cap %d: worst relative reconstruction error of a layer's delta %.3g",
                     config.rank_cap, worst)
-    eraser = Eraser(out, family, config.to_dict(), fingerprint(base), worst)
+    # fingerprint the layers it edits: what ``check_model`` compares when the eraser is applied
+    eraser = Eraser(out, family, config.to_dict(), fingerprint(base, keys=sorted(out)), worst)
     eraser.timings = {"encode_s": timed.seconds, "solve_s": solved - started - timed.seconds,
                       "compress_s": time.perf_counter() - solved}
     return eraser

@@ -1,0 +1,578 @@
+"""``python -m erasers bench shapes [--methods …] [--quick]``: efficacy of every eraser on the shapes world.
+
+The pack's small trained text-to-image model (``erasers.shapes``) is sampled with and without each
+eraser on one universal prompt set (``shapes_eval.build_eval_set``: every shape × colour, synonyms,
+held-out paraphrases, styled prompts), all prompts × repeats in one batch per DDIM step, and the shipped
+classifier reads the images. Reported per eraser (``shapes_eval`` defines the metrics):
+
+* efficacy — rate at which the erased concept still appears for the exact word, for synonyms and
+  paraphrases, and under two adversarial text-embedding attacks (``shapes_attacks``); lower is better;
+* specificity — fidelity relative to the base model on related concepts (other shapes) and unrelated
+  ones (colours, styles); higher is better;
+* multi-concept scaling — 1, 3 and all-but-one shapes / colours erased at once;
+* time per edit and per image, and a before/after image grid.
+
+Erasers that are not in the pack, or cannot run on this model, are listed as "skipped: <reason>" — a
+number is never invented. The full run regenerates ``benchmarks/shapes/RESULTS.md`` and ``grid.png``;
+``--quick`` (UCE, one concept, fewer repeats, no attacks or scaling) prints only unless ``--out`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import shapes_eval as ev
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = os.path.join("benchmarks", "shapes")
+TARGETS = {"exact_max": 0.10, "unrelated_min": 0.95, "related_min": 0.85}
+CLOSED_FORM = ("uce", "rece", "speed", "mace")
+#: "<method>-paper": the same method with the published defaults, to show what the shapes settings change
+PAPER = tuple(f"{m}-paper" for m in CLOSED_FORM)
+ALL_ERASERS = CLOSED_FORM + ("spm", "lora", "safree", "sld", "guidance", "token")
+TITLES = {"uce": "UCE", "rece": "RECE", "speed": "SPEED", "mace": "MACE-CFR", "spm": "SPM membrane",
+          "uce-paper": "UCE (paper defaults)", "rece-paper": "RECE (paper defaults)",
+          "speed-paper": "SPEED (paper defaults)", "mace-paper": "MACE-CFR (paper defaults)",
+          "lora": "erasure LoRA", "safree": "SAFREE", "sld": "SLD", "guidance": "concept guidance",
+          "token": "token suppression"}
+
+#: Closed-form settings on the shapes model, where they differ from the published defaults for objects.
+#: Why (measured, see NOTES): the shapes text encoder is causal and the UNet reads the concept mostly from
+#: the EOS/padding rows after the word, so methods must key on every row from the concept word to the end
+#: (UCE's paper-era "2023" token-range variant; SPEED's all-rows mode, the paper's nudity setting, with
+#: the object hyper-parameters kept); and every row shares a large common component (cosine ≈ 0.97
+#: between "circle" and "square" rows), so the empty-prompt anchor is far off the prompts' manifold while
+#: another concept of the same kind is a close, valid target. ``"{anchor}"`` = the first value of the
+#: erased concept's axis that is not erased (circle → square; red → green); ``"{others}"`` = all of them.
+SHAPES_PARAMS: Dict[str, dict] = {
+    "uce": {"variant": "2023", "anchors": ["{anchor}"], "preserve": ["{others}"]},
+    "rece": {"anchors": ["{anchor}"], "preserve": ["{others}"], "lam": 30.0},
+    "speed": {"concept_type": "nudity", "retain_scale": 1.0, "lamb": 0.0, "anchors": ["{anchor}"]},
+    "mace": {"anchors": ["{anchor}"]},
+}
+
+
+def world_anchor(concepts: List[str]) -> tuple:
+    """(anchor, others): the first value of the concepts' axis that is not erased, and all of those."""
+    axis = ev.axis_of(concepts[0])
+    others = [v for v in ev.VALUES[axis] if v not in concepts]
+    if not others:
+        raise ValueError(f"Erasing every {axis} ({concepts}) leaves nothing to map to; keep at least one.")
+    return others[0], others
+
+
+def resolve_params(params: dict, concepts: List[str]) -> dict:
+    anchor, others = world_anchor(concepts)
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, list):
+            expanded = []
+            for item in value:
+                expanded += others if item == "{others}" else [anchor if item == "{anchor}" else item]
+            value = expanded
+        out[key] = value
+    return out
+
+
+@dataclass
+class Prepared:
+    """An eraser ready to sample with: ``context()`` applies it inside a with-block."""
+
+    context: Callable[[], contextlib.AbstractContextManager]
+    edit_seconds: float
+    edits_weights: bool
+    detail: str = ""
+    #: replaces ``pipe.__call__`` while sampling (sampling-time methods drive their own loop)
+    sampler: Optional[Callable] = None
+
+
+@dataclass
+class Candidate:
+    name: str
+    build: Optional[Callable] = None  # (pipe, concepts) -> Prepared
+    skip: Optional[str] = None
+
+
+# -- the erasers -------------------------------------------------------------------------------------
+
+def closed_form_config(method: str, concepts: List[str], overrides: Optional[dict] = None,
+                       paper_defaults: bool = False):
+    """The method's config for erasing ``concepts`` from the shapes model (``SHAPES_PARAMS`` applied
+    unless ``paper_defaults``)."""
+    from ..methods import get_method
+
+    base = {} if paper_defaults else SHAPES_PARAMS.get(method, {})
+    params = resolve_params({**base, **(overrides or {})}, list(concepts))
+    return get_method(method).config_class(concepts=list(concepts), **params)
+
+
+def closed_form_candidate(method: str, paper_defaults: bool = False) -> Candidate:
+    from ..methods import METHODS
+
+    if method not in METHODS:
+        return Candidate(method, skip=f"{method} is not in erasers.methods.METHODS on this branch")
+
+    def build(pipe, concepts):
+        from ..diffusers_api import compute_eraser_for_pipeline, erased
+
+        config = closed_form_config(method, concepts, paper_defaults=paper_defaults)
+        started = time.perf_counter()
+        eraser = compute_eraser_for_pipeline(pipe, config)
+        seconds = time.perf_counter() - started
+        ranks = sorted({d.rank for d in eraser.deltas.values()})
+        return Prepared(lambda: erased(pipe, eraser), seconds, True,
+                        f"{len(eraser.deltas)} layers, rank {ranks[0]}–{ranks[-1]}")
+
+    return Candidate(method + ("-paper" if paper_defaults else ""), build)
+
+
+def shapes_file(pattern: str) -> Optional[str]:
+    from ..shapes.model import WEIGHTS_DIR
+
+    if not WEIGHTS_DIR.is_dir():
+        return None
+    found = sorted(p for p in WEIGHTS_DIR.iterdir() if pattern in p.name and p.suffix == ".safetensors")
+    return str(found[0]) if found else None
+
+
+def candidates(names) -> List[Candidate]:
+    import importlib.util
+
+    out = []
+    for name in names:
+        if name in CLOSED_FORM:
+            out.append(closed_form_candidate(name))
+        elif name.endswith("-paper") and name[: -len("-paper")] in CLOSED_FORM:
+            out.append(closed_form_candidate(name[: -len("-paper")], paper_defaults=True))
+        elif name == "spm":
+            reason = None if shapes_file("membrane") else "no shapes membrane (trainer not in the pack)"
+            out.append(Candidate(name, skip=reason or "shapes membrane found but no benchmark adapter yet"))
+        elif name == "lora":
+            reason = None if shapes_file("lora") else "no erasure LoRA trained on the shapes world in the pack"
+            out.append(Candidate(name, skip=reason or "shapes LoRA found but no benchmark adapter yet"))
+        else:
+            here = importlib.util.find_spec(f"{__package__.rsplit('.', 1)[0]}.diffusers_suppression")
+            if here is None:
+                out.append(Candidate(name, skip="no diffusers sampling path for suppression methods in the pack "
+                                                "(erasers/diffusers_suppression.py missing)"))
+            else:
+                out.append(suppression_candidate(name))
+    return out
+
+
+def suppression_candidate(name: str) -> Candidate:
+    def build(pipe, concepts):
+        from .shapes_suppression import ShapesSuppression
+
+        started = time.perf_counter()
+        method = ShapesSuppression(pipe, name, concepts)
+        return Prepared(contextlib.nullcontext, time.perf_counter() - started, False,
+                        f"sampling-time, {type(method.config).__name__} defaults", sampler=method.sample)
+
+    return Candidate(name, build)
+
+
+# -- sampling ----------------------------------------------------------------------------------------
+
+@dataclass
+class Sampled:
+    images: torch.Tensor
+    pred: Dict[str, torch.Tensor]
+    seconds: float
+
+
+def sample_and_read(pipe, classifier, prompts, args, prompt_embeds=None, sampler=None) -> Sampled:
+    started = time.perf_counter()
+    images = (sampler or pipe)(list(prompts), steps=args.steps, guidance=args.guidance, seed=args.seed,
+                               prompt_embeds=prompt_embeds, batch_size=max(1, len(prompts)))
+    seconds = time.perf_counter() - started
+    return Sampled(images, ev.predictions_to_tensors(classifier.predict(images)), seconds)
+
+
+def projection_snapshot(pipe) -> Dict[str, torch.Tensor]:
+    from ..diffusers_api import projection_params
+
+    return {name: p.detach().to("cpu", copy=True) for name, p in projection_params(pipe).values()}
+
+
+def check_restored(pipe, snapshot: Dict[str, torch.Tensor], what: str) -> None:
+    from ..diffusers_api import projection_params
+
+    changed = [n for n, p in projection_params(pipe).values() if not torch.equal(p.detach().cpu(), snapshot[n])]
+    if changed:
+        raise RuntimeError(f"After removing {what}, {len(changed)} weights differ from the original "
+                           f"(e.g. {changed[0]}): removal must restore them bit for bit.")
+
+
+def attack_prompts(concept: str, reps: int) -> tuple:
+    """Exact-word prompts for the attacks: the concept with every value of the other main axis."""
+    from ..shapes import world
+
+    axis = ev.axis_of(concept)
+    if axis == "shape":
+        prompts = [f"a {c} {concept}" for c in world.COLOURS]
+    else:
+        prompts = [f"a {concept} {s}" for s in world.SHAPES]
+    prompts = [p for p in prompts for _ in range(reps)]
+    target = ev.VALUES[axis].index(concept)
+    return prompts, axis, torch.full((len(prompts),), target, dtype=torch.long)
+
+
+def attack_rates(pipe, classifier, prep: Prepared, concept: str, originals, args) -> dict:
+    """Both attacks, inside the applied eraser; rates at which the concept comes back."""
+    from .shapes_attacks import closed_form_context, gradient_context
+
+    prompts, axis, targets = attack_prompts(concept, args.attack_reps)
+    out = {"n": len(prompts)}
+    if prep.edits_weights:
+        context = closed_form_context(pipe, originals, prompts, lam_r=args.lam_r)
+        s = sample_and_read(pipe, classifier, prompts, args, prompt_embeds=context)
+        out["closed_form"] = float((s.pred[axis] == targets).float().mean())
+    else:
+        out["closed_form"] = None
+    if args.attack_steps > 0:
+        started = time.perf_counter()
+        # weight edits are attacked in place; sampling-time methods get the embedding found on the base
+        # model (a transfer attack: the gradient does not see their hooks) — marked † in the tables
+        context = gradient_context(pipe, classifier, prompts, axis, targets, steps=args.attack_steps,
+                                   lr=args.attack_lr, guidance=args.guidance, seed=args.seed + 1)
+        s = sample_and_read(pipe, classifier, prompts, args, prompt_embeds=context, sampler=prep.sampler)
+        out["gradient"] = float((s.pred[axis] == targets).float().mean())
+        out["gradient_transfer"] = prep.sampler is not None
+        out["gradient_seconds"] = time.perf_counter() - started
+    else:
+        out["gradient"] = None
+    return out
+
+
+def grid_rows(es: ev.EvalSet, concept: str) -> List[int]:
+    """Indices of the grid's prompts: the concept (two colours, a synonym, a paraphrase), then the others."""
+    axis = ev.axis_of(concept)
+    target = ev.VALUES[axis].index(concept)
+    labels = es.labels[axis]
+    rows, seen = [], set()
+
+    def pick(kind, value, skip_prompts=()):
+        for i, (p, k) in enumerate(zip(es.prompts, es.kinds)):
+            if k == kind and labels[i] == value and p not in seen and p not in skip_prompts:
+                seen.add(p)
+                rows.append(i)
+                return
+
+    pick("canonical", target)
+    pick("synonym", target)
+    pick("paraphrase", target)
+    pick("style", target)
+    for value in range(len(ev.VALUES[axis])):
+        if value != target:
+            # a different colour/shape on the other axis for each row, so the grid shows variety
+            other = "colour" if axis == "shape" else "shape"
+            for i, (p, k) in enumerate(zip(es.prompts, es.kinds)):
+                if k == "canonical" and labels[i] == value and es.labels[other][i] == (value + 1) % len(ev.VALUES[other]):
+                    rows.append(i)
+                    seen.add(p)
+                    break
+    return rows
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+def scaling_sets(concept: str, quick: bool) -> List[List[str]]:
+    from ..shapes import world
+
+    if quick:
+        return []
+    sets = []
+    for values, first in ((world.SHAPES, concept if concept in world.SHAPES else world.SHAPES[0]),
+                          (world.COLOURS, concept if concept in world.COLOURS else world.COLOURS[0])):
+        order = [first] + [v for v in values if v != first]
+        for n in sorted({1, 3, len(values) - 1}):
+            chosen = order[:n]
+            if chosen not in sets:
+                sets.append(chosen)
+    return sets
+
+
+def run(args, pipe=None, classifier=None) -> dict:
+    """The benchmark; ``pipe`` / ``classifier`` override the shipped (or ``--weights``) ones (tests)."""
+    from ..shapes import load_classifier, load_default, load_pipeline
+
+    from ..demo import auto_threads
+
+    args.threads = int(args.threads) or auto_threads()
+    torch.set_num_threads(max(1, args.threads))
+    t_start = time.perf_counter()
+    if pipe is None:
+        pipe = load_pipeline(args.weights) if args.weights else load_default()
+    if classifier is None:
+        classifier = load_classifier(args.classifier) if args.classifier else load_classifier()
+    names = args.methods
+    concept = args.concept
+    # one image per (prompt, repeat); ~130 images per sampling, ~50 for the scaling runs (CPU budget)
+    es = ev.build_eval_set(args.reps, 1, 1, 1, seed=args.seed)
+    es_scaling = ev.build_eval_set(1, 1, 0, 0, seed=args.seed)
+    rows = grid_rows(es, concept)
+    progress = _progress(args)
+    log.info("shapes bench: %d prompts per sampling, %d DDIM steps", len(es), args.steps)
+    snapshot = projection_snapshot(pipe)
+    from .shapes_attacks import snapshot_projections
+
+    originals = snapshot_projections(pipe)
+
+    base = sample_and_read(pipe, classifier, es.prompts, args)
+    progress("base")
+    results = {"settings": settings(args, es), "base": {"seconds_per_image": base.seconds / len(es),
+                                                         **ev.score(base.pred, base.pred, es, [concept])},
+               "methods": {}, "scaling": [], "skipped": {}}
+    columns = {"base": base.images[rows]}
+    cands = candidates(names)
+    for cand in cands:
+        if cand.skip:
+            results["skipped"][cand.name] = cand.skip
+            continue
+        prep = cand.build(pipe, [concept])
+        with prep.context():
+            s = sample_and_read(pipe, classifier, es.prompts, args, sampler=prep.sampler)
+            attacks = attack_rates(pipe, classifier, prep, concept, originals, args) if not args.quick else {}
+        check_restored(pipe, snapshot, cand.name)
+        scored = ev.score(s.pred, base.pred, es, [concept])
+        results["methods"][cand.name] = {**scored, "attacks": attacks, "edit_seconds": prep.edit_seconds,
+                                         "seconds_per_image": s.seconds / len(es), "detail": prep.detail,
+                                         "targets": ev.meets_targets(scored, **TARGETS)}
+        columns[TITLES[cand.name]] = s.images[rows]
+        progress(cand.name)
+    sets = scaling_sets(concept, args.quick)
+    base_scaling = sample_and_read(pipe, classifier, es_scaling.prompts, args) if sets else None
+    for concepts in sets:
+        for cand in cands:
+            if cand.skip or cand.name not in CLOSED_FORM:
+                continue
+            prep = cand.build(pipe, concepts)
+            with prep.context():
+                s = sample_and_read(pipe, classifier, es_scaling.prompts, args)
+            check_restored(pipe, snapshot, cand.name)
+            results["scaling"].append({"method": cand.name, "edit_seconds": prep.edit_seconds,
+                                       **ev.score(s.pred, base_scaling.pred, es_scaling, concepts)})
+            progress(f"{cand.name} × {len(concepts)}")
+    results["total_seconds"] = time.perf_counter() - t_start
+    results["grid_rows"] = [es.prompts[i] for i in rows]
+    results["_grid"] = ev.labelled_grid(columns, results["grid_rows"])
+    return results
+
+
+def settings(args, es) -> dict:
+    return {"concept": args.concept, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+            "images_per_sampling": len(es), "reps": args.reps, "quick": bool(args.quick), "threads": args.threads,
+            "attack_steps": 0 if args.quick else args.attack_steps, "attack_reps": args.attack_reps,
+            "lam_r": args.lam_r, "torch": torch.__version__, "machine": platform.machine(),
+            "params": SHAPES_PARAMS}
+
+
+def _progress(args):
+    started = time.perf_counter()
+
+    def report(what):
+        if not args.quiet:
+            print(f"  [{time.perf_counter() - started:6.1f} s] {what} done", flush=True)
+
+    return report
+
+
+# -- output ------------------------------------------------------------------------------------------
+
+def pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f} %"
+
+
+def summary_table(results: dict) -> str:
+    lines = ["| eraser | exact ↓ | synonyms / paraphrases ↓ | attack c′ ↓ | attack gradient ↓ | related ↑ | "
+             "unrelated ↑ | edit (s) | per image (ms) | targets |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    b = results["base"]
+    lines.append(f"| base (no eraser) | {pct(b['erased']['exact'])} | {pct(b['erased']['synonym_paraphrase'])} | – | – "
+                 f"| {pct(b['fidelity']['related_accuracy'])} acc | {pct(b['fidelity']['unrelated_accuracy'])} acc | – "
+                 f"| {1000 * b['seconds_per_image']:.1f} | |")
+    for name, r in results["methods"].items():
+        a = r.get("attacks", {})
+        met = r["targets"]
+        flag = "all met" if all(met.values()) else "missed: " + ", ".join(k for k, v in met.items() if not v)
+        if name not in CLOSED_FORM + PAPER:
+            flag = "(targets are for closed-form methods)"
+        c_form = ("n/a (no weight edit)" if a.get("closed_form") is None else pct(a["closed_form"])) if a else "not run"
+        grad = (pct(a.get("gradient")) + (" †" if a.get("gradient_transfer") else "")) if a else "not run"
+        lines.append(f"| {TITLES[name]} | {pct(r['erased']['exact'])} | {pct(r['erased']['synonym_paraphrase'])} | "
+                     f"{c_form} | {grad} | "
+                     f"{pct(r['fidelity']['related'])} | {pct(r['fidelity']['unrelated'])} | {r['edit_seconds']:.2f} | "
+                     f"{1000 * r['seconds_per_image']:.1f} | {flag} |")
+    for name, reason in results["skipped"].items():
+        lines.append(f"| {TITLES[name]} | skipped: {reason} | | | | | | | | |")
+    return "\n".join(lines)
+
+
+def scaling_table(results: dict) -> str:
+    if not results["scaling"]:
+        return "(not run)"
+    lines = ["| eraser | erased at once | exact ↓ | synonyms / paraphrases ↓ | related ↑ | unrelated ↑ | edit (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["scaling"]:
+        lines.append(f"| {TITLES[r['method']]} | {len(r['concepts'])} {r['axis']}(s): {', '.join(r['concepts'])} | "
+                     f"{pct(r['erased']['exact'])} | {pct(r['erased']['synonym_paraphrase'])} | "
+                     f"{pct(r['fidelity']['related'])} | {pct(r['fidelity']['unrelated'])} | {r['edit_seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def results_markdown(results: dict, command: str) -> str:
+    s = results["settings"]
+    b = results["base"]
+    return "\n".join([
+        "# Shapes-world benchmark",
+        "",
+        f"Regenerated by `{command}` (do not edit by hand). Erased concept: **{s['concept']}**. "
+        f"{s['images_per_sampling']} images per sampling (every shape × colour, synonyms, held-out paraphrases, "
+        f"styled prompts; all in one batch), {s['steps']} DDIM steps, guidance {s['guidance']}, seed {s['seed']}, "
+        f"{s['threads']} CPU threads, torch {s['torch']}. Total {results['total_seconds'] / 60:.1f} min.",
+        "",
+        "Efficacy: rate at which the erased concept still appears (classifier), lower is better. Specificity: "
+        "accuracy relative to the base model on prompts that do not name the erased concept, higher is better — "
+        "*related* = the same axis (other shapes), *unrelated* = the other axes (colour, style). Targets for "
+        f"closed-form methods on one concept: exact ≤ {pct(TARGETS['exact_max'])}, unrelated ≥ "
+        f"{pct(TARGETS['unrelated_min'])}, related ≥ {pct(TARGETS['related_min'])}. "
+        f"Attacks on {results['methods'] and next(iter(results['methods'].values())).get('attacks', {}).get('n', 0)} "
+        f"exact-word prompts: c′ = RECE's closed-form adversarial context (λ_r = {s['lam_r']}); gradient = "
+        f"{s['attack_steps']} Adam steps on the input token embeddings maximising the classifier's concept "
+        "probability of the one-step x̂₀ prediction (†: sampling-time methods have no weights to attack; the "
+        "embedding is found on the base model and then sampled with the method — a transfer attack). "
+        "Multi-concept scaling is run for the closed-form methods.",
+        "",
+        "## One concept",
+        "",
+        summary_table(results),
+        "",
+        f"Base model on these prompts: concept named exactly → drawn {pct(b['erased']['exact'])}; "
+        f"by synonym/paraphrase {pct(b['erased']['synonym_paraphrase'])}; accuracy on the other shapes "
+        f"{pct(b['fidelity']['related_accuracy'])}, on colour/style {pct(b['fidelity']['unrelated_accuracy'])}.",
+        "",
+        "![before/after grid](grid.png)",
+        "",
+        f"Grid rows: {'; '.join(results['grid_rows'])}.",
+        "",
+        "## Multi-concept scaling",
+        "",
+        scaling_table(results),
+        "",
+        "## Settings",
+        "",
+        "Closed-form parameters used on this model (empty = the published defaults for objects): "
+        f"`{json.dumps(s['params'])}`.",
+        "",
+    ] + [f"- {line}" for line in NOTES])
+
+
+#: Findings that explain the numbers and the settings (measured while tuning on the shipped model: erasing
+#: "circle", 20 DDIM steps, a 93-image prompt set; and erasing "red" on a training checkpoint).
+NOTES: List[str] = [
+    "UCE with the published defaults (2025 variant: one key per concept, its last word token, mapped to the "
+    "empty prompt) barely changes this model: \"circle\" was still drawn 90 % of the time (base 90 %), "
+    "and erasing \"red\" left red at 100 %. The shapes text encoder is causal, so every row after the word "
+    "— EOS and padding — carries the concept too, and the UNet reads it from there; editing only the "
+    "word's row leaves that path open. Keying on every row from the word to the end (UCE's paper-era "
+    "\"2023\" token-range variant) is what removes it: red 100 % → 50 % with UCE-2023's default anchor.",
+    "Every row of this encoder shares a large common component (cosine ≈ 0.97 between the \"circle\" and "
+    "\"square\" rows of \"a red circle\" / \"a red square\"), so the concept is a small difference on top "
+    "of it, and the empty-prompt anchor (the start-token row) is far from every prompt row. Mapping to "
+    "another concept of the same kind is a close, valid target: red → another colour gave 0 % red; circle → "
+    "square 0 % circles. Preserving the remaining concepts of that kind (UCE's preserve list) keeps them "
+    "apart: related fidelity 0.88 → 1.00 for red, 0.89 → 0.93 for circle. This is the shapes-world "
+    "default for UCE; the \"UCE (paper defaults)\" row shows the published setting.",
+    "RECE starts from that UCE edit and then erases its derived adversarial rows c′; on this model c′ is "
+    "dominated by the shared component, and the published λ2 = 0.1 step damaged everything (circle back to "
+    "50 %, related fidelity 0.25). The published λ2 = 0.1 is negligible against this encoder's squared row "
+    "norm (≈ 115), so each round remaps c′ exactly; λ2 = 30 (≈ ¼ of it) with the preserve list gave 0 % "
+    "circles at related fidelity 0.84 (λ2 = 10: 0.80). With 0 rounds RECE equals its UCE start exactly, as "
+    "it should.",
+    "SPEED keys on the last word token like UCE-2025 and did nothing with its object defaults; its all-rows "
+    "mode (the paper's nudity setting, object hyper-parameters kept: α = 1, λ = 0) with the same-kind "
+    "anchor erases, but its null-space constraint cannot separate the near-parallel shape rows: related "
+    "fidelity stays ≈ 0.66–0.69 with or without a retain list, below the 0.85 target.",
+    "MACE keys on the co-occurring rows (prefix, EOS, padding), so it reaches the padding path by design; "
+    "with its object default mapping (\"\") it did nothing, with the same-kind anchor it meets the targets. "
+    "Its 30 photo templates are mostly outside this world's 40-word vocabulary (unknown words map to one "
+    "token), which it tolerates.",
+    "Sampling threads: on a shared 2-core machine two OpenMP threads made this model's UNet 4–10× slower "
+    "than one (spin-waiting); the commands use 2 threads on a free machine and 1 on a busy one.",
+]
+
+
+def write_outputs(results: dict, out: str, command: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    results["_grid"].save(os.path.join(out, "grid.png"))
+    with open(os.path.join(out, "RESULTS.md"), "w", encoding="utf-8") as handle:
+        handle.write(results_markdown(results, command))
+    clean = {k: v for k, v in results.items() if not k.startswith("_")}
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(clean, handle, indent=1, default=float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m erasers bench shapes", description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"erasers to run (default all): {', '.join(ALL_ERASERS)}; commas also separate")
+    p.add_argument("--quick", action="store_true", help="UCE on one concept, fewer repeats, no attacks/scaling")
+    p.add_argument("--concept", default="circle", help="the concept to erase (a shape or colour)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--reps", type=int, default=2, help="images per canonical prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attack-steps", type=int, default=20, help="Adam steps of the gradient attack (0: off)")
+    p.add_argument("--attack-reps", type=int, default=1, help="images per attacked prompt")
+    p.add_argument("--attack-lr", type=float, default=0.05, help="Adam step relative to the embedding RMS")
+    p.add_argument("--lam-r", type=float, default=0.1, help="λ_r of the closed-form (RECE) attack")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: 2, or 1 on a busy machine)")
+    p.add_argument("--weights", default=None, help="a shapes_t2i.safetensors (default: shipped)")
+    p.add_argument("--classifier", default=None, help="a shapes_classifier.safetensors (default: shipped)")
+    p.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT} for a full run; "
+                                               "--quick writes nothing unless given)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def parse_args(argv=None):
+    from ..shapes.model import DEFAULT_GUIDANCE
+
+    args = build_parser().parse_args(argv)
+    if args.methods is None:
+        args.methods = ["uce"] if args.quick else list(CLOSED_FORM) + ["uce-paper"] + list(ALL_ERASERS[4:])
+    else:
+        args.methods = [m.strip().lower() for item in args.methods for m in item.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in ALL_ERASERS + PAPER]
+    if unknown:
+        raise SystemExit(f"Unknown eraser(s) {unknown}; choose from {', '.join(ALL_ERASERS + PAPER)}.")
+    ev.axis_of(args.concept)
+    if args.guidance is None:
+        args.guidance = DEFAULT_GUIDANCE
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    command = "python -m erasers bench shapes" + (" --quick" if args.quick else "")
+    print(summary_table(results))
+    if results["scaling"]:
+        print()
+        print(scaling_table(results))
+    out = args.out or (None if args.quick else DEFAULT_OUT)
+    if out:
+        write_outputs(results, out, command)
+        print(f"\nwrote {os.path.join(out, 'RESULTS.md')}, grid.png, results.json")
+    return 0
