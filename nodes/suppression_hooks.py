@@ -279,9 +279,10 @@ def unet_attn2_sites(state_dict_keys) -> list:
 
 
 def _to_seq(t: torch.Tensor, skip_reshape: bool) -> torch.Tensor:
-    """(B, H, L, D) → (B, L, H·D) when the caller passed head-split tensors."""
+    """(B, H, L, D) → (B, L, H·D) when the caller passed head-split tensors; SD3 hands v over as
+    (B, L, H, D)."""
     if not skip_reshape:
-        return t
+        return t.reshape(t.shape[0], t.shape[1], -1) if t.ndim == 4 else t
     b, h, l, d = t.shape
     return t.transpose(1, 2).reshape(b, l, h * d)
 
@@ -407,6 +408,7 @@ class DitDispatch:
                 stream["txt"] = nctx
             block = dm.joint_blocks[self.index]
             (tq, tk, tv), inter = block.context_block.pre_attention(stream["txt"], vec)
+            tv = tv.reshape(tv.shape[0], tv.shape[1], -1)
             attn = ts.attention(torch.cat((tq, q_img), 1), torch.cat((tk, k_img), 1), torch.cat((tv, v_img), 1), heads)
             n_len = tq.shape[1]
             if inter is not None:

@@ -239,3 +239,57 @@ def test_flux_safree_projects_t5_and_sld_is_refused(comfy, pack, flux):
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="Flux"):
         run_node(nodes.EraserSLD, model=model, clip=clip, preset="medium", safety_concept="nudity", **COMMON)
+
+
+SD3_DIT = {"in_channels": 16, "out_channels": 16, "pos_embed_scaling_factor": None, "depth": 2, "patch_size": 2,
+           "adm_in_channels": 2048, "pos_embed_max_size": 16, "num_patches": 256, "qk_norm": "rms",
+           "x_block_self_attn_layers": [0], "x_block_self_attn": True,
+           "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}}}
+
+
+class FakeSD3Clip(FakeT5Clip):
+    """SD3 conditioning: 77 CLIP positions (random, fixed) then 77 T5 tokens; pooled (1, 2048)."""
+
+    def tokenize(self, text, **kw):
+        tokens = super().tokenize(text)
+        tokens["t5xxl"] = [tokens["t5xxl"][0][:77]]
+        tokens["g"] = tokens["l"]
+        return tokens
+
+    def encode_from_tokens(self, tokens, return_pooled=False, **kw):
+        t5, _ = super().encode_from_tokens(tokens, return_pooled=True)
+        clip_part = torch.randn(1, 77, 4096, generator=torch.Generator().manual_seed(7)) * 0.1
+        cond = torch.cat([clip_part, t5], 1)
+        pooled = torch.cat([t5[0, :4].mean(0)[:1024], t5[0, :4].mean(0)[1024:2048]])[None]
+        return (cond, pooled) if return_pooled else cond
+
+
+@pytest.fixture(scope="module")
+def sd3(comfy):
+    cfg = comfy.model_detection.model_config_from_unet_config(dict(SD3_DIT))
+    assert type(cfg).__name__.startswith("SD3"), cfg
+    model = cfg.get_model({})
+    randomise(model.diffusion_model, 3)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return patcher, FakeSD3Clip()
+
+
+def test_sd3_joint_blocks_all_methods(comfy, pack, sd3, counts):
+    nodes, _ = pack
+    model, clip = sd3
+    base = sample(comfy, model, clip, PROMPT, channels=16)
+    made = {
+        "guidance": run_node(nodes.EraserConceptGuidance, model=model, clip=clip, concepts="nude", phi=5.0, tau=2.5,
+                             alpha=0.25, sigma_end=0.0, **COMMON),
+        "tokens": run_node(nodes.EraserTokenSuppress, model=model, clip=clip, concepts="nude", factor=0.0,
+                           include_eos=False, similarity=0.99, prompt=PROMPT, **COMMON),
+        "sld": run_node(nodes.EraserSLD, model=model, clip=clip, preset="max", safety_concept="nudity", **COMMON),
+        "safree": run_node(nodes.EraserSAFREE, model=model, clip=clip, prompt=PROMPT, concepts="nude", preset="nudity",
+                           alpha=0.01, include_eos=True, self_validating=False, keywords_as_negative=False, **COMMON),
+    }
+    for name, m in made.items():
+        out = sample(comfy, m, clip, PROMPT, channels=16)
+        assert torch.isfinite(out).all(), name
+        if name != "safree":
+            assert not torch.equal(out, base), f"{name} had no effect on SD3"
+    assert counts["nag"] > 0 and counts["biased"] > 0
