@@ -305,9 +305,8 @@ def scaling_sets(concept: str, quick: bool) -> List[List[str]]:
 
 def run(args, pipe=None, classifier=None) -> dict:
     """The benchmark; ``pipe`` / ``classifier`` override the shipped (or ``--weights``) ones (tests)."""
-    from ..shapes import load_classifier, load_default, load_pipeline
-
     from ..demo import auto_threads
+    from ..shapes import load_classifier, load_default, load_pipeline
 
     args.threads = int(args.threads) or auto_threads()
     torch.set_num_threads(max(1, args.threads))
@@ -331,7 +330,7 @@ def run(args, pipe=None, classifier=None) -> dict:
 
     base = sample_and_read(pipe, classifier, es.prompts, args)
     progress("base")
-    results = {"settings": settings(args, es), "base": {"seconds_per_image": base.seconds / len(es),
+    results = {"settings": {**settings(args, es), "images_per_scaling_sampling": len(es_scaling)}, "base": {"seconds_per_image": base.seconds / len(es),
                                                          **ev.score(base.pred, base.pred, es, [concept])},
                "methods": {}, "scaling": [], "skipped": {}}
     columns = {"base": base.images[rows]}
@@ -468,6 +467,10 @@ def results_markdown(results: dict, command: str) -> str:
         "",
         "## Multi-concept scaling",
         "",
+        f"Each set erased at once by one edit (closed-form methods, shapes-world settings), measured on a smaller "
+        f"prompt set ({s.get('images_per_scaling_sampling', '?')} images: every shape × colour once, plus synonyms) "
+        "against the base model on the same set. With 4 shapes, 3 shapes is also all-but-one.",
+        "",
         scaling_table(results),
         "",
         "## Settings",
@@ -508,6 +511,10 @@ NOTES: List[str] = [
     "with its object default mapping (\"\") it did nothing, with the same-kind anchor it meets the targets. "
     "Its 30 photo templates are mostly outside this world's 40-word vocabulary (unknown words map to one "
     "token), which it tolerates.",
+    "Attacks: the closed-form c′ brings the concept back for every weight edit — with free access to the "
+    "context, an invertible edit W⁰(I + D) of the projections is undone by c′ ≈ (I + D)⁻¹c (up to λ_r); that "
+    "is RECE's premise, and why its rounds (and a preserve list) matter. The gradient attack has to go through "
+    "the text encoder from input token embeddings in 20 steps, so it measures what a soft-prompt search finds.",
     "Sampling threads: on a shared 2-core machine two OpenMP threads made this model's UNet 4–10× slower "
     "than one (spin-waiting); the commands use 2 threads on a free machine and 1 on a busy one.",
 ]

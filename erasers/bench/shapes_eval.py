@@ -191,7 +191,8 @@ def labelled_grid(columns: Dict[str, torch.Tensor], row_labels: Sequence[str], s
     names = list(columns)
     rows = len(row_labels)
     h, w = next(iter(columns.values())).shape[-2:]
-    cell_w, cell_h = w * scale, h * scale
+    # wide enough for the longest column name (the default bitmap font is ~6 px per character)
+    cell_w, cell_h = max(w * scale, 6 * max(len(n) for n in names) + 4), h * scale
     left, top = 8 + 6 * max(len(r) for r in row_labels), 16
     width = left + len(names) * (cell_w + pad) + pad
     height = top + rows * (cell_h + pad) + pad
@@ -202,7 +203,7 @@ def labelled_grid(columns: Dict[str, torch.Tensor], row_labels: Sequence[str], s
         images = columns[name]
         arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         for i in range(rows):
-            tile = Image.fromarray(arr[i]).resize((cell_w, cell_h), Image.NEAREST)
+            tile = Image.fromarray(arr[i]).resize((w * scale, cell_h), Image.NEAREST)
             canvas.paste(tile, (left + pad + j * (cell_w + pad), top + pad + i * (cell_h + pad)))
     for i, label in enumerate(row_labels):
         draw.text((4, top + pad + i * (cell_h + pad) + cell_h // 2 - 5), label, fill=(0, 0, 0))
