@@ -18,8 +18,35 @@ class ConfigError(EraserError):
     pass
 
 
+class SerialisedConfig:
+    """to_dict / to_json / from_dict for config dataclasses with a ``method`` class variable.
+
+    The flat dict is what eraser-file metadata, workflow ``extra`` and A1111 infotext carry.
+    """
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        out = {"method": self.method}
+        out.update(dataclasses.asdict(self))
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"method"})
+        if unknown:
+            raise ConfigError(f"{cls.method}: unknown parameters {unknown}; known ones are {sorted(known)}.")
+        if data.get("method", cls.method) != cls.method:
+            raise ConfigError(f"Expected a '{cls.method}' config, found method '{data.get('method')}'.")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass
-class EraserConfig:
+class EraserConfig(SerialisedConfig):
     """Fields shared by every closed-form method."""
 
     method: ClassVar[str] = ""
@@ -82,23 +109,6 @@ class EraserConfig:
         if name not in cls.PRESETS:
             raise ConfigError(f"{cls.method}: unknown preset '{name}'; available: {', '.join(cls.PRESETS) or 'none'}.")
         return cls(**{**cls.PRESETS[name], **fields})
-
-    # -- serialisation ----------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        out = {"method": self.method}
-        out.update(dataclasses.asdict(self))
-        return out
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "EraserConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"method"})
-        if unknown:
-            raise ConfigError(f"{cls.method}: unknown parameters {unknown}; known ones are {sorted(known)}.")
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def describe(config: EraserConfig) -> str:

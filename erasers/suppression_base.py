@@ -7,8 +7,6 @@ can see in the log why a prompt was or was not touched.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -17,7 +15,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, SerialisedConfig
 from .text import check_prompts, split_concepts
 
 log = logging.getLogger(__name__)
@@ -39,7 +37,7 @@ def load_preset(name: str) -> list:
 
 
 @dataclass
-class SuppressionConfig:
+class SuppressionConfig(SerialisedConfig):
     """Fields every sampling-time method has.
 
     strength: 0 switches the method off (the node then returns the model unpatched: bit-identical output).
@@ -86,24 +84,6 @@ class SuppressionConfig:
     @property
     def active(self) -> bool:
         return self.strength > 0
-
-    def to_dict(self) -> dict:
-        out = {"method": self.method}
-        out.update(dataclasses.asdict(self))
-        return out
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"method"})
-        if unknown:
-            raise ConfigError(f"{cls.method}: unknown parameters {unknown}; known ones are {sorted(known)}.")
-        if data.get("method", cls.method) != cls.method:
-            raise ConfigError(f"Expected a '{cls.method}' config, found method '{data.get('method')}'.")
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 # -- σ window ---------------------------------------------------------------------------------------
