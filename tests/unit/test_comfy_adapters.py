@@ -6,28 +6,11 @@ tokens are ``{"l": [[(id, weight), …77]]}`` and ``encode_from_tokens`` concate
 tokens dict along the token axis and returns the *first* section's pooled vector (§4.2, sd1_clip).
 """
 import hashlib
-import importlib
-import importlib.util
-import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-PACK = "concept_erasers"
-
-
-def pack_module(name: str):
-    """Import ``<repo>/<name>`` as ``concept_erasers.<name>`` (nodes/ uses ``..erasers`` relative imports)."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.{name}")
+from pack_import import pack_module  # shared test helper
 
 
 adapters = pack_module("nodes.adapters")

@@ -1,30 +1,15 @@
 """nodes/routes.py (path validation, presets) and erasers/file_info.py (header-only reader), no ComfyUI."""
 import hashlib
-import importlib
-import importlib.util
 import json
 import os
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[2]
-PACK = "concept_erasers"
-
-
-def pack_module(name: str):
-    """Import ``<repo>/<name>`` as ``concept_erasers.<name>`` (nodes/ uses ``..erasers`` relative imports)."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.{name}")
+from pack_import import pack_module  # shared test helper
 
 
 routes = pack_module("nodes.routes")
