@@ -109,21 +109,37 @@ class FakeCFGDenoiser:
     def __init__(self, sd_model, callbacks=True):
         self.sd_model, self.callbacks = sd_model, callbacks
 
+    # the real-webui tier overrides these four with modules.script_callbacks' classes and dispatchers
+    def denoiser_params(self, x, image_cond, sigma, step, total, text_cond, text_uncond):
+        return SimpleNamespace(x=x, image_cond=image_cond, sigma=sigma, sampling_step=step,
+                               total_sampling_steps=total, text_cond=text_cond, text_uncond=text_uncond,
+                               denoiser=self)
+
+    def denoised_params(self, x, step, total, inner_model):
+        return SimpleNamespace(x=x, sampling_step=step, total_sampling_steps=total, inner_model=inner_model)
+
+    def fire_denoiser(self, params):
+        guards.on_cfg_denoiser(params)
+
+    def fire_denoised(self, params):
+        guards.on_cfg_denoised(params)
+
     def __call__(self, x, sigma, cond, uncond, cond_scale, step, total):
         x_in, sigma_in = torch.cat([x, x]), torch.cat([sigma, sigma])
         image_cond_in = torch.zeros(x_in.shape[0], 5, 1, 1)
-        params = SimpleNamespace(x=x_in, image_cond=image_cond_in, sigma=sigma_in, sampling_step=step,
-                                 total_sampling_steps=total, text_cond=cond, text_uncond=uncond, denoiser=self)
+        params = self.denoiser_params(x_in, image_cond_in, sigma_in, step, total, cond, uncond)
         if self.callbacks:
-            guards.on_cfg_denoiser(params)
+            self.fire_denoiser(params)
         x_in, sigma_in, tensor, uncond = params.x, params.sigma, params.text_cond, params.text_uncond
         cond_in = torch.cat([tensor, uncond])
         x_out = self.sd_model.inner_model(x_in, sigma_in, cond={"c_crossattn": [cond_in], "c_concat": [image_cond_in]})
         if self.callbacks:
-            guards.on_cfg_denoised(SimpleNamespace(x=x_out, sampling_step=step, total_sampling_steps=total,
-                                                   inner_model=self.sd_model.inner_model))
+            self.fire_denoised(self.denoised_params(x_out, step, total, self.sd_model.inner_model))
         n = tensor.shape[0]
         return x_out[n:] + cond_scale * (x_out[:n] - x_out[n:])
+
+
+DENOISER = FakeCFGDenoiser  # swapped by the real-webui tier
 
 
 def sample(sd_model, prompt=PROMPT, steps=3, sigma0=10.0, callbacks=True):
@@ -132,7 +148,7 @@ def sample(sd_model, prompt=PROMPT, steps=3, sigma0=10.0, callbacks=True):
     x = torch.randn(1, 4, 4, 4, generator=gen) * sigma0
     cond = sd_model.get_learned_conditioning([prompt])
     uncond = sd_model.get_learned_conditioning([""])
-    den = FakeCFGDenoiser(sd_model, callbacks)
+    den = DENOISER(sd_model, callbacks)
     outs = []
     sigmas = torch.linspace(sigma0, 1.0, steps + 1)
     with torch.no_grad():
