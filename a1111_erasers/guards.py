@@ -132,6 +132,7 @@ class GuardSession:
         self.family = family
         self.patched = []
         self.cond_rows = []  # this step's positive context rows (after SAFREE)
+        self._per_context = {}  # this step's (rows, bias) per context tensor: every attn2 sees the same one
         self.step, self.total = 0, 1
         self.stash = None
         self.warned = set()
@@ -206,6 +207,7 @@ class GuardSession:
                 cond = with_crossattn(cond, new)
                 params.text_cond = cond
         self.cond_rows = [row for row in crossattn(cond)]
+        self._per_context = {}
         self.stash = (params.x, params.image_cond, params.sigma, cond)
 
     # on_cfg_denoised (SLD) -------------------------------------------------------------------------
@@ -288,8 +290,11 @@ class GuardSession:
         original = type(module).forward.__get__(module)
         if context is None or mask is not None or not self.cond_rows:
             return original(x, context=context, mask=mask, **kwargs)
-        rows = self.positive_rows(context)
-        bias = self.token_bias(context, rows)
+        key = (id(context), context.data_ptr(), tuple(context.shape))
+        if key not in self._per_context:
+            rows = self.positive_rows(context)
+            self._per_context[key] = (context, rows, self.token_bias(context, rows))  # context kept: id stays unique
+        _, rows, bias = self._per_context[key]
         nag = bool(rows) and self.nag_active(self.stash[2] if self.stash else 0.0)
         if bias is None and not nag:
             return original(x, context=context, mask=mask, **kwargs)

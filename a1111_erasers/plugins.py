@@ -144,6 +144,7 @@ def install_guards(p, settings, backend, encoder) -> list:
     if not configs:
         return []
     prompts = list(getattr(p, "prompts", None) or getattr(p, "all_prompts", None) or [""])
+    prompts += [h for h in (getattr(p, "hr_prompts", None) or []) if isinstance(h, str)]  # hires pass
     session = guards.GuardSession(configs, encoder, prompts, family=getattr(encoder, "family", "sd1"))
     guards.install(session, p.sd_model.model.diffusion_model)
     return [guards.label(n, c) for n, c in configs.items()]
