@@ -89,3 +89,31 @@ def test_real_token_suppression_uses_the_patched_forward_not_the_optimiser(real,
     assert calls == []
     fakes.sample(sd_model)
     assert len(calls) == 2 * 3  # after restore: the class forward again, 2 blocks × 3 steps
+
+
+def test_real_gradio_accordion_offers_the_guards_on_a1111(webui, tmp_path):
+    """The accordion built with the webui's own gradio: the guard controls are live on A1111 and their
+    components sit at the API arg positions 12–14."""
+    import gradio as gr
+
+    from a1111_erasers import backend as be
+    from a1111_erasers import runtime, settings, ui
+
+    class ScriptStub:
+        pass
+
+    controller = runtime.Controller(runtime.Host(models_path=str(tmp_path)), backend=be.Backend(be.A1111))
+    script = ScriptStub()
+    with gr.Blocks():
+        components = ui.build(script, False, controller)
+    assert len(components) == len(settings.ARG_ORDER)
+    guards_dd = components[settings.ARG_ORDER.index("guards")]
+    choices = [c[0] if isinstance(c, (tuple, list)) else c for c in guards_dd.choices]
+    assert set(choices) == {"safree", "sld", "concept_guidance", "token_suppress"}
+    assert guards_dd.interactive is not False
+    assert settings.ARG_ORDER[12:15] == ("guards", "guard_preset", "guard_concepts")
+
+    forge = runtime.Controller(runtime.Host(models_path=str(tmp_path)), backend=be.Backend(be.FORGE2))
+    with gr.Blocks():
+        components = ui.build(ScriptStub(), False, forge)
+    assert components[settings.ARG_ORDER.index("guards")].interactive is False  # disabled, with a message
