@@ -201,7 +201,10 @@ class GuardSession:
                 for ref, result in self.safree:
                     if self.in_window(config, result.filter_fraction) and matches(hidden[r], ref):
                         new = hidden.clone() if new is None else new
-                        new[r] = tile_to(result.hidden.to(hidden.device, hidden.dtype), hidden.shape[1])
+                        # the analysed encoding covers the prompt's own chunks; later rows (padding the webui
+                        # adds to match the uncond length comes after this callback) are left as they are
+                        length = min(hidden.shape[1], result.hidden.shape[0])
+                        new[r, :length] = result.hidden[:length].to(hidden.device, hidden.dtype)
                         break
             if new is not None:
                 cond = with_crossattn(cond, new)
@@ -230,7 +233,7 @@ class GuardSession:
             c_safe = {k: tile_to(v.to(out.device), n) for k, v in safety.items()}
             make = {**c_safe, "c_concat": [image_cond[:n]]}
         else:
-            make = {"c_crossattn": [tile_to(safety.to(out.device, out.dtype), n)], "c_concat": [image_cond[:n]]}
+            make = {"c_crossattn": [tile_to(safety.to(out.device), n)], "c_concat": [image_cond[:n]]}
         with torch.no_grad():
             x0_safety = params.inner_model(x_in[:n], sigma_in[:n], cond=make)
         x, s = x_in[:n], sigma_in[:n]
