@@ -101,42 +101,57 @@ def spm_entries(requests, resolve_path, prompt, encoder, shapes, make_entry, com
 
 
 # -- sampling-time guards --------------------------------------------------------------------------
-#: guards whose A1111/Forge sampling hooks are implemented below (none yet: the core modules landed last)
-WIRED_GUARDS = ()
+#: guards whose webui sampling hooks are implemented (a1111_erasers/guards.py)
+WIRED_GUARDS = ("safree", "sld", "concept_guidance", "token_suppress")
+#: backends whose hooks the guards use: A1111's CFGDenoiser callbacks and ldm/sgm ``attn2`` modules.
+#: Forge never fires ``on_cfg_denoised`` and replaces the attention modules, so it is not wired yet.
+GUARD_BACKENDS = ("a1111",)
 
 
-def guard_available(name: str) -> bool:
+def guard_available(name: str, backend=None) -> bool:
+    if backend is not None and getattr(backend, "kind", None) not in GUARD_BACKENDS:
+        return False
     return name in WIRED_GUARDS and core_module(GUARD_MODULES[name]) is not None
 
 
-def guard_unavailable_message(names=GUARDS) -> str:
+def guard_unavailable_message(names=GUARDS, backend=None) -> str:
+    if backend is not None and getattr(backend, "kind", None) not in GUARD_BACKENDS and backend.supported:
+        return (f"The sampling-time guards are wired for Automatic1111's sampler callbacks only; on "
+                f"{backend.label} they are not available yet (use the closed-form erasure, eraser files or "
+                f"SPM membranes). The section is disabled so nothing pretends to guard.")
     missing = [GUARD_TITLES[n] for n in names if not guard_available(n)]
     if not missing:
         return ""
-    in_core = [GUARD_TITLES[n] for n in names if not guard_available(n) and core_module(GUARD_MODULES[n])]
-    if in_core and len(in_core) == len(missing):
-        return (f"Not yet available in A1111/Forge: {', '.join(missing)}. The core implements them (the ComfyUI "
-                f"nodes use them), but their webui sampling hooks are still to be written; the section is "
-                f"disabled so nothing pretends to guard.")
-    return (f"Not in this build of Concept Erasers: {', '.join(missing)}. The section is disabled.")
+    return f"Not in this build of Concept Erasers: {', '.join(missing)}. The section is disabled."
 
 
 def install_guards(p, settings, backend, encoder) -> list:
-    """Register the selected guards for this generation; returns the labels of what was installed.
+    """Install the selected guards for this sampling pass; returns the labels of what was installed.
 
-    A1111: CFG callbacks (``on_cfg_denoiser`` / ``on_cfg_denoised``) gated by a per-generation state;
-    Forge: ``set_model_sampler_post_cfg_function`` etc. on the cloned UnetPatcher.
+    Idempotent per pass: a previous session (hires fix, an interrupted run) is removed first. Nothing is
+    installed when no guard is selected, so sampling stays bit-identical.
     """
+    from . import guards
+
+    guards.remove()
     wanted = [g for g in settings.guards if g in GUARD_MODULES]
-    if not wanted:
+    if not settings.enabled or not wanted:
         return []
-    missing = [g for g in wanted if not guard_available(g)]
+    missing = [g for g in wanted if not guard_available(g, backend)]
     if missing:
-        raise Unavailable(guard_unavailable_message(missing))
-    raise Unavailable("The guard modules exist but this glue does not yet know their API; update "
-                      "a1111_erasers/plugins.py:install_guards.")
+        raise Unavailable(guard_unavailable_message(missing, backend))
+    configs = {n: c for n, c in guards.guard_configs(settings).items() if c.active}
+    if not configs:
+        return []
+    prompts = list(getattr(p, "prompts", None) or getattr(p, "all_prompts", None) or [""])
+    prompts += [h for h in (getattr(p, "hr_prompts", None) or []) if isinstance(h, str)]  # hires pass
+    session = guards.GuardSession(configs, encoder, prompts, family=getattr(encoder, "family", "sd1"))
+    guards.install(session, p.sd_model.model.diffusion_model)
+    return [guards.label(n, c) for n, c in configs.items()]
 
 
 def remove_guards(p) -> None:
-    """Undo ``install_guards`` (A1111 callbacks are gated off; Forge needs nothing)."""
-    return None
+    """Undo ``install_guards``: callbacks gated off, every patched ``attn2.forward`` removed."""
+    from . import guards
+
+    guards.remove()

@@ -103,6 +103,7 @@ class Controller:
 
     def begin(self, p, settings: UISettings) -> GenerationState:
         self.direct.restore()  # a generation that died before postprocess left a patch behind
+        plugins.remove_guards(p)  # likewise for guard patches
         state = GenerationState(settings)  # tags arrive later, from the extra networks' activate()
         setattr(p, STATE_ATTR, state)
         if settings.enabled:
@@ -220,6 +221,28 @@ class Controller:
             log.info("Concept Erasers (%s): %s", route, ", ".join(f"{e.label}×{e.multiplier:g}" for e in entries))
         state.applied = [e.label for e in entries]
         return entries
+
+    def apply_guards(self, p) -> list:
+        """Install the selected sampling-time guards for the coming sampling pass (re-run before the hires
+        pass: the session is rebuilt, SLD's momentum starts again). Returns their labels."""
+        state = self.state(p)
+        backend = self.backend
+        if not backend.supported or state.failed:
+            plugins.remove_guards(p)
+            return []
+        try:
+            labels = plugins.install_guards(p, state.settings, backend, WebuiTextEncoder(p.sd_model, self.host.autocast))
+        except plugins.Unavailable as exc:
+            plugins.remove_guards(p)
+            self._fail(p, str(exc))
+            return []
+        except Exception as exc:
+            plugins.remove_guards(p)
+            self._fail(p, str(exc), exc_info=not isinstance(exc, ValueError))
+            return []
+        if labels:
+            log.info("Concept Erasers guards: %s", ", ".join(labels))
+        return labels
 
     def finish(self, p) -> None:
         """``postprocess``: take our networks out and restore direct patches (Forge needs nothing)."""

@@ -62,10 +62,10 @@ def build(script, is_img2img: bool, controller) -> list:
                                                      interactive=spm_ok)
         with gr.Group():
             gr.Markdown("**Sampling-time guards** — steer sampling away from the concepts (no weight change).")
-            message = plugins.guard_unavailable_message()
+            message = plugins.guard_unavailable_message(backend=backend)
             if message:
                 gr.Markdown(message)
-            usable = [g for g in GUARDS if plugins.guard_available(g)]
+            usable = [g for g in GUARDS if plugins.guard_available(g, backend)]
             with gr.Row():
                 comps["guards"] = gr.Dropdown(label="Guards", multiselect=True, choices=usable, value=[],
                                               interactive=bool(usable))

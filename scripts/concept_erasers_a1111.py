@@ -85,10 +85,17 @@ class ConceptErasersScript(scripts.Script):
         # A1111 < 1.10 has no process_before_every_sampling: the direct route applies here instead
         if controller.backend.weight_route == "direct":
             controller.apply_weights(p, "sampling")
+        if not hasattr(scripts.Script, "process_before_every_sampling"):
+            controller.apply_guards(p)  # A1111 < 1.10; re-installed before the hires pass in before_hr
+
+    def before_hr(self, p, *args):
+        if controller.backend.supported and not hasattr(scripts.Script, "process_before_every_sampling"):
+            controller.apply_guards(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         if controller.backend.supported:
             controller.apply_weights(p, "sampling")
+            controller.apply_guards(p)
 
     def postprocess(self, p, processed, *args):
         if controller.backend.supported:
@@ -108,6 +115,10 @@ def _before_ui():
         ui_extra_networks.register_page(en.make_page(ui_extra_networks, kind, controller, quote_js))
 
 
+guards = importlib.import_module(f"{GLUE_NAME}.guards")
+script_callbacks.on_cfg_denoiser(guards.on_cfg_denoiser)  # inert unless a guard session is installed
+if hasattr(script_callbacks, "on_cfg_denoised"):
+    script_callbacks.on_cfg_denoised(guards.on_cfg_denoised)
 script_callbacks.on_model_loaded(controller.invalidate)
 script_callbacks.on_before_ui(_before_ui)
 script_callbacks.on_script_unloaded(controller.unload)

@@ -34,8 +34,11 @@ def webui():
     old_argv = sys.argv
     sys.argv = [sys.argv[0], "--skip-torch-cuda-test", "--no-half", "--use-cpu", "all", "--skip-prepare-environment"]
     try:
+        from modules import shared
+        if getattr(shared, "opts", None) is None:  # what webui.py's initialize does first (A1111 ≥ 1.6)
+            from modules import shared_init
+            shared_init.initialize()
         from modules import script_callbacks, scripts  # noqa: F401
-        from modules import shared  # noqa: F401
         import network  # the Lora built-in
         import networks
     except Exception as exc:  # a webui that cannot import here: say exactly why

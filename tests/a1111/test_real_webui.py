@@ -16,18 +16,30 @@ from a1111_erasers import runtime, settings  # noqa: E402
 
 
 def real_forward_all(networks, sd_model):
-    """Run the Lora built-in's own lazy merge on every Linear, as its patched forward would."""
-    for module in sd_model.model.modules():
-        if isinstance(module, torch.nn.Linear):
-            networks.network_apply_weights(module)
+    """Run the Lora built-in's own lazy merge on every Linear, as its patched forward would (the webui
+    samples under ``torch.no_grad()``, which the merge's in-place copies rely on)."""
+    with torch.no_grad():
+        for module in sd_model.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                networks.network_apply_weights(module)
+
+
+def set_current_model(monkeypatch, sd_model):
+    """Make ``shared.sd_model`` return the toy model. On A1111 ≥ 1.6 it is a property backed by
+    ``sd_models.model_data`` whose getter loads a checkpoint when none is set, so patch the backing field."""
+    from modules import sd_models, shared
+
+    model_data = getattr(sd_models, "model_data", None)
+    if model_data is not None and hasattr(model_data, "sd_model"):
+        monkeypatch.setattr(model_data, "sd_model", sd_model)
+    else:
+        monkeypatch.setattr(shared, "sd_model", sd_model, raising=False)
 
 
 def test_real_lora_merge_enable_disable_and_compose(webui, tmp_path, monkeypatch):
     networks, network = webui["networks"], webui["network"]
     sd_model = fakes.FakeSDModel()
-    from modules import shared
-
-    monkeypatch.setattr(shared, "sd_model", sd_model, raising=False)
+    set_current_model(monkeypatch, sd_model)
     for name, module in sd_model.model.named_modules():
         module.network_layer_name = name.replace(".", "_")
     controller = runtime.Controller(runtime.Host(models_path=str(tmp_path)),
@@ -70,7 +82,9 @@ def test_real_infotext_round_trip(webui):
     except ImportError:
         from modules import generation_parameters_copypaste as iu
     ui = settings.UISettings(enabled=True, concepts="Van Gogh, Monet", anchors="art", strength=0.7)
-    text = "a painting\nSteps: 20, " + f"{settings.INFOTEXT_KEY}: {iu.quote(ui.to_infotext())}"
+    # the webui only reads the last line as parameters when it holds at least three "Key: value" pairs
+    text = ("a painting\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, "
+            f"{settings.INFOTEXT_KEY}: {iu.quote(ui.to_infotext())}")
     params = iu.parse_generation_parameters(text)
     pasted = settings.UISettings.from_dict({n: settings.paste_getter(n)(params) for n in settings.ARG_ORDER})
     assert pasted == ui

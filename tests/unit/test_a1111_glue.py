@@ -728,7 +728,7 @@ def test_entry_script_loads_and_drives_the_hooks_with_a_fake_webui(tmp_path, mon
         pass
 
     mods["modules.scripts"].Script, mods["modules.scripts"].AlwaysVisible = Script, object()
-    for hook in ("on_model_loaded", "on_before_ui", "on_script_unloaded"):
+    for hook in ("on_model_loaded", "on_before_ui", "on_script_unloaded", "on_cfg_denoiser", "on_cfg_denoised"):
         setattr(mods["modules.script_callbacks"], hook, lambda fn, hook=hook: calls.setdefault(hook, fn))
     mods["modules.paths"].models_path = str(tmp_path)
     mods["modules.shared"].cmd_opts = types.SimpleNamespace(erasers_dir=None, spm_dir=None)
@@ -747,7 +747,7 @@ def test_entry_script_loads_and_drives_the_hooks_with_a_fake_webui(tmp_path, mon
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
     monkeypatch.setattr(entry.controller, "_detect", lambda: be.Backend(be.A1111, networks, None))
-    assert set(calls) == {"on_model_loaded", "on_before_ui", "on_script_unloaded"}
+    assert set(calls) == {"on_model_loaded", "on_before_ui", "on_script_unloaded", "on_cfg_denoiser", "on_cfg_denoised"}
     script = entry.ConceptErasersScript()
     assert script.title() == "Concept Erasers" and script.show(False) is mods["modules.scripts"].AlwaysVisible
 
