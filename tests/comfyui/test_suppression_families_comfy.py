@@ -5,6 +5,7 @@ conditioning swap) and leave the output bit-identical at strength 0. Unserved fa
 """
 from __future__ import annotations
 
+import logging
 import os
 import types
 
@@ -105,3 +106,22 @@ def test_unserved_families_are_refused_by_name(pack):
     for node, kw in calls.items():
         with pytest.raises(UnsupportedFamily, match="StableCascadeLike"):
             run_node(node, model=model, **args, **kw)
+
+
+def test_safree_takes_an_empty_prompt_from_the_workflow_or_says_why_not(comfy, pack, sdxl, caplog):
+    nodes, _ = pack
+    model, clip = sdxl
+    kw = dict(model=model, clip=clip, concepts="nude", preset="nudity", alpha=0.01, include_eos=True,
+              self_validating=False, keywords_as_negative=False, **COMMON)
+    typed = sample(comfy, run_node(nodes.EraserSAFREE, prompt=PROMPT, **kw), clip, PROMPT)
+    assert not torch.equal(typed, sample(comfy, model, clip, PROMPT))
+    # the API-format workflow ComfyUI hands over as the hidden PROMPT input
+    graph = {"1": {"class_type": "EraserSAFREE", "inputs": {"model": ["0", 0], "clip": ["0", 1], "prompt": ""}},
+             "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["0", 1], "text": PROMPT}},
+             "3": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0]}}}
+    node = nodes.EraserSAFREE.PREPARE_CLASS_CLONE({"PROMPT": graph, "UNIQUE_ID": "1"})
+    assert torch.equal(sample(comfy, node.execute(prompt="", **kw).result[0], clip, PROMPT), typed)
+    with caplog.at_level(logging.WARNING):
+        m = run_node(nodes.EraserSAFREE, prompt="", **kw)  # no workflow to look in
+    assert "could not be recovered" in caplog.text and "no sampler" in caplog.text
+    assert torch.equal(sample(comfy, m, clip, PROMPT), sample(comfy, model, clip, PROMPT))
