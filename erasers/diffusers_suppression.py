@@ -59,11 +59,17 @@ class SuppressionAttnProcessor:
         state = self.controller.state
         if state is None or not state.active or encoder_hidden_states is None or attention_mask is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if state.token_bias is not None:
+            state.calls["bias"] += 1
+            if state.nag_context is None:
+                # token suppression alone is an additive (B, 1, T) attention mask: the layer's own processor
+                # (and its optimized kernel) does all the work
+                mask = state.token_bias.to(hidden_states.device, hidden_states.dtype)[:, None, :]
+                return self.original(attn, hidden_states, encoder_hidden_states, mask, temb, **kwargs)
         q = attn.to_q(hidden_states)
         k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         heads = attn.heads
         if state.token_bias is not None:
-            state.calls["bias"] += 1
             out = ts.suppressed_attention(q, k, v, heads, state.token_bias.to(q.device))
         else:
             out = ts.attention(q, k, v, heads)

@@ -123,28 +123,20 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, bias: Optional
     return logits.softmax(-1)
 
 
-def suppressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor,
-                         plain=None) -> torch.Tensor:
-    """Attention with a per-row column bias (B, T), computed the cheap way.
+def bias_mask(bias: torch.Tensor, dtype) -> torch.Tensor:
+    """(B, T) per-row column bias → (B, 1, 1, T) additive attention mask (broadcast over heads and
+    queries), the layout every ComfyUI attention function and SDPA accept."""
+    return bias.to(dtype)[:, None, None, :]
 
-    Rows without bias (the negative branch) go through ``plain`` (the host's own attention). Rows whose
-    bias only drops columns attend over the kept columns alone — exact and mask-free, so fast kernels stay
-    usable (suppression.md §7.3). Other rows get the additive bias.
+
+def suppressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor,
+                         attention_fn=None) -> torch.Tensor:
+    """Attention with a per-row column bias (B, T), through ``attention_fn(q, k, v, heads, mask=…)``.
+
+    Adding log c_j to the logits of key j *is* the post-softmax rescale by c_j plus renormalisation
+    (module docstring), so the host's own optimized attention does the work with an additive mask: no
+    hand-written attention, one kernel call for the whole batch. Rows whose bias is 0 (the negative branch)
+    get the same logits as without the mask. ``attention_fn`` defaults to plain SDPA (``attention``).
     """
-    plain = plain or attention
-    active = (bias != 0).any(-1)
-    if not bool(active.any()):
-        return plain(q, k, v, heads)
-    out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
-    idle = (~active).nonzero().flatten()
-    if idle.numel():
-        out[idle] = plain(q[idle], k[idle], v[idle], heads)
-    for r in active.nonzero().flatten().tolist():
-        b = bias[r]
-        if bool(((b == 0) | (b <= DROP_BIAS)).all()):
-            keep = b == 0
-            if bool(keep.any()):
-                out[r:r + 1] = plain(q[r:r + 1], k[r:r + 1, keep], v[r:r + 1, keep], heads)
-                continue
-        out[r:r + 1] = attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], heads, b)
-    return out
+    fn = attention_fn or (lambda q_, k_, v_, h, mask=None: attention(q_, k_, v_, h, mask))
+    return fn(q, k, v, heads, mask=bias_mask(bias, q.dtype))

@@ -14,6 +14,7 @@ from ..erasers.concept_guidance import ALPHA, ConceptGuidanceConfig
 from ..erasers.suppression_base import preset_names, sigma_window
 from ..erasers.text import split_concepts
 from ..erasers.token_suppress import TokenSuppressConfig, match_token_ids
+from . import prompt_trace
 from . import suppression_clip as sc
 from . import suppression_hooks as hooks
 
@@ -80,14 +81,16 @@ class EraserSAFREE(io.ComfyNode):
                         "(SAFREE); benign prompts stay bit-identical.",
             inputs=[io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."), io.Clip.Input("clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."),
                     io.String.Input("prompt", multiline=True, default="",
-                                    tooltip="the positive prompt (the same text as in CLIP Text Encode)"),
+                                    tooltip="the positive prompt text, the same as in CLIP Text Encode (CONDITIONING "
+                                            "carries no text). Empty: taken from the text encoder behind the positive "
+                                            "input of the sampler that uses this model; a warning says when it cannot"),
                     io.String.Input("concepts", multiline=True, default="", tooltip="empty → the preset's keywords"),
                     io.Combo.Input("preset", options=preset_names(), default="nudity", tooltip="keyword list used when concepts is empty (files in erasers/data/presets)"),
                     io.Float.Input("alpha", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="detection margin α of the masked-token test (paper: 0.01)"),
                     io.Boolean.Input("include_eos", default=True, tooltip="also project the EOS/padding positions, which carry the concept in causal CLIP"),
                     io.Boolean.Input("self_validating", default=True, tooltip="SAFREE's step switch t′: use the projection only for the early steps it selects"),
                     io.Boolean.Input("keywords_as_negative", default=False, tooltip="also use the joined keywords as the negative prompt (the reference always does)")] + common_inputs(),
-            outputs=[io.Model.Output()])
+            outputs=[io.Model.Output()], hidden=[io.Hidden.prompt, io.Hidden.unique_id])
 
     @classmethod
     def execute(cls, model, clip, prompt, concepts, preset, alpha, include_eos, self_validating,
@@ -98,7 +101,10 @@ class EraserSAFREE(io.ComfyNode):
                                      start_percent=start_percent, end_percent=end_percent, risk_gate=risk_gate)
         family = sc.model_family(model)
         m = model.clone()
-        if not config.active or not prompt.strip():
+        if not config.active:
+            return io.NodeOutput(m)
+        prompt = prompt.strip() or cls.recover_prompt()
+        if not prompt:
             return io.NodeOutput(m)
         mask_id = sc.T5_PAD if sc.is_t5(family) else safree.CLIP_MASK_ID
         tokens, positions, copies, n_real = sc.masked_token_dicts(clip, prompt, family, mask_id)
@@ -121,6 +127,28 @@ class EraserSAFREE(io.ComfyNode):
         s_start, s_end = sigma_window(m.get_model_object("model_sampling").percent_to_sigma, config.start_percent, end)
         add_wrapper(m, "safree", hooks.make_safree_wrapper(result, prompt_ctx[0], s_start, s_end, negative))
         return io.NodeOutput(m)
+
+    @classmethod
+    def recover_prompt(cls) -> str:
+        """The positive prompt text from the running workflow, or "" with a warning saying why not."""
+        hidden = getattr(cls, "hidden", None)
+        texts = prompt_trace.positive_prompt_texts(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
+        usable = [t.strip() for t in texts if t and t.strip()]
+        if len(texts) == 1 and usable:
+            log.info("SAFREE: the node's prompt is empty; using the positive prompt of the sampler that uses this "
+                     "model: %r", usable[0][:80])
+            return usable[0]
+        if not texts:
+            reason = "no sampler using this model was found in the workflow"
+        elif not usable:
+            reason = "the positive conditioning is built by a node whose text cannot be read"
+        else:
+            reason = f"{len(texts)} different positive prompts use this model"
+        log.warning("SAFREE: the node's prompt is empty and the positive prompt could not be recovered (%s). SAFREE "
+                    "needs the prompt text for its masked-token test (CONDITIONING carries no text), so the model is "
+                    "passed through unchanged. Type the positive prompt into the SAFREE node, or link one String "
+                    "node to both it and CLIP Text Encode.", reason)
+        return ""
 
 
 class EraserSLD(io.ComfyNode):

@@ -226,11 +226,11 @@ class Attn2Dispatch:
     def __init__(self, attention=None):
         self.attention = attention  # None → ComfyUI's optimized_attention, else plain SDPA
 
-    def plain(self, q, k, v, heads, extra_options):
+    def plain(self, q, k, v, heads, extra_options, mask=None):
         fn = self.attention or host_attention()
         if fn is None:
-            return ts.attention(q, k, v, heads)
-        return fn(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+            return ts.attention(q, k, v, heads, mask)
+        return fn(q, k, v, heads, mask=mask, attn_precision=extra_options.get("attn_precision"),
                   transformer_options=extra_options)
 
     def __call__(self, q, k, v, extra_options):
@@ -243,8 +243,10 @@ class Attn2Dispatch:
         k_pos, v_pos = k[:, :T], v[:, :T]
         bias = state.get("token_bias")
         if bias is not None and bias.shape[1] == T:
+            # the bias is an additive mask through the host's own attention: same kernel, one call
             out = ts.suppressed_attention(q, k_pos, v_pos, heads, bias.to(q.device),
-                                          plain=lambda q_, k_, v_, h: self.plain(q_, k_, v_, h, extra_options))
+                                          lambda q_, k_, v_, h, mask=None: self.plain(q_, k_, v_, h, extra_options,
+                                                                                      mask))
         else:
             out = self.plain(q, k_pos, v_pos, heads, extra_options)
         for op, (start, length) in zip(state.get("nag") or [], slices):
@@ -325,41 +327,50 @@ class DitDispatch:
 
     def joint_attention(self, func, q, k, v, heads, mask, skip_reshape, kw, state, args, txt_len):
         bias = state.get("token_bias")
-        qs, ks, vs = (_to_seq(t, skip_reshape) for t in (q, k, v))
-        B, L, _ = qs.shape
         if bias is not None and mask is None:
-            out = self.suppressed(func, q, k, v, qs, ks, vs, heads, skip_reshape, kw, bias.to(q.device), txt_len)
+            out = self.suppressed(func, q, k, v, heads, skip_reshape, kw, bias.to(q.device), txt_len)
         elif bias is not None:  # the model brought its own mask: fold the bias into it
-            offset = txt_len - bias.shape[1]
-            full = torch.zeros(B, 1, L, L, dtype=torch.float32, device=q.device)
-            full[:, 0, txt_len:, offset:txt_len] = bias.to(q.device)[:, None, :]
-            out = ts.attention(qs, ks, vs, heads, full + mask.float())
+            out = func(q, k, v, heads, mask=self.folded_mask(q, mask, bias, txt_len, skip_reshape),
+                       skip_reshape=skip_reshape, **kw)
         else:
             out = func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, **kw)
-        for op in state.get("nag") or []:
-            rows = op["rows"].to(q.device)
-            z_neg = self.negative_branch(op, rows, qs, ks, vs, heads, args, state, txt_len)
-            out = out.clone()
-            out[rows, txt_len:] = cg.nag(out[rows, txt_len:], z_neg, op["phi"], op["tau"], op["alpha"])
+        ops = state.get("nag") or []
+        if ops:  # NAG needs (B, L, H·D) views of q, k, v; token suppression alone never builds them
+            qs, ks, vs = (_to_seq(t, skip_reshape) for t in (q, k, v))
+            for op in ops:
+                rows = op["rows"].to(q.device)
+                z_neg = self.negative_branch(op, rows, qs, ks, vs, heads, args, state, txt_len)
+                out = out.clone()
+                out[rows, txt_len:] = cg.nag(out[rows, txt_len:], z_neg, op["phi"], op["tau"], op["alpha"])
         return out
 
-    def suppressed(self, func, q, k, v, qs, ks, vs, heads, skip_reshape, kw, bias, txt_len):
-        """Image queries of biased rows attend with the column bias (kept columns only when it just drops
-        columns: exact and mask-free); text queries and unbiased rows use the host's attention."""
-        B, L, HD = qs.shape
-        out = torch.empty(B, L, vs.shape[-1], dtype=qs.dtype, device=qs.device)
-        active = (bias != 0).any(-1)
-        idle = (~active).nonzero().flatten()
-        if idle.numel():
-            out[idle] = func(q[idle], k[idle], v[idle], heads, mask=None, skip_reshape=skip_reshape, **kw)
+    @staticmethod
+    def suppressed(func, q, k, v, heads, skip_reshape, kw, bias, txt_len):
+        """Image queries attend with the column bias as an additive (B, 1, 1, L) mask, text queries without
+        it: two calls of the host's attention. Query rows are independent, so splitting them is exact."""
+        seq = 2 if skip_reshape else 1  # Flux hands over (B, H, L, D), SD3 (B, L, H·D)
+        L = q.shape[seq]
         offset = txt_len - bias.shape[1]  # SD3 register tokens sit before the context
-        for r in active.nonzero().flatten().tolist():
-            sl = slice(r, r + 1)
-            out[sl, :txt_len] = ts.attention(qs[sl, :txt_len], ks[sl], vs[sl], heads)
-            full = torch.zeros(L, dtype=torch.float32, device=qs.device)
-            full[offset:txt_len] = bias[r]
-            out[sl, txt_len:] = ts.suppressed_attention(qs[sl, txt_len:], ks[sl], vs[sl], heads, full[None])
-        return out
+        columns = torch.zeros(bias.shape[0], L, dtype=torch.float32, device=q.device)
+        columns[:, offset:txt_len] = bias
+        out_txt = func(q.narrow(seq, 0, txt_len), k, v, heads, mask=None, skip_reshape=skip_reshape, **kw)
+        out_img = ts.suppressed_attention(
+            q.narrow(seq, txt_len, L - txt_len), k, v, heads, columns,
+            lambda q_, k_, v_, h, mask=None: func(q_, k_, v_, h, mask=mask, skip_reshape=skip_reshape, **kw))
+        return torch.cat((out_txt, out_img), dim=2 if kw.get("skip_output_reshape") else 1)
+
+    @staticmethod
+    def folded_mask(q, mask, bias, txt_len, skip_reshape):
+        """The model's own mask plus the image-rows × concept-columns bias, as one additive (B, 1, L, L) mask."""
+        L = q.shape[2 if skip_reshape else 1]
+        offset = txt_len - bias.shape[1]
+        full = torch.zeros(bias.shape[0], 1, L, L, dtype=torch.float32, device=q.device)
+        full[:, 0, txt_len:, offset:txt_len] = bias[:, None, :]
+        if mask.dtype == torch.bool:  # True = attend
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=q.device).masked_fill(~mask, float("-inf"))
+        while mask.ndim < 4:
+            mask = mask.unsqueeze(0 if mask.ndim == 2 else 1)
+        return (full + mask.float()).to(q.dtype)
 
     # NAG's negative branch: the concept text stream, propagated block by block like the prompt's (§5.4)
     def negative_branch(self, op, rows, qs, ks, vs, heads, args, state, txt_len):

@@ -98,7 +98,7 @@ def test_every_example_workflow_validates_and_runs(comfy, sd15_unet_config, comf
         assert not problems, f"{path.name}:\n" + "\n".join(problems)
         if dit:
             # a Flux graph cannot run on the SD1.5 test checkpoint; the DiT hooks run on a reduced Flux
-            # model in test_suppression_comfy.py
+            # model in suppression_models.py
             log.info("%s validated; not run (needs Flux weights)", path.name)
             continue
         prompt = to_api(workflow, object_info)

@@ -1,154 +1,27 @@
-"""Suppression nodes inside a real ComfyUI (opt-in: ``COMFYUI_PATH``; checked with v0.3.64).
-
-SD1.5: a reduced random-weight SD1.5 UNet (detected as SD15) plus ComfyUI's own SD1 CLIP with random
-weights, sampled with ``comfy.sample.sample``. Flux: ComfyUI's own Flux class with 2 double and 2 single
-blocks (hidden 256) and a stand-in CLIP whose T5 conditioning is a deterministic random (1, 256, 4096)
-tensor per token.
-"""
+"""Suppression nodes inside a real ComfyUI (opt-in: ``COMFYUI_PATH``; checked with v0.3.64): SD1.5 and
+Flux in real sampling runs, SD3 joint blocks (models and stand-in CLIPs: suppression_models.py)."""
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "").strip()
-pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set: real-ComfyUI tests skipped")
-ROOT = Path(__file__).resolve().parents[2]
+from suppression_models import (  # noqa: F401  (comfy, pack, counts, sd15, flux, sd3 are fixtures)
+    COMMON,
+    PROMPT,
+    comfy,
+    counts,
+    flux,
+    pack,
+    run_node,
+    sample,
+    sd3,
+    sd15,
+)
 
-SD15_UNET = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-             "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320, "context_dim": 768,
-             "use_linear_in_transformer": False, "transformer_depth_middle": 1, "use_temporal_resblock": False,
-             "use_temporal_attention": False, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-             "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "num_heads": 8}
-FLUX_DIT = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
-            "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2,
-            "axes_dim": [8, 28, 28], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
-
-
-@pytest.fixture(scope="module")
-def comfy():
-    sys.path.insert(0, COMFYUI_PATH)
-    saved = sys.argv
-    sys.argv = [saved[0], "--cpu"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.model_detection
-        import comfy.model_patcher
-        import comfy.sample
-        import comfy.sd
-    finally:
-        sys.argv = saved
-    return comfy
-
-
-@pytest.fixture(scope="module")
-def pack(comfy):
-    name = "concept_erasers_suppression_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{name}.nodes.suppression"), importlib.import_module(f"{name}.nodes.suppression_hooks")
-
-
-def randomise(module, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and name.endswith(("weight", "scale")):  # norm scales (1-D weights are only norms)
-                p.fill_(1.0)
-            elif p.ndim == 1:
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-
-
-@pytest.fixture(scope="module")
-def sd15(comfy):
-    cfg = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET))
-    model = cfg.get_model({})
-    randomise(model.diffusion_model, 0)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    clip = comfy.sd.CLIP(target=cfg.clip_target())
-    randomise(clip.cond_stage_model, 1)
-    return patcher, clip
-
-
-class FakeT5Clip:
-    """Stand-in for Flux's CLIP-L + T5-XXL: word → id by hash, a fixed random 4096-d vector per id."""
-
-    def _id(self, word):
-        return 2 + int(hashlib.md5(word.lower().encode()).hexdigest(), 16) % 30000
-
-    def tokenize(self, text, **kw):
-        ids = [self._id(w) for w in text.replace(",", " ").split()] + [1]
-        ids += [0] * (256 - len(ids))
-        return {"l": [[(49406, 1.0), (49407, 1.0)] + [(49407, 1.0)] * 75], "t5xxl": [[(i, 1.0) for i in ids]]}
-
-    def encode_from_tokens(self, tokens, return_pooled=False, **kw):
-        ids = [t[0] for t in tokens["t5xxl"][0]]
-        rows = [torch.randn(4096, generator=torch.Generator().manual_seed(i)) for i in ids]
-        cond = torch.stack(rows)[None] * 0.1
-        pooled = cond[0, : max(ids.index(1) if 1 in ids else 1, 1)].mean(0)[:768][None]
-        return (cond, pooled) if return_pooled else cond
-
-    def encode_from_tokens_scheduled(self, tokens, **kw):
-        cond, pooled = self.encode_from_tokens(tokens, return_pooled=True)
-        return [[cond, {"pooled_output": pooled, "guidance": 3.5}]]
-
-
-@pytest.fixture(scope="module")
-def flux(comfy):
-    cfg = comfy.model_detection.model_config_from_unet_config(dict(FLUX_DIT))
-    model = cfg.get_model({})
-    randomise(model.diffusion_model, 2)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    return patcher, FakeT5Clip()
-
-
-def sample(comfy, model, clip, prompt, negative="", steps=2, cfg=5.0, channels=4, size=8):
-    pos = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    neg = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
-    latent = torch.zeros(1, channels, size, size)
-    noise = comfy.sample.prepare_noise(latent, 42)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=42,
-                               disable_pbar=True)
-
-
-@pytest.fixture
-def counts(pack, monkeypatch):
-    _, hooks = pack
-    calls = {"nag": 0, "biased": 0, "dit": 0}
-    nag, suppressed = hooks.cg.nag, hooks.ts.suppressed_attention
-
-    def count_nag(*a, **k):
-        calls["nag"] += 1
-        return nag(*a, **k)
-
-    def count_suppressed(*a, **k):
-        calls["biased"] += 1
-        return suppressed(*a, **k)
-
-    monkeypatch.setattr(hooks.cg, "nag", count_nag)
-    monkeypatch.setattr(hooks.ts, "suppressed_attention", count_suppressed)
-    return calls
-
-
-PROMPT = "a photo of a nude person on a beach"
-COMMON = {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "risk_gate": 0.0}
-
-
-def run_node(node, **kw):
-    return node.execute(**kw).result[0]
+pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH", "").strip(),
+                                reason="COMFYUI_PATH is not set: real-ComfyUI tests skipped")
 
 
 def test_sd15_each_node_samples_and_strength_zero_is_bit_identical(comfy, pack, sd15, counts):
@@ -239,39 +112,6 @@ def test_flux_safree_projects_t5_and_sld_is_refused(comfy, pack, flux):
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="Flux"):
         run_node(nodes.EraserSLD, model=model, clip=clip, preset="medium", safety_concept="nudity", **COMMON)
-
-
-SD3_DIT = {"in_channels": 16, "out_channels": 16, "pos_embed_scaling_factor": None, "depth": 2, "patch_size": 2,
-           "adm_in_channels": 2048, "pos_embed_max_size": 16, "num_patches": 256, "qk_norm": "rms",
-           "x_block_self_attn_layers": [0], "x_block_self_attn": True,
-           "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}}}
-
-
-class FakeSD3Clip(FakeT5Clip):
-    """SD3 conditioning: 77 CLIP positions (random, fixed) then 77 T5 tokens; pooled (1, 2048)."""
-
-    def tokenize(self, text, **kw):
-        tokens = super().tokenize(text)
-        tokens["t5xxl"] = [tokens["t5xxl"][0][:77]]
-        tokens["g"] = tokens["l"]
-        return tokens
-
-    def encode_from_tokens(self, tokens, return_pooled=False, **kw):
-        t5, _ = super().encode_from_tokens(tokens, return_pooled=True)
-        clip_part = torch.randn(1, 77, 4096, generator=torch.Generator().manual_seed(7)) * 0.1
-        cond = torch.cat([clip_part, t5], 1)
-        pooled = torch.cat([t5[0, :4].mean(0)[:1024], t5[0, :4].mean(0)[1024:2048]])[None]
-        return (cond, pooled) if return_pooled else cond
-
-
-@pytest.fixture(scope="module")
-def sd3(comfy):
-    cfg = comfy.model_detection.model_config_from_unet_config(dict(SD3_DIT))
-    assert type(cfg).__name__.startswith("SD3"), cfg
-    model = cfg.get_model({})
-    randomise(model.diffusion_model, 3)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    return patcher, FakeSD3Clip()
 
 
 def test_sd3_joint_blocks_all_methods(comfy, pack, sd3, counts):

@@ -65,7 +65,7 @@ def unet_call(state, heads=4, seed=7):
         extra[hooks.STATE_KEY] = state
     n2, c2, v2 = hooks.NagAttn2Patch()(n, ctx, ctx, extra)
     q, k, v = n2 @ wq.T, c2 @ wk.T, v2 @ wv.T
-    out = hooks.Attn2Dispatch(attention=lambda q, k, v, h, **kw: hooks.ts.attention(q, k, v, h))(q, k, v, extra)
+    out = hooks.Attn2Dispatch(attention=lambda q, k, v, h, mask=None, **kw: hooks.ts.attention(q, k, v, h, mask))(q, k, v, extra)
     plain = hooks.ts.attention(n @ wq.T, ctx @ wk.T, ctx @ wv.T, heads)
     return out, plain, (n, wq, wk, wv)
 

@@ -102,3 +102,20 @@ def test_step_index():
     sig = torch.tensor([10.0, 5.0, 1.0, 0.0])
     assert hooks.step_index(torch.tensor([5.0]), sig) == (1, 3)
     assert hooks.step_index(torch.tensor([5.0]), None) == (-1, 0)
+
+
+def test_dit_bias_folds_into_a_mask_the_model_brings():
+    B, H, T, N, D = 2, 2, 3, 4, 8
+    q = torch.zeros(B, H, T + N, D)
+    bias = torch.stack([torch.zeros(T), ts.logit_bias(torch.tensor([False, True, False]), 0.5)])
+    allowed = torch.ones(T + N, T + N, dtype=torch.bool)
+    allowed[0, 1] = False  # the model's own mask: text query 0 may not see text key 1
+    folded = hooks.DitDispatch.folded_mask(q, allowed, bias, T, skip_reshape=True)
+    assert folded.shape == (B, 1, T + N, T + N)
+    assert torch.isinf(folded[:, 0, 0, 1]).all()  # the model's mask is kept
+    assert torch.allclose(folded[1, 0, T:, 1], torch.full((N,), -0.6931), atol=1e-4)  # image rows × concept col
+    assert folded[1, 0, :T, 1:].eq(0).sum() == T * (T + N - 1) - 1  # text rows get no bias
+    assert folded[0].isfinite().sum() == (T + N) ** 2 - 1  # the negative row: only the model's mask
+    additive = torch.zeros(B, T + N, T + N)
+    assert torch.equal(hooks.DitDispatch.folded_mask(q, additive, bias, T, skip_reshape=True)[:, 0, T:, :T],
+                       bias[:, None, :].expand(B, N, T))

@@ -1,0 +1,127 @@
+"""SDXL and SD3 against a real ComfyUI (opt-in: ``COMFYUI_PATH``): every suppression node on models built
+from ComfyUI's own SDXL and SD3 classes (reduced, random weights; suppression_models.py), sampled a few
+steps. Each node must reach its hook (attn2 dispatch, DiT joint blocks, the SLD extra pass, the SAFREE
+conditioning swap) and leave the output bit-identical at strength 0. Unserved families are refused by name.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import types
+
+import pytest
+import torch
+
+from suppression_models import (  # noqa: F401  (comfy, pack, counts, sdxl, sd3 are fixtures)
+    COMMON,
+    PROMPT,
+    comfy,
+    counts,
+    pack,
+    run_node,
+    sample,
+    sd3,
+    sdxl,
+)
+
+pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH", "").strip(),
+                                reason="COMFYUI_PATH is not set: real-ComfyUI tests skipped")
+
+#: node → the counter its hook increments (see the ``counts`` fixture)
+HOOK = {"safree": "safree_swap", "sld": "sld_pass", "guidance": "nag", "tokens": "biased"}
+
+
+def makers(nodes, model, clip):
+    return {
+        "safree": lambda s: run_node(nodes.EraserSAFREE, model=model, clip=clip, prompt=PROMPT, concepts="nude",
+                                     preset="nudity", alpha=0.01, include_eos=True, self_validating=False,
+                                     keywords_as_negative=False, **dict(COMMON, strength=s)),
+        "sld": lambda s: run_node(nodes.EraserSLD, model=model, clip=clip, preset="max", safety_concept="nude",
+                                  **dict(COMMON, strength=s)),
+        "guidance": lambda s: run_node(nodes.EraserConceptGuidance, model=model, clip=clip, concepts="nude",
+                                       phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0, **dict(COMMON, strength=s)),
+        "tokens": lambda s: run_node(nodes.EraserTokenSuppress, model=model, clip=clip, concepts="nude", factor=0.0,
+                                     include_eos=True, similarity=0.99, prompt=PROMPT, **dict(COMMON, strength=s)),
+    }
+
+
+def check_every_node(comfy, nodes, model, clip, counts, channels):
+    base = sample(comfy, model, clip, PROMPT, channels=channels)
+    assert torch.isfinite(base).all()
+    for name, make in makers(nodes, model, clip).items():
+        before = dict(counts)
+        off = sample(comfy, make(0.0), clip, PROMPT, channels=channels)
+        assert torch.equal(off, base), f"{name}: strength 0 must leave the output bit-identical"
+        assert counts == before, f"{name}: at strength 0 no hook may run"
+        on = sample(comfy, make(1.0), clip, PROMPT, channels=channels)
+        assert torch.isfinite(on).all(), name
+        assert counts[HOOK[name]] > before[HOOK[name]], f"{name}: its hook was never called"
+        assert not torch.equal(on, base), f"{name} had no effect"
+
+
+def test_sdxl_every_node_hooks_in_and_strength_zero_is_bit_identical(comfy, pack, sdxl, counts):
+    nodes, hooks = pack
+    model, clip = sdxl
+    assert nodes.sc.model_family(model) == "sdxl"
+    sites = hooks.unet_attn2_sites(model.model.diffusion_model.state_dict().keys())
+    assert len(sites) == 7  # 2 input + 1 middle + 4 output cross-attention blocks of the reduced UNet
+    m = makers(nodes, model, clip)["tokens"](1.0)
+    replaced = m.model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert set(replaced) == set(sites) and all(isinstance(p, hooks.Attn2Dispatch) for p in replaced.values())
+    check_every_node(comfy, nodes, model, clip, counts, channels=4)
+
+
+def test_sd3_every_node_hooks_in_and_strength_zero_is_bit_identical(comfy, pack, sd3, counts, monkeypatch):
+    nodes, hooks = pack
+    model, clip = sd3
+    assert nodes.sc.model_family(model) == "sd3"
+    seen = []
+    original = hooks.DitDispatch.__call__
+
+    def spy(self, args, extra):
+        seen.append((self.kind, self.index))
+        return original(self, args, extra)
+
+    monkeypatch.setattr(hooks.DitDispatch, "__call__", spy)
+    check_every_node(comfy, nodes, model, clip, counts, channels=16)
+    assert {("double", 0), ("double", 1)} <= set(seen)  # both joint blocks went through the dispatcher
+
+
+def test_unserved_families_are_refused_by_name(pack):
+    nodes, _ = pack
+    from concept_erasers_suppression_test.erasers.errors import UnsupportedFamily
+
+    class StableCascadeLike:  # any model class the nodes do not know
+        pass
+
+    model = types.SimpleNamespace(model=StableCascadeLike())
+    args = {"clip": None, **COMMON}
+    calls = {
+        nodes.EraserSAFREE: dict(prompt=PROMPT, concepts="nude", preset="nudity", alpha=0.01, include_eos=True,
+                                 self_validating=False, keywords_as_negative=False),
+        nodes.EraserSLD: dict(preset="medium", safety_concept="nude"),
+        nodes.EraserConceptGuidance: dict(concepts="nude", phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0),
+        nodes.EraserTokenSuppress: dict(concepts="nude", factor=0.0, include_eos=True, similarity=0.9, prompt=""),
+    }
+    for node, kw in calls.items():
+        with pytest.raises(UnsupportedFamily, match="StableCascadeLike"):
+            run_node(node, model=model, **args, **kw)
+
+
+def test_safree_takes_an_empty_prompt_from_the_workflow_or_says_why_not(comfy, pack, sdxl, caplog):
+    nodes, _ = pack
+    model, clip = sdxl
+    kw = dict(model=model, clip=clip, concepts="nude", preset="nudity", alpha=0.01, include_eos=True,
+              self_validating=False, keywords_as_negative=False, **COMMON)
+    typed = sample(comfy, run_node(nodes.EraserSAFREE, prompt=PROMPT, **kw), clip, PROMPT)
+    assert not torch.equal(typed, sample(comfy, model, clip, PROMPT))
+    # the API-format workflow ComfyUI hands over as the hidden PROMPT input
+    graph = {"1": {"class_type": "EraserSAFREE", "inputs": {"model": ["0", 0], "clip": ["0", 1], "prompt": ""}},
+             "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["0", 1], "text": PROMPT}},
+             "3": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0]}}}
+    node = nodes.EraserSAFREE.PREPARE_CLASS_CLONE({"PROMPT": graph, "UNIQUE_ID": "1"})
+    assert torch.equal(sample(comfy, node.execute(prompt="", **kw).result[0], clip, PROMPT), typed)
+    with caplog.at_level(logging.WARNING):
+        m = run_node(nodes.EraserSAFREE, prompt="", **kw)  # no workflow to look in
+    assert "could not be recovered" in caplog.text and "no sampler" in caplog.text
+    assert torch.equal(sample(comfy, m, clip, PROMPT), sample(comfy, model, clip, PROMPT))
