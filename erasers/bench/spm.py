@@ -2,9 +2,10 @@
 
 A diffusers UNet2DConditionModel with the SD1.5 config and random weights runs the same denoising step
 without membranes, with 1 and with 3 official-layout SD1.x membranes (facilitated transport on, official
-combination), interleaved round by round in one process so drift hits every configuration alike. The
-table reports the median seconds per step and the overhead ratio against the bare UNet (target ≤ 5 %),
-both in process CPU time (robust when other jobs share the machine) and in wall time.
+combination), interleaved round by round (the order rotates) in one process so drift hits every configuration alike.
+The table reports the median seconds per step and the overhead as the median of per-round ratios to the
+bare UNet step of the same round (target ≤ 5 %), both in process CPU time (robust when other jobs share
+the machine) and in wall time. One torch thread by default.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ SD15_UNET = dict(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 → 256 px images)")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (one step per config each)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (one timed step per config each)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared machine, idle OpenMP threads spin and inflate "
                              "CPU time; 0 keeps torch's default)")
@@ -59,7 +60,7 @@ def run(args) -> list:
     if getattr(args, "threads", 1):
         torch.set_num_threads(args.threads)
     latent = getattr(args, "latent", 32)
-    rounds = getattr(args, "rounds", 4)
+    rounds = getattr(args, "rounds", 7)
     combination = getattr(args, "combination", "official")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(**SD15_UNET).eval()
@@ -76,28 +77,36 @@ def run(args) -> list:
             unet(x, 500, encoder_hidden_states=ctx)
 
     step()  # warm-up (allocator, kernels)
-    for _ in range(rounds):
-        for name, chosen in configs.items():
+    names = list(configs)
+    ratios = {name: [] for name in names}
+    ratios_cpu = {name: [] for name in names}
+    for rnd in range(rounds):
+        order = names[rnd % len(names):] + names[: rnd % len(names)]  # rotate: nobody is always first
+        for name in order:
+            chosen = configs[name]
             handle = DiffusersMembranes(SimpleNamespace(unet=unet), chosen, combination, encoder=encoder) \
                 if chosen else None
             if handle:
-                handle.set_prompts(["a photo of concept0 in a park"])  # rates cached before timing
-                step()  # first call casts the stacks once; not a per-step cost
+                handle.set_prompts(["a photo of concept0 in a park"])  # rates: once per prompt, not per step
+            step()  # untimed: the first call folds the rates into the factors once per prompt
             start, start_cpu = time.perf_counter(), time.process_time()
             step()
             times[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
             if handle:
                 handle.remove()
-    base, base_cpu = statistics.median(times["no membrane"]), statistics.median(cpu["no membrane"])
+        for name in names:  # paired with this round's bare step: drift between rounds cancels
+            ratios[name].append(times[name][-1] / times["no membrane"][-1] - 1.0)
+            ratios_cpu[name].append(cpu[name][-1] / cpu["no membrane"][-1] - 1.0)
     rows = []
-    print(f"SPM overhead per UNet step — SD1.5-shaped UNet, random weights, CPU ({torch.get_num_threads()} threads), "
-          f"latent {latent}×{latent}, batch 2 (CFG), {combination} combination, transport on, median of {rounds}")
+    print(f"SPM overhead per UNet step — SD1.5-shaped UNet, random weights, CPU ({torch.get_num_threads()} "
+          f"thread(s)), latent {latent}×{latent}, batch 2 (CFG, one prompt), {combination} combination, transport "
+          f"on; median of {rounds} interleaved rounds, overhead = median of per-round ratios to the bare step")
     print(f"| {'config':<12} | {'CPU s/step':>10} | {'CPU overhead':>12} | {'wall s/step':>11} | {'wall overhead':>13} |")
     print(f"|{'-' * 14}|{'-' * 12}|{'-' * 14}|{'-' * 13}|{'-' * 15}|")
-    for name in configs:
+    for name in names:
         med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
-        ratio, ratio_cpu = med / base - 1.0, med_cpu / base_cpu - 1.0
+        ratio, ratio_cpu = statistics.median(ratios[name]), statistics.median(ratios_cpu[name])
         rows.append((name, med_cpu, ratio_cpu, med, ratio))
         print(f"| {name:<12} | {med_cpu:>10.3f} | {100 * ratio_cpu:>11.1f}% | {med:>11.3f} | {100 * ratio:>12.1f}% |")
     return rows
