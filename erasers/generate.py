@@ -64,7 +64,7 @@ def run(args) -> list:
     for (path, kind), strength in zip(files, strengths):
         transport = not args.no_transport if kind == "spm" else args.gate == "facilitated transport"
         mem, report = membrane_from_file(pipe.unet, path, strength, transport, concepts if kind == "lora" else None,
-                                         kind=kind)
+                                         kind=kind, pipe=pipe)
         print(f"{os.path.basename(path)}: {report.summary()}")
         (membranes if kind == "spm" else loras).append(mem)
     encoder = HFTextEncoder(pipe.tokenizer, pipe.text_encoder)

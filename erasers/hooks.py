@@ -94,7 +94,7 @@ class MembraneHooks:
                 return None
             rates = self._rates
             x = args[0]
-            if rates.shape[0] != x.shape[0]:
+            if self._key[0] != "uniform" and rates.shape[0] != x.shape[0]:
                 raise RuntimeError(f"membrane rates have {rates.shape[0]} rows but {stack.module} sees a batch of "
                                    f"{x.shape[0]}; the host must set one row per batch row.")
             if not kxk:
