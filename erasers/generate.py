@@ -50,7 +50,13 @@ def load_pipeline(model: str, device: str):
     return pipe.to(device)
 
 
-def run(args) -> list:
+def run(args) -> int:
+    generate(args)
+    return 0
+
+
+def generate(args) -> list:
+    """Generate and save the images; returns their paths."""
     import torch
 
     from .diffusers_apply import DiffusersMembranes, HFTextEncoder, membrane_from_file
