@@ -205,5 +205,6 @@ def membrane_from_file(unet, path: str, strength: float = 1.0, transport: bool =
     return Membrane(deltas, gate, float(strength), name=f"{kind}:{os.path.basename(path)}"), report
 
 
-__all__ = ["DiffusersMembranes", "HFTextEncoder", "membrane_from_file", "apply_text_deltas", "text_model_keys", "load_for_unet", "unet_canonical_names",
+__all__ = ["DiffusersMembranes", "HFTextEncoder", "membrane_from_file", "apply_text_deltas", "text_model_keys",
+           "load_for_unet", "unet_canonical_names",
            "canonical_to_diffusers_unet"]
