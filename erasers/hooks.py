@@ -32,6 +32,8 @@ class MembraneHooks:
         self._key: Optional[tuple] = None
         self._shut = False
         self.handles = []
+        self.modules = []  # (canonical path, module) of every hooked layer
+        self.fold = True  # one-prompt batches may run on a per-call folded weight (see ``pre``)
         missing = []
         for path, stack in stacks.items():
             name = module_name(path)
@@ -42,6 +44,7 @@ class MembraneHooks:
             if module is None:
                 missing.append(path)
                 continue
+            self.modules.append((path, module))
             pre, post = self._make_hook(stack, module)
             self.handles.append(module.register_forward_pre_hook(pre))
             self.handles.append(module.register_forward_hook(post, always_call=True))
@@ -73,7 +76,7 @@ class MembraneHooks:
         def pre(mod, args):
             """One prompt for the whole batch: run this call on W + ΔW(m) when that is cheaper than adding
             the low-rank term to the output (many tokens). W is swapped by reference, never written."""
-            if self._shut or not can_fold or self._key[0] != "uniform" or not args:
+            if self._shut or not can_fold or not self.fold or self._key[0] != "uniform" or not args:
                 return None
             x, w = args[0], mod._parameters.get("weight")
             if w is None or type(w) not in (torch.Tensor, torch.nn.Parameter) or w.dtype != x.dtype \

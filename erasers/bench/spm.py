@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (default 1: on a shared machine, idle OpenMP threads spin and inflate "
                              "CPU time; 0 keeps torch's default)")
     parser.add_argument("--combination", default="official", choices=("official", "linear"))
+    parser.add_argument("--account", type=int, default=0, metavar="N",
+                        help="also account the membranes layer by layer: each hooked layer's CPU time with and "
+                             "without the hooks on the inputs of one real step, median of N interleaved "
+                             "repeats, summed and divided by the bare step (robust on a busy machine)")
 
 
 def _membranes(unet, count):
@@ -109,7 +113,55 @@ def run(args) -> list:
         ratio, ratio_cpu = statistics.median(ratios[name]), statistics.median(ratios_cpu[name])
         rows.append((name, med_cpu, ratio_cpu, med, ratio))
         print(f"| {name:<12} | {med_cpu:>10.3f} | {100 * ratio_cpu:>11.1f}% | {med:>11.3f} | {100 * ratio:>12.1f}% |")
+    repeats = getattr(args, "account", 0)
+    if repeats:
+        base_cpu = statistics.median(cpu["no membrane"])
+        print(f"\nLayer-by-layer accounting — membrane CPU time per step / bare step ({base_cpu:.3f} s), "
+              f"median of {repeats} interleaved repeats per layer")
+        print(f"| {'config':<12} | {'runtime path':<28} | {'added s/step':>12} | {'overhead':>8} |")
+        print(f"|{'-' * 14}|{'-' * 30}|{'-' * 14}|{'-' * 10}|")
+        for name in names[1:]:
+            for fold, label in ((True, "folded (this version)"), (False, "low-rank on the output only")):
+                added = account_layers(unet, configs[name], combination, encoder, x, ctx, repeats, fold)
+                rows.append((name + (" (accounted)" if fold else " (accounted, no fold)"), added, added / base_cpu))
+                print(f"| {name:<12} | {label:<28} | {added:>12.4f} | {100 * added / base_cpu:>7.1f}% |")
     return rows
+
+
+def account_layers(unet, mems, combination, encoder, x, ctx, repeats: int, fold: bool = True) -> float:
+    """Σ over hooked layers of median(hooked − bare) CPU seconds, on the inputs those layers see in a real
+    step: the membranes' own cost per step, measured in short interleaved pieces."""
+    from ..diffusers_apply import DiffusersMembranes
+
+    handle = DiffusersMembranes(SimpleNamespace(unet=unet), mems, combination, encoder=encoder)
+    modules = [m for _, hooks in handle.groups for _, m in hooks.modules]
+    handle.remove()
+    inputs = {}
+    grabs = [m.register_forward_pre_hook(lambda mod, args: inputs.setdefault(id(mod), args)) for m in modules]
+    with torch.no_grad():
+        unet(x, 500, encoder_hidden_states=ctx)
+    for g in grabs:
+        g.remove()
+
+    def one_pass(times):
+        with torch.no_grad():
+            for m in modules:
+                start = time.process_time()
+                m(*inputs[id(m)])
+                times.setdefault(id(m), []).append(time.process_time() - start)
+
+    bare, hooked = {}, {}
+    for _ in range(repeats):
+        one_pass(bare)
+        handle = DiffusersMembranes(SimpleNamespace(unet=unet), mems, combination, encoder=encoder)
+        for _, hooks in handle.groups:
+            hooks.fold = fold
+        handle.set_prompts(["a photo of concept0 in a park"])
+        handle._expand(unet, (x,), {})  # the rows the UNet pre-hook would set for this batch
+        one_pass({})  # untimed: the first call folds the rates into the factors (once per prompt)
+        one_pass(hooked)
+        handle.remove()
+    return sum(statistics.median(h) - statistics.median(b) for h, b in zip(hooked.values(), bare.values()))
 
 
 def main(argv=None):
