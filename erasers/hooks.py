@@ -3,7 +3,9 @@
 Host-neutral: given the root module and a name map (canonical module path → the host's module path),
 ``MembraneHooks`` hooks exactly the layers the stacks touch. The host sets ``rates`` (B, n) before each
 forward (one row per batch row) and ``remove()`` restores the module's behaviour; weights are never
-written, so removal is bit-exact by construction.
+written, so removal is bit-exact by construction. With one rate row for the whole batch a layer with
+many tokens runs on a folded weight W + ΔW(m) for that call (a forward pre-hook swaps the weight object,
+the forward hook — also called when the forward raises — puts the host's own object back).
 """
 from __future__ import annotations
 

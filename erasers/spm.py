@@ -8,6 +8,10 @@ Several membranes with rates mᵢ combine as (spm.md §4.2):
     linear:    ΔW = Σᵢ mᵢ UᵢDᵢ          — each membrane at rate m, independently.
 Because m depends on the prompt, the delta is never baked into W: ``membrane_forward`` adds ΔW(m_b)·x_b
 per batch item b inside the host's forward, so cond and uncond rows of one item share that item's m.
+The rates are folded into the factors once per prompt (``LayerStack.folded``): one low-rank product per
+layer whatever the number of membranes. When every row has the same rates (one prompt, both CFG halves)
+ΔW(m) is one fixed matrix for the call, and layers that see many tokens run on W + ΔW(m), built per call
+and dropped after it (``LayerStack.folded_weight``; the hooks swap W by reference and never write it).
 """
 from __future__ import annotations
 
@@ -150,7 +154,7 @@ class LayerStack:
     _cast: dict = field(default_factory=dict, repr=False)
     _folded: dict = field(default_factory=dict, repr=False)
 
-    def folded(self, key: tuple, rates: torch.Tensor) -> tuple:
+    def folded(self, key: tuple) -> tuple:
         """((U, D) or None, [(start, length, U, D) per fused-row slice]) with the rates folded in, cached
         per rate matrix ``key`` (one entry per prompt in practice), in this stack's device/dtype."""
         if key not in self._folded:
@@ -172,7 +176,7 @@ class LayerStack:
         matrix as the low-rank path adds, folded into the weight for this call only (W itself is never
         written). Cheaper than the low-rank path when the layer sees more tokens than its weight has
         rows/columns: it reads W once instead of the input and the output."""
-        main, sliced = self.folded(key, None)
+        main, sliced = self.folded(key)
         w = weight.reshape(weight.shape[0], -1)
         out = torch.addmm(w, main[0], main[1]) if main is not None and main[0].shape[1] else w.clone()
         for start, length, up, down in sliced:
@@ -308,7 +312,7 @@ def membrane_forward(x: torch.Tensor, y: torch.Tensor, stack: LayerStack, rates:
     s = stack.cast(x.device, x.dtype)
     key = rates_key(rates) if key is None else key
     uniform = key[0] == "uniform"
-    folded = s.folded(key, rates)
+    folded = s.folded(key)
     b = x.shape[0]
     inplace = not torch.is_grad_enabled()
     if channels_first:  # (B, C, H, W) → (B, C, L): views, the token axis last
