@@ -88,8 +88,8 @@ class EraserLoRALoad(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="Scales the adapter: 0 = the original model, 1 = as trained."),
                 io.Combo.Input("gate", options=list(GATE_MODES), default=GATE_MODES[0], tooltip="always: a plain LoRA; facilitated transport: opens only for prompts near its concepts (needs CLIP)."),
                 io.Clip.Input("clip", optional=True,
-                              tooltip="Text encoder: scores prompts for the facilitated-transport gate and receives "
-                                      "the file's text-encoder keys (lora_te…, text_encoder.…) with gate 'always'."),
+                              tooltip="Text encoder: scores prompts for the facilitated-transport gate; with gate "
+                                      "'always' it also receives the file's text-encoder keys (lora_te…)."),
                 io.String.Input("concepts", default="", optional=True,
                                 tooltip="Concepts the gate opens for, comma-separated (default: the file's metadata)."),
             ],
