@@ -15,6 +15,7 @@ import torch
 
 from .eraser_file import read_safetensors
 from .formats import convert_file
+from .formats._common import TEXT_PREFIX
 from .hooks import MembraneHooks
 from .keys import canonical_to_diffusers_unet, diffusers_unet_candidates
 from .spm import GATE_ALWAYS, GATE_FT, Gate, Membrane, RateCache, build_stacks
@@ -43,6 +44,39 @@ class HFTextEncoder:
         for row in ids.tolist():
             rows.append(row[: row.index(eos) + 1] if eos in row else row)
         return PromptEncoding(hidden=hidden, lengths=torch.tensor([len(r) for r in rows]), token_ids=rows)
+
+
+def text_encoder_modules(pipe) -> dict:
+    """Canonical text-encoder name → the pipeline's text encoder module: SDXL's pair is clip_l + clip_g;
+    a lone encoder is clip_h when 1024 wide (SD2's OpenCLIP ViT-H), clip_l otherwise."""
+    first, second = getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)
+    if first is not None and second is not None:
+        return {"clip_l": first, "clip_g": second}
+    if first is not None:
+        return {"clip_h" if first.config.hidden_size == 1024 else "clip_l": first}
+    return {}
+
+
+_TEXT_MODEL_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def _text_path(name: str) -> str:
+    """HF parameter name → the ``text_model.…`` spelling LoRA files use (transformers 5 dropped the
+    ``text_model`` wrapper module from CLIPTextModel; checkpoints and LoRAs still spell it)."""
+    return "text_model." + name if name.startswith(_TEXT_MODEL_PARTS) else name
+
+
+def _module_path(module: torch.nn.Module, path: str) -> str:
+    """The reverse of ``_text_path`` for this module's layout."""
+    if path.startswith("text_model.") and not hasattr(module, "text_model"):
+        return path[len("text_model."):]
+    return path
+
+
+def text_model_keys(pipe) -> dict:
+    """``te.<encoder>.<text_model.… path>`` → parameter of each of the pipeline's text encoders."""
+    return {f"{TEXT_PREFIX}{enc}.{_text_path(name)}": p.detach() for enc, module in text_encoder_modules(pipe).items()
+            for name, p in module.named_parameters()}
 
 
 def unet_canonical_names(unet) -> dict:
@@ -87,6 +121,7 @@ class DiffusersMembranes:
                 self.groups.append((idx, hooks))
         self.prompt_rates: Optional[torch.Tensor] = None
         self.images_per_prompt = 1
+        self.text_hooks = apply_text_deltas(pipe, self.membranes)
         self._pre = self.unet.register_forward_pre_hook(self._expand, with_kwargs=True)
 
     def set_prompts(self, prompts: Sequence[str], num_images_per_prompt: int = 1) -> torch.Tensor:
@@ -107,6 +142,9 @@ class DiffusersMembranes:
 
     def remove(self) -> None:
         self._pre.remove()
+        for hooks in self.text_hooks:
+            hooks.remove()
+        self.text_hooks = []
         for _, hooks in self.groups:
             hooks.remove()
         self.groups = []
@@ -118,25 +156,55 @@ class DiffusersMembranes:
         self.remove()
 
 
-def load_for_unet(unet, path: str, fmt: Optional[str] = None, **options):
-    """A file's LayerDeltas against a diffusers UNet (canonical keys) and the conversion report."""
+def apply_text_deltas(pipe, membranes: Sequence[Membrane]) -> list:
+    """Forward hooks adding each gate-"always" membrane's text-encoder deltas (at its strength) to the
+    pipeline's text encoders; ``remove()`` on each restores them bit for bit (weights are never written).
+    Facilitated transport acts on the UNet only: gated text keys are skipped with a warning."""
+    encoders = text_encoder_modules(pipe)
+    per_encoder = {}
+    for i, mem in enumerate(membranes):
+        text = {k: d for k, d in mem.deltas.items() if isinstance(k, str) and k.startswith(TEXT_PREFIX)}
+        if text and mem.gate.transport:
+            log.warning("%s: the facilitated-transport gate acts on the UNet only; its %d text-encoder layer(s) "
+                        "are applied with gate 'always' only.", mem.name, len(text))
+            continue
+        for key, delta in text.items():
+            enc, path = key[len(TEXT_PREFIX):].split(".", 1)
+            if enc in encoders:
+                per_encoder.setdefault(enc, {}).setdefault(i, {})[path] = delta
+    installed = []
+    for enc, by_membrane in per_encoder.items():
+        module = encoders[enc]
+        shapes = {_text_path(n): tuple(p.shape) for n, p in module.named_parameters()}
+        order = sorted(by_membrane)
+        stacks = build_stacks([Membrane(by_membrane[i], name=membranes[i].name) for i in order], "linear", shapes)
+        hooks = MembraneHooks(module, stacks, module_name=lambda path, module=module: _module_path(module, path))
+        hooks.rates = torch.tensor([[float(membranes[i].strength) for i in order]])  # one row: any batch
+        installed.append(hooks)
+    return installed
+
+
+def load_for_unet(unet, path: str, fmt: Optional[str] = None, pipe=None, **options):
+    """A file's LayerDeltas against a diffusers UNet (canonical keys) and, when ``pipe`` is given, its text
+    encoders (``te.<encoder>.…``), with the conversion report."""
     to_canon = unet_canonical_names(unet)
     model_keys = {to_canon[n]: p.detach() for n, p in unet.named_parameters() if n in to_canon}
+    if pipe is not None:
+        model_keys.update(text_model_keys(pipe))
     tensors, metadata = read_safetensors(path)
     return convert_file(tensors, metadata, model_keys, source=os.path.basename(path), fmt=fmt, **options)
 
 
 def membrane_from_file(unet, path: str, strength: float = 1.0, transport: bool = True, concepts=None,
-                       fmt: Optional[str] = None, kind: str = "spm") -> tuple:
-    """(Membrane, report); ``kind`` "spm" reads the SPM layout, "lora" detects any erasure format."""
-    deltas, report = load_for_unet(unet, path, fmt=fmt or ("spm" if kind == "spm" else None))
+                       fmt: Optional[str] = None, kind: str = "spm", pipe=None) -> tuple:
+    """(Membrane, report); ``kind`` "spm" reads the SPM layout, "lora" detects any erasure format. With
+    ``pipe`` the file's text-encoder keys are matched too (DiffusersMembranes applies them)."""
+    deltas, report = load_for_unet(unet, path, fmt=fmt or ("spm" if kind == "spm" else None), pipe=pipe)
     names = list(concepts or report.concepts)
     gate = Gate(GATE_FT if transport else GATE_ALWAYS, names)
-    text_keys = [k for k in deltas if (k[0] if isinstance(k, tuple) else k).startswith("te.")]
-    if text_keys:
-        log.warning("%s: %d text-encoder layer(s) are not applied by the UNet hooks.", path, len(text_keys))
     return Membrane(deltas, gate, float(strength), name=f"{kind}:{os.path.basename(path)}"), report
 
 
-__all__ = ["DiffusersMembranes", "HFTextEncoder", "membrane_from_file", "load_for_unet", "unet_canonical_names",
+__all__ = ["DiffusersMembranes", "HFTextEncoder", "membrane_from_file", "apply_text_deltas", "text_model_keys",
+           "load_for_unet", "unet_canonical_names",
            "canonical_to_diffusers_unet"]

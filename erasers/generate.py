@@ -50,7 +50,13 @@ def load_pipeline(model: str, device: str):
     return pipe.to(device)
 
 
-def run(args) -> list:
+def run(args) -> int:
+    generate(args)
+    return 0
+
+
+def generate(args) -> list:
+    """Generate and save the images; returns their paths."""
     import torch
 
     from .diffusers_apply import DiffusersMembranes, HFTextEncoder, membrane_from_file
@@ -64,7 +70,7 @@ def run(args) -> list:
     for (path, kind), strength in zip(files, strengths):
         transport = not args.no_transport if kind == "spm" else args.gate == "facilitated transport"
         mem, report = membrane_from_file(pipe.unet, path, strength, transport, concepts if kind == "lora" else None,
-                                         kind=kind)
+                                         kind=kind, pipe=pipe)
         print(f"{os.path.basename(path)}: {report.summary()}")
         (membranes if kind == "spm" else loras).append(mem)
     encoder = HFTextEncoder(pipe.tokenizer, pipe.text_encoder)

@@ -8,6 +8,10 @@ Several membranes with rates mᵢ combine as (spm.md §4.2):
     linear:    ΔW = Σᵢ mᵢ UᵢDᵢ          — each membrane at rate m, independently.
 Because m depends on the prompt, the delta is never baked into W: ``membrane_forward`` adds ΔW(m_b)·x_b
 per batch item b inside the host's forward, so cond and uncond rows of one item share that item's m.
+The rates are folded into the factors once per prompt (``LayerStack.folded``): one low-rank product per
+layer whatever the number of membranes. When every row has the same rates (one prompt, both CFG halves)
+ΔW(m) is one fixed matrix for the call, and layers that see many tokens run on W + ΔW(m), built per call
+and dropped after it (``LayerStack.folded_weight``; the hooks swap W by reference and never write it).
 """
 from __future__ import annotations
 
@@ -148,6 +152,46 @@ class LayerStack:
     dense: list = field(default_factory=list)  # (membrane, 2-D weight delta, rows or None)
     bias: list = field(default_factory=list)  # (membrane, bias delta, rows or None)
     _cast: dict = field(default_factory=dict, repr=False)
+    _folded: dict = field(default_factory=dict, repr=False)
+
+    def folded(self, key: tuple) -> tuple:
+        """((U, D) or None, [(start, length, U, D) per fused-row slice]) with the rates folded in, cached
+        per rate matrix ``key`` (one entry per prompt in practice), in this stack's device/dtype."""
+        if key not in self._folded:
+            if len(self._folded) >= 32:  # a long session of different prompts: keep memory bounded
+                self._folded.clear()
+            uniform = key[0] == "uniform"
+            work = torch.float64 if self.up is not None and self.up.dtype == torch.float64 else torch.float32
+            m = torch.tensor(key[1], dtype=work, device=self._device())
+            fold = lambda up, down, owner: tuple(  # noqa: E731
+                t.to(self.up.dtype if self.up is not None else up.dtype).contiguous()
+                for t in _fold_factors(up.to(work), down.to(work), owner, self.combination, m, uniform))
+            main = fold(self.up, self.down, self.owner) if self.up is not None else None
+            sliced = [(st, n, *fold(u, d, o)) for st, n, u, d, o in self.sliced]
+            self._folded[key] = (main, sliced)
+        return self._folded[key]
+
+    def folded_weight(self, weight: torch.Tensor, key: tuple) -> torch.Tensor:
+        """W + ΔW(m) for a uniform rate row (``key``), as a new tensor shaped like ``weight``: the same
+        matrix as the low-rank path adds, folded into the weight for this call only (W itself is never
+        written). Cheaper than the low-rank path when the layer sees more tokens than its weight has
+        rows/columns: it reads W once instead of the input and the output."""
+        main, sliced = self.folded(key)
+        w = weight.reshape(weight.shape[0], -1)
+        out = torch.addmm(w, main[0], main[1]) if main is not None and main[0].shape[1] else w.clone()
+        for start, length, up, down in sliced:
+            if up.shape[1]:
+                out[start:start + length].addmm_(up, down)
+        for i, delta, rows in self.dense:
+            target = out if rows is None else out[rows[0]:rows[0] + rows[1]]
+            target.add_(delta, alpha=float(key[1][i]))
+        return out.reshape(weight.shape)
+
+    def _device(self):
+        for t in (self.up, *(sl[2] for sl in self.sliced)):
+            if t is not None:
+                return t.device
+        return "cpu"
 
     def cast(self, device, dtype) -> "LayerStack":
         """This stack on ``device``/``dtype`` (cached, so the hot path never converts)."""
@@ -232,58 +276,84 @@ def _stack_linear(stack: LayerStack, terms) -> None:
             stack.sliced.append((rows[0], rows[1], up, down, owner))
 
 
+def rates_key(rates: torch.Tensor) -> tuple:
+    """Cache key of a (B, n) rate matrix: ("uniform", row) when every row is equal (one prompt, both CFG
+    halves: the delta is then one fixed low-rank matrix for the whole batch), else every row."""
+    rows = tuple(tuple(r) for r in rates.detach().to("cpu", torch.float64).tolist())
+    return ("uniform", rows[0]) if rows and all(r == rows[0] for r in rows) else ("rows", rows)
+
+
+def _fold_factors(up, down, owner, combination: str, m: torch.Tensor, uniform: bool) -> tuple:
+    """(U, D) with the rates folded in, so ΔW(m) = U·D is one low-rank product per layer:
+    official: U = Σᵢ mᵢUᵢ, D = Σⱼ mⱼDⱼ (spm.md §4.2 — the cross terms come out of the product);
+    linear:   U = [m₁U₁ … mₙUₙ] (columns of zero-rate membranes dropped), D = [D₁; …; Dₙ].
+    ``m`` is (n,) when ``uniform`` (2-D factors) or (B, n) (factors batched per row)."""
+    if combination == "official":
+        if uniform:
+            return torch.einsum("n,nor->or", m, up), torch.einsum("n,nri->ri", m, down)
+        return torch.einsum("bn,nor->bor", m, up), torch.einsum("bn,nri->bri", m, down)
+    if uniform:
+        scale = m[owner]
+        keep = scale != 0
+        return (up * scale)[:, keep], down[keep]
+    return up[None] * m[:, owner][:, None, :], down
+
+
 def membrane_forward(x: torch.Tensor, y: torch.Tensor, stack: LayerStack, rates: torch.Tensor,
-                     channels_first: bool = False) -> torch.Tensor:
+                     channels_first: bool = False, key: Optional[tuple] = None) -> torch.Tensor:
     """y + ΔW(m_b)·x_b for every batch item b (rates: (B, n), one row per item).
 
     ``x``/``y`` are the layer's input and output: (B, …, in) / (B, …, out) for Linear, (B, C, H, W) for a
-    1×1 convolution (``channels_first``). Dense k×k convolution deltas are the hook's job. The low-rank
-    product is accumulated straight into the output (one pass over it, no full-size temporaries); under
-    autograd a new tensor is returned instead.
+    1×1 convolution (``channels_first``). Dense k×k convolution deltas are the hook's job. The rates are
+    folded into the factors once per rate matrix (``key``, see ``rates_key``; cached on the stack), so a
+    call costs one skinny matmul over x and one rank-r update accumulated straight into the output (no
+    full-size temporaries); under autograd a new tensor is returned instead.
     """
     s = stack.cast(x.device, x.dtype)
-    m = rates.to(device=x.device, dtype=x.dtype)
+    key = rates_key(rates) if key is None else key
+    uniform = key[0] == "uniform"
+    folded = s.folded(key)
     b = x.shape[0]
     inplace = not torch.is_grad_enabled()
     if channels_first:  # (B, C, H, W) → (B, C, L): views, the token axis last
         xf, out = x.reshape(b, x.shape[1], -1), y.reshape(b, y.shape[1], -1)
+    elif uniform:  # one matrix for every token of every item: plain 2-D matmuls
+        xf, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     else:
         xf, out = x.reshape(b, -1, x.shape[-1]), y.reshape(b, -1, y.shape[-1])
     if not inplace or out.data_ptr() != y.data_ptr():
         out = out.clone()
-    if s.combination == "official":
-        n, r = s.up.shape[0], s.up.shape[2]
-        down = s.down.reshape(n * r, -1)
-        if channels_first:
-            h = (down @ xf).reshape(b, n, r, -1)  # (B, n, r, L)
-            z = torch.einsum("bnrl,bn->brl", h, m)  # (Σⱼ mⱼDⱼ) x
-            out.baddbmm_(torch.einsum("bn,nor->bor", m, s.up), z)  # += (Σᵢ mᵢUᵢ) z
-        else:
-            h = (xf @ down.T).reshape(b, -1, n, r)
-            z = torch.einsum("blnr,bn->blr", h, m)
-            out.baddbmm_(z, torch.einsum("bn,nor->bro", m, s.up))
-    else:
-        _linear_terms(xf, out, s, m, channels_first)
+    main, sliced = folded
+    if main is not None:
+        _add_lowrank(out, xf, main[0], main[1], uniform, channels_first)
+    for start, length, up, down in sliced:
+        _add_lowrank(out.narrow(-2 if channels_first else -1, start, length), xf, up, down, uniform, channels_first)
+    if s.dense or s.bias:
+        if uniform and not channels_first:
+            out, xf = out.reshape(b, -1, out.shape[-1]), xf.reshape(b, -1, xf.shape[-1])
+        _dense_terms(xf, out, s, rates.to(device=x.device, dtype=x.dtype), channels_first)
     return out.reshape(y.shape)
 
 
-def _linear_terms(xf, out, s: LayerStack, m, channels_first: bool) -> None:
-    """Σᵢ mᵢ ΔWᵢ x accumulated into ``out`` (channels-last (B, L, ·) or channels-first (B, ·, L))."""
+def _add_lowrank(out, xf, up, down, uniform: bool, channels_first: bool) -> None:
+    """out += U·D·x in place (channels-last: x·Dᵀ·Uᵀ); U, D 2-D when ``uniform``, else batched per item.
+    ``out`` is the hook's own clone under autograd, so in-place accumulation is safe there too."""
+    if up.shape[-1] == 0:  # every membrane on this layer is shut for this prompt
+        return
+    if channels_first:
+        out.baddbmm_(up.expand(xf.shape[0], -1, -1) if uniform else up, down @ xf)  # (B, r, L) in the middle
+    elif uniform:
+        out.addmm_(xf @ down.T, up.T)  # (N, r) in the middle
+    else:
+        out.baddbmm_(xf @ down.transpose(-1, -2), up.transpose(1, 2))
+
+
+def _dense_terms(xf, out, s: LayerStack, m, channels_first: bool) -> None:
+    """Σᵢ mᵢ ΔWᵢ x of dense and bias deltas (linear combination only), accumulated into ``out``
+    (channels-last (B, L, ·) or channels-first (B, ·, L))."""
     def rows(t, start, length):
         return t.narrow(1 if channels_first else 2, start, length)
 
-    def add_lowrank(target, up, down, owner):
-        if channels_first:
-            z = (down @ xf) * m[:, owner][:, :, None]  # (B, R, L)
-            target.baddbmm_(up.expand(xf.shape[0], -1, -1), z)
-        else:
-            z = (xf @ down.T) * m[:, owner][:, None, :]  # (B, L, R)
-            target.baddbmm_(z, up.T.expand(xf.shape[0], -1, -1))
-
-    if s.up is not None:
-        add_lowrank(out, s.up, s.down, s.owner)
-    for start, length, up, down, owner in s.sliced:
-        add_lowrank(rows(out, start, length), up, down, owner)
     for i, w, rng in s.dense:
         part = (w @ xf) if channels_first else (xf @ w.T)
         part = part * m[:, i, None, None]

@@ -1,15 +1,20 @@
 """Load Erasure LoRA: kohya / PEFT / EraseAnything / UCE / ESD files, always on or gated by transport."""
+import logging
+
 from comfy_api.latest import io
 
 from . import spm_runtime
 
 try:
+    from ..erasers.formats._common import TEXT_PREFIX
     from ..erasers.lowrank import LowRankDelta
     from ..erasers.spm import GATE_FT, GATE_MODES, Gate, Membrane
 except ImportError:
+    from erasers.formats._common import TEXT_PREFIX
     from erasers.lowrank import LowRankDelta
     from erasers.spm import GATE_FT, GATE_MODES, Gate, Membrane
 
+log = logging.getLogger(__name__)
 ADAPTER_FOLDERS = ("erasers", "spm", "loras")
 
 
@@ -38,19 +43,33 @@ def full_path(name: str) -> str:
     raise FileNotFoundError(f"'{name}' is in none of models/{', models/'.join(ADAPTER_FOLDERS)}.")
 
 
-def static_patches(deltas) -> dict:
-    """LayerDeltas → add_patches values (LoRA adapters for factors, "diff" for dense); text keys skipped."""
+def _lora_patch(delta):
     from comfy.weight_adapter import LoRAAdapter
 
+    return LoRAAdapter(set(), (delta.up, delta.down, None, None, None, None)) \
+        if isinstance(delta, LowRankDelta) else ("diff", (delta,))
+
+
+def static_patches(deltas) -> dict:
+    """LayerDeltas → add_patches values for the diffusion model (LoRA adapters for factors, "diff" for
+    dense); text keys are left to ``text_patches``."""
     patches = {}
     for key, delta in deltas.items():
         name, offset = (key if isinstance(key, tuple) else (key, None))
-        if name.startswith("te."):
+        if name.startswith(TEXT_PREFIX):
             continue
         full = "diffusion_model." + name
-        value = LoRAAdapter(set(), (delta.up, delta.down, None, None, None, None)) \
-            if isinstance(delta, LowRankDelta) else ("diff", (delta,))
-        patches[full if offset is None else (full, offset)] = value
+        patches[full if offset is None else (full, offset)] = _lora_patch(delta)
+    return patches
+
+
+def text_patches(deltas) -> dict:
+    """The text-encoder part of LayerDeltas as add_patches values keyed by the CLIP's state-dict names."""
+    patches = {}
+    for key, delta in deltas.items():
+        if isinstance(key, str) and key.startswith(TEXT_PREFIX):
+            encoder, path = key[len(TEXT_PREFIX):].split(".", 1)
+            patches[f"{encoder}.transformer.{path}"] = _lora_patch(delta)
     return patches
 
 
@@ -68,31 +87,45 @@ class EraserLoRALoad(io.ComfyNode):
                 io.Combo.Input("file", options=adapter_files(), tooltip="Erasure LoRA or weight file from models/erasers, models/spm or models/loras."),
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="Scales the adapter: 0 = the original model, 1 = as trained."),
                 io.Combo.Input("gate", options=list(GATE_MODES), default=GATE_MODES[0], tooltip="always: a plain LoRA; facilitated transport: opens only for prompts near its concepts (needs CLIP)."),
-                io.Clip.Input("clip", optional=True, tooltip="Needed by the facilitated-transport gate."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Text encoder: scores prompts for the facilitated-transport gate; with gate "
+                                      "'always' it also receives the file's text-encoder keys (lora_te…)."),
                 io.String.Input("concepts", default="", optional=True,
                                 tooltip="Concepts the gate opens for, comma-separated (default: the file's metadata)."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(), io.Clip.Output(tooltip="The CLIP with the file's text-encoder keys applied "
+                                                                  "(gate 'always'); unchanged otherwise.")],
             hidden=[io.Hidden.prompt],
         )
 
     @classmethod
     def execute(cls, model, file, strength, gate, clip=None, concepts="") -> io.NodeOutput:
-        deltas, report = spm_runtime.convert_for_model(model, full_path(file))
+        deltas, report = spm_runtime.convert_for_model(model, full_path(file), clip=clip)
         if strength == 0:
-            return io.NodeOutput(model)
+            return io.NodeOutput(model, clip)
         m = model.clone()
+        unet = {k: d for k, d in deltas.items() if not (isinstance(k, str) and k.startswith(TEXT_PREFIX))}
+        text = text_patches(deltas)
+        out_clip = clip
+        if text and gate != GATE_FT:
+            out_clip = clip.clone()
+            out_clip.add_patches(text, float(strength))
+        elif text:
+            log.warning("%s: the facilitated-transport gate acts on the diffusion model only; its %d text-encoder "
+                        "layer(s) are applied with gate 'always' only.", file, len(text))
+        if not unet:
+            return io.NodeOutput(m, out_clip)
         if gate != GATE_FT:
-            m.add_patches(static_patches(deltas), float(strength))
-            return io.NodeOutput(m)
+            m.add_patches(static_patches(unet), float(strength))
+            return io.NodeOutput(m, out_clip)
         if clip is None:
             raise ValueError("The 'facilitated transport' gate scores each prompt with the text encoder: connect CLIP.")
         names = [c.strip() for c in concepts.split(",") if c.strip()] or report.concepts or \
             [c.strip() for c in report.metadata.get("prompts", "").split(",") if c.strip()]
-        mem = Membrane(deltas, Gate(GATE_FT, names), float(strength), name=file)
+        mem = Membrane(unet, Gate(GATE_FT, names), float(strength), name=file)
         spm_runtime.attach(m, mem, spm_runtime.ComfyTextEncoder(clip), spm_runtime.prompt_texts(cls.hidden.prompt),
                            None)
-        return io.NodeOutput(m)
+        return io.NodeOutput(m, out_clip)
 
 
 NODES = [EraserLoRALoad]

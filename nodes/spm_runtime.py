@@ -233,6 +233,17 @@ def attach(model_patcher, membrane: Membrane, encoder, texts, combination: Optio
     return model_patcher
 
 
+def clip_model_keys(clip) -> dict:
+    """``te.<encoder>.<HF path>`` → weight of a ComfyUI CLIP, whose state dict spells each text encoder
+    ``<encoder>.transformer.<HF path>`` (clip_l / clip_g / clip_h, as ComfyUI's own LoRA key map reads it)."""
+    keys = {}
+    for key, value in clip.cond_stage_model.state_dict().items():
+        encoder, sep, path = key.partition(".transformer.")
+        if sep and encoder.startswith("clip_") and "." not in encoder:
+            keys[f"te.{encoder}.{path}"] = value
+    return keys
+
+
 _FILE_CACHE = {}
 
 
@@ -247,8 +258,9 @@ def load_file(path: str):
     return _FILE_CACHE[stamp]
 
 
-def convert_for_model(model_patcher, path: str, fmt=None):
-    """The file's deltas against this ComfyUI model's diffusion_model keys (text keys are not given)."""
+def convert_for_model(model_patcher, path: str, fmt=None, clip=None):
+    """The file's deltas against this ComfyUI model's diffusion_model keys, plus the text encoders' keys
+    (``te.<encoder>.…``) when a CLIP is given; text keys without a CLIP are reported unmatched."""
     import os
 
     tensors, metadata = load_file(path)
@@ -257,4 +269,6 @@ def convert_for_model(model_patcher, path: str, fmt=None):
         model_keys = dict(diffusion.state_dict())
     else:
         model_keys = {k: tuple(v.shape) for k, v in diffusion.state_dict().items()}
+    if clip is not None:
+        model_keys.update(clip_model_keys(clip))
     return convert_file(tensors, metadata, model_keys, source=os.path.basename(path), fmt=fmt)

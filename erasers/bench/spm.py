@@ -2,9 +2,10 @@
 
 A diffusers UNet2DConditionModel with the SD1.5 config and random weights runs the same denoising step
 without membranes, with 1 and with 3 official-layout SD1.x membranes (facilitated transport on, official
-combination), interleaved round by round in one process so drift hits every configuration alike. The
-table reports the median seconds per step and the overhead ratio against the bare UNet (target ≤ 5 %),
-both in process CPU time (robust when other jobs share the machine) and in wall time.
+combination), interleaved round by round (the order rotates) in one process so drift hits every configuration alike.
+The table reports the median seconds per step and the overhead as the median of per-round ratios to the
+bare UNet step of the same round (target ≤ 5 %), both in process CPU time (robust when other jobs share
+the machine) and in wall time. One torch thread by default.
 """
 from __future__ import annotations
 
@@ -26,11 +27,15 @@ SD15_UNET = dict(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 → 256 px images)")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (one step per config each)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (one timed step per config each)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared machine, idle OpenMP threads spin and inflate "
                              "CPU time; 0 keeps torch's default)")
     parser.add_argument("--combination", default="official", choices=("official", "linear"))
+    parser.add_argument("--account", type=int, default=0, metavar="N",
+                        help="also account the membranes layer by layer: each hooked layer's CPU time with and "
+                             "without the hooks on the inputs of one real step, median of N interleaved "
+                             "repeats, summed and divided by the bare step (robust on a busy machine)")
 
 
 def _membranes(unet, count):
@@ -59,7 +64,7 @@ def run(args) -> list:
     if getattr(args, "threads", 1):
         torch.set_num_threads(args.threads)
     latent = getattr(args, "latent", 32)
-    rounds = getattr(args, "rounds", 4)
+    rounds = getattr(args, "rounds", 7)
     combination = getattr(args, "combination", "official")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(**SD15_UNET).eval()
@@ -76,31 +81,87 @@ def run(args) -> list:
             unet(x, 500, encoder_hidden_states=ctx)
 
     step()  # warm-up (allocator, kernels)
-    for _ in range(rounds):
-        for name, chosen in configs.items():
+    names = list(configs)
+    ratios = {name: [] for name in names}
+    ratios_cpu = {name: [] for name in names}
+    for rnd in range(rounds):
+        order = names[rnd % len(names):] + names[: rnd % len(names)]  # rotate: nobody is always first
+        for name in order:
+            chosen = configs[name]
             handle = DiffusersMembranes(SimpleNamespace(unet=unet), chosen, combination, encoder=encoder) \
                 if chosen else None
             if handle:
-                handle.set_prompts(["a photo of concept0 in a park"])  # rates cached before timing
-                step()  # first call casts the stacks once; not a per-step cost
+                handle.set_prompts(["a photo of concept0 in a park"])  # rates: once per prompt, not per step
+            step()  # untimed: the first call folds the rates into the factors once per prompt
             start, start_cpu = time.perf_counter(), time.process_time()
             step()
             times[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
             if handle:
                 handle.remove()
-    base, base_cpu = statistics.median(times["no membrane"]), statistics.median(cpu["no membrane"])
+        for name in names:  # paired with this round's bare step: drift between rounds cancels
+            ratios[name].append(times[name][-1] / times["no membrane"][-1] - 1.0)
+            ratios_cpu[name].append(cpu[name][-1] / cpu["no membrane"][-1] - 1.0)
     rows = []
-    print(f"SPM overhead per UNet step — SD1.5-shaped UNet, random weights, CPU ({torch.get_num_threads()} threads), "
-          f"latent {latent}×{latent}, batch 2 (CFG), {combination} combination, transport on, median of {rounds}")
+    print(f"SPM overhead per UNet step — SD1.5-shaped UNet, random weights, CPU ({torch.get_num_threads()} "
+          f"thread(s)), latent {latent}×{latent}, batch 2 (CFG, one prompt), {combination} combination, transport "
+          f"on; median of {rounds} interleaved rounds, overhead = median of per-round ratios to the bare step")
     print(f"| {'config':<12} | {'CPU s/step':>10} | {'CPU overhead':>12} | {'wall s/step':>11} | {'wall overhead':>13} |")
     print(f"|{'-' * 14}|{'-' * 12}|{'-' * 14}|{'-' * 13}|{'-' * 15}|")
-    for name in configs:
+    for name in names:
         med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
-        ratio, ratio_cpu = med / base - 1.0, med_cpu / base_cpu - 1.0
+        ratio, ratio_cpu = statistics.median(ratios[name]), statistics.median(ratios_cpu[name])
         rows.append((name, med_cpu, ratio_cpu, med, ratio))
         print(f"| {name:<12} | {med_cpu:>10.3f} | {100 * ratio_cpu:>11.1f}% | {med:>11.3f} | {100 * ratio:>12.1f}% |")
+    repeats = getattr(args, "account", 0)
+    if repeats:
+        base_cpu = statistics.median(cpu["no membrane"])
+        print(f"\nLayer-by-layer accounting — membrane CPU time per step / bare step ({base_cpu:.3f} s), "
+              f"median of {repeats} interleaved repeats per layer")
+        print(f"| {'config':<12} | {'runtime path':<28} | {'added s/step':>12} | {'overhead':>8} |")
+        print(f"|{'-' * 14}|{'-' * 30}|{'-' * 14}|{'-' * 10}|")
+        for name in names[1:]:
+            for fold, label in ((True, "folded (this version)"), (False, "low-rank on the output only")):
+                added = account_layers(unet, configs[name], combination, encoder, x, ctx, repeats, fold)
+                rows.append((name + (" (accounted)" if fold else " (accounted, no fold)"), added, added / base_cpu))
+                print(f"| {name:<12} | {label:<28} | {added:>12.4f} | {100 * added / base_cpu:>7.1f}% |")
     return rows
+
+
+def account_layers(unet, mems, combination, encoder, x, ctx, repeats: int, fold: bool = True) -> float:
+    """Σ over hooked layers of median(hooked − bare) CPU seconds, on the inputs those layers see in a real
+    step: the membranes' own cost per step, measured in short interleaved pieces."""
+    from ..diffusers_apply import DiffusersMembranes
+
+    handle = DiffusersMembranes(SimpleNamespace(unet=unet), mems, combination, encoder=encoder)
+    modules = [m for _, hooks in handle.groups for _, m in hooks.modules]
+    handle.remove()
+    inputs = {}
+    grabs = [m.register_forward_pre_hook(lambda mod, args: inputs.setdefault(id(mod), args)) for m in modules]
+    with torch.no_grad():
+        unet(x, 500, encoder_hidden_states=ctx)
+    for g in grabs:
+        g.remove()
+
+    def one_pass(times):
+        with torch.no_grad():
+            for m in modules:
+                start = time.process_time()
+                m(*inputs[id(m)])
+                times.setdefault(id(m), []).append(time.process_time() - start)
+
+    bare, hooked = {}, {}
+    for _ in range(repeats):
+        one_pass(bare)
+        handle = DiffusersMembranes(SimpleNamespace(unet=unet), mems, combination, encoder=encoder)
+        for _, hooks in handle.groups:
+            hooks.fold = fold
+        handle.set_prompts(["a photo of concept0 in a park"])
+        handle._expand(unet, (x,), {})  # the rows the UNet pre-hook would set for this batch
+        one_pass({})  # untimed: the first call folds the rates into the factors (once per prompt)
+        one_pass(hooked)
+        handle.remove()
+    return sum(statistics.median(h) - statistics.median(b) for h, b in zip(hooked.values(), bare.values()))
 
 
 def main(argv=None):

@@ -176,7 +176,10 @@ def kohya_text_table(shapes: Mapping[str, tuple]) -> dict:
         if key.startswith(TEXT_PREFIX) and key.endswith(".weight"):
             enc, path = key[len(TEXT_PREFIX):].split(".", 1)
             if enc in prefixes:
-                table[prefixes[enc] + path[: -len(".weight")].replace(".", "_")] = key
+                flat = path[: -len(".weight")].replace(".", "_")
+                table[prefixes[enc] + flat] = key
+                if prefixes[enc] == "lora_te_":  # some trainers write lora_te1_ for a lone encoder too
+                    table.setdefault("lora_te1_" + flat, key)
     return table
 
 

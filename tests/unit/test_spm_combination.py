@@ -143,3 +143,43 @@ def test_in_place_inference_path_equals_the_autograd_path(mode, channels_first):
     direct = torch.stack([xl[b] @ (delta_official if mode == "official" else delta_linear)(
         [factors(11), factors(12)], rates[b].tolist()).T for b in range(2)])
     torch.testing.assert_close(got, y + (direct.movedim(-1, 1) if channels_first else direct), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["official", "linear"])
+def test_one_prompt_batch_runs_on_the_folded_weight_and_restores_it(mode):
+    """Uniform rates and many tokens: the call runs on W + ΔW(m) (same result as the low-rank path), the
+    host's weight object comes back untouched, also when the forward raises."""
+    torch.manual_seed(1)
+    net = Tiny()
+    weights = {n: p for n, p in net.named_parameters()}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    shapes = {"proj.weight": (OUT, IN), "conv.weight": (OUT, IN, 1, 1)}
+    mems = [Membrane({"proj.weight": factors(13), "conv.weight": factors(14)}),
+            Membrane({"proj.weight": factors(15), "conv.weight": factors(16)})]
+    x, xc = torch.randn(2, 40, IN), torch.randn(2, IN, 7, 7)
+    rates = torch.tensor([[0.4, 0.8], [0.4, 0.8]])
+    fn = delta_official if mode == "official" else delta_linear
+    dp, dc = fn([factors(13), factors(15)], [0.4, 0.8]), fn([factors(14), factors(16)], [0.4, 0.8])
+    seen = []
+    probe = net.proj.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight is weights["proj.weight"]))
+    hooks = MembraneHooks(net, build_stacks(mems, mode, shapes))
+    probe.remove()  # runs after the membrane pre-hook from now on: re-register it behind
+    probe = net.proj.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight is weights["proj.weight"]))
+    hooks.rates = rates
+    with torch.no_grad():
+        out, outc = net.proj(x), net.conv(xc)
+    assert seen == [False]  # the call really ran on a folded weight
+    torch.testing.assert_close(out, x @ (net.proj.weight + dp).T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outc, torch.nn.functional.conv2d(xc, net.conv.weight + dc.reshape(OUT, IN, 1, 1)),
+                               rtol=1e-5, atol=1e-5)
+    # the low-rank path (per-item rates) gives the same numbers
+    hooks.rates = torch.tensor([[0.4, 0.8], [0.4, 0.8 + 1e-12]], dtype=torch.float64)
+    torch.testing.assert_close(net.proj(x), out, rtol=1e-5, atol=1e-5)
+    hooks.rates = rates
+    with pytest.raises(RuntimeError):
+        net.proj(torch.randn(2, 40, IN + 1))
+    probe.remove()
+    assert all(p is weights[n] for n, p in net.named_parameters())
+    hooks.remove()
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert all(p is weights[n] for n, p in net.named_parameters())
