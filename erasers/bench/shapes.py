@@ -39,11 +39,13 @@ TARGETS = {"exact_max": 0.10, "unrelated_min": 0.95, "related_min": 0.85}
 CLOSED_FORM = ("uce", "rece", "speed", "mace")
 #: "<method>-paper": the same method with the published defaults, to show what the shapes settings change
 PAPER = tuple(f"{m}-paper" for m in CLOSED_FORM)
-ALL_ERASERS = CLOSED_FORM + ("spm", "lora", "safree", "sld", "guidance", "token")
+ALL_ERASERS = CLOSED_FORM + ("spm", "lora", "lora-esd", "safree", "sld", "guidance", "token")
+#: trained adapters shipped in erasers/shapes/weights (``python -m erasers.spm_train``), per erased concept
+TRAINED = {"spm": "spm_{concept}_membrane.safetensors", "lora-esd": "esdx_{concept}_lora.safetensors"}
 TITLES = {"uce": "UCE", "rece": "RECE", "speed": "SPEED", "mace": "MACE-CFR", "spm": "SPM membrane",
           "uce-paper": "UCE (paper defaults)", "rece-paper": "RECE (paper defaults)",
           "speed-paper": "SPEED (paper defaults)", "mace-paper": "MACE-CFR (paper defaults)",
-          "lora": "erasure LoRA", "safree": "SAFREE", "sld": "SLD", "guidance": "concept guidance",
+          "lora": "erasure LoRA (UCE file → kohya loader)", "lora-esd": "erasure LoRA (ESD-x, trained)", "safree": "SAFREE", "sld": "SLD", "guidance": "concept guidance",
           "token": "token suppression"}
 
 #: Closed-form settings on the shapes model, where they differ from the published defaults for objects.
@@ -56,8 +58,9 @@ TITLES = {"uce": "UCE", "rece": "RECE", "speed": "SPEED", "mace": "MACE-CFR", "s
 #: erased concept's axis that is not erased (circle → square; red → green); ``"{others}"`` = all of them.
 SHAPES_PARAMS: Dict[str, dict] = {
     "uce": {"variant": "2023", "anchors": ["{anchor}"], "preserve": ["{others}"]},
-    "rece": {"anchors": ["{anchor}"], "preserve": ["{others}"], "lam": 30.0},
-    "speed": {"concept_type": "nudity", "retain_scale": 1.0, "lamb": 0.0, "anchors": ["{anchor}"]},
+    "rece": {"anchors": ["{anchor}"], "preserve": ["{other_words}", "{attributes}"]},
+    "speed": {"concept_type": "nudity", "retain_scale": 1.0, "lamb": 0.0, "anchors": ["{anchor}"],
+              "preserve": ["{others}"]},
     "mace": {"anchors": ["{anchor}"]},
 }
 
@@ -71,14 +74,27 @@ def world_anchor(concepts: List[str]) -> tuple:
     return others[0], others
 
 
-def resolve_params(params: dict, concepts: List[str]) -> dict:
+def world_words(concepts: List[str]) -> Dict[str, List[str]]:
+    """What a user of this world would list: ``{others}`` = the other values of the erased concepts' axis,
+    ``{other_words}`` = those with their synonyms, ``{attributes}`` = every value (and synonym) of the
+    other axes (colours and styles when a shape is erased)."""
+    from ..shapes import world
+
     anchor, others = world_anchor(concepts)
+    axis = ev.axis_of(concepts[0])
+    other_words = [w for v in others for w in world.SYNONYMS.get(v, [v])]
+    attributes = [w for a in ev.AXES if a != axis for v in ev.VALUES[a] for w in world.SYNONYMS.get(v, [v])]
+    return {"{anchor}": [anchor], "{others}": others, "{other_words}": other_words, "{attributes}": attributes}
+
+
+def resolve_params(params: dict, concepts: List[str]) -> dict:
+    words = world_words(concepts)
     out = {}
     for key, value in params.items():
         if isinstance(value, list):
             expanded = []
             for item in value:
-                expanded += others if item == "{others}" else [anchor if item == "{anchor}" else item]
+                expanded += words.get(item, [item])
             value = expanded
         out[key] = value
     return out
@@ -101,6 +117,8 @@ class Candidate:
     name: str
     build: Optional[Callable] = None  # (pipe, concepts) -> Prepared
     skip: Optional[str] = None
+    #: (pipe, concept) -> None, or why this eraser cannot run there (a file trained for another concept/model)
+    available: Optional[Callable] = None
 
 
 # -- the erasers -------------------------------------------------------------------------------------
@@ -154,12 +172,10 @@ def candidates(names) -> List[Candidate]:
             out.append(closed_form_candidate(name))
         elif name.endswith("-paper") and name[: -len("-paper")] in CLOSED_FORM:
             out.append(closed_form_candidate(name[: -len("-paper")], paper_defaults=True))
-        elif name == "spm":
-            reason = None if shapes_file("membrane") else "no shapes membrane (trainer not in the pack)"
-            out.append(Candidate(name, skip=reason or "shapes membrane found but no benchmark adapter yet"))
+        elif name in TRAINED:
+            out.append(trained_candidate(name))
         elif name == "lora":
-            reason = None if shapes_file("lora") else "no erasure LoRA trained on the shapes world in the pack"
-            out.append(Candidate(name, skip=reason or "shapes LoRA found but no benchmark adapter yet"))
+            out.append(lora_file_candidate())
         else:
             here = importlib.util.find_spec(f"{__package__.rsplit('.', 1)[0]}.diffusers_suppression")
             if here is None:
@@ -168,6 +184,91 @@ def candidates(names) -> List[Candidate]:
             else:
                 out.append(suppression_candidate(name))
     return out
+
+
+#: the closed-form eraser the "erasure LoRA" row writes to a kohya-layout file and loads back as a LoRA
+LORA_SOURCE = "uce"
+
+
+def lora_file_candidate(source: str = LORA_SOURCE) -> Candidate:
+    """An erasure LoRA *file* end to end: the ``source`` eraser (shapes settings) saved in the kohya layout
+    (``lora_unet_…`` lora_up/lora_down/alpha, what ComfyUI/A1111 LoRA loaders read), read back through the
+    pack's format detection (``erasers/formats/kohya.py``) and applied as removable forward hooks on the
+    UNet (``DiffusersMembranes``, always on, strength 1) — the weights themselves are never written."""
+
+    def build(pipe, concepts):
+        import tempfile
+
+        from ..keys import kohya_name
+
+        from safetensors.torch import save_file
+
+        from ..diffusers_api import compute_eraser_for_pipeline
+        from ..diffusers_apply import DiffusersMembranes, membrane_from_file
+        from ..eraser_file import to_state_dict
+
+        started = time.perf_counter()
+        eraser = compute_eraser_for_pipeline(pipe, closed_form_config(source, concepts))
+        tensors, metadata = to_state_dict(eraser)
+        # the eraser file keeps full-rank layers as dense ``.diff`` (smaller); a LoRA file is factors only
+        for key, delta in eraser.deltas.items():
+            stem = kohya_name(key)
+            if tensors.pop(f"{stem}.diff", None) is not None:
+                tensors[f"{stem}.lora_up.weight"] = delta.up.to(torch.float32, copy=True).contiguous()
+                tensors[f"{stem}.lora_down.weight"] = delta.down.to(torch.float32, copy=True).contiguous()
+                tensors[f"{stem}.alpha"] = torch.tensor(float(delta.rank))
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, f"{source}-{'-'.join(concepts)}.safetensors")
+            save_file(tensors, path, metadata=metadata)
+            size = os.path.getsize(path)
+            membrane, report = membrane_from_file(pipe.unet, path, transport=False, kind="lora")
+        if report.format != "kohya" or len(membrane.deltas) != len(eraser.deltas):
+            raise RuntimeError(f"The {source} eraser file was read back as '{report.format}' with "
+                               f"{len(membrane.deltas)} of {len(eraser.deltas)} layers; expected kohya, all.")
+        seconds = time.perf_counter() - started
+        return Prepared(lambda: DiffusersMembranes(pipe, loras=[membrane]), seconds, False,
+                        f"{TITLES[source]} → kohya file ({size / 1e3:.0f} kB, {len(membrane.deltas)} layers) → "
+                        "LoRA loader → UNet hooks")
+
+    return Candidate("lora", build)
+
+
+def trained_candidate(name: str) -> Candidate:
+    """A trained adapter shipped with the shapes model (an SPM membrane, an ESD-x LoRA), read through the
+    pack's format detection and hooked into the UNet, always on at strength 1 (facilitated transport off:
+    the shapes text encoder is not a CLIP, so the membrane's gate is not measured here)."""
+    from ..shapes.model import WEIGHTS_DIR
+
+    def build(pipe, concepts):
+        from ..diffusers_apply import DiffusersMembranes, membrane_from_file
+
+        path = WEIGHTS_DIR / TRAINED[name].format(concept="-".join(concepts))
+        if not path.is_file():
+            raise FileNotFoundError(f"{path.name} is not shipped: train it with `python -m erasers.spm_train`.")
+        started = time.perf_counter()
+        membrane, report = membrane_from_file(pipe.unet, str(path), transport=False,
+                                              kind="spm" if name == "spm" else "lora")
+        if report.unmatched:
+            raise RuntimeError(f"{path.name}: {len(report.unmatched)} layer(s) did not match the shapes UNet, "
+                               f"e.g. {report.unmatched[0]}.")
+        return Prepared(lambda: DiffusersMembranes(pipe, loras=[membrane]), time.perf_counter() - started, False,
+                        f"{path.name} ({path.stat().st_size / 1e3:.0f} kB, {report.format} layout, "
+                        f"{len(membrane.deltas)} layers)")
+
+    def available(pipe, concept: str) -> Optional[str]:
+        from ..diffusers_apply import load_for_unet
+        from ..errors import EraserError
+
+        path = WEIGHTS_DIR / TRAINED[name].format(concept=concept)
+        if not path.is_file():
+            return f"no {path.name} shipped (train one with `python -m erasers.spm_train`)"
+        try:
+            load_for_unet(pipe.unet, str(path))
+        except EraserError as exc:  # trained on the shipped model; a different (test) model does not fit
+            return f"{path.name} does not fit this model: {str(exc)[:120]}"
+        return None
+
+    return Candidate(name, build, available=available)
 
 
 def suppression_candidate(name: str) -> Candidate:
@@ -336,6 +437,8 @@ def run(args, pipe=None, classifier=None) -> dict:
     columns = {"base": base.images[rows]}
     cands = candidates(names)
     for cand in cands:
+        if cand.skip is None and cand.available is not None:
+            cand.skip = cand.available(pipe, concept)
         if cand.skip:
             results["skipped"][cand.name] = cand.skip
             continue
@@ -405,9 +508,10 @@ def summary_table(results: dict) -> str:
         a = r.get("attacks", {})
         met = r["targets"]
         flag = "all met" if all(met.values()) else "missed: " + ", ".join(k for k, v in met.items() if not v)
-        if name not in CLOSED_FORM + PAPER:
+        if name not in CLOSED_FORM + PAPER + ("lora",):
             flag = "(targets are for closed-form methods)"
-        c_form = ("n/a (no weight edit)" if a.get("closed_form") is None else pct(a["closed_form"])) if a else "not run"
+        no_edit = "n/a (hooks, weights untouched)" if name in ("lora",) + tuple(TRAINED) else "n/a (no weight edit)"
+        c_form = (no_edit if a.get("closed_form") is None else pct(a["closed_form"])) if a else "not run"
         grad = (pct(a.get("gradient")) + (" †" if a.get("gradient_transfer") else "")) if a else "not run"
         lines.append(f"| {TITLES[name]} | {pct(r['erased']['exact'])} | {pct(r['erased']['synonym_paraphrase'])} | "
                      f"{c_form} | {grad} | "
@@ -558,7 +662,7 @@ def parse_args(argv=None):
 
     args = build_parser().parse_args(argv)
     if args.methods is None:
-        args.methods = ["uce"] if args.quick else list(CLOSED_FORM) + ["uce-paper"] + list(ALL_ERASERS[4:])
+        args.methods = ["uce"] if args.quick else list(CLOSED_FORM) + list(PAPER) + list(ALL_ERASERS[4:])
     else:
         args.methods = [m.strip().lower() for item in args.methods for m in item.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in ALL_ERASERS + PAPER]
