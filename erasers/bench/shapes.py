@@ -707,6 +707,24 @@ def merge_results(new: dict, old: dict) -> dict:
     return merged
 
 
+README_MARKERS = ("<!-- shapes-table: written by `python -m erasers bench shapes` -->", "<!-- /shapes-table -->")
+
+
+def update_readme(results: dict, path: str = "README.md") -> bool:
+    """Replace the summary table between the README's markers; False when there is no such README."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    start, end = (text.find(m) for m in README_MARKERS)
+    if start < 0 or end < start:
+        return False
+    text = text[: start + len(README_MARKERS[0])] + "\n" + readme_table(results) + "\n" + text[end:]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return True
+
+
 def write_outputs(results: dict, out: str, command: str) -> None:
     os.makedirs(out, exist_ok=True)
     results["_grid"].save(os.path.join(out, "grid.png"))
@@ -774,4 +792,6 @@ def main(argv=None) -> int:
     if out:
         write_outputs(results, out, command)
         print(f"\nwrote {os.path.join(out, 'RESULTS.md')}, grid.png, results.json")
+        if os.path.abspath(out) == os.path.abspath(DEFAULT_OUT) and update_readme(results):
+            print("updated the summary table in README.md")
     return 0
