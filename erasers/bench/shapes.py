@@ -553,6 +553,20 @@ def scaling_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def merged_note(settings: dict) -> str:
+    """Which rows come from which run, when runs were merged (``--merge``)."""
+    sources = settings.get("row_sources", {})
+    if set(sources.values()) <= {"this run"}:
+        return ""
+    by_source: Dict[str, List[str]] = {}
+    for name, source in sources.items():
+        by_source.setdefault(source, []).append(TITLES[name])
+    parts = [f"{source}: {', '.join(names)}" for source, names in by_source.items()]
+    return (" Rows by run (merged with `--merge`; the runs share every setting, the seed and the base model's "
+            "scores, so sampling reproduces each row exactly; times are those of the run that measured it) — "
+            + "; ".join(parts) + ".")
+
+
 def results_markdown(results: dict, command: str) -> str:
     s = results["settings"]
     b = results["base"]
@@ -563,10 +577,7 @@ def results_markdown(results: dict, command: str) -> str:
         f"{s['images_per_sampling']} images per sampling (every shape × colour, synonyms, held-out paraphrases, "
         f"styled prompts; all in one batch), {s['steps']} DDIM steps, guidance {s['guidance']}, seed {s['seed']}, "
         f"{s['threads']} CPU threads, torch {s['torch']}. Total {results['total_seconds'] / 60:.1f} min."
-        + (f" Rows not re-run here ({', '.join(TITLES[n] for n in s['merged_rows'])}; settings unchanged) come "
-           f"from the previous full run ({s['merged_total_seconds'] / 60:.1f} min) with identical settings, "
-           "seed and base-model scores (merged by `--merge`), so they are the numbers a full re-run reproduces; "
-           "their times were measured in that run." if s.get("merged_rows") else ""),
+        + merged_note(s),
         "",
         "Efficacy: rate at which the erased concept still appears (classifier), lower is better. Specificity: "
         "accuracy relative to the base model on prompts that do not name the erased concept, higher is better — "
@@ -700,10 +711,11 @@ def merge_results(new: dict, old: dict) -> dict:
     merged["scaling"] = new["scaling"] + [r for r in old["scaling"] if r["method"] not in scaled and r["method"] in kept]
     merged["scaling"].sort(key=lambda r: (len(r["concepts"]) if r["axis"] == "shape" else 10 + len(r["concepts"]),
                                           order.index(r["method"])))
-    merged["settings"] = {**new["settings"], "merged_rows": kept,
-                          "merged_params": {m: old["settings"]["params"].get(m) for m in kept
-                                            if m in old["settings"]["params"]},
-                          "merged_total_seconds": old.get("total_seconds")}
+    earlier = old["settings"].get("row_sources", {})
+    label = f"an earlier run ({old.get('total_seconds', 0) / 60:.1f} min)"
+    merged["settings"] = {**new["settings"], "row_sources": {
+        **{n: new["settings"].get("row_sources", {}).get(n, "this run") for n in new["methods"]},
+        **{n: label if earlier.get(n, "this run") == "this run" else earlier[n] for n in kept}}}
     return merged
 
 
