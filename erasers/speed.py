@@ -1,7 +1,8 @@
 """SPEED — Scalable, Precise, Efficient concept Erasure (Li et al., ICLR 2026), closed_form.md §5.
 
 Per edited matrix W (value projections by default), with C1 the concept rows, C* the anchor rows (the
-last word token; nudity: every row after the SOT, aligned by position) and n the number of concepts:
+last word token; nudity: every row after the SOT, aligned by position; retain prompts are read at the same
+rows, as the reference reads its default retain prompt '') and n the number of concepts:
 
     Σ_tt = C1ᵀC1 / n,  Σ_at = C*ᵀC1 / n                                   (averaged over concepts, §5.1)
     Δ_erase = W (Σ_at − Σ_tt)(I + Σ_tt)⁻¹                                  (prior-free update, for IPF)
