@@ -45,7 +45,7 @@ TRAINED = {"spm": "spm_{concept}_membrane.safetensors", "lora-esd": "esdx_{conce
 TITLES = {"uce": "UCE", "rece": "RECE", "speed": "SPEED", "mace": "MACE-CFR", "spm": "SPM membrane",
           "uce-paper": "UCE (paper defaults)", "rece-paper": "RECE (paper defaults)",
           "speed-paper": "SPEED (paper defaults)", "mace-paper": "MACE-CFR (paper defaults)",
-          "lora": "erasure LoRA (UCE file → kohya loader)", "lora-esd": "erasure LoRA (ESD-x, trained)", "safree": "SAFREE", "sld": "SLD", "guidance": "concept guidance",
+          "lora": "erasure LoRA (UCE file via kohya loader)", "lora-esd": "erasure LoRA (ESD-x, trained)", "safree": "SAFREE", "sld": "SLD", "guidance": "concept guidance",
           "token": "token suppression"}
 
 #: Closed-form settings on the shapes model, where they differ from the published defaults for objects.
@@ -614,7 +614,9 @@ def results_markdown(results: dict, command: str) -> str:
         "## Settings",
         "",
         "Closed-form parameters used on this model (empty = the published defaults for objects): "
-        f"`{json.dumps(s['params'])}`.",
+        f"`{json.dumps(s['params'])}` — for circle: {{anchor}} = square; {{others}} = square, triangle, cross; "
+        "{other_words} = those and their synonyms (box, wedge, plus); {attributes} = every colour and style word "
+        "with synonyms (18 words in all with {other_words}).",
         "",
     ] + [f"- {line}" for line in NOTES])
 
@@ -637,13 +639,16 @@ NOTES: List[str] = [
     "run each method with its published object defaults and no lists, for comparison.",
     "RECE starts from that UCE edit and then erases its derived adversarial rows c′ (all rows of the bare "
     "concept), which this encoder's shared component dominates: whatever §4.2's preserve set does not pin "
-    "down moves with them. With only the empty prompt and the other shapes preserved, the published "
+    "down moves with them. With the published defaults (UCE start towards \" \", only the empty prompt "
+    "preserved) circles stayed at 61 % and related fidelity fell to 33 % (\"RECE (paper defaults)\"). With "
+    "the other shapes preserved, the published "
     "λ2 = 0.1 brought circles back to 50 % at related fidelity 0.25, and an off-range λ2 = 30 (the earlier "
     "shapes setting) still gave related 0.84. RECE's own input fixes it: the preserve list a user of this "
     "world would write — the other shapes with their synonyms, and the colours and styles (18 words, all "
     "token rows) — with published values only: λ_r = 0.1 (\"easy objects\") gave 8 % exact / 100 % related, "
     "λ_r = 1e-3 (\"hard objects\", used here) 0 % / 99 % (tuning runs, 93 images, λ1 = λ2 = 0.1, one round).",
-    "SPEED keys on the last word token like UCE-2025 and did nothing with its object defaults; its all-rows "
+    "SPEED keys on the last word token like UCE-2025; with its object defaults (anchor \"\", no retain list) "
+    "circles were still drawn 28 % of the time (\"SPEED (paper defaults)\"). Its all-rows "
     "mode (the paper's nudity alignment, object hyper-parameters kept: α = 1, λ = 0, τ = 0.1) with the "
     "same-kind anchor erases. Its retain set must be read at the rows it edits: the reference retains every "
     "non-SOT row of its default retain prompt, but a user's retain list was read at its last word only, "
@@ -652,10 +657,10 @@ NOTES: List[str] = [
     "at the same rows as the concept (erasers/speed.py, all-rows mode only) with the other shapes as the "
     "retain list: 8 % exact, related 0.96 (tuning run, 93 images).",
     "MACE keys on the co-occurring rows (prefix, EOS, padding), so it reaches the padding path by design; "
-    "with its object default mapping (\"\") it did nothing, with the same-kind anchor it meets the targets "
+    "with its object default mapping (\"\") circles stayed at 56 %; with the same-kind anchor it meets the targets "
     "without a preserve list. Its 30 photo templates are mostly outside this world's 40-word vocabulary "
     "(unknown words map to one token), which it tolerates.",
-    "Erasure LoRAs. \"erasure LoRA (UCE file → kohya loader)\": the UCE eraser above written as a kohya LoRA "
+    "Erasure LoRAs. \"erasure LoRA (UCE file via kohya loader)\": the UCE eraser above written as a kohya LoRA "
     "(lora_unet_… lora_up / lora_down / alpha, what ComfyUI and A1111 LoRA loaders read), detected and "
     "converted by erasers/formats (kohya), and applied as removable forward hooks (DiffusersMembranes, always "
     "on) — the file path end to end; it should match the UCE row, which adds the same ΔW to the weights. "
@@ -663,7 +668,11 @@ NOTES: List[str] = [
     "by the pack's trainer (erasers/spm_train.py, action \"erase\": ESD's negative-guidance loss, neutral = "
     "the empty prompt, on-policy x_t; 150 iterations, batch 2, 10-step rollouts, lr 2e-3) for the prompts "
     "\"circle\" and \"a <colour> circle\", shipped as erasers/shapes/weights/esdx_circle_lora.safetensors "
-    "(49 kB). The c′ attack needs the weights edited in place, so it is n/a for hooked adapters.",
+    "(49 kB). Its low unrelated fidelity is ESD's objective at work: the negative guidance pushes away from "
+    "the whole prompt \"a <colour> circle\", colour included, and the shared key/value projections carry "
+    "that to the other shapes of those colours (a small, untuned training budget; ESD's own setting, the bare "
+    "word only, does not reach the EOS/padding rows of this causal encoder). The c′ attack needs the weights "
+    "edited in place, so it is n/a for hooked adapters.",
     "SPM membrane: rank-1 adapters on the 12 transformer layers of each of the 7 transformer blocks "
     "(84 layers), trained by erasers/spm_train.py with latent anchoring (action \"erase_with_la\": the "
     "erase loss towards the surrogate \"a <colour> square\" plus λ = 5 × the anchoring loss on prompts of "
@@ -796,6 +805,8 @@ def main(argv=None) -> int:
         with open(args.merge, encoding="utf-8") as handle:
             results = {**merge_results(results, json.load(handle)), "_grid": results["_grid"]}
     command = "python -m erasers bench shapes" + (" --quick" if args.quick else "")
+    if args.merge:
+        command += f" --methods {','.join(args.methods)} --merge {args.merge}"
     print(summary_table(results))
     if results["scaling"]:
         print()
