@@ -282,13 +282,15 @@ def shapes_config(concept: str, kind: str = "spm", **overrides) -> SPMTrainConfi
         raise ConfigError(f"spm-train shapes settings erase a shape, found '{concept}'.")
     others = [s for s in world.SHAPES if s != concept]
     targets = [concept] + [f"a {c} {concept}" for c in world.COLOURS]
+    # the shipped files' budget (2 shared CPU cores): 150 iterations, batch 2, 10-step rollouts, lr 2e-3
+    budget = dict(iterations=150, batch_size=2, rollout_steps=10, lr=2e-3)
     if kind == "spm":
         neutrals = [others[0]] + [f"a {c} {others[0]}" for c in world.COLOURS]
         anchors = [f"a {c} {s}" for s in others for c in world.COLOURS] + others
-        base = dict(targets=targets, neutrals=neutrals, anchors=anchors, concepts=[concept], action="erase_with_la",
-                    layers="spm", rank=1)
+        base = dict(budget, targets=targets, neutrals=neutrals, anchors=anchors, concepts=[concept],
+                    action="erase_with_la", layers="spm", rank=1, la_strength=5.0)
     elif kind == "esd-x":
-        base = dict(targets=targets, neutrals=[""], concepts=[concept], action="erase", layers="esd-x", rank=4)
+        base = dict(budget, targets=targets, neutrals=[""], concepts=[concept], action="erase", layers="esd-x", rank=4)
     else:
         raise ConfigError(f"spm-train: kind must be 'spm' or 'esd-x', found '{kind}'.")
     return SPMTrainConfig(**{**base, **overrides})
@@ -296,7 +298,9 @@ def shapes_config(concept: str, kind: str = "spm", **overrides) -> SPMTrainConfi
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m erasers.spm_train",
-                                     description="Train an SPM membrane or an ESD-x LoRA on the shapes model.")
+                                     description="Train an SPM membrane or an ESD-x LoRA on the shapes model. The "
+                                                 "defaults reproduce the shipped erasers/shapes/weights/"
+                                                 "{spm_circle_membrane,esdx_circle_lora}.safetensors.")
     parser.add_argument("--concept", default="circle")
     parser.add_argument("--kind", default="spm", choices=("spm", "esd-x"))
     parser.add_argument("--iterations", type=int, default=None)
