@@ -678,8 +678,8 @@ NOTES: List[str] = [
     "erase loss towards the surrogate \"a <colour> square\" plus λ = 5 × the anchoring loss on prompts of "
     "the other shapes, which stand in for SPM's random-direction anchors — those lie far off this encoder's "
     "shared component); 150 iterations as above; shipped as erasers/shapes/weights/"
-    "spm_circle_membrane.safetensors. It runs always on (facilitated transport off) because the transport "
-    "gate's metric is defined on CLIP token rows; a small training budget on 2 shared cores, not tuned.",
+    "spm_circle_membrane.safetensors (99 kB). It runs always on: facilitated transport (the per-prompt gate) "
+    "is not measured on this model here. A small training budget on 2 shared cores, λ not tuned.",
     "Attacks: the closed-form c′ brings the concept back for every weight edit — with free access to the "
     "context, an invertible edit W⁰(I + D) of the projections is undone by c′ ≈ (I + D)⁻¹c (up to λ_r); that "
     "is RECE's premise, and why its rounds (and a preserve list) matter. The gradient attack has to go through "
