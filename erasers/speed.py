@@ -1,7 +1,8 @@
 """SPEED — Scalable, Precise, Efficient concept Erasure (Li et al., ICLR 2026), closed_form.md §5.
 
 Per edited matrix W (value projections by default), with C1 the concept rows, C* the anchor rows (the
-last word token; nudity: every row after the SOT, aligned by position) and n the number of concepts:
+last word token; nudity: every row after the SOT, aligned by position; retain prompts are read at the same
+rows, as the reference reads its default retain prompt '') and n the number of concepts:
 
     Σ_tt = C1ᵀC1 / n,  Σ_at = C*ᵀC1 / n                                   (averaged over concepts, §5.1)
     Δ_erase = W (Σ_at − Σ_tt)(I + Σ_tt)⁻¹                                  (prior-free update, for IPF)
@@ -268,12 +269,17 @@ def concept_rows(config: SPEEDConfig, enc_c: PromptEncoding, enc_a: PromptEncodi
             enc_a.hidden[idx, enc_a.last_subject_index].double(), n)
 
 
-def retain_rows(enc_r: Optional[PromptEncoding], enc_null: PromptEncoding, pooled: bool) -> torch.Tensor:
+def retain_rows(enc_r: Optional[PromptEncoding], enc_null: PromptEncoding, pooled: bool,
+                all_rows: bool = False) -> torch.Tensor:
+    """Retained rows at the same positions as the concept rows: last words, or (``all_rows``, the nudity
+    alignment) every row after the SOT — as the reference does for its retain [''] — so that the EOS/pad
+    rows of retained prompts, which a causal encoder fills with their content, are protected too."""
     if pooled:
         return (enc_r if enc_r is not None else enc_null).pooled.double()
-    if enc_r is None:  # the reference's retain [''] : its rows after the SOT
-        start = 1 if enc_null.has_bos else 0
-        return enc_null.hidden[0, start:].double()
+    if enc_r is None or all_rows:  # the reference's retain [''] : its rows after the SOT
+        enc = enc_null if enc_r is None else enc_r
+        start = 1 if enc.has_bos else 0
+        return enc.hidden[:, start:].reshape(-1, enc.hidden.shape[-1]).double()
     return enc_r.hidden[torch.arange(len(enc_r)), enc_r.last_subject_index].double()
 
 
@@ -299,7 +305,7 @@ def erase(config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch
     enc_c = encode_batched(encoder, config.concepts, progress=progress, real_tokens_only=last_only)
     enc_a = encode_batched(encoder, config.anchors_for_concepts(config.default_anchor()), real_tokens_only=last_only)
     enc_null = encode_batched(encoder, [""])  # invariants need its EOS/padding rows
-    enc_r = encode_batched(encoder, config.preserve, real_tokens_only=True) if config.preserve else None
+    enc_r = encode_batched(encoder, config.preserve, real_tokens_only=last_only) if config.preserve else None
     if enc_r is None:
         log.info("SPEED: no preserve list given; retaining the empty prompt's rows as the reference does. "
                  "List concepts to keep (e.g. other artists or people) for a more precise null space.")
@@ -309,7 +315,7 @@ def erase(config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch
         if not group:
             continue
         c1, c_star, n = concept_rows(config, enc_c, enc_a, pooled)
-        retain = retain_rows(enc_r, enc_null, pooled)
+        retain = retain_rows(enc_r, enc_null, pooled, all_rows=not last_only)
         k2 = invariants(enc_null, pooled, config.n_centroids, config.seed)
         gen = torch.Generator().manual_seed(config.seed)
         v_mins = {}
