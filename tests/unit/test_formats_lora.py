@@ -190,3 +190,18 @@ def test_strength_zero_is_identity_for_lora_hooks():
                        module_name=lambda p: "0") as hooks:
         hooks.rates = torch.zeros(2, 1)
         assert torch.equal(net(x), base)
+
+
+def test_kohya_dense_diff_layers_load_like_factors_and_keep_the_family_check():
+    """The pack's own exact full-rank eraser files store `<stem>.diff`: the LoRA loader must read them."""
+    up, down = pair(640, 768)
+    stem = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+    dense = up @ down
+    tensors = {f"{stem}.diff": dense, "lora_unet_nowhere_attn2_to_v.diff": rand(8, 8)}
+    assert detect_format(tensors, {}) is kohya
+    deltas, report = convert_file(tensors, {}, SD1)
+    assert torch.equal(deltas[K].float(), dense) and report.unmatched == ["lora_unet_nowhere_attn2_to_v"]
+    # an SDXL-width diff (context 2048) on an SD1.x model is refused by family, naming both
+    wrong = {f"{stem}.diff": rand(640, 2048)}
+    with pytest.raises(FamilyMismatch, match="SDXL"):
+        convert_file(wrong, {}, SD1)
