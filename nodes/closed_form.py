@@ -98,7 +98,7 @@ class EraserSave(io.ComfyNode):
                 io.String.Input("filename", default="eraser",
                                 tooltip="File name inside models/erasers (no folders); .safetensors is added."),
                 io.Boolean.Input("exact", default=False, optional=True,
-                                 tooltip="Full-rank edits (RECE, MACE) are written as truncated SVDs within 1% "
+                                 tooltip="Full-rank edits (RECE, MACE) are written as truncated SVDs within 0.1% "
                                          "relative error per layer (the error is stored in the file). On: "
                                          "write them exactly (dense, larger). Low-rank edits are always exact."),
             ],
