@@ -372,7 +372,9 @@ def erase(config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch
         gen = torch.Generator().manual_seed(config.seed)
         results = layer_deltas([weights[s.key] for s in group], c1, c_star, n, retain, k2, config, gen)
         for s, (delta, _) in zip(group, results):
-            deltas[s.key] = compress(delta)[0]
+            # U·Y is already exact; re-factor only when it has more rows than ΔW can have rank (nudity: 76
+            # rows per concept), which a QR + SVD per layer would otherwise cost on every edit
+            deltas[s.key] = compress(delta)[0] if delta.rank > min(delta.shape) else delta
     return deltas
 
 
