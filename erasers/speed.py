@@ -19,7 +19,13 @@ Implementation: Σ_at − Σ_tt = (C* − C1)ᵀC1/n, so Δ = [W (C* − C1)ᵀ]
 of concept rows): exact low-rank factors. P = I − QQᵀ is kept through Q (the retained directions), K0's
 eigenproblem is solved in the span of the retain rows (it has no other non-zero eigenvalues), and every
 (αI + low-rank)⁻¹ is applied by solves of the small Woodbury system (or one d×d solve when r ≥ d). No
-explicit inverse anywhere.
+explicit inverse anywhere. Layers are processed together (``layer_deltas``): everything independent of W
+once, v_min and U = W (C* − C1)ᵀ batched per layer shape, Y batched over all layers; the per-layer
+``layer_delta`` is the reference it is tested against.
+
+Precision: the solves run in float64; v_min's inverse iteration in float32 with a float64 Rayleigh–Ritz
+step (‖W v‖ within 1e-3 of σ_min, tested) and U in float32 (W is float32 and U is stored in float32;
+UCE projects W₀ the same way), so the result matches an all-float64 computation to ~1e-7 relative.
 
 Differences from the reference code, on purpose: float64; ``torch.linalg.eigh``/solves instead of
 ``svd``/``inverse``; the DPA mean is taken over the whole augmented batch (the code averages per chunk
