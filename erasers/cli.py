@@ -184,7 +184,8 @@ def cmd_info(args) -> int:
                           "family": eraser.family.value, "concepts": eraser.concepts,
                           "anchors": eraser.config.get("anchors", []), "preserve": eraser.config.get("preserve", []),
                           "parameters": params, "layers": {k: d.rank for k, d in sorted(eraser.deltas.items())},
-                          "pack_version": eraser.pack_version, "base_fingerprint": eraser.base_fingerprint},
+                          "pack_version": eraser.pack_version, "base_fingerprint": eraser.base_fingerprint,
+                          "reconstruction_error": eraser.reconstruction_error},
                          ensure_ascii=False, indent=1))
         return 0
     print(f"file:        {args.file} ({size / 1e6:.2f} MB)")
@@ -198,6 +199,9 @@ def cmd_info(args) -> int:
     print(f"edits:       {len(eraser.deltas)} layers ({', '.join(f'{n}× {k}' for k, n in sorted(kinds.items()))}), "
           f"rank {low if low == high else f'{low}–{high}'}")
     print(f"made by:     concept-erasers {eraser.pack_version}; base fingerprint {eraser.base_fingerprint[:16]}")
+    if eraser.reconstruction_error:
+        print(f"stored:      approximately: worst relative error of a layer's delta {eraser.reconstruction_error:.3g} "
+              f"(rank cap or truncated SVD; see the eraser.storage metadata)")
     if args.layers:
         for key, delta in sorted(eraser.deltas.items()):
             print(f"  {key}  {delta.shape[0]}×{delta.shape[1]}  rank {delta.rank}")
