@@ -153,7 +153,7 @@ def cmd_erase(args) -> int:
         print(f"  encoded {done}/{total} concepts", file=sys.stderr)
 
     eraser = compute_eraser(config, encoder, weights, family, progress=progress if len(concepts) > 64 else None)
-    path = save_eraser(eraser, args.out)
+    path = save_eraser(eraser, args.out, exact=args.exact, tolerance=args.file_tolerance)
     t = eraser.timings
     ranks = sorted({d.rank for d in eraser.deltas.values()})
     rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
@@ -184,7 +184,8 @@ def cmd_info(args) -> int:
                           "family": eraser.family.value, "concepts": eraser.concepts,
                           "anchors": eraser.config.get("anchors", []), "preserve": eraser.config.get("preserve", []),
                           "parameters": params, "layers": {k: d.rank for k, d in sorted(eraser.deltas.items())},
-                          "pack_version": eraser.pack_version, "base_fingerprint": eraser.base_fingerprint},
+                          "pack_version": eraser.pack_version, "base_fingerprint": eraser.base_fingerprint,
+                          "reconstruction_error": eraser.reconstruction_error},
                          ensure_ascii=False, indent=1))
         return 0
     print(f"file:        {args.file} ({size / 1e6:.2f} MB)")
@@ -198,6 +199,9 @@ def cmd_info(args) -> int:
     print(f"edits:       {len(eraser.deltas)} layers ({', '.join(f'{n}× {k}' for k, n in sorted(kinds.items()))}), "
           f"rank {low if low == high else f'{low}–{high}'}")
     print(f"made by:     concept-erasers {eraser.pack_version}; base fingerprint {eraser.base_fingerprint[:16]}")
+    if eraser.reconstruction_error:
+        print(f"stored:      approximately: worst relative error of a layer's delta {eraser.reconstruction_error:.3g} "
+              f"(rank cap or truncated SVD; see the eraser.storage metadata)")
     if args.layers:
         for key, delta in sorted(eraser.deltas.items()):
             print(f"  {key}  {delta.shape[0]}×{delta.shape[1]}  rank {delta.rank}")
@@ -216,6 +220,7 @@ def cmd_bench(args) -> int:
 
 def add_erase(subparsers) -> None:
     from .config import EraserConfig
+    from .eraser_file import FILE_TOLERANCE
     from .methods import METHODS
 
     p = subparsers.add_parser("erase", help="compute an eraser from a checkpoint and save it",
@@ -236,6 +241,11 @@ def add_erase(subparsers) -> None:
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="advanced method parameter, e.g. lam=0.5 or variant=2023 (repeatable)")
     p.add_argument("--rank-cap", type=int, metavar="N", help="truncate each layer's delta to rank N (prints the error)")
+    p.add_argument("--exact", action="store_true",
+                   help="write full-rank deltas (RECE, MACE) densely and exactly instead of as truncated SVDs")
+    p.add_argument("--file-tolerance", type=float, default=FILE_TOLERANCE, metavar="TOL",
+                   help=f"relative error per layer allowed when a full-rank delta is written as a truncated SVD "
+                        f"(default {FILE_TOLERANCE:g}; the computed edit itself stays exact)")
     p.add_argument("--tokenizer", metavar="DIR", help="folder with CLIP's vocab.json + merges.txt (single files)")
     p.add_argument("--out", required=True, metavar="FILE", help="output .safetensors path")
     p.set_defaults(func=cmd_erase)

@@ -66,3 +66,28 @@ def compress(delta: LowRankDelta, rank_cap: Optional[int] = None, rtol: float = 
     new_up = (q_up @ u[:, :keep]) * sqrt_s  # balanced factors: both halves carry √σ
     new_down = sqrt_s[:, None] * (vh[:keep] @ q_down.T)
     return LowRankDelta(new_up.float(), new_down.float()), dropped
+
+
+def truncate(delta: LowRankDelta, tolerance: float):
+    """(ΔW_k, error): the smallest rank k whose relative Frobenius error ‖ΔW − ΔW_k‖/‖ΔW‖ is ≤ ``tolerance``.
+
+    Eckart–Young: the best rank-k approximation is the projection of ΔW on its top-k singular subspace,
+    whose error is √(Σ_{i>k} σ_i²)/‖ΔW‖. The subspace comes from an eigendecomposition of the smaller
+    Gram (ΔWᵀΔW or ΔWΔWᵀ, float64: a third of the cost of an SVD); the factors are ΔW V_k and V_kᵀ
+    (or U_k and U_kᵀ ΔW), and the returned error is measured on them, not read off the spectrum.
+    Meant for *storage* of deltas that have no exact low-rank form smaller than the dense matrix.
+    """
+    x = delta.dense(torch.float64)
+    out, inn = x.shape
+    total = float(torch.linalg.vector_norm(x))
+    if total == 0.0:
+        return LowRankDelta(x[:, :0].float(), x[:0].float()), 0.0
+    right = inn <= out
+    lam, vec = torch.linalg.eigh(x.T @ x if right else x @ x.T)
+    lam, vec = lam.flip(0).clamp_min(0.0), vec.flip(1)  # σ², largest first
+    tail = (lam.sum() - lam.cumsum(0)).clamp_min(0.0).sqrt() / total  # tail[k-1]: error when keeping k
+    keep = min(int((tail > tolerance).sum()) + 1, len(lam))
+    basis = vec[:, :keep]
+    up, down = (x @ basis, basis.T) if right else (basis, basis.T @ x)
+    error = float(torch.linalg.vector_norm(x - up @ down)) / total
+    return LowRankDelta(up.float(), down.float()), error

@@ -20,7 +20,13 @@ Implementation: Σ_at − Σ_tt = (C* − C1)ᵀC1/n, so Δ = [W (C* − C1)ᵀ]
 of concept rows): exact low-rank factors. P = I − QQᵀ is kept through Q (the retained directions), K0's
 eigenproblem is solved in the span of the retain rows (it has no other non-zero eigenvalues), and every
 (αI + low-rank)⁻¹ is applied by solves of the small Woodbury system (or one d×d solve when r ≥ d). No
-explicit inverse anywhere.
+explicit inverse anywhere. Layers are processed together (``layer_deltas``): everything independent of W
+once, v_min and U = W (C* − C1)ᵀ batched per layer shape, Y batched over all layers; the per-layer
+``layer_delta`` is the reference it is tested against.
+
+Precision: the solves run in float64; v_min's inverse iteration in float32 with a float64 Rayleigh–Ritz
+step (‖W v‖ within 1e-3 of σ_min, tested) and U in float32 (W is float32 and U is stored in float32;
+UCE projects W₀ the same way), so the result matches an all-float64 computation to ~1e-7 relative.
 
 Differences from the reference code, on purpose: float64; ``torch.linalg.eigh``/solves instead of
 ``svd``/``inverse``; the DPA mean is taken over the whole augmented batch (the code averages per chunk
@@ -114,13 +120,26 @@ class SPEEDConfig(EraserConfig):
 
 # -- small pure functions ----------------------------------------------------------------------------
 
-def solve_shifted(alpha: float, u: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(αI + U Vᵀ)⁻¹ X by a solve: Woodbury (r×r system) when U has fewer than d columns, else d×d."""
-    d, r = u.shape
+def solve_shifted(alpha: float, u: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
+                  core: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(αI + U Vᵀ)⁻¹ X by a solve: Woodbury (r×r system αI + VᵀU, which may be passed precomputed as
+    ``core``) when U has fewer than d columns, else d×d. Leading batch dimensions broadcast."""
+    d, r = u.shape[-2:]
     if r < d:
-        small = alpha * torch.eye(r, dtype=u.dtype) + v.T @ u
-        return (x - u @ torch.linalg.solve(small, v.T @ x)) / alpha
-    return torch.linalg.solve(alpha * torch.eye(d, dtype=u.dtype) + u @ v.T, x)
+        small = alpha * torch.eye(r, dtype=u.dtype) + v.mT @ u if core is None else core
+        return (x - u @ torch.linalg.solve(small, v.mT @ x)) / alpha
+    return torch.linalg.solve(alpha * torch.eye(d, dtype=u.dtype) + u @ v.mT, x)
+
+
+def erase_core(c1: torch.Tensor, n: int, x: torch.Tensor) -> torch.Tensor:
+    """Z = C1 (I + Σ_tt)⁻¹ X / n (r×cols), I + Σ_tt = I + (C1ᵀ/n) C1; F X = (C* − C1)ᵀ Z (see ``erase_map``)."""
+    return c1 @ solve_shifted(1.0, c1.T / n, c1.T, x) / n
+
+
+def erase_map(c1: torch.Tensor, diff_t: torch.Tensor, n: int, x: torch.Tensor) -> torch.Tensor:
+    """F X with F = (Σ_at − Σ_tt)(I + Σ_tt)⁻¹ = (C* − C1)ᵀ C1 (I + Σ_tt)⁻¹ / n: the prior-free update
+    Δ_erase = W F (§5.2 step 1, used by IPF and DPA). F does not depend on W."""
+    return diff_t @ erase_core(c1, n, x)
 
 
 def least_sensitive_direction(w: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -131,32 +150,50 @@ def least_sensitive_direction(w: torch.Tensor, seed: int = 0) -> torch.Tensor:
     from WᵀW. Grams larger than ``EIGH_MAX`` use a seeded block inverse iteration (16 vectors, 10 Cholesky
     solves) with a Rayleigh–Ritz step instead of a full eigendecomposition: the same direction up to the
     iteration's convergence (tested against the SVD), at a small fraction of the cost.
+
+    Precision: the Gram is formed in float32 (as the weights usually are) and the iteration runs in
+    float32 — v_min only sets the direction of DPA's noise, and the float64 Rayleigh–Ritz step at the end
+    puts ‖W v‖ within 1e-3 of σ_min (tested; measured ~1e-4 on SD1.5 shapes). A Gram that float32 cannot
+    factor falls back to float64.
     """
     single = w.dim() == 2
     w = w[None] if single else w
     out, d = w.shape[-2:]
-    # the Gram in float32 (half the cost; v_min only sets the direction of DPA's noise), solved in float64
     w32 = w.to(torch.float32)
-    gram = (w32 @ w32.transpose(-1, -2) if out < d else w32.transpose(-1, -2) @ w32).to(torch.float64)
-    w = w.to(torch.float64)
-    wt = w.transpose(-1, -2)
+    gram32 = w32 @ w32.transpose(-1, -2) if out < d else w32.transpose(-1, -2) @ w32
+    gram = gram32.to(torch.float64)
     n = gram.shape[-1]
     if n <= EIGH_MAX:
         vec = torch.linalg.eigh(gram)[1][..., :, :1]
     else:
-        gen = torch.Generator().manual_seed(seed)
-        eye = torch.eye(n, dtype=torch.float64)
-        shift = 1e-12 * torch.diagonal(gram, dim1=-2, dim2=-1).mean(dim=-1)[:, None, None]
-        factor = torch.linalg.cholesky(gram + shift * eye)
-        block = torch.randn(n, 16, generator=gen, dtype=torch.float64).expand(len(w), n, 16).contiguous()
-        for _ in range(10):
-            block = torch.linalg.qr(torch.cholesky_solve(block, factor))[0]
-        ritz = torch.linalg.eigh(block.transpose(-1, -2) @ gram @ block)[1][..., :, :1]
-        vec = block @ ritz
+        vec = inverse_iteration_min(gram32, gram, seed)
     if out < d:
-        vec = wt @ vec
+        vec = w.to(torch.float64).transpose(-1, -2) @ vec
     vec = (vec / vec.norm(dim=-2, keepdim=True))[..., 0]
     return vec[0] if single else vec
+
+
+def inverse_iteration_min(gram32: torch.Tensor, gram: torch.Tensor, seed: int, size: int = 16,
+                          steps: int = 10) -> torch.Tensor:
+    """(L, n, 1) float64: the lowest eigenvector of each Gram by block inverse iteration + Rayleigh–Ritz.
+
+    The Cholesky factor and the iterations run in float32 (half the cost of float64 on a CPU); a Gram
+    whose float32 factorisation fails is iterated in float64 instead. The Ritz step uses the float64 Gram.
+    """
+    n = gram.shape[-1]
+    shift = 1e-12 * torch.diagonal(gram, dim1=-2, dim2=-1).mean(dim=-1)[:, None, None]
+    eye = torch.eye(n, dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(gram32 + (shift * eye).to(torch.float32))
+    if bool((info != 0).any()):
+        factor = torch.linalg.cholesky(gram + shift * eye)
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.randn(n, size, generator=gen, dtype=torch.float64).to(factor.dtype)
+    block = block.expand(len(gram), n, size).contiguous()
+    for _ in range(steps):
+        block = torch.linalg.qr(torch.cholesky_solve(block, factor))[0]
+    block = block.to(torch.float64)
+    ritz = torch.linalg.eigh(block.transpose(-1, -2) @ gram @ block)[1][..., :, :1]
+    return block @ ritz
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> torch.Tensor:
@@ -205,24 +242,32 @@ def retained_basis(samples: torch.Tensor, span: torch.Tensor, tau: float) -> tor
 
 
 def project_out(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """P X with P = I − QQᵀ (columns of X)."""
-    return x - q @ (q.T @ x)
+    """P X with P = I − QQᵀ (columns of X; Q may carry a batch dimension and zero columns)."""
+    return x - q @ (q.mT @ x)
 
 
 def refine_retain(w: torch.Tensor, erase_map, retain: torch.Tensor, v_min: torch.Tensor, aug_num: int,
                   prior_filter: bool, gen: torch.Generator):
     """IPF + DPA (§5.2 steps 3–4): (refined rows, rows spanning them). ``erase_map(X)`` = F X, Δ_erase = W F."""
-    influence = (w @ erase_map(retain.T)).norm(dim=0)
+    return refine_projected(retain, w @ erase_map(retain.T), w @ erase_map(v_min[:, None]), v_min, aug_num,
+                            prior_filter, gen)
+
+
+def refine_projected(retain: torch.Tensor, w_f_retain: torch.Tensor, w_f_v: torch.Tensor, v_min: torch.Tensor,
+                     aug_num: int, prior_filter: bool, gen: torch.Generator):
+    """IPF + DPA from the prior-free update already applied: ``w_f_retain`` = Δ_erase Rᵀ (out×m),
+    ``w_f_v`` = Δ_erase v_min (out×1). Draws ``len(kept) × aug_num`` normals from ``gen``."""
+    influence = w_f_retain.norm(dim=0)
     # "above the mean"; ≥ so that a single retain row (one preserve prompt, a pooled vector) is kept
-    kept = retain[influence >= influence.mean()] if prior_filter else retain
+    mask = influence >= influence.mean() if prior_filter else torch.ones_like(influence, dtype=torch.bool)
+    kept = retain[mask]
     if aug_num == 0 or len(kept) == 0:
         return kept, kept
     eps = torch.randn(len(kept), aug_num, generator=gen, dtype=torch.float64)
     aug = (kept[:, None, :] + eps[..., None] * v_min).reshape(-1, kept.shape[1])
     # Δ_erase(c + εv) = Δ_erase c + ε Δ_erase v
-    base = w @ erase_map(kept.T)
-    along = w @ erase_map(v_min[:, None])
-    aug_influence = (base.repeat_interleave(aug_num, dim=1) + along * eps.reshape(1, -1)).norm(dim=0)
+    base = w_f_retain[:, mask]
+    aug_influence = (base.repeat_interleave(aug_num, dim=1) + w_f_v * eps.reshape(1, -1)).norm(dim=0)
     aug = aug[aug_influence > aug_influence.mean()]
     return torch.cat([kept, aug]), torch.cat([kept, v_min[None]])
 
@@ -232,12 +277,31 @@ def speed_down(c1: torch.Tensor, n: int, q: torch.Tensor, k2: torch.Tensor, alph
     """Y (r×d) with Δ = W (C* − C1)ᵀ Y:  Y = (1/n) C1 P [I − M K2 S⁻¹ K2ᵀ P] M,  S = K2ᵀPMK2 + λI.
 
     M = (Σ_tt P + αI)⁻¹ with Σ_tt P = U Vᵀ, U = C1ᵀ/n, V = P C1ᵀ (Mᵀ = (αI + V Uᵀ)⁻¹).
+    ``q`` may be a batch (L, d, k) of layers' retained bases (zero columns allowed: they leave P unchanged);
+    then Y is (L, r, d).
     """
     u = c1.T / n
     v = project_out(q, c1.T)  # P C1ᵀ (P symmetric)
-    em = solve_shifted(alpha, v, u, v / n).T  # (1/n) C1 P M  =  ((Mᵀ) P C1ᵀ / n)ᵀ
+    r, d = c1.shape
+    # Woodbury core αI + C1 P C1ᵀ / n: symmetric, so the same r×r system serves M and Mᵀ (formed once)
+    if r < d:
+        core = alpha * torch.eye(r, dtype=torch.float64) + u.T @ v
+        # (1/n) C1 P M = core⁻¹ C1 P / n  (push-through: A(BA + αI)⁻¹ = (AB + αI)⁻¹A, A = C1P, B = C1ᵀ/n)
+        em = torch.linalg.solve(core, v.mT) / n
+    else:
+        core = None
+        em = solve_shifted(alpha, v, u, v / n).mT  # (1/n) C1 P M  =  ((Mᵀ) P C1ᵀ / n)ᵀ
     if k2.shape[1] == 0:
         return em
+    if q.dim() == 3:  # the invariants' rank test below is per layer
+        return torch.stack([iec_down(em[i], u, v[i], q[i], k2, alpha, lamb, None if core is None else core[i])
+                            for i in range(len(q))])
+    return iec_down(em, u, v, q, k2, alpha, lamb, core)
+
+
+def iec_down(em: torch.Tensor, u: torch.Tensor, v: torch.Tensor, q: torch.Tensor, k2: torch.Tensor, alpha: float,
+             lamb: float, core: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """IEC (Eq. 10): em − em K2 S⁻¹ K2ᵀ P M with em = (1/n) C1 P M, S = K2ᵀPMK2 + λI (one layer)."""
     pk2 = project_out(q, k2)
     if lamb == 0:
         # Δ = XP, so ΔK2 = 0 only constrains the part of K2 outside the retained span: use an orthonormal
@@ -247,8 +311,8 @@ def speed_down(c1: torch.Tensor, n: int, q: torch.Tensor, k2: torch.Tensor, alph
         if k2.shape[1] == 0:
             return em
         pk2 = project_out(q, k2)
-    m_k2 = solve_shifted(alpha, u, v, k2)  # M K2
-    k2_pm = solve_shifted(alpha, v, u, pk2).T  # K2ᵀ P M = (Mᵀ P K2)ᵀ
+    m_k2 = solve_shifted(alpha, u, v, k2, core)  # M K2
+    k2_pm = solve_shifted(alpha, v, u, pk2, core).T  # K2ᵀ P M = (Mᵀ P K2)ᵀ
     s_mat = pk2.T @ m_k2 + lamb * torch.eye(k2.shape[1], dtype=torch.float64)
     return em - (em @ k2) @ torch.linalg.solve(s_mat, k2_pm)
 
@@ -318,30 +382,72 @@ def erase(config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch
         retain = retain_rows(enc_r, enc_null, pooled, all_rows=not last_only)
         k2 = invariants(enc_null, pooled, config.n_centroids, config.seed)
         gen = torch.Generator().manual_seed(config.seed)
-        v_mins = {}
-        for shape in sorted({(s.out_features, s.in_features) for s in group}):  # one batch per shape
-            same = [s.key for s in group if (s.out_features, s.in_features) == shape]
-            batch = least_sensitive_direction(torch.stack([weights[k].to(torch.float64) for k in same]), config.seed)
-            v_mins.update(zip(same, batch))
-        for s in group:
-            delta, _ = layer_delta(weights[s.key], c1, c_star, n, retain, k2, config, gen, v_mins[s.key])
-            deltas[s.key] = compress(delta)[0]
+        results = layer_deltas([weights[s.key] for s in group], c1, c_star, n, retain, k2, config, gen)
+        for s, (delta, _) in zip(group, results):
+            # U·Y is already exact; re-factor only when it has more rows than ΔW can have rank (nudity: 76
+            # rows per concept), which a QR + SVD per layer would otherwise cost on every edit
+            deltas[s.key] = compress(delta)[0] if delta.rank > min(delta.shape) else delta
     return deltas
 
 
 def layer_delta(w: torch.Tensor, c1: torch.Tensor, c_star: torch.Tensor, n: int, retain: torch.Tensor,
                 k2: torch.Tensor, config: SPEEDConfig, gen: torch.Generator, v_min: Optional[torch.Tensor] = None):
-    """(ΔW as exact float64 factors, Q of the retained directions) for one matrix W (§5.2 steps 1–8)."""
+    """(ΔW as exact float64 factors, Q of the retained directions) for one matrix W (§5.2 steps 1–8).
+
+    The per-layer reference; ``erase`` runs ``layer_deltas``, which computes the same thing batched.
+    """
     w = w.to(torch.float64)
     c1, c_star, retain, k2 = (t.to(torch.float64) for t in (c1, c_star, retain, k2))
     diff_t = (c_star - c1).T  # (C* − C1)ᵀ: Σ_at − Σ_tt = diff_t C1 / n
 
-    def erase_map(x):
-        # F X = (Σ_at − Σ_tt)(I + Σ_tt)⁻¹ X with I + Σ_tt = I + (C1ᵀ/n) C1; Δ_erase = W F
-        return diff_t @ (c1 @ solve_shifted(1.0, c1.T / n, c1.T, x)) / n
+    def f_map(x):  # Δ_erase = W F
+        return erase_map(c1, diff_t, n, x)
 
     v_min = least_sensitive_direction(w, config.seed) if v_min is None else v_min.to(torch.float64)
-    samples, span = refine_retain(w, erase_map, retain, v_min, int(config.aug_num), config.prior_filter, gen)
+    samples, span = refine_retain(w, f_map, retain, v_min, int(config.aug_num), config.prior_filter, gen)
     q = retained_basis(samples, span, config.threshold)
     down = speed_down(c1, n, q, k2, config.effective_alpha(), config.effective_lamb())
     return LowRankDelta(w @ diff_t, down), q
+
+
+def layer_deltas(ws, c1: torch.Tensor, c_star: torch.Tensor, n: int, retain: torch.Tensor, k2: torch.Tensor,
+                 config: SPEEDConfig, gen: torch.Generator) -> list:
+    """``[layer_delta(w, …) for w in ws]`` (sharing ``gen`` in that order), batched across layers.
+
+    What does not depend on W is computed once; v_min and U = W (C* − C1)ᵀ (the delta's up factor) are
+    batched over layers of equal shape, and Δ_erase X = W F X is taken as U Z (Z = ``erase_core``, r×cols)
+    instead of W (F X), r instead of d inner products per entry; Y is batched over all layers, their
+    retained bases Q zero-padded to one width (a zero column leaves P = I − QQᵀ unchanged). DPA's random
+    draws are still taken layer by layer in order, so the result equals the per-layer path (tested) up to
+    U's float32 rounding (~1e-7 relative, the precision the factors are stored in anyway).
+    """
+    c1, c_star, retain, k2 = (t.to(torch.float64) for t in (c1, c_star, retain, k2))
+    diff_t = (c_star - c1).T
+    z_retain = erase_core(c1, n, retain.T)  # Δ_erase Rᵀ = U Z_R for every layer
+    count = len(ws)
+    v_min, w_f_retain, w_f_v, ups = ([None] * count for _ in range(4))
+    by_shape = {}
+    for i, w in enumerate(ws):
+        by_shape.setdefault(tuple(w.shape), []).append(i)
+    for idx in by_shape.values():
+        stack = torch.stack([ws[i] for i in idx])
+        mins = least_sensitive_direction(stack, config.seed)  # (B, d)
+        # U = W (C* − C1)ᵀ (B, out, r) in float32, as UCE projects W₀: W is float32 and U is stored so
+        up = stack.to(torch.float32) @ diff_t.to(torch.float32)
+        z_v = erase_core(c1, n, mins.T).T[:, :, None]  # (B, r, 1): Δ_erase v_min = U z_v
+        up64 = up.to(torch.float64)
+        for j, (i, wfr, wfv) in enumerate(zip(idx, up64 @ z_retain, up64 @ z_v)):
+            v_min[i], w_f_retain[i], w_f_v[i], ups[i] = mins[j], wfr, wfv, up[j]
+    aug_num = int(config.aug_num)
+    if not config.prior_filter and aug_num == 0:  # no W-dependent refinement: one Q for all layers
+        qs = [retained_basis(retain, retain, config.threshold)] * count
+    else:
+        qs = []
+        for i in range(count):  # in order: DPA draws from ``gen`` layer by layer, as layer_delta does
+            samples, span = refine_projected(retain, w_f_retain[i], w_f_v[i], v_min[i], aug_num,
+                                             config.prior_filter, gen)
+            qs.append(retained_basis(samples, span, config.threshold))
+    width = max(q.shape[1] for q in qs)
+    padded = torch.stack([torch.nn.functional.pad(q, (0, width - q.shape[1])) for q in qs])
+    downs = speed_down(c1, n, padded, k2, config.effective_alpha(), config.effective_lamb())
+    return [(LowRankDelta(ups[i], downs[i]), qs[i]) for i in range(count)]

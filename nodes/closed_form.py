@@ -97,20 +97,24 @@ class EraserSave(io.ComfyNode):
                 ERASER.Input("eraser", tooltip="An eraser from Erase Concepts or Load Eraser."),
                 io.String.Input("filename", default="eraser",
                                 tooltip="File name inside models/erasers (no folders); .safetensors is added."),
+                io.Boolean.Input("exact", default=False, optional=True,
+                                 tooltip="Full-rank edits (RECE, MACE) are written as truncated SVDs within 0.1% "
+                                         "relative error per layer (the error is stored in the file). On: "
+                                         "write them exactly (dense, larger). Low-rank edits are always exact."),
             ],
             outputs=[],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, eraser, filename) -> io.NodeOutput:
+    def execute(cls, eraser, filename, exact=False) -> io.NodeOutput:
         name = (filename or "").strip()
         if not name or "/" in name or "\\" in name or ".." in name or os.path.isabs(name):
             raise EraserError(f"Expected a plain file name for the eraser, found '{filename}'. Use a name "
                               f"without folders or '..' (it is saved in models/erasers).")
         if not name.endswith(".safetensors"):
             name += ".safetensors"
-        path = save_eraser(eraser, os.path.join(erasers_folder(), name))
+        path = save_eraser(eraser, os.path.join(erasers_folder(), name), exact=bool(exact))
         return io.NodeOutput(ui={"text": [os.path.basename(path)]})
 
 

@@ -281,3 +281,24 @@ def test_sd2_single_file_reads_penultimate_layer_with_final_norm(tmp_path, token
         ref = clip_h.text_model.final_layer_norm(out.hidden_states[-2])
     assert enc.hidden.shape == (1, 77, 1024) and enc.pooled is None
     assert torch.allclose(enc.hidden, ref, atol=1e-5)
+
+
+def test_erase_exact_and_file_tolerance_options(tmp_path, tokenizer_dir, capsys):
+    """RECE's full-rank deltas: truncated within --file-tolerance by default, dense and exact with --exact."""
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "tiny_sd1.safetensors"
+    write_sd1_checkpoint(ckpt)
+    files = {}
+    for name, extra in (("exact", ["--exact"]), ("loose", ["--file-tolerance", "0.3"])):
+        files[name] = tmp_path / f"{name}.safetensors"
+        code, _, err = run(capsys, "erase", "--checkpoint", ckpt, "--method", "rece", "--concept", "red square",
+                           "--concept", "blue circle", "--tokenizer", tokenizer_dir, "--out", files[name], *extra)
+        assert code == 0, err
+    exact, loose = load_eraser(str(files["exact"])), load_eraser(str(files["loose"]))
+    assert exact.reconstruction_error == 0.0
+    assert all(k.endswith((".diff", ".alpha", "lora_up.weight", "lora_down.weight")) for k in load_file(files["exact"]))
+    assert 0.0 < loose.reconstruction_error <= 0.3  # truncated, and the error is recorded
+    for key in exact.keys():
+        full = exact.dense(key, torch.float64)
+        assert float((loose.dense(key, torch.float64) - full).norm() / full.norm()) <= 0.3 + 1e-6

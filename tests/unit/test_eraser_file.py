@@ -178,3 +178,66 @@ def test_full_rank_deltas_are_stored_dense_under_the_stock_diff_key(tmp_path):
     loaded = load_eraser(path)
     assert torch.equal(loaded.dense(key), tensors[kohya_name(key) + ".diff"])
     assert torch.allclose(loaded.dense(key, torch.float64), full.dense(torch.float64), rtol=1e-6, atol=1e-4)
+
+
+def decaying(out, inn, ratio=0.9, seed=0):
+    """A full-rank out×inn delta with singular values ratio**i (so its exact factors are not smaller)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(out, inn)
+    u = torch.linalg.qr(torch.randn(out, k, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(inn, k, generator=g, dtype=torch.float64))[0]
+    s = ratio ** torch.arange(k, dtype=torch.float64)
+    return LowRankDelta((u * s).float(), v.T.float()), s
+
+
+@pytest.mark.parametrize("shape", [(320, 768), (1280, 768)])  # both Gram sides
+def test_truncate_keeps_the_smallest_rank_within_tolerance(shape):
+    from erasers.lowrank import truncate
+
+    delta, s = decaying(*shape)
+    tail = lambda k: float(s[k:].norm() / s.norm())  # Eckart–Young error of the best rank k
+    for tol in (1e-2, 1e-3):
+        short, err = truncate(delta, tol)
+        assert err <= tol and tail(short.rank - 1) > tol  # within the tolerance, and one less would not be
+        assert abs(err - tail(short.rank)) < 1e-5  # the optimum (the delta is float32: ~1e-7 noise)
+        measured = (short.dense(torch.float64) - delta.dense(torch.float64)).norm() / delta.dense(torch.float64).norm()
+        assert abs(float(measured) - err) < 1e-6
+
+
+def test_full_rank_deltas_are_truncated_in_files_unless_exact(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from erasers.eraser import Eraser
+    from erasers.eraser_file import FILE_TOLERANCE
+
+    key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    delta, _ = decaying(320, 768)
+    eraser = Eraser({key: delta}, Family.SD1, UCEConfig(concepts=["x"]).to_dict())
+    assert eraser.deltas[key].rank == 320  # (320+768)·320 > 320·768: the exact factors are not smaller
+    path = save_eraser(eraser, str(tmp_path / "short.safetensors"))
+    tensors, name = load_file(path), kohya_name(key)
+    assert set(tensors) == {f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"}
+    rank = tensors[f"{name}.lora_down.weight"].shape[0]
+    assert rank < 320 * 768 / (320 + 768)
+    stock = float(tensors[f"{name}.alpha"]) / rank * tensors[f"{name}.lora_up.weight"].double() @ \
+        tensors[f"{name}.lora_down.weight"].double()  # the stock kohya reading
+    exact = delta.dense(torch.float64)
+    error = float((stock - exact).norm() / exact.norm())
+    assert error <= FILE_TOLERANCE
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata()
+    storage = json.loads(meta["eraser.storage"])
+    assert storage["tolerance"] == FILE_TOLERANCE and storage["truncated"][name]["rank"] == rank
+    assert abs(float(meta["eraser.reconstruction_error"]) - error) < 1e-3 * error
+    assert abs(load_eraser(path).reconstruction_error - error) < 1e-3 * error
+    assert eraser.deltas[key] is delta  # the in-memory eraser is untouched
+    # exact=True: the dense delta under the stock `.diff` key, no truncation recorded
+    path = save_eraser(eraser, str(tmp_path / "exact.safetensors"), exact=True)
+    tensors = load_file(path)
+    assert set(tensors) == {f"{name}.diff"}
+    assert torch.allclose(tensors[f"{name}.diff"].double(), exact, atol=1e-6)
+    with safe_open(path, framework="pt") as handle:
+        assert json.loads(handle.metadata()["eraser.storage"]) == {"tolerance": None, "truncated": {}}

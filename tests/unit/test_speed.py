@@ -223,3 +223,27 @@ def test_batched_least_sensitive_direction_equals_one_by_one():
         batch = speed.least_sensitive_direction(ws)
         for w, v in zip(ws, batch):
             assert abs(float(v @ speed.least_sensitive_direction(w))) > 1 - 1e-9
+
+
+@pytest.mark.parametrize("prior_filter,aug_num,lamb", [(True, 10, 0.0), (False, 0, 0.5), (True, 3, 0.5)])
+def test_batched_layers_equal_the_per_layer_path(prior_filter, aug_num, lamb):
+    """erase() runs layer_deltas (batched over equal shapes, Y over all layers); layer_delta is the reference."""
+    d = 320  # > EIGH_MAX: both the eigh route (out ≤ 256) and the inverse-iteration route (300×320, 400×320)
+    encoder = ToyTextEncoder(dim=d, context_length=8, vocab=256)
+    concepts = ["snoopy", "mickey mouse", "pikachu"]
+    cfg = speed.SPEEDConfig(concepts=concepts, prior_filter=prior_filter, aug_num=aug_num, lamb=lamb,
+                            threshold=1e-3)
+    c1, c_star, n = speed.concept_rows(cfg, encoder.encode(concepts), encoder.encode([""] * 3), False)
+    k2 = speed.invariants(encoder.encode([""]), False, 3, 0)
+    retain = rand(12, d, seed=7)
+    ws = [rand(out, d, seed=10 + i) / math.sqrt(d) for i, out in enumerate((300, 40, 400, 300, 40))]
+    batched = speed.layer_deltas([w.float() for w in ws], c1, c_star, n, retain, k2, cfg,
+                                 torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)  # one generator through the layers, in order
+    for w, (delta_b, q_b) in zip(ws, batched):
+        delta_1, q_1 = speed.layer_delta(w.float(), c1, c_star, n, retain, k2, cfg, gen)
+        torch.testing.assert_close(q_b @ q_b.T, q_1 @ q_1.T, rtol=0, atol=1e-9)
+        dense_b, dense_1 = delta_b.dense(torch.float64), delta_1.dense(torch.float64)
+        assert float((dense_b - dense_1).norm() / dense_1.norm()) < 1e-6  # U is formed in float32
+        # and the batched result keeps SPEED's guarantee: the retained span is untouched
+        assert float((dense_b @ q_b).norm() / (w @ q_b).norm()) < 1e-5
