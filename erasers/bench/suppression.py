@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-flux", dest="flux", action="store_false",
                         help="skip the reduced ComfyUI Flux table (it needs COMFYUI_PATH)")
     parser.add_argument("--flux", dest="flux", action="store_true", help=argparse.SUPPRESS)  # old spelling
+    parser.add_argument("--flux-sizes", default="256,1024",
+                        help="image sizes for the Flux table, comma-separated (default 256,1024: the UNet's size "
+                             "and Flux's native one; the text/image token ratio, and with it the cost of the "
+                             "text-stream branches, depends on the size)")
     parser.set_defaults(flux=True)
 
 
@@ -238,22 +242,33 @@ def bench_flux(args):
             model=base, clip=clip, concepts="nude", phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0, **common).result[0],
     }
     pos = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    latent = torch.zeros(1, 16, args.size // 8, args.size // 8)
-    noise = comfy.sample.prepare_noise(latent, 0)
+    per_size = {}
+    for size in flux_sizes(args):
+        latent = torch.zeros(1, 16, size // 8, size // 8)
+        noise = comfy.sample.prepare_noise(latent, 0)
 
-    def run(m):
-        return lambda: comfy.sample.sample(m, noise, args.steps, 1.0, "euler", "simple", pos, pos, latent, seed=0,
-                                           disable_pbar=True)
+        def run(m, latent=latent, noise=noise):
+            return lambda: comfy.sample.sample(m, noise, args.steps, 1.0, "euler", "simple", pos, pos, latent,
+                                               seed=0, disable_pbar=True)
 
-    methods = {"baseline (Flux, cfg 1)": run(base)}
-    methods.update({k: run(m) for k, m in patched.items()})
-    for fn in methods.values():
-        fn()
-    times = {k: [] for k in methods}
-    for _ in range(args.rounds):
-        for k, fn in methods.items():
-            times[k].append(_time(fn, 1) / args.steps)
-    return {k: min(v) for k, v in times.items()}
+        methods = {"baseline (Flux, cfg 1)": run(base)}
+        methods.update({k: run(m) for k, m in patched.items()})
+        for fn in methods.values():
+            fn()
+        times = {k: [] for k in methods}
+        for _ in range(args.rounds):
+            for k, fn in methods.items():
+                times[k].append(_time(fn, 1) / args.steps)
+        per_size[size] = {k: min(v) for k, v in times.items()}
+    return per_size
+
+
+def flux_sizes(args) -> list:
+    sizes = [int(s) for s in str(getattr(args, "flux_sizes", "") or args.size).split(",") if s.strip()]
+    bad = [s for s in sizes if s <= 0 or s % 16]
+    if bad:
+        raise ValueError(f"--flux-sizes expects positive multiples of 16 (8× VAE, 2×2 patches), got {bad}")
+    return sizes
 
 
 def _table(title: str, per_step: dict) -> list:
@@ -291,9 +306,11 @@ def run(args) -> list:
             rows.append({"table": "flux", "method": "skipped", "reason": flux})
         else:
             d = FLUX_DIT
-            rows += _table(f"reduced Flux (ComfyUI class, {d['depth']} double + {d['depth_single_blocks']} single "
-                           f"blocks, hidden {d['hidden_size']}), {args.size} px, cfg 1, CPU, "
-                           f"{torch.get_num_threads()} threads", flux)
+            for size, per_step_flux in flux.items():
+                tokens = (size // 16) ** 2
+                rows += _table(f"reduced Flux (ComfyUI class, {d['depth']} double + {d['depth_single_blocks']} "
+                               f"single blocks, hidden {d['hidden_size']}), {size} px ({tokens} image + 256 text "
+                               f"tokens), cfg 1, CPU, {torch.get_num_threads()} threads", per_step_flux)
             print("SLD on Flux: refused by the node (guidance-distilled, no unconditional branch)")
     return rows
 
