@@ -53,7 +53,9 @@ def text_encoder_modules(pipe) -> dict:
     if first is not None and second is not None:
         return {"clip_l": first, "clip_g": second}
     if first is not None:
-        return {"clip_h" if first.config.hidden_size == 1024 else "clip_l": first}
+        # not every pipeline's encoder is a CLIPTextModel (the shapes world's is not): read the width defensively
+        width = getattr(getattr(first, "config", None), "hidden_size", None)
+        return {"clip_h" if width == 1024 else "clip_l": first}
     return {}
 
 

@@ -32,7 +32,7 @@ class MembraneHooks:
                  module_name: Callable[[str], Optional[str]] = lambda path: path):
         self._rates: Optional[torch.Tensor] = None
         self._key: Optional[tuple] = None
-        self._shut = False
+        self._shut = True  # no rates set yet: every membrane is shut (the hooks step aside)
         self.handles = []
         self.modules = []  # (canonical path, module) of every hooked layer
         self.fold = True  # one-prompt batches may run on a per-call folded weight (see ``pre``)

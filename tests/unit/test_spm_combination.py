@@ -100,6 +100,7 @@ def test_hooks_zero_rates_are_identity_and_removal_is_exact():
     x, xc = torch.randn(2, 3, IN), torch.randn(2, IN, 4, 4)
     base, basec = net.proj(x), net.conv(xc)
     hooks = MembraneHooks(net, build_stacks([mem], "official", shapes))
+    assert torch.equal(net.proj(x), base) and torch.equal(net.conv(xc), basec)  # no rates set yet: shut
     hooks.rates = torch.zeros(2, 1)
     assert torch.equal(net.proj(x), base) and torch.equal(net.conv(xc), basec)
     hooks.rates = torch.tensor([[1.0], [0.5]])
