@@ -62,6 +62,7 @@ def real_sd_model(attention):
     return sd_model
 
 
+@pytest.mark.a1111_only("the guards hook A1111's CFGDenoiser callbacks and ldm attention (refused on Forge)")
 @pytest.mark.parametrize("guard", ["safree", "sld", "token_suppress", "concept_guidance"])
 def test_real_guard_changes_sampling_and_restores(real, guard):
     sd_model = real_sd_model(real)
@@ -74,6 +75,7 @@ def test_real_guard_changes_sampling_and_restores(real, guard):
     assert fakes.identical(fakes.sample(sd_model), baseline)
 
 
+@pytest.mark.a1111_only("ldm CrossAttention and A1111's sdp optimiser")
 def test_real_token_suppression_uses_the_patched_forward_not_the_optimiser(real, monkeypatch):
     calls = []
     original = real.CrossAttention.forward

@@ -4,6 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +37,7 @@ def set_current_model(monkeypatch, sd_model):
         monkeypatch.setattr(shared, "sd_model", sd_model, raising=False)
 
 
+@pytest.mark.a1111_only("the Lora built-in's network_apply_weights merge (Forge merges through its ModelPatcher)")
 def test_real_lora_merge_enable_disable_and_compose(webui, tmp_path, monkeypatch):
     networks, network = webui["networks"], webui["network"]
     sd_model = fakes.FakeSDModel()
