@@ -90,3 +90,62 @@ def test_real_infotext_round_trip(webui):
     params = iu.parse_generation_parameters(text)
     pasted = settings.UISettings.from_dict({n: settings.paste_getter(n)(params) for n in settings.ARG_ORDER})
     assert pasted == ui
+
+
+@pytest.mark.forge2_only("Forge 2's ModelPatcher.add_patches / LoraLoader merge and restore")
+def test_real_forge2_patcher_merges_composes_and_restores_bit_identically(webui, tmp_path):
+    """Forge 2's own objects around the small random-weight UNet: ``UnetPatcher`` (``add_patches`` on a clone)
+    and ``LoraLoader.refresh`` (what ``memory_management`` runs when it loads the UNet for sampling), reset
+    per pass from ``forge_objects_after_applying_lora`` as ``modules.processing`` does."""
+    from backend.diffusion_engine.base import ForgeObjects
+    from backend.patcher.unet import UnetPatcher
+
+    sd_model = fakes.FakeSDModel()
+    kmodel = torch.nn.Module()  # stands in for Forge's KModel: parameters named "diffusion_model.<canonical>"
+    kmodel.add_module("diffusion_model", sd_model.model.diffusion_model)
+    cpu = torch.device("cpu")
+    base = UnetPatcher(kmodel, load_device=cpu, offload_device=cpu)
+    sd_model.forge_objects_original = ForgeObjects(base, None, None, None)
+    sd_model.forge_objects_after_applying_lora = sd_model.forge_objects_original.shallow_copy()
+    controller = runtime.Controller(runtime.Host(models_path=str(tmp_path)))  # detected by import probing
+    assert controller.backend.kind == be.FORGE2 and controller.backend.weight_route == "forge"
+    original = fakes.snapshot(sd_model)
+    key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    weight = lambda: kmodel.get_parameter("diffusion_model." + key)  # noqa: E731 (Forge swaps Parameters)
+
+    def generation(ui, strength=None):
+        p = fakes.FakeP(sd_model)
+        sd_model.forge_objects = sd_model.forge_objects_original.shallow_copy()
+        controller.begin(p, ui)
+        controller.apply_weights(p, "networks")
+        sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
+        controller.apply_weights(p, "sampling")  # process_before_every_sampling
+        assert "Concept Erasers error" not in p.extra_generation_params, p.extra_generation_params
+        sd_model.forge_objects.unet.refresh_loras()  # the merge memory_management does before sampling
+        controller.finish(p)
+        return p
+
+    ui = settings.UISettings(**{**fakes.UCE_UI.__dict__, "strength": 0.7})
+    generation(ui)
+    (eraser,) = controller.erasers.values()
+    fakes.close(weight(), original["diffusion_model." + key] + 0.7 * eraser.dense(key), atol=1e-5)
+    assert base.lora_patches == {}  # only the per-pass clone carried our patches
+
+    generation(ui)  # solved against the checkpoint's weights (Forge's backup), not the merged ones: cache hit
+    assert len(controller.erasers) == 1
+    fakes.close(weight(), original["diffusion_model." + key] + 0.7 * eraser.dense(key), atol=1e-5)
+
+    # a user LoRA as sd_forge_lora adds it (on forge_objects_after_applying_lora): both are merged
+    lora_delta = torch.randn(weight().shape, generator=torch.Generator().manual_seed(5)) * 0.01
+    with_lora = base.clone()
+    with_lora.add_patches(filename="user_lora.safetensors", patches={"diffusion_model." + key: (lora_delta,)},
+                          strength_patch=1.0, strength_model=1.0)
+    sd_model.forge_objects_after_applying_lora = ForgeObjects(with_lora, None, None, None)
+    generation(ui)
+    fakes.close(weight(), original["diffusion_model." + key] + lora_delta + 0.7 * eraser.dense(key), atol=1e-5)
+
+    # erasers off and the LoRA gone: Forge restores from its backup, bit for bit
+    sd_model.forge_objects_after_applying_lora = sd_model.forge_objects_original.shallow_copy()
+    generation(settings.UISettings())
+    fakes.assert_bit_identical(sd_model, original)
+    assert base.lora_loader.backup == {}
