@@ -601,6 +601,21 @@ def test_unsupported_backend_applies_nothing(tmp_path):
     assert controller.apply_weights(p, "sampling") == [] and controller.erasers == {}
 
 
+@pytest.mark.parametrize("kind", [be.FORGE2, be.A1111])
+def test_nothing_requested_never_reads_the_model_or_stops_the_generation(tmp_path, kind):
+    # a model the glue cannot read (e.g. Flux on Forge 2: no ``forge_objects.unet`` UNet of ours)
+    sd_model = types.SimpleNamespace(forge_objects=types.SimpleNamespace(unet=None))
+    interrupts = []
+    host = runtime.Host(models_path=str(tmp_path), interrupt=lambda: interrupts.append(1))
+    controller = runtime.Controller(host, backend=be.Backend(kind, make_fake_networks() if kind == be.A1111 else None))
+    for ui in (settings.UISettings(), settings.UISettings(enabled=True, concepts="")):
+        p = FakeP(sd_model)
+        controller.begin(p, ui)
+        assert controller.apply_weights(p, "networks") == [] and controller.apply_weights(p, "sampling") == []
+        controller.finish(p)
+        assert interrupts == [] and "Concept Erasers error" not in p.extra_generation_params
+
+
 def test_install_py_is_inert_outside_the_webui(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, env=env,
