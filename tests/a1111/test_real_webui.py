@@ -149,3 +149,48 @@ def test_real_forge2_patcher_merges_composes_and_restores_bit_identically(webui,
     generation(settings.UISettings())
     fakes.assert_bit_identical(sd_model, original)
     assert base.lora_loader.backup == {}
+
+
+@pytest.mark.forge2_only("Forge 2's ClassicTextProcessingEngine and its shipped CLIP tokenizer")
+def test_real_forge2_closed_form_through_its_text_engine(webui, tmp_path):
+    """A UCE solve whose prompts go through Forge 2's own text path: the real ``ClassicTextProcessingEngine``
+    with the CLIP tokenizer Forge ships, over a one-layer random-weight CLIP text model, and
+    ``get_learned_conditioning`` under ``torch.inference_mode`` exactly as Forge's SD1.5 engine runs it."""
+    import transformers
+    from backend.diffusion_engine.base import ForgeObjects
+    from backend.nn.clip import IntegratedCLIP
+    from backend.patcher.unet import UnetPatcher
+    from backend.text_processing.classic_engine import ClassicTextProcessingEngine
+
+    hf = Path(webui["scripts"].__file__).resolve().parents[1] / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5"
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(hf / "tokenizer"))
+    config = transformers.CLIPTextConfig.from_pretrained(str(hf / "text_encoder"), num_hidden_layers=1)
+    torch.manual_seed(0)
+    clip = IntegratedCLIP(transformers.CLIPTextModel, config).eval()
+    engine = ClassicTextProcessingEngine(text_encoder=clip, tokenizer=tokenizer, embedding_dir=None, embedding_key="clip_l",
+                                         embedding_expected_shape=768, emphasis_name="Original", text_projection=False,
+                                         minimal_clip_skip=1, clip_skip=1, return_pooled=False, final_layer_norm=True)
+
+    class ForgeSD15:  # the parts of backend.diffusion_engine.sd15.StableDiffusion the glue uses
+        is_sd1, is_sd2, is_sdxl = True, False, False
+        text_processing_engine = engine
+
+        @torch.inference_mode()
+        def get_learned_conditioning(self, prompt):
+            return engine(prompt)
+
+    sd_model = ForgeSD15()
+    kmodel = torch.nn.Module()
+    kmodel.add_module("diffusion_model", fakes.build_unet())
+    cpu = torch.device("cpu")
+    sd_model.forge_objects = ForgeObjects(UnetPatcher(kmodel, load_device=cpu, offload_device=cpu), None, None, None)
+    controller = runtime.Controller(runtime.Host(models_path=str(tmp_path)))
+    p = fakes.FakeP(sd_model)
+    controller.begin(p, fakes.UCE_UI)
+    entries = controller.apply_weights(p, "sampling")
+    assert "Concept Erasers error" not in p.extra_generation_params, p.extra_generation_params
+    assert len(entries) == 1 and entries[0].label == "uce(van gogh)"
+    (eraser,) = controller.erasers.values()
+    key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    assert float(eraser.dense(key).abs().max()) > 0
+    assert set(sd_model.forge_objects.unet.lora_patches) == {(entries[0].name, 1.0, 1.0, False)}
