@@ -44,3 +44,18 @@ def test_real_webui_loads_the_extension_script(webui, monkeypatch, tmp_path):
     finally:
         for key, callbacks in script_callbacks.callback_map.items():
             callbacks[:] = before.get(key, [])
+
+
+def test_real_webui_preloads_the_extension_flags(webui, tmp_path):
+    """``preload.py`` run by the webui's own ``preload_extensions`` on a copy of its real argument parser
+    (A1111's, or Forge's with backend/args.py folded in): no clash with the host's flags."""
+    import copy
+
+    from modules import cmd_args, script_loading
+
+    (tmp_path / "concept-erasers").symlink_to(ROOT, target_is_directory=True)
+    parser = copy.deepcopy(cmd_args.parser)
+    script_loading.preload_extensions(str(tmp_path), parser)
+    opts, _ = parser.parse_known_args(["--erasers-dir", "/e", "--spm-dir", "/s"])
+    assert (opts.erasers_dir, opts.spm_dir) == ("/e", "/s")
+    assert parser.parse_known_args([])[0].erasers_dir is None
