@@ -194,3 +194,38 @@ def test_real_forge2_closed_form_through_its_text_engine(webui, tmp_path):
     key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     assert float(eraser.dense(key).abs().max()) > 0
     assert set(sd_model.forge_objects.unet.lora_patches) == {(entries[0].name, 1.0, 1.0, False)}
+
+
+@pytest.mark.forge2_only("Forge 2's extra_networks prompt parsing/activation feeding its UnetPatcher")
+def test_real_forge2_eraser_tag_through_extra_networks(webui, tmp_path, monkeypatch):
+    """``<eraser:name:0.5>`` parsed and activated by Forge's own ``modules.extra_networks`` (with our network
+    registered), then applied before sampling as an ``add_patches`` patch at strength 0.5."""
+    from backend.diffusion_engine.base import ForgeObjects
+    from backend.patcher.unet import UnetPatcher
+    from modules import extra_networks
+
+    from a1111_erasers import extra_networks as en
+
+    eraser, _ = fakes.save_eraser(tmp_path, "snoopy_eraser")
+    controller = runtime.Controller(runtime.Host(models_path=str(tmp_path)))
+    monkeypatch.setattr(extra_networks, "extra_network_registry", {})
+    monkeypatch.setattr(extra_networks, "extra_network_aliases", {}, raising=False)
+    extra_networks.register_extra_network(en.make_extra_network(extra_networks, "eraser", controller))
+    sd_model = fakes.FakeSDModel()
+    kmodel = torch.nn.Module()
+    kmodel.add_module("diffusion_model", sd_model.model.diffusion_model)
+    cpu = torch.device("cpu")
+    sd_model.forge_objects = ForgeObjects(UnetPatcher(kmodel, load_device=cpu, offload_device=cpu), None, None, None)
+    p = fakes.FakeP(sd_model, prompts=("a dog <eraser:snoopy_eraser:0.5>",))
+    p.scripts = None  # activate() then calls scripts' after_extra_networks_activate when set
+    controller.begin(p, settings.UISettings())
+    prompts, data = extra_networks.parse_prompts(p.prompts)
+    assert prompts == ["a dog "], prompts
+    extra_networks.activate(p, data)
+    (entry,) = controller.apply_weights(p, "sampling")
+    assert "Concept Erasers error" not in p.extra_generation_params, p.extra_generation_params
+    assert set(sd_model.forge_objects.unet.lora_patches) == {(entry.name, 0.5, 1.0, False)}
+    sd_model.forge_objects.unet.refresh_loras()
+    key = "output_blocks.3.1.transformer_blocks.0.attn2.to_k.weight"
+    original = fakes.build_unet().get_parameter(key)
+    fakes.close(kmodel.get_parameter("diffusion_model." + key), original + 0.5 * eraser.dense(key), atol=1e-5)
