@@ -150,6 +150,12 @@ def test_real_forge2_patcher_merges_composes_and_restores_bit_identically(webui,
     fakes.assert_bit_identical(sd_model, original)
     assert base.lora_loader.backup == {}
 
+    # Forge 2's ModelPatcher.model_dtype() is None for its KModel; a half-stored UNet still gets half diffs
+    from a1111_erasers import inject
+    assert base.model_dtype() is None and inject.patch_dtype(base) == torch.float32
+    kmodel.storage_dtype = torch.float16
+    assert inject.patch_dtype(base) == torch.float16
+
 
 @pytest.mark.forge2_only("Forge 2's ClassicTextProcessingEngine and its shipped CLIP tokenizer")
 def test_real_forge2_closed_form_through_its_text_engine(webui, tmp_path):

@@ -408,6 +408,26 @@ def test_forge_route_patches_a_clone_through_add_patches(tmp_path, forge2):
     assert_bit_identical(sd_model, original)  # Forge merges later, on its own backup
 
 
+def test_forge_patch_dtype_follows_the_stored_unet_dtype():
+    class Forge1:  # model_dtype() answers
+        model = None
+
+        def __init__(self, dtype):
+            self.model_dtype = lambda: dtype
+
+    class Forge2:  # model_dtype() is None; Forge 2's KModel keeps storage_dtype
+        def __init__(self, dtype):
+            self.model = types.SimpleNamespace(storage_dtype=dtype)
+            self.model_dtype = lambda: None
+
+    for holder in (Forge1, Forge2):
+        assert inject.patch_dtype(holder(torch.float16)) == torch.float16
+        assert inject.patch_dtype(holder(torch.bfloat16)) == torch.float16
+        assert inject.patch_dtype(holder(torch.float32)) == torch.float32
+    assert inject.patch_dtype(Forge2("nf4")) == torch.float32
+    assert inject.patch_dtype(types.SimpleNamespace()) == torch.float32
+
+
 # ----------------------------------------------------------------------------------------------------
 # eraser files, tags, cards
 # ----------------------------------------------------------------------------------------------------
