@@ -111,7 +111,9 @@ def test_real_forge2_patcher_merges_composes_and_restores_bit_identically(webui,
     assert controller.backend.kind == be.FORGE2 and controller.backend.weight_route == "forge"
     original = fakes.snapshot(sd_model)
     key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    weight = lambda: kmodel.get_parameter("diffusion_model." + key)  # noqa: E731 (Forge swaps Parameters)
+
+    def weight():  # looked up each time: Forge swaps the Parameter objects when it merges and restores
+        return kmodel.get_parameter("diffusion_model." + key)
 
     def generation(ui, strength=None):
         p = fakes.FakeP(sd_model)
