@@ -260,14 +260,23 @@ def add_patches(unet, patches: dict, strength: float, filename: str):
     return unet.add_patches(patches, float(strength), 1.0)
 
 
+def patch_dtype(unet) -> torch.dtype:
+    """SDXL has 140 K/V matrices: keep the dense diffs in half precision when the UNet is stored in half.
+    Forge 1 answers ``model_dtype()``; Forge 2's returns None (its KModel has no ``get_dtype``) and keeps the
+    dtype in ``model.storage_dtype`` instead (which may also be a quantised format: then float32)."""
+    dtype = getattr(unet, "model_dtype", lambda: None)()
+    if dtype is None:
+        dtype = getattr(getattr(unet, "model", None), "storage_dtype", None)
+    return torch.float16 if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 class ForgeRoute:
     def apply(self, sd_model, entries: list) -> None:
         if not entries:
             return
         forge_objects = sd_model.forge_objects
         unet = forge_objects.unet.clone()
-        # SDXL has 140 K/V matrices: keep the dense diffs in half precision when the model is
-        dtype = torch.float16 if getattr(unet, "model_dtype", lambda: None)() in (torch.float16, torch.bfloat16) else torch.float32
+        dtype = patch_dtype(unet)
         shapes = {name: tuple(p.shape) for name, p in unet.model.diffusion_model.named_parameters()}
         for entry in entries:
             add_patches(unet, forge_patches(entry, shapes, dtype), entry.multiplier, entry.name)

@@ -169,6 +169,10 @@ class Controller:
     def plan(self, p) -> list:
         """Plan entries for this batch (cached on ``p`` while the model and tags stay the same)."""
         state = self.state(p)
+        if not (state.settings.has_closed_form or self.requests(state, "eraser") or self.requests(state, "spm")):
+            # nothing asked for: never touch the model (it may be one this extension cannot read, e.g.
+            # a Flux UNet on Forge 2), so a disabled accordion can never stop a generation
+            return []
         route = self.backend.weight_route
         weights = original_weights(p.sd_model, route, self.direct if route == "direct" else None)
         model_id = core_module("eraser").fingerprint(weights)

@@ -62,6 +62,7 @@ def real_sd_model(attention):
     return sd_model
 
 
+@pytest.mark.a1111_only("the guards hook A1111's CFGDenoiser callbacks and ldm attention (refused on Forge)")
 @pytest.mark.parametrize("guard", ["safree", "sld", "token_suppress", "concept_guidance"])
 def test_real_guard_changes_sampling_and_restores(real, guard):
     sd_model = real_sd_model(real)
@@ -74,6 +75,7 @@ def test_real_guard_changes_sampling_and_restores(real, guard):
     assert fakes.identical(fakes.sample(sd_model), baseline)
 
 
+@pytest.mark.a1111_only("ldm CrossAttention and A1111's sdp optimiser")
 def test_real_token_suppression_uses_the_patched_forward_not_the_optimiser(real, monkeypatch):
     calls = []
     original = real.CrossAttention.forward
@@ -117,3 +119,33 @@ def test_real_gradio_accordion_offers_the_guards_on_a1111(webui, tmp_path):
     with gr.Blocks():
         components = ui.build(ScriptStub(), False, forge)
     assert components[settings.ARG_ORDER.index("guards")].interactive is False  # disabled, with a message
+
+
+@pytest.mark.forge2_only("the guards are deliberately not wired on Forge")
+@pytest.mark.parametrize("guard", ["safree", "sld", "token_suppress", "concept_guidance"])
+def test_real_forge2_refuses_the_guards_with_a_message(webui, monkeypatch, guard):
+    """Through the entry script as Forge's ``script_loading`` loads it: a guard requested on Forge stops the
+    generation (Forge's own ``shared.state.interrupt``) with the reason, and patches nothing."""
+    import sys
+
+    from modules import script_callbacks, script_loading, shared
+
+    monkeypatch.setattr(sys, "path", [str(ROOT)] + sys.path)
+    before = {k: list(v) for k, v in script_callbacks.callback_map.items()}
+    monkeypatch.setattr(shared.state, "interrupted", False)
+    module = script_loading.load_module(str(ROOT / "scripts" / "concept_erasers_a1111.py"))
+    try:
+        script = module.ConceptErasersScript()
+        sd_model = fakes.FakeSDModel()
+        p = fakes.fake_p(sd_model, fakes.PROMPT)
+        args = fakes.ui(guard, preset="max").to_args()
+        script.before_process(p, *args)
+        script.process_before_every_sampling(p, *args)
+        message = p.extra_generation_params.get("Concept Erasers error", "")
+        assert "not available" in message and "Forge 2" in message, p.extra_generation_params
+        assert shared.state.interrupted, "the generation was not stopped"
+        assert module.guards.ACTIVE is None and fakes.no_instance_forward(sd_model)
+        script.postprocess(p, None, *args)
+    finally:
+        for key, callbacks in script_callbacks.callback_map.items():
+            callbacks[:] = before.get(key, [])

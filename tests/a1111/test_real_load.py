@@ -1,4 +1,4 @@
-"""The entry script loaded the way the webui loads an extension script (``modules.script_loading.load_module``
+"""The entry script loaded the way the webui (A1111 or Forge 2) loads an extension script (``modules.script_loading.load_module``
 with the extension folder at the front of ``sys.path``), then its ``before_ui`` registration against the
 real ``modules.extra_networks`` / ``modules.ui_extra_networks`` (see conftest.py for when this runs)."""
 import sys
@@ -23,9 +23,11 @@ def test_real_webui_loads_the_extension_script(webui, monkeypatch, tmp_path):
         assert [c.__name__ for c in classes] == ["ConceptErasersScript"]
         script = classes[0]()
         assert script.title() == "Concept Erasers" and script.show(False) is scripts.AlwaysVisible
-        # detected as A1111 with the real Lora built-in (its ``networks`` module is importable here)
         backend = module.controller.backend
-        assert backend.kind == "a1111" and backend.weight_route == "lora", backend
+        if webui["forge2"]:  # found by importing ``backend.patcher.unet``; weights go through its ModelPatcher
+            assert backend.kind == "forge2" and backend.weight_route == "forge", backend
+        else:  # A1111 with the real Lora built-in (its ``networks`` module is importable here)
+            assert backend.kind == "a1111" and backend.weight_route == "lora", backend
         added = {k: len(v) - len(before.get(k, [])) for k, v in script_callbacks.callback_map.items()}
         for key in ("callbacks_cfg_denoiser", "callbacks_cfg_denoised", "callbacks_model_loaded",
                     "callbacks_before_ui", "callbacks_script_unloaded"):
@@ -42,3 +44,18 @@ def test_real_webui_loads_the_extension_script(webui, monkeypatch, tmp_path):
     finally:
         for key, callbacks in script_callbacks.callback_map.items():
             callbacks[:] = before.get(key, [])
+
+
+def test_real_webui_preloads_the_extension_flags(webui, tmp_path):
+    """``preload.py`` run by the webui's own ``preload_extensions`` on a copy of its real argument parser
+    (A1111's, or Forge's with backend/args.py folded in): no clash with the host's flags."""
+    import copy
+
+    from modules import cmd_args, script_loading
+
+    (tmp_path / "concept-erasers").symlink_to(ROOT, target_is_directory=True)
+    parser = copy.deepcopy(cmd_args.parser)
+    script_loading.preload_extensions(str(tmp_path), parser)
+    opts, _ = parser.parse_known_args(["--erasers-dir", "/e", "--spm-dir", "/s"])
+    assert (opts.erasers_dir, opts.spm_dir) == ("/e", "/s")
+    assert parser.parse_known_args([])[0].erasers_dir is None

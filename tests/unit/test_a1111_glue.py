@@ -408,6 +408,26 @@ def test_forge_route_patches_a_clone_through_add_patches(tmp_path, forge2):
     assert_bit_identical(sd_model, original)  # Forge merges later, on its own backup
 
 
+def test_forge_patch_dtype_follows_the_stored_unet_dtype():
+    class Forge1:  # model_dtype() answers
+        model = None
+
+        def __init__(self, dtype):
+            self.model_dtype = lambda: dtype
+
+    class Forge2:  # model_dtype() is None; Forge 2's KModel keeps storage_dtype
+        def __init__(self, dtype):
+            self.model = types.SimpleNamespace(storage_dtype=dtype)
+            self.model_dtype = lambda: None
+
+    for holder in (Forge1, Forge2):
+        assert inject.patch_dtype(holder(torch.float16)) == torch.float16
+        assert inject.patch_dtype(holder(torch.bfloat16)) == torch.float16
+        assert inject.patch_dtype(holder(torch.float32)) == torch.float32
+    assert inject.patch_dtype(Forge2("nf4")) == torch.float32
+    assert inject.patch_dtype(types.SimpleNamespace()) == torch.float32
+
+
 # ----------------------------------------------------------------------------------------------------
 # eraser files, tags, cards
 # ----------------------------------------------------------------------------------------------------
@@ -599,6 +619,21 @@ def test_unsupported_backend_applies_nothing(tmp_path):
     p = FakeP(sd_model)
     controller.begin(p, UCE_UI)
     assert controller.apply_weights(p, "sampling") == [] and controller.erasers == {}
+
+
+@pytest.mark.parametrize("kind", [be.FORGE2, be.A1111])
+def test_nothing_requested_never_reads_the_model_or_stops_the_generation(tmp_path, kind):
+    # a model the glue cannot read (e.g. Flux on Forge 2: no ``forge_objects.unet`` UNet of ours)
+    sd_model = types.SimpleNamespace(forge_objects=types.SimpleNamespace(unet=None))
+    interrupts = []
+    host = runtime.Host(models_path=str(tmp_path), interrupt=lambda: interrupts.append(1))
+    controller = runtime.Controller(host, backend=be.Backend(kind, make_fake_networks() if kind == be.A1111 else None))
+    for ui in (settings.UISettings(), settings.UISettings(enabled=True, concepts="")):
+        p = FakeP(sd_model)
+        controller.begin(p, ui)
+        assert controller.apply_weights(p, "networks") == [] and controller.apply_weights(p, "sampling") == []
+        controller.finish(p)
+        assert interrupts == [] and "Concept Erasers error" not in p.extra_generation_params
 
 
 def test_install_py_is_inert_outside_the_webui(tmp_path):
