@@ -347,3 +347,16 @@ def random_pipeline(seed: int = 0, config: Optional[ShapesModelConfig] = None) -
     torch.manual_seed(seed)
     return ShapesPipeline(build_unet(cfg.unet), build_text_encoder(cfg.text_encoder), tokenizer,
                           build_scheduler(cfg.scheduler), cfg)
+
+
+def tiny_config(tokenizer: Optional[ShapesTokenizer] = None) -> ShapesModelConfig:
+    """The shapes-world anatomy at toy width (8 px, two UNet levels, a one-layer encoder of width 16):
+    a random pipeline built from it runs a sampling step in milliseconds, for tests of the plumbing."""
+    tok = tokenizer or ShapesTokenizer.default()
+    return ShapesModelConfig(
+        unet=UNetConfig(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                        attention_head_dim=2),
+        text_encoder=TextEncoderConfig(vocab_size=tok.vocab_size, context_length=tok.context_length, width=16,
+                                       layers=1, heads=2))

@@ -9,20 +9,11 @@ from erasers import spm_train as T
 from erasers.config import ConfigError
 from erasers.diffusers_apply import load_for_unet
 from erasers.shapes import model as shapes_model
-from erasers.shapes.text_encoder import TextEncoderConfig
-from erasers.shapes.tokenizer import ShapesTokenizer
 
 
 @pytest.fixture()
 def tiny():
-    tok = ShapesTokenizer.default()
-    cfg = shapes_model.ShapesModelConfig(
-        unet=shapes_model.UNetConfig(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
-                                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                                     attention_head_dim=2),
-        text_encoder=TextEncoderConfig(vocab_size=tok.vocab_size, context_length=tok.context_length, width=16,
-                                       layers=1, heads=2))
+    cfg = shapes_model.tiny_config()
     pipe = shapes_model.random_pipeline(0, cfg)
     pipe.unet.eval()
     pipe.text_encoder.eval().requires_grad_(False)
