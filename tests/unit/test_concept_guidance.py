@@ -5,7 +5,7 @@ from erasers import concept_guidance as cg
 from erasers.config import ConfigError
 from erasers.errors import EmptyConceptList
 
-from suppression_pack import load
+from pack_import import pack_module as load
 
 hooks = load("nodes.suppression_hooks")
 

@@ -1,5 +1,5 @@
 """Recovering the positive prompt text from an API-format workflow (SAFREE's fallback when its prompt is empty)."""
-from suppression_pack import load
+from pack_import import pack_module as load
 
 trace = load("nodes.prompt_trace")
 

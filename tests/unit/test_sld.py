@@ -4,7 +4,7 @@ import torch
 from erasers import sld
 from erasers.config import ConfigError
 
-from suppression_pack import load
+from pack_import import pack_module as load
 
 hooks = load("nodes.suppression_hooks")
 

@@ -3,7 +3,7 @@ import torch
 
 from erasers import token_suppress as ts
 
-from suppression_pack import load
+from pack_import import pack_module as load
 
 hooks = load("nodes.suppression_hooks")
 
