@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..erasers import attention_lse as lse
 from ..erasers import concept_guidance as cg
 from ..erasers import token_suppress as ts
 from ..erasers.suppression_base import in_window, log_gate, risk_score
@@ -280,6 +281,13 @@ def unet_attn2_sites(state_dict_keys) -> list:
 # -- DiT joint attention (Flux double/single blocks, SD3 joint blocks) --------------------------------
 
 
+def _heads(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
+    """(B, H, L, D) view: Flux passes that already (``skip_reshape``); SD3 passes (B, L, H·D), v (B, L, H, D)."""
+    if skip_reshape:
+        return t
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
 def _to_seq(t: torch.Tensor, skip_reshape: bool) -> torch.Tensor:
     """(B, H, L, D) → (B, L, H·D) when the caller passed head-split tensors; SD3 hands v over as
     (B, L, H, D)."""
@@ -325,8 +333,16 @@ class DitDispatch:
         to2["optimized_attention_override"] = attention_override
         return extra["original_block"](dict(args, transformer_options=to2))
 
+    #: compute the image-key attention once and share it between NAG's two branches (attention_lse.py).
+    #: False → the model's own attention gives Z⁺ and Z⁻ repeats the image-key part: the reference path
+    #: the tests compare the shared one against (and the path taken when the model brings its own mask).
+    share_image_attention = True
+
     def joint_attention(self, func, q, k, v, heads, mask, skip_reshape, kw, state, args, txt_len):
         bias = state.get("token_bias")
+        ops = state.get("nag") or []
+        if ops and mask is None and self.share_image_attention:
+            return self.guided(func, q, k, v, heads, skip_reshape, kw, state, args, txt_len, bias, ops)
         if bias is not None and mask is None:
             out = self.suppressed(func, q, k, v, heads, skip_reshape, kw, bias.to(q.device), txt_len)
         elif bias is not None:  # the model brought its own mask: fold the bias into it
@@ -334,15 +350,75 @@ class DitDispatch:
                        skip_reshape=skip_reshape, **kw)
         else:
             out = func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, **kw)
-        ops = state.get("nag") or []
-        if ops:  # NAG needs (B, L, H·D) views of q, k, v; token suppression alone never builds them
-            qs, ks, vs = (_to_seq(t, skip_reshape) for t in (q, k, v))
-            for op in ops:
-                rows = op["rows"].to(q.device)
-                z_neg = self.negative_branch(op, rows, qs, ks, vs, heads, args, state, txt_len)
-                out = out.clone()
-                out[rows, txt_len:] = cg.nag(out[rows, txt_len:], z_neg, op["phi"], op["tau"], op["alpha"])
+        if not ops:
+            return out
+        qh, kh, vh = (_heads(t, heads, skip_reshape) for t in (q, k, v))
+        rows = torch.tensor(sorted({r for op in ops for r in op["rows"].tolist()}), dtype=torch.long,
+                            device=q.device)
+        img = lse.attention_lse(qh[rows, :, txt_len:], kh[rows, :, txt_len:], vh[rows, :, txt_len:])
+        seq = 3 if kw.get("skip_output_reshape") else 2  # image queries along this axis of out[rows]…
+        z_pos = _to_seq(out[rows].narrow(seq - 1, txt_len, out.shape[seq - 1] - txt_len), seq == 3).float()
+        z = self.guide(ops, rows, z_pos, img, qh, kh, vh, args, txt_len, state["model"].diffusion_model)
+        out = out.clone()
+        if seq == 2:
+            out[rows, txt_len:] = z.to(out.dtype)
+        else:
+            out[rows, :, txt_len:] = _heads(z, heads, False).to(out.dtype)
         return out
+
+    def guided(self, func, q, k, v, heads, skip_reshape, kw, state, args, txt_len, bias, ops):
+        """Joint attention with NAG: the host's attention for every text query and for the unguided rows;
+        for the guided rows' image queries, Z⁺ = image-key part ⊕ prompt-key part, Z⁻ = the same image-key
+        part ⊕ concept-key part (log-sum-exp merge: exact)."""
+        seq = 2 if skip_reshape else 1
+        L = q.shape[seq]
+        qh, kh, vh = (_heads(t, heads, skip_reshape) for t in (q, k, v))
+        guided_rows = sorted({r for op in ops for r in op["rows"].tolist()})
+        rows = torch.tensor(guided_rows, dtype=torch.long, device=q.device)
+        others = torch.tensor([r for r in range(q.shape[0]) if r not in guided_rows], dtype=torch.long,
+                              device=q.device)
+        out_txt = func(q.narrow(seq, 0, txt_len), k, v, heads, mask=None, skip_reshape=skip_reshape, **kw)
+
+        img = lse.attention_lse(qh[rows, :, txt_len:], kh[rows, :, txt_len:], vh[rows, :, txt_len:])
+        columns = None
+        if bias is not None:  # token suppression composes: its column bias on the prompt keys of Z⁺
+            columns = torch.zeros(len(guided_rows), txt_len, dtype=torch.float32, device=q.device)
+            columns[:, txt_len - bias.shape[1]:] = bias.to(q.device)[rows]
+            columns = columns[:, None, None, :]
+        prompt = lse.attention_lse(qh[rows, :, txt_len:], kh[rows, :, :txt_len], vh[rows, :, :txt_len], columns)
+        z_pos = _to_seq(lse.merge(*img, *prompt)[0], True)
+        z = self.guide(ops, rows, z_pos, img, qh, kh, vh, args, txt_len, state["model"].diffusion_model)
+
+        out_img = torch.empty((q.shape[0], L - txt_len, z.shape[-1]), dtype=out_txt.dtype, device=q.device)
+        out_img[rows] = z.to(out_txt.dtype)
+        if len(others):
+            q_o, k_o, v_o = q[others].narrow(seq, txt_len, L - txt_len), k[others], v[others]
+            if bias is not None:
+                cols = torch.zeros(len(others), L, dtype=torch.float32, device=q.device)
+                cols[:, txt_len - bias.shape[1]:txt_len] = bias.to(q.device)[others]
+                o = ts.suppressed_attention(q_o, k_o, v_o, heads, cols, lambda q_, k_, v_, h, mask=None: func(
+                    q_, k_, v_, h, mask=mask, skip_reshape=skip_reshape, **dict(kw, skip_output_reshape=False)))
+            else:
+                o = func(q_o, k_o, v_o, heads, mask=None, skip_reshape=skip_reshape,
+                         **dict(kw, skip_output_reshape=False))
+            out_img[others] = o
+        if kw.get("skip_output_reshape"):
+            return torch.cat((out_txt, _heads(out_img, heads, False)), dim=2)
+        return torch.cat((out_txt, out_img), dim=1)
+
+    def guide(self, ops, rows, z_pos, img, qh, kh, vh, args, txt_len, dm):
+        """NAG on the image queries of the guided ``rows`` (z_pos: their (R, N, H·D) Z⁺, float32); each op
+        takes the previous op's output as its Z⁺, so several concept guidances compose."""
+        z = z_pos
+        position = {r: i for i, r in enumerate(rows.tolist())}
+        for op in ops:
+            sub = torch.tensor([position[r] for r in op["rows"].tolist()], dtype=torch.long, device=rows.device)
+            shared = (img[0][sub], img[1][sub])
+            z_neg = self.negative_branch(op, op["rows"].to(rows.device), qh[op["rows"], :, txt_len:],
+                                         kh[op["rows"], :, txt_len:], vh[op["rows"], :, txt_len:], shared, args, dm)
+            z = z.clone()
+            z[sub] = cg.nag(z[sub], _to_seq(z_neg, True), op["phi"], op["tau"], op["alpha"])
+        return z
 
     @staticmethod
     def suppressed(func, q, k, v, heads, skip_reshape, kw, bias, txt_len):
@@ -373,17 +449,35 @@ class DitDispatch:
         return (full + mask.float()).to(q.dtype)
 
     # NAG's negative branch: the concept text stream, propagated block by block like the prompt's (§5.4)
-    def negative_branch(self, op, rows, qs, ks, vs, heads, args, state, txt_len):
-        dm = state["model"].diffusion_model
-        q_img, k_img, v_img = qs[rows, txt_len:], ks[rows, txt_len:], vs[rows, txt_len:]
+    def negative_branch(self, op, rows, q_img, k_img, v_img, shared, args, dm):
+        """Z⁻ (R, H, N, D) for the image queries: the shared image-key part ⊕ the concept stream's keys.
+        The concept stream's own queries attend to [concept, image] keys to carry it to the next block."""
+        tk, tv = self.advance_concept_stream(op, rows, args, k_img, v_img, dm)
+        concept = lse.attention_lse(q_img, tk, tv)
+        return lse.merge(*shared, *concept)[0]
+
+    def advance_concept_stream(self, op, rows, args, k_img, v_img, dm):
+        """This block's work on the concept text stream: its (k, v) for Z⁻, and the stream carried on to the
+        next block (its queries attend to [concept, image] keys). The share of NAG's cost that an exact
+        NAG cannot avoid: the stream is as long as the concept's padded encoding (Flux: 256 T5 tokens)."""
+        tq, tk, tv, carry = self.concept_stream(op, rows, args, k_img.dtype, dm)
+        if carry is not None:
+            attn = torch.nn.functional.scaled_dot_product_attention(tq, torch.cat((tk, k_img), 2),
+                                                                    torch.cat((tv, v_img), 2))
+            carry(_to_seq(attn, True))
+        return tk, tv
+
+    def concept_stream(self, op, rows, args, dtype, dm):
+        """(q, k, v) of the concept text stream in this block, (R, H, T⁻, D), and ``carry(attention)`` that
+        finishes the block for the stream (None where no later block reads it)."""
         stream = op["stream"]
         vec = args["vec"][rows]
         if self.family == "flux":
             from comfy.ldm.flux.layers import apply_mod
 
             if "txt" not in stream:
-                neg = op["neg"].to(qs.device, dm.txt_in.weight.dtype if hasattr(dm.txt_in, "weight") else qs.dtype)
-                stream["txt"] = dm.txt_in(neg).expand(len(rows), -1, -1).to(qs.dtype)
+                neg = op["neg"].to(vec.device, dm.txt_in.weight.dtype if hasattr(dm.txt_in, "weight") else dtype)
+                stream["txt"] = dm.txt_in(neg).expand(len(rows), -1, -1)
             nt = stream["txt"]
             if self.kind == "double":
                 block = dm.double_blocks[self.index]
@@ -392,11 +486,13 @@ class DitDispatch:
                 qkv = block.txt_attn.qkv(m)
                 tq, tk, tv = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
                 tq, tk = block.txt_attn.norm(tq, tk, tv)
-                tq, tk, tv = (_to_seq(t, True).to(qs.dtype) for t in (tq, tk, tv))
-                attn = ts.attention(torch.cat((tq, q_img), 1), torch.cat((tk, k_img), 1), torch.cat((tv, v_img), 1), heads)
-                n_len = tq.shape[1]
-                nt = nt + apply_mod(block.txt_attn.proj(attn[:, :n_len]), mod1.gate)
-                nt = nt + apply_mod(block.txt_mlp(apply_mod(block.txt_norm2(nt), (1 + mod2.scale), mod2.shift)), mod2.gate)
+
+                def carry_double(attn):
+                    t = nt + apply_mod(block.txt_attn.proj(attn.to(nt.dtype)), mod1.gate)
+                    stream["txt"] = t + apply_mod(block.txt_mlp(apply_mod(block.txt_norm2(t), (1 + mod2.scale),
+                                                                          mod2.shift)), mod2.gate)
+
+                return tq.to(dtype), tk.to(dtype), tv.to(dtype), carry_double
             else:
                 block = dm.single_blocks[self.index]
                 mod, _ = block.modulation(vec)
@@ -404,27 +500,29 @@ class DitDispatch:
                 qkv, mlp = torch.split(block.linear1(xm), [3 * block.hidden_size, block.mlp_hidden_dim], dim=-1)
                 tq, tk, tv = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
                 tq, tk = block.norm(tq, tk, tv)
-                tq, tk, tv = (_to_seq(t, True).to(qs.dtype) for t in (tq, tk, tv))
-                attn = ts.attention(torch.cat((tq, q_img), 1), torch.cat((tk, k_img), 1), torch.cat((tv, v_img), 1), heads)
-                n_len = tq.shape[1]
-                out = block.linear2(torch.cat((attn[:, :n_len], block.mlp_act(mlp)), 2))
-                nt = nt + apply_mod(out, mod.gate)
-            stream["txt"] = nt
-            return attn[:, n_len:]
+
+                def carry_single(attn):
+                    out = block.linear2(torch.cat((attn.to(nt.dtype), block.mlp_act(mlp)), 2))
+                    stream["txt"] = nt + apply_mod(out, mod.gate)
+
+                last = self.index == len(dm.single_blocks) - 1  # only the image stream leaves the last block
+                return tq.to(dtype), tk.to(dtype), tv.to(dtype), (None if last else carry_single)
         if self.family == "sd3":
             if "txt" not in stream:
-                nctx = dm.context_embedder(op["neg"].to(qs.device, qs.dtype)).expand(len(rows), -1, -1)
+                nctx = dm.context_embedder(op["neg"].to(vec.device, dtype)).expand(len(rows), -1, -1)
                 if getattr(dm, "register_length", 0) > 0:
                     nctx = torch.cat((dm.register.to(nctx.dtype).expand(len(rows), -1, -1), nctx), 1)
                 stream["txt"] = nctx
             block = dm.joint_blocks[self.index]
             (tq, tk, tv), inter = block.context_block.pre_attention(stream["txt"], vec)
-            tv = tv.reshape(tv.shape[0], tv.shape[1], -1)
-            attn = ts.attention(torch.cat((tq, q_img), 1), torch.cat((tk, k_img), 1), torch.cat((tv, v_img), 1), heads)
-            n_len = tq.shape[1]
-            if inter is not None:
-                stream["txt"] = block.context_block.post_attention(attn[:, :n_len], *inter)
-            return attn[:, n_len:]
+            heads = block.context_block.attn.num_heads
+            tq, tk, tv = (_heads(t, heads, False).to(dtype) for t in (tq, tk, tv))
+
+            def carry(attn):
+                stream["txt"] = block.context_block.post_attention(attn.to(stream["txt"].dtype), *inter)
+
+            # the last joint block is context pre-only (no ``inter``): nothing reads its stream
+            return tq, tk, tv, (carry if inter is not None else None)
         raise RuntimeError(f"concept guidance has no DiT branch for '{self.family}'")
 
 
