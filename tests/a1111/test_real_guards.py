@@ -149,3 +149,42 @@ def test_real_forge2_refuses_the_guards_with_a_message(webui, monkeypatch, guard
     finally:
         for key, callbacks in script_callbacks.callback_map.items():
             callbacks[:] = before.get(key, [])
+
+
+@pytest.mark.a1111_only("the guards are wired on A1111 only")
+def test_real_entry_script_installs_the_guards_in_the_hook_this_webui_calls(real, monkeypatch):
+    """Through the entry script as ``script_loading`` loads it (with its own copy of the glue package and its
+    own callback registrations), in the order the webui's ScriptRunner calls its hooks: a webui whose
+    ``scripts.Script`` has ``process_before_every_sampling`` (1.10+) gets the guards there — once per
+    sampling pass, so hires fix is covered — an older one in ``process_batch``."""
+    import sys
+
+    from modules import script_callbacks, script_loading, scripts
+
+    monkeypatch.setattr(sys, "path", [str(ROOT)] + sys.path)
+    before = {k: list(v) for k, v in script_callbacks.callback_map.items()}
+    module = script_loading.load_module(str(ROOT / "scripts" / "concept_erasers_a1111.py"))
+    glue_guards = module.guards  # not ``guards`` above: the script imports the glue under its own name
+    newer = hasattr(scripts.Script, "process_before_every_sampling")
+    try:
+        sd_model = real_sd_model(real)
+        baseline = fakes.sample(sd_model, callbacks=False)
+        script = module.ConceptErasersScript()
+        p = fakes.fake_p(sd_model, fakes.PROMPT)
+        args = fakes.ui("token_suppress", preset="max").to_args()
+        script.before_process(p, *args)
+        script.process_batch(p, *args, batch_number=0, prompts=p.prompts, seeds=[1], subseeds=[1])
+        assert (glue_guards.ACTIVE is None) == newer, "guards installed in the wrong hook for this webui"
+        if newer:
+            script.process_before_every_sampling(p, *args)
+        assert glue_guards.ACTIVE is not None, p.extra_generation_params
+        assert "Concept Erasers error" not in p.extra_generation_params, p.extra_generation_params
+        outs = fakes.sample(sd_model)
+        script.postprocess(p, None, *args)
+        assert not fakes.identical(outs, baseline)
+        assert glue_guards.ACTIVE is None and fakes.no_instance_forward(sd_model)
+        assert fakes.identical(fakes.sample(sd_model), baseline)
+    finally:
+        glue_guards.remove()
+        for key, callbacks in script_callbacks.callback_map.items():
+            callbacks[:] = before.get(key, [])
