@@ -63,6 +63,7 @@ def _fused(q, k, v, bias):
         return out, lse.float()
     if q.device.type == "cuda" and hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention"):
         mask = None if bias is None else bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        q, k, v = (t.contiguous() for t in (q, k, v))  # the CPU kernel takes strided views; keep CUDA's simple
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, mask, True)[:2]
         return out, lse[..., : q.shape[2]].float()  # the kernel pads its lse rows to a multiple of 32
     return None
@@ -81,7 +82,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optio
         _FUSED_CHECKED[key] = _check_fused(q.device, q.dtype)
     if _FUSED_CHECKED[key]:
         try:
-            result = _fused(q.contiguous(), k.contiguous(), v.contiguous(), bias)
+            result = _fused(q, k, v, bias)
         except RuntimeError as exc:  # e.g. a head size or layout this kernel does not take
             log.debug("fused attention with log-sum-exp refused (%s); using the plain formula", exc)
             result = None

@@ -288,6 +288,13 @@ def _heads(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
 
+def _take(t: torch.Tensor, rows: list) -> torch.Tensor:
+    """Rows ``rows`` (sorted) of t: a view when they are consecutive (the usual case), else a gathered copy."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return t.narrow(0, rows[0], len(rows))
+    return t[torch.tensor(rows, dtype=torch.long, device=t.device)]
+
+
 def _to_seq(t: torch.Tensor, skip_reshape: bool) -> torch.Tensor:
     """(B, H, L, D) → (B, L, H·D) when the caller passed head-split tensors; SD3 hands v over as
     (B, L, H, D)."""
@@ -352,13 +359,13 @@ class DitDispatch:
             out = func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, **kw)
         if not ops:
             return out
-        qh, kh, vh = (_heads(t, heads, skip_reshape) for t in (q, k, v))
-        rows = torch.tensor(sorted({r for op in ops for r in op["rows"].tolist()}), dtype=torch.long,
-                            device=q.device)
-        img = lse.attention_lse(qh[rows, :, txt_len:], kh[rows, :, txt_len:], vh[rows, :, txt_len:])
+        guided_rows = sorted({r for op in ops for r in op["rows"].tolist()})
+        rows = torch.tensor(guided_rows, dtype=torch.long, device=q.device)
+        image_qkv = tuple(_heads(_take(t, guided_rows), heads, skip_reshape)[:, :, txt_len:] for t in (q, k, v))
+        img = lse.attention_lse(*image_qkv)
         seq = 3 if kw.get("skip_output_reshape") else 2  # image queries along this axis of out[rows]…
         z_pos = _to_seq(out[rows].narrow(seq - 1, txt_len, out.shape[seq - 1] - txt_len), seq == 3).float()
-        z = self.guide(ops, rows, z_pos, img, qh, kh, vh, args, txt_len, state["model"].diffusion_model)
+        z = self.guide(ops, guided_rows, z_pos, img, image_qkv, args, state["model"].diffusion_model)
         out = out.clone()
         if seq == 2:
             out[rows, txt_len:] = z.to(out.dtype)
@@ -372,52 +379,61 @@ class DitDispatch:
         part ⊕ concept-key part (log-sum-exp merge: exact)."""
         seq = 2 if skip_reshape else 1
         L = q.shape[seq]
-        qh, kh, vh = (_heads(t, heads, skip_reshape) for t in (q, k, v))
         guided_rows = sorted({r for op in ops for r in op["rows"].tolist()})
-        rows = torch.tensor(guided_rows, dtype=torch.long, device=q.device)
-        others = torch.tensor([r for r in range(q.shape[0]) if r not in guided_rows], dtype=torch.long,
-                              device=q.device)
+        others = [r for r in range(q.shape[0]) if r not in guided_rows]
         out_txt = func(q.narrow(seq, 0, txt_len), k, v, heads, mask=None, skip_reshape=skip_reshape, **kw)
 
-        img = lse.attention_lse(qh[rows, :, txt_len:], kh[rows, :, txt_len:], vh[rows, :, txt_len:])
+        qh, kh, vh = (_heads(_take(t, guided_rows), heads, skip_reshape) for t in (q, k, v))
+        q_img, k_img, v_img = (t[:, :, txt_len:] for t in (qh, kh, vh))
+        img = lse.attention_lse(q_img, k_img, v_img)
         columns = None
         if bias is not None:  # token suppression composes: its column bias on the prompt keys of Z⁺
             columns = torch.zeros(len(guided_rows), txt_len, dtype=torch.float32, device=q.device)
-            columns[:, txt_len - bias.shape[1]:] = bias.to(q.device)[rows]
+            columns[:, txt_len - bias.shape[1]:] = _take(bias.to(q.device), guided_rows)
             columns = columns[:, None, None, :]
-        prompt = lse.attention_lse(qh[rows, :, txt_len:], kh[rows, :, :txt_len], vh[rows, :, :txt_len], columns)
+        prompt = lse.attention_lse(q_img, kh[:, :, :txt_len], vh[:, :, :txt_len], columns)
         z_pos = _to_seq(lse.merge(*img, *prompt)[0], True)
-        z = self.guide(ops, rows, z_pos, img, qh, kh, vh, args, txt_len, state["model"].diffusion_model)
+        z = self.guide(ops, guided_rows, z_pos, img, (q_img, k_img, v_img), args, state["model"].diffusion_model)
 
-        out_img = torch.empty((q.shape[0], L - txt_len, z.shape[-1]), dtype=out_txt.dtype, device=q.device)
-        out_img[rows] = z.to(out_txt.dtype)
-        if len(others):
-            q_o, k_o, v_o = q[others].narrow(seq, txt_len, L - txt_len), k[others], v[others]
+        if not others:  # the usual case (cfg 1, or every row guided): no scatter
+            out_img = z.to(out_txt.dtype)
+        else:
+            rows = torch.tensor(guided_rows, dtype=torch.long, device=q.device)
+            out_img = torch.empty((q.shape[0], L - txt_len, z.shape[-1]), dtype=out_txt.dtype, device=q.device)
+            out_img[rows] = z.to(out_txt.dtype)
+            q_o, k_o, v_o = (_take(t, others) for t in (q, k, v))
+            q_o = q_o.narrow(seq, txt_len, L - txt_len)
             if bias is not None:
                 cols = torch.zeros(len(others), L, dtype=torch.float32, device=q.device)
-                cols[:, txt_len - bias.shape[1]:txt_len] = bias.to(q.device)[others]
+                cols[:, txt_len - bias.shape[1]:txt_len] = _take(bias.to(q.device), others)
                 o = ts.suppressed_attention(q_o, k_o, v_o, heads, cols, lambda q_, k_, v_, h, mask=None: func(
                     q_, k_, v_, h, mask=mask, skip_reshape=skip_reshape, **dict(kw, skip_output_reshape=False)))
             else:
                 o = func(q_o, k_o, v_o, heads, mask=None, skip_reshape=skip_reshape,
                          **dict(kw, skip_output_reshape=False))
-            out_img[others] = o
+            out_img[torch.tensor(others, dtype=torch.long, device=q.device)] = o
         if kw.get("skip_output_reshape"):
             return torch.cat((out_txt, _heads(out_img, heads, False)), dim=2)
         return torch.cat((out_txt, out_img), dim=1)
 
-    def guide(self, ops, rows, z_pos, img, qh, kh, vh, args, txt_len, dm):
-        """NAG on the image queries of the guided ``rows`` (z_pos: their (R, N, H·D) Z⁺, float32); each op
-        takes the previous op's output as its Z⁺, so several concept guidances compose."""
+    def guide(self, ops, rows, z_pos, img, image_qkv, args, dm):
+        """NAG on the image queries of the guided ``rows`` (a sorted list; z_pos: their (R, N, H·D) Z⁺ in
+        float32, ``img``: their shared image-key attention, ``image_qkv``: their image q, k, v as
+        (R, H, N, D)); each op takes the previous op's output as its Z⁺, so several concept guidances
+        compose."""
         z = z_pos
-        position = {r: i for i, r in enumerate(rows.tolist())}
+        position = {r: i for i, r in enumerate(rows)}
         for op in ops:
-            sub = torch.tensor([position[r] for r in op["rows"].tolist()], dtype=torch.long, device=rows.device)
-            shared = (img[0][sub], img[1][sub])
-            z_neg = self.negative_branch(op, op["rows"].to(rows.device), qh[op["rows"], :, txt_len:],
-                                         kh[op["rows"], :, txt_len:], vh[op["rows"], :, txt_len:], shared, args, dm)
-            z = z.clone()
-            z[sub] = cg.nag(z[sub], _to_seq(z_neg, True), op["phi"], op["tau"], op["alpha"])
+            sub = [position[r] for r in op["rows"].tolist()]
+            shared = tuple(_take(t, sub) for t in img)
+            q_img, k_img, v_img = (_take(t, sub) for t in image_qkv)
+            z_neg = _to_seq(self.negative_branch(op, op["rows"], q_img, k_img, v_img, shared, args, dm), True)
+            if sub == list(range(len(rows))):
+                z = cg.nag(z, z_neg, op["phi"], op["tau"], op["alpha"])
+            else:
+                index = torch.tensor(sub, dtype=torch.long, device=z.device)
+                z = z.clone()
+                z[index] = cg.nag(z[index], z_neg, op["phi"], op["tau"], op["alpha"])
         return z
 
     @staticmethod

@@ -55,10 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-flux", dest="flux", action="store_false",
                         help="skip the reduced ComfyUI Flux table (it needs COMFYUI_PATH)")
     parser.add_argument("--flux", dest="flux", action="store_true", help=argparse.SUPPRESS)  # old spelling
-    parser.add_argument("--flux-sizes", default="256,1024",
-                        help="image sizes for the Flux table, comma-separated (default 256,1024: the UNet's size "
-                             "and Flux's native one; the text/image token ratio, and with it the cost of the "
-                             "text-stream branches, depends on the size)")
+    parser.add_argument("--flux-sizes", default="256,512,1024",
+                        help="image sizes for the Flux table, comma-separated (default 256,512,1024: the UNet's "
+                             "size up to Flux's native one; the text/image token ratio, and with it the cost of "
+                             "the text-stream branches, depends on the size)")
     parser.set_defaults(flux=True)
 
 
@@ -184,7 +184,10 @@ def bench_flux(args):
         return "COMFYUI_PATH is not set (point it at a ComfyUI checkout)"
     sys.path.insert(0, path)
     saved = sys.argv
-    sys.argv = [saved[0], "--cpu"]
+    # --use-pytorch-cross-attention: the host attention is torch's SDPA, ComfyUI's default on NVIDIA GPUs. On
+    # CPU ComfyUI would otherwise pick its sub-quadratic attention, slower than the fused kernel that
+    # concept guidance's shared image attention runs on, and the ratio would flatter the method.
+    sys.argv = [saved[0], "--cpu", "--use-pytorch-cross-attention"]
     try:
         import comfy.options
 
@@ -207,6 +210,7 @@ def bench_flux(args):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     nodes = importlib.import_module(f"{name}.nodes.suppression")
+    hooks = importlib.import_module(f"{name}.nodes.suppression_hooks")
     cfg = comfy.model_detection.model_config_from_unet_config(dict(FLUX_DIT))
     model = cfg.get_model({})
     gen = torch.Generator().manual_seed(0)
@@ -256,11 +260,42 @@ def bench_flux(args):
         for fn in methods.values():
             fn()
         times = {k: [] for k in methods}
+        stream = []
         for _ in range(args.rounds):
             for k, fn in methods.items():
-                times[k].append(_time(fn, 1) / args.steps)
+                with _StreamClock(hooks.DitDispatch) as clock:
+                    times[k].append(_time(fn, 1) / args.steps)
+                if k == "concept guidance":
+                    stream.append(clock.total / args.steps)
         per_size[size] = {k: min(v) for k, v in times.items()}
+        per_size[size]["_concept stream"] = min(stream)
     return per_size
+
+
+class _StreamClock:
+    """Accumulates the time concept guidance spends carrying the concept's own text stream through the
+    blocks (``DitDispatch.advance_concept_stream``): the part of its cost that exact NAG cannot avoid."""
+
+    def __init__(self, dispatch_class):
+        self.cls, self.total = dispatch_class, 0.0
+
+    def __enter__(self):
+        self.original = self.cls.advance_concept_stream
+        clock, original = CLOCK["fn"], self.original
+
+        def timed(inner_self, *a, **k):
+            start = clock()
+            try:
+                return original(inner_self, *a, **k)
+            finally:
+                self.total += clock() - start
+
+        self.cls.advance_concept_stream = timed
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.advance_concept_stream = self.original
+        return False
 
 
 def flux_sizes(args) -> list:
@@ -308,9 +343,19 @@ def run(args) -> list:
             d = FLUX_DIT
             for size, per_step_flux in flux.items():
                 tokens = (size // 16) ** 2
+                stream = per_step_flux.pop("_concept stream")
                 rows += _table(f"reduced Flux (ComfyUI class, {d['depth']} double + {d['depth_single_blocks']} "
                                f"single blocks, hidden {d['hidden_size']}), {size} px ({tokens} image + 256 text "
-                               f"tokens), cfg 1, CPU, {torch.get_num_threads()} threads", per_step_flux)
+                               f"tokens), cfg 1, CPU, {torch.get_num_threads()} threads, host attention SDPA",
+                               per_step_flux)
+                base = per_step_flux["baseline (Flux, cfg 1)"]
+                extra = per_step_flux["concept guidance"] - base
+                print(f"concept guidance account: +{1000 * extra:.1f} ms/step over the baseline, of which "
+                      f"{1000 * stream:.1f} ms ({stream / base:.2f} of the baseline) carry the concept's own "
+                      f"256-token text stream through every block; the rest (shared image attention, "
+                      f"concept-key attention, NAG) {(extra - stream) / base:.2f}")
+                rows.append({"table": f"flux {size}", "method": "concept stream", "ms_per_step": 1000 * stream,
+                             "ratio": stream / base, "target": None, "clock": CLOCK["name"]})
             print("SLD on Flux: refused by the node (guidance-distilled, no unconditional branch)")
     return rows
 

@@ -1,8 +1,8 @@
 """Concept guidance on DiTs shares the image-key attention between NAG's two branches (log-sum-exp merge,
 erasers/attention_lse.py). Against a real ComfyUI (``COMFYUI_PATH``): the shared path must give the same
 samples as the reference path — the model's own attention for Z⁺, a full second attention for Z⁻ — on
-Flux (cfg 1: every row guided; cfg 3: the unconditional rows go through the host unguided), on SD3 (with
-its x-only self-attention blocks) and composed with token suppression."""
+Flux (cfg 1: every row guided; cfg 3: the unconditional rows go through the host unguided; composed with
+token suppression and with a second concept guidance) and on SD3 (with its x-only self-attention blocks)."""
 from __future__ import annotations
 
 import os
@@ -16,11 +16,14 @@ pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH", "").strip(),
                                 reason="COMFYUI_PATH is not set: real-ComfyUI tests skipped")
 
 
-def _guided(nodes, model, clip, with_tokens=False):
+def _guided(nodes, model, clip, with_tokens=False, twice=False):
     m = model
     if with_tokens:
         m = run_node(nodes.EraserTokenSuppress, model=m, clip=clip, concepts="nude", factor=0.1, include_eos=False,
                      similarity=0.99, prompt=PROMPT, **COMMON)
+    if twice:  # a second concept guidance: its op takes the first one's output as Z⁺
+        m = run_node(nodes.EraserConceptGuidance, model=m, clip=clip, concepts="beach", phi=3.0, tau=2.5,
+                     alpha=0.25, sigma_end=0.0, **COMMON)
     return run_node(nodes.EraserConceptGuidance, model=m, clip=clip, concepts="nude", phi=5.0, tau=2.5, alpha=0.25,
                     sigma_end=0.0, **COMMON)
 
@@ -41,11 +44,12 @@ def _both_paths(hooks, monkeypatch, draw):
     return shared, reference, ran["guided"]
 
 
-@pytest.mark.parametrize("cfg,with_tokens", [(1.0, False), (3.0, False), (1.0, True)])
-def test_flux_shared_image_attention_equals_reference(comfy, pack, flux, monkeypatch, cfg, with_tokens):
+@pytest.mark.parametrize("cfg,with_tokens,twice", [(1.0, False, False), (3.0, False, False), (1.0, True, False),
+                                                   (3.0, True, True)])
+def test_flux_shared_image_attention_equals_reference(comfy, pack, flux, monkeypatch, cfg, with_tokens, twice):
     nodes, hooks = pack
     model, clip = flux
-    m = _guided(nodes, model, clip, with_tokens)
+    m = _guided(nodes, model, clip, with_tokens, twice)
     base = sample(comfy, model, clip, PROMPT, cfg=cfg, channels=16, size=16)
     shared, reference, ran = _both_paths(
         hooks, monkeypatch, lambda: sample(comfy, m, clip, PROMPT, cfg=cfg, channels=16, size=16))

@@ -119,3 +119,10 @@ def test_dit_bias_folds_into_a_mask_the_model_brings():
     additive = torch.zeros(B, T + N, T + N)
     assert torch.equal(hooks.DitDispatch.folded_mask(q, additive, bias, T, skip_reshape=True)[:, 0, T:, :T],
                        bias[:, None, :].expand(B, N, T))
+
+
+def test_dit_row_selection_is_a_view_for_consecutive_rows_and_a_gather_otherwise():
+    t = torch.arange(24.0).reshape(4, 6)
+    view = hooks._take(t, [1, 2])
+    assert view.data_ptr() == t[1].data_ptr() and torch.equal(view, t[1:3])
+    assert torch.equal(hooks._take(t, [0, 3]), t[[0, 3]])
