@@ -211,7 +211,14 @@ def bench_flux(args):
     spec.loader.exec_module(module)
     nodes = importlib.import_module(f"{name}.nodes.suppression")
     hooks = importlib.import_module(f"{name}.nodes.suppression_hooks")
-    cfg = comfy.model_detection.model_config_from_unet_config(dict(FLUX_DIT))
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    config = dict(FLUX_DIT)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:  # ComfyUI 0.2x requires it
+        config["txt_ids_dims"] = []
+    cfg = comfy.model_detection.model_config_from_unet_config(config)
     model = cfg.get_model({})
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -187,7 +187,14 @@ def sd15_checkpoint_shapes(comfy, unet_config: Optional[dict] = None) -> dict:
         vae_model = comfy.comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
     vae_sd = vae_model.state_dict()
 
-    sd = base.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae_sd)
+    import inspect
+
+    if "unet_state_dict" in inspect.signature(base.state_dict_for_saving).parameters:
+        # newer ComfyUI (0.2x) takes the UNet's state dict explicitly; 0.3.64 read it from the model
+        sd = base.state_dict_for_saving(base.diffusion_model.state_dict(), clip_state_dict=clip_sd,
+                                        vae_state_dict=vae_sd)
+    else:
+        sd = base.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae_sd)
     return {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
 
 

@@ -33,6 +33,18 @@ FLUX_DIT = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_i
             "axes_dim": [8, 28, 28], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
 
 
+def flux_config(config: dict) -> dict:
+    """The Flux unet config for the ComfyUI at hand: newer ComfyUI (0.2x) requires ``txt_ids_dims`` (which
+    text-position axes carry RoPE ids; [] for Flux.1), which 0.3.64's FluxParams does not accept."""
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+        return dict(config, txt_ids_dims=[])
+    return dict(config)
+
+
 @pytest.fixture(scope="module")
 def comfy():
     sys.path.insert(0, COMFYUI_PATH)
@@ -114,7 +126,7 @@ class FakeT5Clip:
 
 @pytest.fixture(scope="module")
 def flux(comfy):
-    cfg = comfy.model_detection.model_config_from_unet_config(dict(FLUX_DIT))
+    cfg = comfy.model_detection.model_config_from_unet_config(flux_config(FLUX_DIT))
     model = cfg.get_model({})
     randomise(model.diffusion_model, 2)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

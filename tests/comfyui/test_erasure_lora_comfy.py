@@ -35,10 +35,12 @@ def flux(comfy):
     import comfy.supported_models
 
     torch.manual_seed(0)
-    config = comfy.supported_models.Flux(dict(
+    from suppression_models import flux_config
+
+    config = comfy.supported_models.Flux(flux_config(dict(
         image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32, hidden_size=H,
         mlp_ratio=4.0, num_heads=HEADS, depth=DEPTH, depth_single_blocks=SINGLE, axes_dim=[8, 12, 12],
-        theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True))
+        theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     with torch.no_grad():

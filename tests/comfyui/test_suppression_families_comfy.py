@@ -5,6 +5,7 @@ conditioning swap) and leave the output bit-identical at strength 0. Unserved fa
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import types
@@ -119,7 +120,10 @@ def test_safree_takes_an_empty_prompt_from_the_workflow_or_says_why_not(comfy, p
     graph = {"1": {"class_type": "EraserSAFREE", "inputs": {"model": ["0", 0], "clip": ["0", 1], "prompt": ""}},
              "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["0", 1], "text": PROMPT}},
              "3": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0]}}}
-    node = nodes.EraserSAFREE.PREPARE_CLASS_CLONE({"PROMPT": graph, "UNIQUE_ID": "1"})
+    hidden = {"PROMPT": graph, "UNIQUE_ID": "1"}
+    if "v3_data" in inspect.signature(nodes.EraserSAFREE.PREPARE_CLASS_CLONE).parameters:
+        hidden = {"hidden_inputs": hidden}  # newer ComfyUI (0.2x) wraps the hidden inputs
+    node = nodes.EraserSAFREE.PREPARE_CLASS_CLONE(hidden)
     assert torch.equal(sample(comfy, node.execute(prompt="", **kw).result[0], clip, PROMPT), typed)
     with caplog.at_level(logging.WARNING):
         m = run_node(nodes.EraserSAFREE, prompt="", **kw)  # no workflow to look in
