@@ -90,12 +90,17 @@ def randomise(module, seed):
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
 
 
+def random_patcher(comfy, model_config, seed: int):
+    """A CPU ModelPatcher around the model of ``model_config`` with seeded random weights."""
+    model = model_config.get_model({})
+    randomise(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
 @pytest.fixture(scope="module")
 def sd15(comfy):
     cfg = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET))
-    model = cfg.get_model({})
-    randomise(model.diffusion_model, 0)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    patcher = random_patcher(comfy, cfg, 0)
     clip = comfy.sd.CLIP(target=cfg.clip_target())
     randomise(clip.cond_stage_model, 1)
     return patcher, clip
@@ -127,9 +132,7 @@ class FakeT5Clip:
 @pytest.fixture(scope="module")
 def flux(comfy):
     cfg = comfy.model_detection.model_config_from_unet_config(flux_config(FLUX_DIT))
-    model = cfg.get_model({})
-    randomise(model.diffusion_model, 2)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    patcher = random_patcher(comfy, cfg, 2)
     return patcher, FakeT5Clip()
 
 
@@ -180,6 +183,21 @@ def run_node(node, **kw):
     return node.execute(**kw).result[0]
 
 
+def makers(nodes, model, clip, safety_concept="nude"):
+    """Each suppression node on ``model`` as a function of its strength (the tests' default settings)."""
+    return {
+        "safree": lambda s: run_node(nodes.EraserSAFREE, model=model, clip=clip, prompt=PROMPT, concepts="nude",
+                                     preset="nudity", alpha=0.01, include_eos=True, self_validating=False,
+                                     keywords_as_negative=False, **dict(COMMON, strength=s)),
+        "sld": lambda s: run_node(nodes.EraserSLD, model=model, clip=clip, preset="max", safety_concept=safety_concept,
+                                  **dict(COMMON, strength=s)),
+        "guidance": lambda s: run_node(nodes.EraserConceptGuidance, model=model, clip=clip, concepts="nude",
+                                       phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0, **dict(COMMON, strength=s)),
+        "tokens": lambda s: run_node(nodes.EraserTokenSuppress, model=model, clip=clip, concepts="nude", factor=0.0,
+                                     include_eos=True, similarity=0.99, prompt=PROMPT, **dict(COMMON, strength=s)),
+    }
+
+
 SD3_DIT = {"in_channels": 16, "out_channels": 16, "pos_embed_scaling_factor": None, "depth": 2, "patch_size": 2,
            "adm_in_channels": 2048, "pos_embed_max_size": 16, "num_patches": 256, "qk_norm": "rms",
            "x_block_self_attn_layers": [0], "x_block_self_attn": True,
@@ -207,9 +225,7 @@ class FakeSD3Clip(FakeT5Clip):
 def sd3(comfy):
     cfg = comfy.model_detection.model_config_from_unet_config(dict(SD3_DIT))
     assert type(cfg).__name__.startswith("SD3"), cfg
-    model = cfg.get_model({})
-    randomise(model.diffusion_model, 3)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    patcher = random_patcher(comfy, cfg, 3)
     return patcher, FakeSD3Clip()
 
 
@@ -260,7 +276,5 @@ def sdxl(comfy):
     import comfy.supported_models
 
     cfg = comfy.supported_models.SDXL(dict(SDXL_UNET))
-    model = cfg.get_model({})
-    randomise(model.diffusion_model, 4)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    patcher = random_patcher(comfy, cfg, 4)
     return patcher, FakeSDXLClip()

@@ -12,6 +12,7 @@ from suppression_models import (  # noqa: F401  (comfy, pack, counts, sd15, flux
     PROMPT,
     comfy,
     counts,
+    makers,
     flux,
     pack,
     run_node,
@@ -29,17 +30,7 @@ def test_sd15_each_node_samples_and_strength_zero_is_bit_identical(comfy, pack, 
     model, clip = sd15
     base = sample(comfy, model, clip, PROMPT)
     assert torch.isfinite(base).all()
-    variants = {
-        "safree": lambda s: run_node(nodes.EraserSAFREE, model=model, clip=clip, prompt=PROMPT, concepts="nude",
-                                     preset="nudity", alpha=0.01, include_eos=True, self_validating=False,
-                                     keywords_as_negative=False, **dict(COMMON, strength=s)),
-        "sld": lambda s: run_node(nodes.EraserSLD, model=model, clip=clip, preset="max", safety_concept="nudity",
-                                  **dict(COMMON, strength=s)),
-        "guidance": lambda s: run_node(nodes.EraserConceptGuidance, model=model, clip=clip, concepts="nude",
-                                       phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0, **dict(COMMON, strength=s)),
-        "tokens": lambda s: run_node(nodes.EraserTokenSuppress, model=model, clip=clip, concepts="nude", factor=0.0,
-                                     include_eos=True, similarity=0.99, prompt=PROMPT, **dict(COMMON, strength=s)),
-    }
+    variants = makers(nodes, model, clip, safety_concept="nudity")
     for name, make in variants.items():
         off = sample(comfy, make(0.0), clip, PROMPT)
         assert torch.equal(off, base), f"{name}: strength 0 must leave the output bit-identical"

@@ -18,6 +18,7 @@ from suppression_models import (  # noqa: F401  (comfy, pack, counts, sdxl, sd3 
     PROMPT,
     comfy,
     counts,
+    makers,
     pack,
     run_node,
     sample,
@@ -30,20 +31,6 @@ pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH", "").strip(),
 
 #: node → the counter its hook increments (see the ``counts`` fixture)
 HOOK = {"safree": "safree_swap", "sld": "sld_pass", "guidance": "nag", "tokens": "biased"}
-
-
-def makers(nodes, model, clip):
-    return {
-        "safree": lambda s: run_node(nodes.EraserSAFREE, model=model, clip=clip, prompt=PROMPT, concepts="nude",
-                                     preset="nudity", alpha=0.01, include_eos=True, self_validating=False,
-                                     keywords_as_negative=False, **dict(COMMON, strength=s)),
-        "sld": lambda s: run_node(nodes.EraserSLD, model=model, clip=clip, preset="max", safety_concept="nude",
-                                  **dict(COMMON, strength=s)),
-        "guidance": lambda s: run_node(nodes.EraserConceptGuidance, model=model, clip=clip, concepts="nude",
-                                       phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0, **dict(COMMON, strength=s)),
-        "tokens": lambda s: run_node(nodes.EraserTokenSuppress, model=model, clip=clip, concepts="nude", factor=0.0,
-                                     include_eos=True, similarity=0.99, prompt=PROMPT, **dict(COMMON, strength=s)),
-    }
 
 
 def check_every_node(comfy, nodes, model, clip, counts, channels):
