@@ -42,7 +42,7 @@ def load_core():
 
 
 def core_module(name: str):
-    """A submodule of the core, e.g. ``core_module("eraser_file")``; None if it does not exist (yet)."""
+    """A submodule of the core, e.g. ``core_module("files.eraser_file")``; None if it does not exist (yet)."""
     package = load_core()
     try:
         return importlib.import_module(f"{package.__name__}.{name}")

@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 from typing import Iterable, Optional
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
-MAX_HEADER = 100 * 1024 * 1024
 FOLDERS = {"eraser": "erasers", "spm": "spm"}
 
 
@@ -49,17 +47,10 @@ def resolve(name: str, files: dict) -> Optional[str]:
 
 
 def read_header_metadata(path: str) -> dict:
-    """``__metadata__`` of a .safetensors file ({} if it has none); ValueError if the header is unreadable."""
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise ValueError(f"'{os.path.basename(path)}' is too short to be a .safetensors file.")
-        (length,) = struct.unpack("<Q", head)
-        if length > MAX_HEADER or length > os.path.getsize(path) - 8:
-            raise ValueError(f"'{os.path.basename(path)}' has an unreadable .safetensors header.")
-        header = json.loads(handle.read(length).decode("utf-8"))
-    meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}
+    """``__metadata__`` of a .safetensors file ({} if it has none); BadEraserFile (a ValueError) if unreadable."""
+    from .core import core_module
+
+    return core_module("files.safetensors_header").read_safetensors_header(path)[1]
 
 
 def concepts_from_metadata(kind: str, meta: dict) -> list:

@@ -1,6 +1,6 @@
 """Sampling-time guards on A1111: SAFREE, SLD, concept guidance and token suppression.
 
-The math is the core's (``erasers/safree.py``, ``sld.py``, ``concept_guidance.py``, ``token_suppress.py``);
+The math is the core's (``erasers/guards/safree.py``, ``sld.py``, ``concept_guidance.py``, ``token_suppress.py``);
 this module only finds the webui's hook points (a1111_host.md §A2.1, §A2.4):
 
 * ``on_cfg_denoiser`` (every CFG step): SAFREE swaps the positive rows of ``params.text_cond`` for their
@@ -48,15 +48,15 @@ def guard_configs(settings) -> dict:
     out = {}
     for name in settings.guards:
         if name == "sld":
-            out[name] = core_module("sld").SLDConfig(concepts=list(concepts), preset=preset)
+            out[name] = core_module("guards.sld").SLDConfig(concepts=list(concepts), preset=preset)
         elif name == "safree":
-            out[name] = core_module("safree").SAFREEConfig(
+            out[name] = core_module("guards.safree").SAFREEConfig(
                 concepts=list(concepts), self_validating=SAFREE_SELF_VALIDATING[preset])
         elif name == "token_suppress":
-            out[name] = core_module("token_suppress").TokenSuppressConfig(
+            out[name] = core_module("guards.token_suppress").TokenSuppressConfig(
                 concepts=list(concepts), factor=TOKEN_FACTOR[preset])
         elif name == "concept_guidance":
-            out[name] = core_module("concept_guidance").ConceptGuidanceConfig(
+            out[name] = core_module("guards.concept_guidance").ConceptGuidanceConfig(
                 concepts=list(concepts), phi=NAG_PHI[preset])
     return out
 
@@ -144,7 +144,7 @@ class GuardSession:
         self.sld_cond = None
         if "sld" in configs:
             self.sld_cond = encoder.sd_model.get_learned_conditioning([configs["sld"].safety_concept])
-            self.sld_state = core_module("sld").SLDState()
+            self.sld_state = core_module("guards.sld").SLDState()
             self.sld_hidden = crossattn(self.sld_cond)[0].detach().float().cpu()
         self.token = self._prepare_tokens(encoder) if "token_suppress" in configs else None
         self.nag = None
@@ -154,7 +154,7 @@ class GuardSession:
 
     # preparation (once per batch: the prompts are known before sampling) ------------------------
     def _prepare_safree(self, encoder, prompts, encoding) -> list:
-        safree = core_module("safree")
+        safree = core_module("guards.safree")
         config = self.configs["safree"]
         concept = encoder.encode(list(config.concepts))
         tokenize = lambda texts: [ids[1:-1] for ids in encoder._token_ids(list(texts))]  # noqa: E731
@@ -173,7 +173,7 @@ class GuardSession:
         return out
 
     def _prepare_tokens(self, encoder) -> dict:
-        ts = core_module("token_suppress")
+        ts = core_module("guards.token_suppress")
         config = self.configs["token_suppress"]
         concept = encoder.encode(list(config.concepts))
         states = [concept.hidden[k, 1: int(concept.lengths[k]) - 1] for k in range(len(config.concepts))]
@@ -217,7 +217,7 @@ class GuardSession:
     def on_cfg_denoised(self, params) -> None:
         if "sld" not in self.configs or self.stash is None:
             return
-        sld = core_module("sld")
+        sld = core_module("guards.sld")
         config = self.configs["sld"]
         x_in, image_cond, sigma_in, cond = self.stash
         n = crossattn(cond).shape[0]
@@ -255,7 +255,7 @@ class GuardSession:
     def token_bias(self, context: torch.Tensor, rows: list) -> Optional[torch.Tensor]:
         if self.token is None or not rows:
             return None
-        ts = core_module("token_suppress")
+        ts = core_module("guards.token_suppress")
         config = self.configs["token_suppress"]
         if not self.in_window(config):
             return None
@@ -301,7 +301,7 @@ class GuardSession:
         nag = bool(rows) and self.nag_active(self.stash[2] if self.stash else 0.0)
         if bias is None and not nag:
             return original(x, context=context, mask=mask, **kwargs)
-        ts = core_module("token_suppress")
+        ts = core_module("guards.token_suppress")
         heads = module.heads
         q, k, v = module.to_q(x), module.to_k(context), module.to_v(context)
         if bias is not None:
@@ -316,7 +316,7 @@ class GuardSession:
             vn = module.to_v(neg).expand(len(rows), -1, -1)
             z_neg = ts.attention(q[idx], kn, vn, heads)
             out = out.clone()
-            out[idx] = core_module("concept_guidance").nag(out[idx], z_neg, config.phi, config.tau,
+            out[idx] = core_module("guards.concept_guidance").nag(out[idx], z_neg, config.phi, config.tau,
                                                           config.effective_alpha)
         return module.to_out(out)
 

@@ -4,8 +4,8 @@ Each section is one small function pair — "is it available?" and "do it" — s
 in means editing only this file. When a core module is missing the UI shows ``unavailable_message``
 and nothing is applied (never a silent stand-in).
 
-* SPM membranes + facilitated transport: ``erasers/spm.py`` (+ ``erasers/transport.py``), branch ``spm``.
-* Guards (SAFREE, SLD, concept guidance, token suppression): ``erasers/safree.py``, ``sld.py``,
+* SPM membranes + facilitated transport: ``erasers/membranes/spm.py`` (+ ``erasers/membranes/transport.py``), branch ``spm``.
+* Guards (SAFREE, SLD, concept guidance, token suppression): ``erasers/guards/safree.py``, ``sld.py``,
   ``concept_guidance.py``, ``token_suppress.py``, branch ``suppress``.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from .settings import GUARDS
 
 log = logging.getLogger(__name__)
 
-GUARD_MODULES = {"safree": "safree", "sld": "sld", "concept_guidance": "concept_guidance",
-                 "token_suppress": "token_suppress"}
+GUARD_MODULES = {"safree": "guards.safree", "sld": "guards.sld", "concept_guidance": "guards.concept_guidance",
+                 "token_suppress": "guards.token_suppress"}
 GUARD_TITLES = {"safree": "SAFREE", "sld": "SLD (Safe Latent Diffusion)", "concept_guidance": "Concept guidance",
                 "token_suppress": "Token suppression"}
 
@@ -29,7 +29,7 @@ class Unavailable(RuntimeError):
 
 # -- SPM membranes ---------------------------------------------------------------------------------
 def spm_module():
-    return core_module("spm")
+    return core_module("membranes.spm")
 
 
 def spm_available() -> bool:
@@ -37,7 +37,7 @@ def spm_available() -> bool:
 
 
 def spm_unavailable_message() -> str:
-    return ("SPM membranes need `erasers/spm.py`, which is not in this build of Concept Erasers. "
+    return ("SPM membranes need `erasers/membranes/spm.py`, which is not in this build of Concept Erasers. "
             "`<spm:…>` tags and the SPM list are ignored (an SPM file still loads as a plain LoRA with "
             "`<lora:name:1>`, without facilitated transport).")
 
@@ -55,11 +55,11 @@ def spm_entries(requests, resolve_path, prompt, encoder, shapes, make_entry, com
     if not requests:
         return []
     spm = spm_module()
-    formats = core_module("formats")
+    formats = core_module("membranes.formats")
     if spm is None or formats is None:
         raise Unavailable(spm_unavailable_message())
     lowrank = core_module("lowrank")
-    read = core_module("eraser_file").read_safetensors
+    read = core_module("files.eraser_file").read_safetensors
     membranes, sources = [], []
     for request in requests:
         path = resolve_path(request.name)

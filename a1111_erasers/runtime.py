@@ -129,13 +129,13 @@ class Controller:
         return [r for r in out if r.weight != 0]
 
     def _closed_form(self, settings: UISettings, encoder, weights: dict, model_id: str):
-        methods = core_module("methods")
+        methods = core_module("edits.methods")
         config = methods.config_from_dict(settings.config_dict())
         key = (model_id, config.to_json())
         eraser = self.erasers.get(key)
         if eraser is None:
             log.info("Concept Erasers: solving %s for %s", config.method, config.concepts)
-            eraser = core_module("eraser").compute_eraser(config, encoder, weights)
+            eraser = core_module("edits.eraser").compute_eraser(config, encoder, weights)
             self.erasers[key] = eraser
             while len(self.erasers) > CACHE_SIZE:
                 self.erasers.popitem(last=False)
@@ -150,7 +150,7 @@ class Controller:
         stamp = (stat.st_mtime, stat.st_size)
         cached = self.loaded_files.get(path)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, core_module("eraser_file").load_eraser(path))
+            cached = (stamp, core_module("files.eraser_file").load_eraser(path))
             self.loaded_files[path] = cached
         return cached[1], stamp
 
@@ -175,7 +175,7 @@ class Controller:
             return []
         route = self.backend.weight_route
         weights = original_weights(p.sd_model, route, self.direct if route == "direct" else None)
-        model_id = core_module("eraser").fingerprint(weights)
+        model_id = core_module("edits.eraser").fingerprint(weights)
         if state.entries is not None and state.entries_model == model_id:
             return state.entries
         entries = []

@@ -92,7 +92,7 @@ class UISettings:
         return data
 
     def config_dict(self) -> dict:
-        """The core config dict (``erasers.methods.config_from_dict``) for the closed-form edit."""
+        """The core config dict (``erasers.edits.methods.config_from_dict``) for the closed-form edit."""
         data = {"method": self.method, "concepts": self.concept_list(),
                 "anchors": _split_lines(self.anchors), "preserve": _split(self.preserve)}
         for key, value in self.options().items():

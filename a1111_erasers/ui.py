@@ -13,7 +13,7 @@ from .settings import ARG_ORDER, GUARD_PRESETS, GUARDS, INFOTEXT_KEY, UISettings
 def method_choices() -> list:
     from .core import core_module
 
-    return list(core_module("methods").METHODS)
+    return list(core_module("edits.methods").METHODS)
 
 
 def build(script, is_img2img: bool, controller) -> list:

@@ -17,10 +17,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..erasers.config import ConfigError
-from ..erasers.eraser import Eraser, compute_eraser, fingerprint
+from ..erasers.edits.eraser import Eraser, compute_eraser, fingerprint
 from ..erasers.errors import ConceptTooLong
-from ..erasers.families import Family, detect_family, layer_specs
-from ..erasers.methods import check_family, get_method
+from ..erasers.files.families import Family, detect_family, layer_specs
+from ..erasers.edits.methods import check_family, get_method
 from ..erasers.text import PromptEncoding, split_concepts
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..erasers.config import EraserConfig
-from ..erasers.eraser_file import load_eraser, save_eraser
+from ..erasers.files.eraser_file import load_eraser, save_eraser
 from ..erasers.errors import EraserError
-from ..erasers.methods import METHODS
+from ..erasers.edits.methods import METHODS
 from . import adapters, folders
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Model folders of the pack: ``models/erasers`` and ``models/spm``, registered only if missing.
 
 ComfyUI loads ``extra_model_paths.yaml`` before custom nodes, so an existing entry is extended, never
-replaced (the pattern city96/ComfyUI-GGUF uses). Only ``.safetensors`` files are listed.
+replaced (``folder_paths.add_model_folder_path``). Only ``.safetensors`` files are listed.
 """
 import os
 
@@ -14,12 +14,10 @@ def register_model_folders(folder_paths=None):
         import folder_paths  # noqa: PLW0621  (host module, imported lazily)
     for name in PACK_FOLDERS:
         default = os.path.join(folder_paths.models_dir, name)
-        if name not in folder_paths.folder_names_and_paths:
-            folder_paths.folder_names_and_paths[name] = ([default], set(SAFETENSORS))
-        else:
-            paths, extensions = folder_paths.folder_names_and_paths[name]
-            if default not in paths:
-                paths.append(default)
-            if isinstance(extensions, set):
-                extensions.update(SAFETENSORS)
+        # the host's public call: appends to an extra_model_paths.yaml entry, never replaces it
+        folder_paths.add_model_folder_path(name, default)
+        # a new entry gets an empty extension set (= every file); no public call sets it, so fill it in place
+        extensions = folder_paths.folder_names_and_paths[name][1]
+        if isinstance(extensions, set):
+            extensions.update(SAFETENSORS)
         os.makedirs(default, exist_ok=True)

@@ -5,14 +5,9 @@ from comfy_api.latest import io
 
 from . import spm_runtime
 
-try:
-    from ..erasers.formats._common import TEXT_PREFIX
-    from ..erasers.lowrank import LowRankDelta
-    from ..erasers.spm import GATE_FT, GATE_MODES, Gate, Membrane
-except ImportError:
-    from erasers.formats._common import TEXT_PREFIX
-    from erasers.lowrank import LowRankDelta
-    from erasers.spm import GATE_FT, GATE_MODES, Gate, Membrane
+from ..erasers.membranes.formats._common import TEXT_PREFIX
+from ..erasers.lowrank import LowRankDelta
+from ..erasers.membranes.spm import GATE_FT, GATE_MODES, Gate, Membrane
 
 log = logging.getLogger(__name__)
 ADAPTER_FOLDERS = ("erasers", "spm", "loras")

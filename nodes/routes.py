@@ -19,16 +19,15 @@ import re
 from pathlib import Path
 
 from ..erasers.errors import BadEraserFile, RefusedPath
-from ..erasers.file_info import describe_header
+from ..erasers.files.file_info import describe_header
 
 log = logging.getLogger(__name__)
 
 ALLOWED_FOLDERS = ("erasers", "spm", "loras")
 ANY_FOLDER = "any"
 PACK_ROOT = Path(__file__).resolve().parents[1]
-#: preset sources: the keyword lists the sampling-time methods use, and name → list JSON files
-PRESET_TEXT_DIR = PACK_ROOT / "erasers" / "data" / "presets"
-PRESET_JSON_DIR = PACK_ROOT / "presets"
+#: the one preset folder: ``<name>.txt`` keyword lists (also the guards' ``preset`` menu) and name → list JSON
+PRESET_DIR = PACK_ROOT / "erasers" / "data" / "presets"
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 _registered = False
@@ -91,7 +90,7 @@ def parse_preset_text(text: str) -> list:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
-def load_presets(text_dir: Path = PRESET_TEXT_DIR, json_dir: Path = PRESET_JSON_DIR) -> list:
+def load_presets(text_dir: Path = PRESET_DIR, json_dir: Path = PRESET_DIR) -> list:
     """``[{name, concepts, description, file}]`` from ``<name>.txt`` keyword lists and JSON files mapping
     name → list (or name → {"concepts": [...], "description": "..."}). The first of a name wins."""
     out, seen = [], set()

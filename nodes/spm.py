@@ -4,12 +4,8 @@ from comfy_api.latest import io
 from . import spm_runtime
 from .lora import ADAPTER_FOLDERS, adapter_files, full_path
 
-try:
-    from ..erasers.formats.spm import concepts_from_metadata
-    from ..erasers.spm import COMBINATIONS, GATE_ALWAYS, GATE_FT, Gate, Membrane
-except ImportError:
-    from erasers.formats.spm import concepts_from_metadata
-    from erasers.spm import COMBINATIONS, GATE_ALWAYS, GATE_FT, Gate, Membrane
+from ..erasers.membranes.formats.spm import concepts_from_metadata
+from ..erasers.membranes.spm import COMBINATIONS, GATE_ALWAYS, GATE_FT, Gate, Membrane
 
 
 class EraserSPMLoad(io.ComfyNode):

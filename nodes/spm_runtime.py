@@ -16,20 +16,12 @@ from typing import Optional
 
 import torch
 
-try:  # inside ComfyUI the pack is a package: <pack>.nodes → <pack>.erasers
-    from ..erasers.eraser_file import read_safetensors
-    from ..erasers.formats import convert_file
-    from ..erasers.hooks import MembraneHooks
-    from ..erasers.spm import Membrane, RateCache, build_stacks
-    from ..erasers.text import PromptEncoding
-    from ..erasers.transport import permeability
-except ImportError:  # unit tests import ``nodes`` as a top-level package beside ``erasers``
-    from erasers.eraser_file import read_safetensors
-    from erasers.formats import convert_file
-    from erasers.hooks import MembraneHooks
-    from erasers.spm import Membrane, RateCache, build_stacks
-    from erasers.text import PromptEncoding
-    from erasers.transport import permeability
+from ..erasers.files.eraser_file import read_safetensors
+from ..erasers.membranes.formats import convert_file
+from ..erasers.membranes.hooks import MembraneHooks
+from ..erasers.membranes.spm import Membrane, RateCache, build_stacks
+from ..erasers.text import PromptEncoding
+from ..erasers.membranes.transport import permeability
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ import logging
 
 from comfy_api.latest import io
 
-from ..erasers import safree, sld
-from ..erasers.concept_guidance import ALPHA, ConceptGuidanceConfig
-from ..erasers.suppression_base import preset_names, sigma_window
+from ..erasers.guards import safree, sld
+from ..erasers.guards.concept_guidance import ALPHA, ConceptGuidanceConfig
+from ..erasers.guards.base import preset_names, sigma_window
 from ..erasers.text import split_concepts
-from ..erasers.token_suppress import TokenSuppressConfig, match_token_ids
+from ..erasers.guards.token_suppress import TokenSuppressConfig, match_token_ids
 from . import prompt_trace
 from . import suppression_clip as sc
 from . import suppression_hooks as hooks

@@ -22,10 +22,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ..erasers import attention_lse as lse
-from ..erasers import concept_guidance as cg
-from ..erasers import token_suppress as ts
-from ..erasers.suppression_base import in_window, log_gate, risk_score
+from ..erasers.guards import attention_lse as lse
+from ..erasers.guards import concept_guidance as cg
+from ..erasers.guards import token_suppress as ts
+from ..erasers.guards.base import in_window, log_gate, risk_score
 
 log = logging.getLogger(__name__)
 
@@ -621,7 +621,7 @@ def make_sld_pre_cfg(config, safety_cond, parameterisation: str, sigma_start: fl
     ``safety_cond`` is the safety concept's conditioning in the host's list form; ``calc(model, cond, x,
     sigma, model_options) → x₀`` runs the extra pass (ComfyUI: encode_model_conds + calc_cond_batch).
     """
-    from ..erasers import sld
+    from ..erasers.guards import sld
 
     state = sld.SLDState()
     gate = GateLog("SLD", config.risk_gate)

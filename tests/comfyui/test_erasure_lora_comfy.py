@@ -125,7 +125,7 @@ TE_LAYERS = ("text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder
 
 def write_text_lora(model, clip, path):
     runtime, _ = import_pack()
-    kohya_name = importlib.import_module(f"{PACK}.erasers.keys").kohya_name
+    kohya_name = importlib.import_module(f"{PACK}.erasers.files.keys").kohya_name
     state = clip.cond_stage_model.state_dict()
     g = torch.Generator().manual_seed(4)
     tensors, dense = {}, {}

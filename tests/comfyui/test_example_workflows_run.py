@@ -54,7 +54,7 @@ UNET_PREFIX = "model.diffusion_model."
 
 def write_adapter_files(comfy, unet_config, models_dir, workflows) -> list:
     """Random rank-1 files on attn2 to_k/to_v for every SPM / erasure-LoRA file the examples name."""
-    from erasers.keys import kohya_name
+    from erasers.files.keys import kohya_name
 
     kv = {k[len(UNET_PREFIX):]: shape for k, (shape, _) in sd15_checkpoint_shapes(comfy, unet_config).items()
           if k.startswith(UNET_PREFIX) and (k.endswith("attn2.to_k.weight") or k.endswith("attn2.to_v.weight"))}

@@ -58,11 +58,11 @@ def node_of(workflow: dict, node_type: str) -> dict:
 
 def write_test_eraser(folder: Path) -> Path:
     """A real eraser file (Van Gogh, Monet) made by the core with the toy encoder and SD1 shapes."""
-    from erasers.eraser import compute_eraser
-    from erasers.eraser_file import save_eraser
-    from erasers.families import Family
-    from erasers.testing import ToyTextEncoder, layer_weights
-    from erasers.uce import UCEConfig
+    from erasers.edits.eraser import compute_eraser
+    from erasers.files.eraser_file import save_eraser
+    from erasers.files.families import Family
+    from erasers_dev.testing import ToyTextEncoder, layer_weights
+    from erasers.edits.uce import UCEConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     eraser = compute_eraser(UCEConfig(concepts=["Van Gogh", "Monet"], concept_type="art", variant="2023"),

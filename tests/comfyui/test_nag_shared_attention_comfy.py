@@ -1,5 +1,5 @@
 """Concept guidance on DiTs shares the image-key attention between NAG's two branches (log-sum-exp merge,
-erasers/attention_lse.py). Against a real ComfyUI (``COMFYUI_PATH``): the shared path must give the same
+erasers/guards/attention_lse.py). Against a real ComfyUI (``COMFYUI_PATH``): the shared path must give the same
 samples as the reference path — the model's own attention for Z⁺, a full second attention for Z⁻ — on
 Flux (cfg 1: every row guided; cfg 3: the unconditional rows go through the host unguided; composed with
 token suppression and with a second concept guidance) and on SD3 (with its x-only self-attention blocks)."""

@@ -30,13 +30,13 @@ def import_pack():
         module = importlib.util.module_from_spec(spec)
         sys.modules[PACK] = module
         spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.nodes.spm_runtime"), importlib.import_module(f"{PACK}.erasers.spm")
+    return importlib.import_module(f"{PACK}.nodes.spm_runtime"), importlib.import_module(f"{PACK}.erasers.membranes.spm")
 
 
 @pytest.fixture(scope="module")
 def membrane_file(sd15_loaded, tmp_path_factory):
     import_pack()
-    kohya_name = importlib.import_module(f"{PACK}.erasers.keys").kohya_name
+    kohya_name = importlib.import_module(f"{PACK}.erasers.files.keys").kohya_name
     model = sd15_loaded[0]
     g = torch.Generator().manual_seed(0)
     tensors = {}

@@ -26,12 +26,14 @@ from a1111_erasers import files, inject, runtime, settings, tags  # noqa: E402
 from a1111_erasers.core import CORE_NAME, load_core  # noqa: E402
 from a1111_erasers.text_encoder import WebuiTextEncoder  # noqa: E402
 
+import erasers  # noqa: E402,F401  (imported first, so load_core reuses it and erasers_dev.testing shares its classes)
+from erasers_dev import testing  # noqa: E402
+
 core = load_core()
-testing = __import__(f"{core.__name__}.testing", fromlist=["x"])
-families = __import__(f"{core.__name__}.families", fromlist=["x"])
-eraser_file = __import__(f"{core.__name__}.eraser_file", fromlist=["x"])
-eraser_mod = __import__(f"{core.__name__}.eraser", fromlist=["x"])
-methods = __import__(f"{core.__name__}.methods", fromlist=["x"])
+families = __import__(f"{core.__name__}.files.families", fromlist=["x"])
+eraser_file = __import__(f"{core.__name__}.files.eraser_file", fromlist=["x"])
+eraser_mod = __import__(f"{core.__name__}.edits.eraser", fromlist=["x"])
+methods = __import__(f"{core.__name__}.edits.methods", fromlist=["x"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -684,7 +686,7 @@ def test_core_and_glue_load_under_unique_names():
 
 
 # ----------------------------------------------------------------------------------------------------
-# SPM membranes (core: erasers/spm.py, formats/spm.py, transport.py)
+# SPM membranes (core: erasers/membranes/spm.py, formats/spm.py, transport.py)
 # ----------------------------------------------------------------------------------------------------
 def save_spm(tmp_path, name="snoopy_spm", prompts="snoopy"):
     """A rank-1 membrane in the Con6924/SPM kohya layout on two SD1 attn2 layers."""

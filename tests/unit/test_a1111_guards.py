@@ -21,8 +21,10 @@ from a1111_erasers import backend as be  # noqa: E402
 from a1111_erasers import guards, plugins, runtime, settings  # noqa: E402
 from a1111_erasers.core import core_module, load_core  # noqa: E402
 
+import erasers  # noqa: E402,F401  (first, so load_core reuses it and erasers_dev.testing shares its classes)
+from erasers_dev import testing  # noqa: E402
+
 core = load_core()
-testing = core_module("testing")
 
 CTX, DIM, INNER, HEADS = 768, 32, 64, 4
 CONCEPT = "snoopy"
@@ -250,7 +252,7 @@ def test_strength_zero_configs_install_nothing(monkeypatch):
 # each guard calls its core function with the right tensors
 # ----------------------------------------------------------------------------------------------------
 def test_sld_gamma_gets_the_eps_of_cond_uncond_and_safety_and_edits_cond_rows(monkeypatch):
-    sld = core_module("sld")
+    sld = core_module("guards.sld")
     calls = []
     real = sld.sld_gamma
 
@@ -278,7 +280,7 @@ def test_sld_gamma_gets_the_eps_of_cond_uncond_and_safety_and_edits_cond_rows(mo
 
 
 def test_safree_projects_the_prompt_rows_of_text_cond(monkeypatch):
-    safree = core_module("safree")
+    safree = core_module("guards.safree")
     seen = []
     real = safree.analyse
 
@@ -305,7 +307,7 @@ def test_safree_projects_the_prompt_rows_of_text_cond(monkeypatch):
 
 
 def test_token_suppression_biases_the_concept_columns_of_positive_rows_only(monkeypatch):
-    ts = core_module("token_suppress")
+    ts = core_module("guards.token_suppress")
     calls = []
     real = ts.suppressed_attention
 
@@ -326,7 +328,7 @@ def test_token_suppression_biases_the_concept_columns_of_positive_rows_only(monk
 
 
 def test_concept_guidance_runs_nag_on_positive_rows_while_sigma_is_high(monkeypatch):
-    cg = core_module("concept_guidance")
+    cg = core_module("guards.concept_guidance")
     calls = []
     real = cg.nag
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from erasers import attention_lse as lse
+from erasers.guards import attention_lse as lse
 
 
 def _qkv(lq=33, lk=50, seed=0, scale=1.0, dtype=torch.float32):

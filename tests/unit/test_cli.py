@@ -9,14 +9,14 @@ import torch
 
 pytest.importorskip("transformers")
 
-from erasers import cli  # noqa: E402
-from erasers.checkpoint import load_checkpoint  # noqa: E402
-from erasers.eraser import compute_eraser  # noqa: E402
-from erasers.eraser_file import load_eraser, save_eraser  # noqa: E402
-from erasers.families import Family  # noqa: E402
-from erasers.testing import ToyTextEncoder, layer_shapes, layer_weights  # noqa: E402
-from erasers.tokenizer import vocab_from_bpe, write_vocab  # noqa: E402
-from erasers.uce import UCEConfig  # noqa: E402
+from erasers_diffusers import cli  # noqa: E402
+from erasers_diffusers.checkpoint import load_checkpoint  # noqa: E402
+from erasers.edits.eraser import compute_eraser  # noqa: E402
+from erasers.files.eraser_file import load_eraser, save_eraser  # noqa: E402
+from erasers.files.families import Family  # noqa: E402
+from erasers_dev.testing import ToyTextEncoder, layer_shapes, layer_weights  # noqa: E402
+from erasers_diffusers.tokenizer import vocab_from_bpe, write_vocab  # noqa: E402
+from erasers.edits.uce import UCEConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MERGES = ["#version: 0.2", "r e", "re d</w>", "s q", "sq u", "a r", "ar e</w>", "squ are</w>", "o r", "g o"]
@@ -29,7 +29,7 @@ def no_tokenizer_anywhere(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr("erasers.tokenizer.BPE_PACKAGES", ())
+    monkeypatch.setattr("erasers_diffusers.tokenizer.BPE_PACKAGES", ())
 
 
 @pytest.fixture
@@ -235,8 +235,8 @@ def test_erase_from_a_diffusers_folder_matches_the_api(tmp_path, tokenizer_dir, 
 
     from diffusers import UNet2DConditionModel
 
-    from erasers import diffusers_api
-    from erasers.clip_text import clip_tokenizer
+    from erasers_diffusers import api as diffusers_api
+    from erasers_diffusers.clip_text import clip_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),

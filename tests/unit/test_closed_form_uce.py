@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from erasers.closed_form import apply_ridge, shared_factors
+from erasers.edits.closed_form import apply_ridge, shared_factors
 from erasers.config import ConfigError
-from erasers.eraser import compute_eraser
+from erasers.edits.eraser import compute_eraser
 from erasers.errors import EmptyConceptList, FamilyMismatch, NonFiniteResult, UnsupportedFamily
-from erasers.families import Family, detect_family, layer_specs
-from erasers.testing import ToyTextEncoder, layer_shapes, layer_weights
-from erasers.uce import UCEConfig, aligned_token_rows, erase_pairs, last_token_rows
+from erasers.files.families import Family, detect_family, layer_specs
+from erasers_dev.testing import ToyTextEncoder, layer_shapes, layer_weights
+from erasers.edits.uce import UCEConfig, aligned_token_rows, erase_pairs, last_token_rows
 
 torch.set_default_dtype(torch.float32)
 

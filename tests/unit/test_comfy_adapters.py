@@ -15,10 +15,10 @@ from pack_import import pack_module  # shared test helper
 
 adapters = pack_module("nodes.adapters")
 errors = pack_module("erasers.errors")
-families = pack_module("erasers.families")
-testing = pack_module("erasers.testing")
-uce = pack_module("erasers.uce")
-eraser_mod = pack_module("erasers.eraser")
+families = pack_module("erasers.files.families")
+testing = pack_module("erasers_dev.testing")
+uce = pack_module("erasers.edits.uce")
+eraser_mod = pack_module("erasers.edits.eraser")
 config_mod = pack_module("erasers.config")
 
 Family = families.Family

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from erasers import concept_guidance as cg
+from erasers.guards import concept_guidance as cg
 from erasers.config import ConfigError
 from erasers.errors import EmptyConceptList
 

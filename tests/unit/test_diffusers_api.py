@@ -7,14 +7,14 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from erasers import diffusers_api as api  # noqa: E402
-from erasers.eraser import compute_eraser  # noqa: E402
+from erasers_diffusers import api as api  # noqa: E402
+from erasers.edits.eraser import compute_eraser  # noqa: E402
 from erasers.errors import EraserAlreadyApplied, FamilyMismatch  # noqa: E402
-from erasers.families import Family  # noqa: E402
-from erasers.keys import canonical_to_diffusers  # noqa: E402
-from erasers.testing import ToyTextEncoder, layer_weights  # noqa: E402
-from erasers.tokenizer import vocab_from_bpe, write_vocab  # noqa: E402
-from erasers.uce import UCEConfig  # noqa: E402
+from erasers.files.families import Family  # noqa: E402
+from erasers.files.keys import canonical_to_diffusers  # noqa: E402
+from erasers_dev.testing import ToyTextEncoder, layer_weights  # noqa: E402
+from erasers_diffusers.tokenizer import vocab_from_bpe, write_vocab  # noqa: E402
+from erasers.edits.uce import UCEConfig  # noqa: E402
 
 
 def tiny_unet(layers_per_block=2, context=32, dtype=torch.float32):
@@ -131,7 +131,7 @@ def test_saved_eraser_loads_back_onto_pipeline(tmp_path):
 # -- CLIP towers the way diffusers pipelines hold them ------------------------------------------------
 
 def tiny_tokenizer(tmp_path, pad_token=None):
-    from erasers.clip_text import clip_tokenizer
+    from erasers_diffusers.clip_text import clip_tokenizer
 
     merges = ["#version: 0.2", "r e", "re d</w>", "s q", "sq u", "a r", "ar e</w>", "squ are</w>"]
     folder = write_vocab(str(tmp_path / "tok"), *vocab_from_bpe(merges))

@@ -3,10 +3,10 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from erasers import diffusers_suppression as ds
-from erasers import safree
-from erasers import token_suppress as ts
-from erasers.testing import ToyTextEncoder
+from erasers_diffusers import suppression as ds
+from erasers.guards import safree
+from erasers.guards import token_suppress as ts
+from erasers_dev.testing import ToyTextEncoder
 
 
 def tiny_unet():

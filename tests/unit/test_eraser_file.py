@@ -5,14 +5,14 @@ import pickle
 import pytest
 import torch
 
-from erasers.eraser import compute_eraser
-from erasers.eraser_file import describe_file, load_eraser, save_eraser
+from erasers.edits.eraser import compute_eraser
+from erasers.files.eraser_file import describe_file, load_eraser, save_eraser
 from erasers.errors import BadEraserFile, FamilyMismatch, UnknownKeys
-from erasers.families import Family
-from erasers.keys import canonical_to_diffusers, kohya_name
+from erasers.files.families import Family
+from erasers.files.keys import canonical_to_diffusers, kohya_name
 from erasers.lowrank import LowRankDelta, compress
-from erasers.testing import ToyTextEncoder, layer_shapes, layer_weights
-from erasers.uce import UCEConfig
+from erasers_dev.testing import ToyTextEncoder, layer_shapes, layer_weights
+from erasers.edits.uce import UCEConfig
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,8 @@ def sd1_eraser():
 
 def dense_reference(concepts, variant="2023"):
     """ΔW computed densely with (★) per layer, independent of the factored path."""
-    from erasers.closed_form import apply_ridge
-    from erasers.uce import aligned_token_rows, erase_pairs, retain_prompts
+    from erasers.edits.closed_form import apply_ridge
+    from erasers.edits.uce import aligned_token_rows, erase_pairs, retain_prompts
 
     cfg = UCEConfig(concepts=concepts, concept_type="art", variant=variant)
     enc = ToyTextEncoder()
@@ -166,7 +166,7 @@ def test_rank_cap_reports_error_and_shrinks_file(tmp_path, caplog):
 def test_full_rank_deltas_are_stored_dense_under_the_stock_diff_key(tmp_path):
     from safetensors.torch import load_file
 
-    from erasers.eraser import Eraser
+    from erasers.edits.eraser import Eraser
 
     g = torch.Generator().manual_seed(0)
     key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -210,8 +210,8 @@ def test_full_rank_deltas_are_truncated_in_files_unless_exact(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from erasers.eraser import Eraser
-    from erasers.eraser_file import FILE_TOLERANCE
+    from erasers.edits.eraser import Eraser
+    from erasers.files.eraser_file import FILE_TOLERANCE
 
     key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     delta, _ = decaying(320, 768)

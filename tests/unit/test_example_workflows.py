@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from erasers.methods import METHODS
+from erasers.edits.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))

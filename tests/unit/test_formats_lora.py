@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from erasers.errors import FamilyMismatch, UnknownKeys
-from erasers.families import Family
-from erasers.formats import convert_file, detect_format, eraseanything, esd, kohya, peft, uce_weights
-from erasers.hooks import MembraneHooks
-from erasers.keys import canonical_to_diffusers_unet
+from erasers.files.families import Family
+from erasers.membranes.formats import convert_file, detect_format, eraseanything, esd, kohya, peft, uce_weights
+from erasers.membranes.hooks import MembraneHooks
+from erasers.files.keys import canonical_to_diffusers_unet
 from erasers.lowrank import LowRankDelta
-from erasers.spm import Membrane, build_stacks
-from erasers.testing import spm_model_shapes
+from erasers.membranes.spm import Membrane, build_stacks
+from erasers_dev.testing import spm_model_shapes
 
 SD1 = spm_model_shapes(Family.SD1)
 K = "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"  # down_blocks.1.attentions.0 in diffusers

@@ -3,12 +3,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from erasers.eraser_file import read_safetensors
+from erasers.files.eraser_file import read_safetensors
 from erasers.errors import FamilyMismatch, UnknownFormat, UnknownKeys
-from erasers.families import Family
-from erasers.formats import convert_file, detect_format, spm
-from erasers.keys import diffusers_to_canonical
-from erasers.testing import spm_model_shapes, spm_tensors
+from erasers.files.families import Family
+from erasers.membranes.formats import convert_file, detect_format, spm
+from erasers.files.keys import diffusers_to_canonical
+from erasers_dev.testing import spm_model_shapes, spm_tensors
 
 META = {"prompts": "snoopy,mickey", "rank": "1", "alpha": "1.0"}
 

@@ -4,11 +4,11 @@ import logging
 import pytest
 import torch
 
-from erasers import mace
+from erasers.edits import mace
 from erasers.config import ConfigError
-from erasers.eraser import compute_eraser
-from erasers.families import Family, layer_specs
-from erasers.testing import ToyTextEncoder, layer_shapes, layer_weights
+from erasers.edits.eraser import compute_eraser
+from erasers.files.families import Family, layer_specs
+from erasers_dev.testing import ToyTextEncoder, layer_shapes, layer_weights
 
 D = 16
 
@@ -89,7 +89,7 @@ def test_lambda_zero_with_rank_deficient_preservation_falls_back(caplog):
     specs = layer_specs(shapes, Family.UNET)
     cfg = mace.MACEConfig(concepts=["adam driver"], concept_type="celebrity", preserve=["a dog"], lam=0.0,
                           general_prior=False, n_templates=2)
-    with caplog.at_level(logging.WARNING, logger="erasers.mace"):
+    with caplog.at_level(logging.WARNING, logger="erasers.edits.mace"):
         deltas = mace.erase(cfg, encoder, weights, specs)
     assert "singular" in caplog.text
     assert all(dl.is_finite() for dl in deltas.values())

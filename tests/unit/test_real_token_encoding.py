@@ -2,12 +2,12 @@
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from erasers.clip_text import ClipTextEncoder, Tower, WordHashTokenizer
-from erasers.eraser import compute_eraser
-from erasers.families import Family
-from erasers.testing import layer_weights
+from erasers_diffusers.clip_text import ClipTextEncoder, Tower, WordHashTokenizer
+from erasers.edits.eraser import compute_eraser
+from erasers.files.families import Family
+from erasers_dev.testing import layer_weights
 from erasers.text import encode_batched
-from erasers.uce import UCEConfig
+from erasers.edits.uce import UCEConfig
 
 
 def tiny_clip():

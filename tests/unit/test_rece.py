@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from erasers import rece, uce
-from erasers.closed_form import apply_ridge
+from erasers.edits import rece, uce
+from erasers.edits.closed_form import apply_ridge
 from erasers.config import ConfigError
-from erasers.eraser import compute_eraser
-from erasers.families import Family, layer_specs
-from erasers.methods import get_method
-from erasers.testing import ToyTextEncoder, layer_weights, layer_shapes
+from erasers.edits.eraser import compute_eraser
+from erasers.files.families import Family, layer_specs
+from erasers.edits.methods import get_method
+from erasers_dev.testing import ToyTextEncoder, layer_weights, layer_shapes
 
 D = 16
 

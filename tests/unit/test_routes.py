@@ -1,4 +1,4 @@
-"""nodes/routes.py (path validation, presets) and erasers/file_info.py (header-only reader), no ComfyUI."""
+"""nodes/routes.py (path validation, presets) and erasers/files/file_info.py (header-only reader), no ComfyUI."""
 import hashlib
 import json
 import os
@@ -13,7 +13,7 @@ from pack_import import pack_module  # shared test helper
 
 
 routes = pack_module("nodes.routes")
-file_info = pack_module("erasers.file_info")
+file_info = pack_module("erasers.files.file_info")
 errors = pack_module("erasers.errors")
 
 
@@ -114,11 +114,11 @@ def test_unregistered_folder_is_not_found(model_dirs):
 
 @pytest.fixture(scope="module")
 def eraser_path(tmp_path_factory):
-    compute_eraser = pack_module("erasers.eraser").compute_eraser
-    save_eraser = pack_module("erasers.eraser_file").save_eraser
-    testing = pack_module("erasers.testing")
-    Family = pack_module("erasers.families").Family
-    UCEConfig = pack_module("erasers.uce").UCEConfig
+    compute_eraser = pack_module("erasers.edits.eraser").compute_eraser
+    save_eraser = pack_module("erasers.files.eraser_file").save_eraser
+    testing = pack_module("erasers_dev.testing")
+    Family = pack_module("erasers.files.families").Family
+    UCEConfig = pack_module("erasers.edits.uce").UCEConfig
     eraser = compute_eraser(UCEConfig(concepts=["Van Gogh", "Monet"], concept_type="art", variant="2023"),
                             testing.ToyTextEncoder(), testing.layer_weights(Family.SD1))
     return save_eraser(eraser, str(tmp_path_factory.mktemp("erasers") / "vg.safetensors")), eraser
@@ -127,7 +127,7 @@ def eraser_path(tmp_path_factory):
 def test_eraser_header_matches_describe_file(eraser_path):
     path, eraser = eraser_path
     info = file_info.describe_header(path)
-    full = pack_module("erasers.eraser_file").describe_file(path)
+    full = pack_module("erasers.files.eraser_file").describe_file(path)
     assert info["kind"] == "eraser"
     for key in ("method", "family", "concepts", "layers", "size_bytes", "pack_version", "base_fingerprint"):
         assert info[key] == full[key], key
@@ -219,7 +219,7 @@ def test_presets_from_text_and_json_files(tmp_path, caplog):
 
 def test_the_repositorys_presets_load():
     presets = routes.load_presets()
-    assert presets, "presets/*.json or erasers/data/presets/*.txt should ship at least one preset"
+    assert presets, "erasers/data/presets/ should ship at least one .txt and one .json preset"
     names = [p["name"] for p in presets]
     assert len(names) == len(set(names))
     assert all(p["concepts"] for p in presets)

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from erasers import safree
+from erasers.guards import safree
 from erasers.config import ConfigError
-from erasers.testing import ToyTextEncoder
+from erasers_dev.testing import ToyTextEncoder
 
 
 def config(**kw):

@@ -6,8 +6,8 @@ and ≥ 85 % on related ones (the other shapes). A few minutes on 2 CPU cores.
 """
 import pytest
 
-from erasers.shapes.classifier import DEFAULT_CLASSIFIER
-from erasers.shapes.model import DEFAULT_T2I
+from erasers_dev.shapes.classifier import DEFAULT_CLASSIFIER
+from erasers_dev.shapes.model import DEFAULT_T2I
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_T2I.is_file() and DEFAULT_CLASSIFIER.is_file()),
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    from erasers.bench import shapes
+    from erasers_dev.bench import shapes
 
     out = tmp_path_factory.mktemp("bench_shapes")
     args = shapes.parse_args(["--quick", "--quiet", "--out", str(out)])

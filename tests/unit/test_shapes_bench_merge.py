@@ -3,7 +3,7 @@ import copy
 
 import pytest
 
-from erasers.bench import shapes
+from erasers_dev.bench import shapes
 
 
 def _run(methods, total=60.0, exact=0.9):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from erasers.bench import shapes_eval as ev
-from erasers.shapes import world
+from erasers_dev.bench import shapes_eval as ev
+from erasers_dev.shapes import world
 
 
 @pytest.fixture(scope="module")

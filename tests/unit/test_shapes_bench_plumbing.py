@@ -4,9 +4,9 @@ weights come back bit for bit, the attacks return contexts of the right shape, t
 import pytest
 import torch
 
-from erasers.bench import shapes
-from erasers.shapes import model as shapes_model
-from erasers.shapes.classifier import ShapesClassifier
+from erasers_dev.bench import shapes
+from erasers_dev.shapes import model as shapes_model
+from erasers_dev.shapes.classifier import ShapesClassifier
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_bench_runs_every_eraser_or_says_why(tiny, tmp_path):
 
 
 def test_closed_form_attack_is_identity_without_an_edit(tiny):
-    from erasers.bench.shapes_attacks import closed_form_context, snapshot_projections
+    from erasers_dev.bench.shapes_attacks import closed_form_context, snapshot_projections
 
     pipe, _ = tiny
     originals = snapshot_projections(pipe)
@@ -62,7 +62,7 @@ def test_closed_form_attack_is_identity_without_an_edit(tiny):
 
 def test_suppression_sampler_matches_the_pipeline_when_inert(tiny):
     """Token suppression of a word absent from every prompt changes nothing: same noise, same images."""
-    from erasers.bench.shapes_suppression import ShapesSuppression
+    from erasers_dev.bench.shapes_suppression import ShapesSuppression
 
     pipe, _ = tiny
     prompts = ["a red square", "a blue cross"]

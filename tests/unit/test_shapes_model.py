@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from erasers.shapes import model as shapes_model
-from erasers.shapes.text_encoder import ShapesTextEncoder, TextEncoderConfig
-from erasers.shapes.tokenizer import ShapesTokenizer
+from erasers_dev.shapes import model as shapes_model
+from erasers_dev.shapes.text_encoder import ShapesTextEncoder, TextEncoderConfig
+from erasers_dev.shapes.tokenizer import ShapesTokenizer
 from erasers.text import PromptEncoding, TextEncoder, check_fits
 
 
@@ -101,8 +101,8 @@ shipped = pytest.mark.skipif(not shapes_model.DEFAULT_T2I.is_file(), reason="shi
 @shipped
 def test_shipped_weights_reproduce_the_reported_base_fidelity():
     """A small fixed-seed evaluation lands near the figure recorded in the weight file at training time."""
-    from erasers.shapes.classifier import load_classifier
-    from erasers.shapes.evaluate import evaluate
+    from erasers_dev.shapes.classifier import load_classifier
+    from erasers_dev.shapes.evaluate import evaluate
 
     pipe = shapes_model.load_default()
     reported = pipe.extra["fidelity"]
@@ -119,7 +119,7 @@ def test_shipped_weights_reproduce_the_reported_base_fidelity():
 def test_shipped_files_are_small_and_self_describing():
     from safetensors import safe_open
 
-    from erasers.shapes.classifier import DEFAULT_CLASSIFIER
+    from erasers_dev.shapes.classifier import DEFAULT_CLASSIFIER
 
     total = shapes_model.DEFAULT_T2I.stat().st_size + DEFAULT_CLASSIFIER.stat().st_size
     assert total <= 20e6

@@ -1,14 +1,14 @@
-"""The SPM / ESD-x trainer (erasers/spm_train.py) on a tiny random shapes model: fresh adapters are the
+"""The SPM / ESD-x trainer (erasers_dev/spm_train.py) on a tiny random shapes model: fresh adapters are the
 identity, training moves only the adapters, removing them restores the UNet bit for bit, and the saved file
 is read back by the pack's format detection (SPM layout for membranes, kohya for LoRAs) with every layer
 matched and the same ΔW."""
 import pytest
 import torch
 
-from erasers import spm_train as T
+from erasers_dev import spm_train as T
 from erasers.config import ConfigError
-from erasers.diffusers_apply import load_for_unet
-from erasers.shapes import model as shapes_model
+from erasers_diffusers.apply import load_for_unet
+from erasers_dev.shapes import model as shapes_model
 
 
 @pytest.fixture()
@@ -69,7 +69,7 @@ def test_train_save_and_read_back(tiny, tmp_path, kind, layers_per_transformer, 
     assert report.format == fmt and not report.unmatched and len(deltas) == len(adapters.adapters)
     if fmt == "spm":
         assert report.concepts == ["circle"]
-    from erasers.diffusers_apply import DiffusersMembranes, membrane_from_file
+    from erasers_diffusers.apply import DiffusersMembranes, membrane_from_file
 
     membrane, _ = membrane_from_file(pipe.unet, path, transport=False, kind="lora")
     with DiffusersMembranes(pipe, loras=[membrane]):

@@ -4,8 +4,8 @@ import itertools
 import pytest
 import torch
 
-from erasers.shapes import world
-from erasers.shapes.tokenizer import ShapesTokenizer
+from erasers_dev.shapes import world
+from erasers_dev.shapes.tokenizer import ShapesTokenizer
 
 
 def test_sample_batch_is_deterministic_given_the_generator():

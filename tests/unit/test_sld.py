@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from erasers import sld
+from erasers.guards import sld
 from erasers.config import ConfigError
 
 from pack_import import pack_module as load
@@ -24,7 +24,7 @@ def test_presets_and_default_concept():
 
 
 def paper_sld(eps_u, eps_p, eps_s, s_g, preset, steps, delta=None):
-    """The paper's formula, written out independently of erasers.sld (diffusers semantics, §2.1)."""
+    """The paper's formula, written out independently of erasers.guards.sld (diffusers semantics, §2.1)."""
     preset_delta, s_s, lam, s_m, beta_m = sld.PRESETS[preset]
     delta = preset_delta if delta is None else delta
     nu = torch.zeros_like(eps_u[0])

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from erasers import speed
+from erasers.edits import speed
 from erasers.config import ConfigError
-from erasers.eraser import compute_eraser
-from erasers.families import Family
-from erasers.testing import ToyTextEncoder, layer_weights
+from erasers.edits.eraser import compute_eraser
+from erasers.files.families import Family
+from erasers_dev.testing import ToyTextEncoder, layer_weights
 
 
 def rand(*shape, seed=0):

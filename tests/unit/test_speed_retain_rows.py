@@ -2,7 +2,7 @@
 every row after the SOT — as the reference reads its default retain prompt ''."""
 import torch
 
-from erasers.speed import retain_rows
+from erasers.edits.speed import retain_rows
 from erasers.text import PromptEncoding
 
 

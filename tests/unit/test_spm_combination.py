@@ -3,12 +3,21 @@ import pytest
 import torch
 
 from erasers.errors import EraserError
-from erasers.hooks import MembraneHooks
+from erasers.membranes.hooks import MembraneHooks
 from erasers.lowrank import LowRankDelta
-from erasers.spm import (GATE_FT, CombinationError, Gate, Membrane, RateCache, build_stacks, delta_linear,
-                         delta_official, membrane_forward)
-from erasers.testing import ToyTextEncoder
-from erasers.transport import permeability
+from erasers.membranes.spm import (
+    GATE_FT,
+    CombinationError,
+    Gate,
+    Membrane,
+    RateCache,
+    build_stacks,
+    delta_linear,
+    delta_official,
+    membrane_forward,
+)
+from erasers_dev.testing import ToyTextEncoder
+from erasers.membranes.transport import permeability
 
 KEY = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 OUT, IN = 6, 5

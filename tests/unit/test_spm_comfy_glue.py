@@ -3,11 +3,16 @@ import copy
 
 import torch
 
-from erasers.lowrank import LowRankDelta
-from erasers.spm import GATE_FT, Gate, Membrane
-from erasers.testing import ToyTextEncoder
-from erasers.transport import permeability
-from nodes.spm_runtime import MEMBRANES_KEY, MembraneSet, diffusion_model_wrapper, prompt_texts
+from erasers_dev.testing import ToyTextEncoder
+from pack_import import pack_module  # nodes/ import the core as ``<pack>.erasers``: one class identity
+
+LowRankDelta = pack_module("erasers.lowrank").LowRankDelta
+_spm = pack_module("erasers.membranes.spm")
+GATE_FT, Gate, Membrane = _spm.GATE_FT, _spm.Gate, _spm.Membrane
+permeability = pack_module("erasers.membranes.transport").permeability
+_runtime = pack_module("nodes.spm_runtime")
+MEMBRANES_KEY, MembraneSet = _runtime.MEMBRANES_KEY, _runtime.MembraneSet
+diffusion_model_wrapper, prompt_texts = _runtime.diffusion_model_wrapper, _runtime.prompt_texts
 
 IN, OUT = 8, 4
 

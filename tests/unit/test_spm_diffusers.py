@@ -9,10 +9,10 @@ from safetensors.torch import save_file
 
 diffusers = pytest.importorskip("diffusers")
 
-from erasers.diffusers_apply import DiffusersMembranes, membrane_from_file, unet_canonical_names  # noqa: E402
-from erasers.spm import GATE_FT, Gate  # noqa: E402
-from erasers.testing import ToyTextEncoder  # noqa: E402
-from erasers.transport import permeability  # noqa: E402
+from erasers_diffusers.apply import DiffusersMembranes, membrane_from_file, unet_canonical_names  # noqa: E402
+from erasers.membranes.spm import GATE_FT, Gate  # noqa: E402
+from erasers_dev.testing import ToyTextEncoder  # noqa: E402
+from erasers.membranes.transport import permeability  # noqa: E402
 
 TARGET = re.compile(r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|out\.0)|"
                     r"ff\.net\.0\.proj|ff\.net\.2))$")

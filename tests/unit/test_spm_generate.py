@@ -6,8 +6,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from erasers import tokenizer as tk  # noqa: E402
-from erasers.cli import main  # noqa: E402
+from erasers_diffusers import tokenizer as tk  # noqa: E402
+from erasers_diffusers.cli import main  # noqa: E402
 from test_spm_diffusers import write_membrane  # noqa: E402
 
 WORDS = ("a", "photo", "of", "snoopy", "bowl", "soup")

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-from erasers.diffusers_apply import DiffusersMembranes, load_for_unet, membrane_from_file  # noqa: E402
+from erasers_diffusers.apply import DiffusersMembranes, load_for_unet, membrane_from_file  # noqa: E402
 from test_spm_diffusers import tiny_unet  # noqa: E402
 
 LAYERS = {  # kohya stem → HF module path of the tiny CLIP text model

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from erasers.errors import EmptyConceptList, EraserError
-from erasers.spm import GATE_FT, Gate, Membrane, RateCache
-from erasers.testing import ToyTextEncoder
+from erasers.membranes.spm import GATE_FT, Gate, Membrane, RateCache
+from erasers_dev.testing import ToyTextEncoder
 from erasers.text import PromptEncoding
-from erasers.transport import concept_scores, permeability, special_token_ids, token_overlap
+from erasers.membranes.transport import concept_scores, permeability, special_token_ids, token_overlap
 
 BOS, EOS = 1, 2
 T, D = 4, 3

@@ -1,7 +1,7 @@
 """Host adapters driven with fake transformer_options (no ComfyUI): DiT dispatch, wrappers, helpers."""
 import torch
 
-from erasers import token_suppress as ts
+from erasers.guards import token_suppress as ts
 
 from pack_import import pack_module as load
 
@@ -74,7 +74,7 @@ def test_dit_token_bias_only_touches_image_rows_of_the_positive_branch():
 
 
 def test_safree_wrapper_swaps_only_the_matching_positive_prompt():
-    from erasers.safree import SafreeResult
+    from erasers.guards.safree import SafreeResult
 
     prompt = torch.randn(6, 4)
     projected = prompt.clone()

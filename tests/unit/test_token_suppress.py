@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from erasers import token_suppress as ts
+from erasers.guards import token_suppress as ts
 from erasers.config import ConfigError
 
 from pack_import import pack_module as load

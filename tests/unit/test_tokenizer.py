@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from erasers import tokenizer as tk
+from erasers_diffusers import tokenizer as tk
 from erasers.errors import MissingTokenizer
 
 MERGES = ["r e", "re d</w>", "s q", "sq u", "a r", "ar e</w>", "squ are</w>"]

@@ -1,0 +1,168 @@
+"""An eraser: low-rank weight deltas for a model's text projections plus how they were made.
+
+``compute_eraser`` is the host-agnostic entry point every adapter calls: weights in (canonical keys),
+config + text encoder in, ``Eraser`` out. It never modifies the weights it is given.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import torch
+
+from .. import __version__
+from ..errors import FamilyMismatch, NonFiniteResult, UnknownKeys
+from ..files.families import Family, detect_family, layer_specs, parse_family
+from ..lowrank import LowRankDelta, compress
+from .methods import check_family, get_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Eraser:
+    deltas: dict  # canonical key → LowRankDelta
+    family: Family
+    config: dict  # the method config's to_dict()
+    base_fingerprint: str = ""
+    reconstruction_error: float = 0.0
+    pack_version: str = __version__
+    timings: dict = field(default_factory=dict)
+    #: where it was loaded from (None when computed in this process)
+    source: Optional[str] = None
+
+    @property
+    def method(self) -> str:
+        return self.config.get("method", "?")
+
+    @property
+    def concepts(self) -> list:
+        return list(self.config.get("concepts", []))
+
+    def keys(self) -> list:
+        return sorted(self.deltas)
+
+    def dense(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.deltas[key].dense(dtype)
+
+    def check_model(self, shapes: Mapping[str, tuple], family: Optional[Family] = None,
+                    fingerprint: Optional[str] = None) -> None:
+        """Refuse a model of another family or without our layers; warn when the base differs."""
+        family = family or detect_family(shapes)
+        where = f" ({self.source})" if self.source else ""
+        if family != self.family:
+            raise FamilyMismatch(
+                f"This eraser{where} was made for {self.family.label} but the model is {family.label}. "
+                f"Load it on a {self.family.label} model, or compute a new eraser for this one."
+            )
+        missing = [k for k in self.deltas if k not in shapes]
+        if missing:
+            raise UnknownKeys(
+                f"The eraser{where} edits {len(missing)} layer(s) the model does not have: "
+                f"{missing[:8]}{' …' if len(missing) > 8 else ''}. Expected layers of a {family.label} "
+                f"model; the file may be for a different architecture variant."
+            )
+        bad = [k for k, d in self.deltas.items() if tuple(shapes[k][:2]) != d.shape]
+        if bad:
+            raise FamilyMismatch(
+                f"The eraser{where} has deltas of the wrong shape for {bad[:4]}: expected "
+                f"{[tuple(shapes[k][:2]) for k in bad[:4]]}, found {[self.deltas[k].shape for k in bad[:4]]}."
+            )
+        if fingerprint and self.base_fingerprint and fingerprint != self.base_fingerprint:
+            log.warning("Eraser%s was computed on a different base model (fingerprint %s, this model %s); "
+                        "it still applies, but its edit was solved for other weights.",
+                        where, self.base_fingerprint[:12], fingerprint[:12])
+
+
+class TimedEncoder:
+    """Proxy that times text encoding, so benchmarks can split encoding from solving."""
+
+    def __init__(self, encoder):
+        self._encoder = encoder
+        self.seconds = 0.0
+
+    def __getattr__(self, name):
+        return getattr(self._encoder, name)
+
+    def _timed(self, fn, prompts):
+        start = time.perf_counter()
+        try:
+            return fn(prompts)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def encode(self, prompts):
+        return self._timed(self._encoder.encode, prompts)
+
+    def __dir__(self):
+        return dir(self._encoder)
+
+    @property
+    def encode_real_tokens(self):
+        inner = getattr(self._encoder, "encode_real_tokens", None)
+        return None if inner is None else (lambda prompts: self._timed(inner, prompts))
+
+
+def fingerprint(weights: Mapping[str, torch.Tensor], keys=None) -> str:
+    """Stable hash of the base layers an eraser was solved for (same for fp16 and fp32 loads)."""
+    digest = hashlib.sha256()
+    for key in sorted(keys if keys is not None else weights):
+        w = weights[key]
+        flat = w.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256].to(torch.float16).cpu()
+        digest.update(key.encode())
+        digest.update(str(tuple(w.shape)).encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def compute_eraser(config, encoder, weights: Mapping[str, torch.Tensor], family=None,
+                   progress=None) -> Eraser:
+    """Solve ``config``'s closed form on ``weights`` (canonical key → tensor, any dtype/device).
+
+    ``weights`` may hold the whole model or only its text projections; nothing is written to them.
+    """
+    method = get_method(config.method)
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    family = parse_family(family) if isinstance(family, str) else (family or detect_family(shapes))
+    check_family(method, family)
+    specs = [s for s in layer_specs(shapes, family) if s.kind in method.kinds]
+    if not specs:
+        raise UnknownKeys(f"Found no text projection to edit in this {family.label} model.")
+    expected = {s.in_features for s in specs if s.kind in ("k", "v", "text_in")}
+    context_dim = getattr(encoder, "context_dim", None)
+    if context_dim is not None and expected and context_dim not in expected:
+        raise FamilyMismatch(
+            f"The model is {family.label} and its text projections read {sorted(expected)}-wide embeddings, "
+            f"but the text encoder ({getattr(encoder, 'family', '?')}) produces {context_dim}-wide ones. "
+            f"Connect the text encoder that was loaded with this model."
+        )
+    base = {s.key: weights[s.key].detach().to("cpu", torch.float32) for s in specs}
+    timed = TimedEncoder(encoder)
+    started = time.perf_counter()
+    deltas = method.erase(config, timed, base, specs, progress=progress)
+    solved = time.perf_counter()
+    worst = 0.0
+    out = {}
+    for key, delta in deltas.items():
+        delta = delta.to(torch.float32)  # storage precision; the solves ran in float64
+        if not delta.is_finite():
+            raise NonFiniteResult(
+                f"{method.title} produced NaN/Inf for layer {key}. The system is ill-conditioned for these "
+                f"concepts: raise λ (lam) or lower the erase scale, and check the text encoder output is finite."
+            )
+        if config.rank_cap is not None and delta.rank > config.rank_cap:
+            delta, err = compress(delta, rank_cap=config.rank_cap)
+            worst = max(worst, err)
+        out[key] = delta
+    if config.rank_cap is not None:
+        log.warning("Rank cap %d: worst relative reconstruction error of a layer's delta %.3g",
+                    config.rank_cap, worst)
+    # fingerprint the layers it edits: what ``check_model`` compares when the eraser is applied
+    eraser = Eraser(out, family, config.to_dict(), fingerprint(base, keys=sorted(out)), worst)
+    eraser.timings = {"encode_s": timed.seconds, "solve_s": solved - started - timed.seconds,
+                      "compress_s": time.perf_counter() - solved}
+    return eraser

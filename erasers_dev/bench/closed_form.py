@@ -1,0 +1,199 @@
+"""``python -m erasers bench closed-form [--quick]``: cost of every closed-form method on SD1.5 shapes.
+
+SD1.5-shaped text projections (``erasers_dev.testing.layer_weights(Family.SD1)``: 16 cross-attention layers ×
+to_k/to_v) and an SD1.5-shaped CLIP text encoder (ViT-L/14 text tower: 12 layers, width 768, 77
+positions) with random weights; 1 / 10 / 100 artist names. For each method in ``erasers.edits.methods.METHODS``:
+text-encoding time, solve time, total, peak resident-memory growth and eraser file size. Prints a
+markdown table; nothing is downloaded. Speed is reported, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import erasers
+import platform
+import tempfile
+import threading
+import time
+from typing import Optional
+
+import torch
+
+TARGETS = ("solve for 100 concepts ≤ 1 s for UCE and SPEED, ≤ 3 s for RECE; whole edit incl. text encoding "
+           "≤ 5 s for UCE/SPEED; 10-concept SD1.5 eraser file ≤ 5 MB")
+SOLVE_TARGET = {"uce": 1.0, "speed": 1.0, "rece": 3.0}
+TOTAL_TARGET = {"uce": 5.0, "speed": 5.0}
+FILE_TARGET_MB = 5.0
+
+
+def artist_names(n: int) -> list:
+    """The first ``n`` names of erasers/data/artists_sd.txt (the role after a comma dropped)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(erasers.__file__)), "data", "artists_sd.txt")
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    names = []
+    for line in lines:
+        name = line.split(",")[0].strip()
+        if name and name not in names:
+            names.append(name)
+        if len(names) == n:
+            break
+    return names
+
+
+def sd15_text_encoder(seed: int = 0):
+    """(encoder, note): random-weight SD1.5 CLIP text tower with the real tokenizer if one is on disk."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erasers_diffusers.clip_text import ClipTextEncoder, Tower, WordHashTokenizer, clip_tokenizer
+    from erasers.errors import MissingTokenizer
+    from erasers_diffusers.tokenizer import find_tokenizer_dir
+
+    try:
+        folder = find_tokenizer_dir()
+        tokenizer, note = clip_tokenizer(folder), f"CLIP BPE tokenizer from {folder}"
+    except MissingTokenizer:
+        tokenizer = WordHashTokenizer()
+        note = ("no CLIP tokenizer on this machine: a deterministic word-hash tokenizer stands in (one token "
+                "per word, so prompts are a little shorter than with CLIP's BPE)")
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    with torch.device("meta"):  # transformers' own initialisation of 123M weights takes ~20 s on 2 cores
+        model = CLIPTextModel(config)
+    model = model.to_empty(device="cpu").eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" in name:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:  # like CLIP's init scale: small normal weights
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+        for name, _ in list(model.named_buffers()):  # to_empty left the position ids uninitialised
+            owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            owner.register_buffer(name.rsplit(".", 1)[-1], torch.arange(77).expand(1, -1), persistent=False)
+    return ClipTextEncoder("sd1", [Tower(tokenizer, model, "last")]), note
+
+
+class PeakRSS:
+    """Peak resident-set growth over a block, sampled every 2 ms from /proc (torch allocations included,
+    which tracemalloc cannot see). Falls back to ru_maxrss growth where /proc is missing."""
+
+    def __init__(self):
+        self.peak = self.base = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as handle:
+                return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _watch(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self):
+        self.base = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.base) / 1e6
+
+
+def run_one(method, count: int, encoder, weights, out_dir: str) -> dict:
+    from erasers.edits.eraser import compute_eraser
+    from erasers.files.eraser_file import save_eraser
+    from erasers.files.families import Family
+
+    config = method.config_class(concepts=artist_names(count), concept_type="art")
+    with PeakRSS() as memory:
+        started = time.perf_counter()
+        eraser = compute_eraser(config, encoder, weights, Family.SD1)
+        total = time.perf_counter() - started
+    path = save_eraser(eraser, os.path.join(out_dir, f"{method.name}-{count}.safetensors"))
+    return {"encode": eraser.timings.get("encode_s", 0.0), "solve": eraser.timings.get("solve_s", 0.0)
+            + eraser.timings.get("compress_s", 0.0), "total": total, "peak_mb": memory.growth_mb,
+            "file_mb": os.path.getsize(path) / 1e6, "rank": max(d.rank for d in eraser.deltas.values())}
+
+
+def verdict(name: str, count: int, row: dict) -> str:
+    notes = []
+    if count == 100 and name in SOLVE_TARGET:
+        notes.append(f"solve {'✓' if row['solve'] <= SOLVE_TARGET[name] else '✗'} ≤{SOLVE_TARGET[name]:g}s")
+    if count == 100 and name in TOTAL_TARGET:
+        notes.append(f"total {'✓' if row['total'] <= TOTAL_TARGET[name] else '✗'} ≤{TOTAL_TARGET[name]:g}s")
+    if count == 10:
+        notes.append(f"file {'✓' if row['file_mb'] <= FILE_TARGET_MB else '✗'} ≤{FILE_TARGET_MB:g}MB")
+    return ", ".join(notes)
+
+
+def main(argv: Optional[list] = None) -> int:
+    from erasers.files.families import Family
+    from erasers.edits.methods import METHODS
+    from ..testing import layer_weights
+
+    parser = argparse.ArgumentParser(prog="python -m erasers bench closed-form", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--quick", action="store_true",
+                        help="1 and 10 concepts, UCE only (well under a minute; nothing downloaded)")
+    parser.add_argument("--counts", default=None, help="comma-separated concept counts (default 1,10,100)")
+    parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
+    args = parser.parse_args(argv)
+
+    counts = [int(c) for c in (args.counts or ("1,10" if args.quick else "1,10,100")).split(",")]
+    names = [m.strip() for m in (args.methods or ("uce" if args.quick else ",".join(METHODS))).split(",")]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    built = time.perf_counter()
+    encoder, note = sd15_text_encoder()
+    weights = layer_weights(Family.SD1, seed=0)
+    encoder.encode(["warm up"])  # first-call overheads (thread pools, kernels) stay out of the table
+    built = time.perf_counter() - built
+
+    print("| method | concepts | text encoding s | solve s | total s | peak RSS growth MB | file MB | max rank | targets |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    with tempfile.TemporaryDirectory() as out_dir:
+        for name in names:
+            for count in counts:
+                try:
+                    row = run_one(METHODS[name], count, encoder, weights, out_dir)
+                except Exception as exc:  # a method failing must not hide the others' rows
+                    print(f"| {name} | {count} | – | – | – | – | – | – | failed: {type(exc).__name__}: "
+                          f"{str(exc)[:80]} |", flush=True)
+                    continue
+                print(f"| {name} | {count} | {row['encode']:.2f} | {row['solve']:.3f} | {row['total']:.2f} | "
+                      f"{row['peak_mb']:.0f} | {row['file_mb']:.2f} | {row['rank']} | {verdict(name, count, row)} |",
+                      flush=True)
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print()
+    print(f"SD1.5 shapes, random weights: 32 projections (16 attn2 × to_k/to_v), CLIP ViT-L/14 text tower "
+          f"(12 layers, 768, 77 positions); artist names from erasers/data/artists_sd.txt; concept type 'art'.")
+    print(f"Tokenizer: {note}.")
+    print(f"Targets: {TARGETS}.")
+    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__} with {torch.get_num_threads()} threads; load average "
+          f"{load_before[0]:.1f} before / {load_after[0]:.1f} after" if load_before else "")
+    print(f"Set-up (encoder + weights, not in the table): {built:.1f} s. Text encoding is one batched pass "
+          f"per prompt list (identical prompts encoded once); solve = closed form + low-rank compression.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""The sampling-time methods on a diffusers ``UNet2DConditionModel`` (removable attention processors).
+
+The same core math as the ComfyUI nodes:
+* ``SuppressionProcessors(unet).install()`` swaps the processor of every cross-attention layer ("attn2")
+  for one that applies token suppression (logit bias) and concept guidance (NAG, positive rows only)
+  according to ``controller.state``; ``remove()`` puts the original processors back. With no state the
+  original processor runs (bit-identical output).
+* ``DiffusersTextEncoder`` adapts a CLIP tokenizer + text encoder to what SAFREE needs (encode ids), and
+  ``safree_embeds`` returns the projected prompt embeddings.
+* ``sld_noise`` does one SLD step from a 3-branch UNet call.
+
+Imports diffusers only inside functions, so ``erasers`` stays importable without it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from erasers.guards import concept_guidance as cg
+from erasers.guards import safree, sld
+from erasers.guards import token_suppress as ts
+from erasers.text import PromptEncoding
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SuppressionState:
+    """What the processors do on the next UNet call.
+
+    token_bias: (B, T) additive logit bias per batch row (0 = untouched; build with ``ts.logit_bias``).
+    nag_context: (1, Tn, D) concept embeddings for the negative branch; nag_rows: positive batch rows.
+    """
+
+    token_bias: Optional[torch.Tensor] = None
+    nag_context: Optional[torch.Tensor] = None
+    nag_rows: Optional[torch.Tensor] = None
+    phi: float = 5.0
+    tau: float = 2.5
+    alpha: float = 0.25
+    calls: dict = field(default_factory=lambda: {"bias": 0, "nag": 0})
+
+    @property
+    def active(self) -> bool:
+        return self.token_bias is not None or self.nag_context is not None
+
+
+class SuppressionAttnProcessor:
+    """Cross-attention processor: standard attention + the active suppression ops; delegates to the
+    layer's original processor when nothing is active."""
+
+    def __init__(self, controller: "SuppressionProcessors", original):
+        self.controller, self.original = controller, original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        state = self.controller.state
+        if state is None or not state.active or encoder_hidden_states is None or attention_mask is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if state.token_bias is not None:
+            state.calls["bias"] += 1
+            if state.nag_context is None:
+                # token suppression alone is an additive (B, 1, T) attention mask: the layer's own processor
+                # (and its optimized kernel) does all the work
+                mask = state.token_bias.to(hidden_states.device, hidden_states.dtype)[:, None, :]
+                return self.original(attn, hidden_states, encoder_hidden_states, mask, temb, **kwargs)
+        q = attn.to_q(hidden_states)
+        k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        heads = attn.heads
+        if state.token_bias is not None:
+            out = ts.suppressed_attention(q, k, v, heads, state.token_bias.to(q.device))
+        else:
+            out = ts.attention(q, k, v, heads)
+        if state.nag_context is not None:
+            state.calls["nag"] += 1
+            rows = state.nag_rows.to(q.device)
+            neg = state.nag_context.to(q.device, q.dtype).expand(len(rows), -1, -1)
+            z_neg = ts.attention(q[rows], attn.to_k(neg), attn.to_v(neg), heads)
+            out = out.clone()
+            out[rows] = cg.nag(out[rows], z_neg, state.phi, state.tau, state.alpha)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+class SuppressionProcessors:
+    """Install/remove the suppression processors on every cross-attention layer of a diffusers UNet."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.state: Optional[SuppressionState] = None
+        self._originals: Optional[dict] = None
+
+    def cross_attention_names(self) -> list:
+        return [name for name in self.unet.attn_processors if ".attn2." in name]
+
+    def install(self) -> "SuppressionProcessors":
+        if self._originals is not None:
+            return self
+        self._originals = dict(self.unet.attn_processors)
+        procs = {name: (SuppressionAttnProcessor(self, p) if ".attn2." in name else p)
+                 for name, p in self._originals.items()}
+        self.unet.set_attn_processor(procs)
+        return self
+
+    def remove(self) -> None:
+        if self._originals is not None:
+            self.unet.set_attn_processor(self._originals)
+            self._originals = None
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+# -- SAFREE on a diffusers CLIP ------------------------------------------------------------------------
+
+
+class DiffusersTextEncoder:
+    """CLIP tokenizer + text model → ``PromptEncoding`` (last hidden state, EOS-position pooled)."""
+
+    def __init__(self, tokenizer, text_encoder, family: str = "sd1"):
+        self.tokenizer, self.text_encoder, self.family = tokenizer, text_encoder, family
+        self.context_length = tokenizer.model_max_length
+
+    def tokenize(self, prompt: str) -> list:
+        return self.tokenizer(prompt, truncation=True, max_length=self.context_length)["input_ids"]
+
+    def encode(self, prompts: Sequence[str]) -> PromptEncoding:
+        return self.encode_ids([self.tokenize(p) for p in prompts])
+
+    @torch.no_grad()
+    def encode_ids(self, ids: Sequence[Sequence[int]]) -> PromptEncoding:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else ids[0][-1]
+        batch = torch.full((len(ids), self.context_length), pad, dtype=torch.long)
+        for i, row in enumerate(ids):
+            batch[i, : len(row)] = torch.tensor(row)
+        device = next(self.text_encoder.parameters()).device
+        hidden = self.text_encoder(batch.to(device))[0].float().cpu()
+        lengths = torch.tensor([len(r) for r in ids])
+        return PromptEncoding(hidden=hidden, lengths=lengths, token_ids=[list(r) for r in ids],
+                              pooled=hidden[torch.arange(len(ids)), lengths - 1])
+
+
+def safree_embeds(encoder, prompt: str, config: safree.SAFREEConfig) -> safree.SafreeResult:
+    """SAFREE for one prompt: the masked-prompt test, projection and t′ (the one-off prompt analysis)."""
+    ids = encoder.tokenize(prompt)
+    positions, copies = safree.masked_copies(ids, has_bos=True, mask_id=safree.CLIP_MASK_ID)
+    p = encoder.encode_ids([ids])
+    m = encoder.encode_ids(copies) if copies else None
+    c = encoder.encode(config.concepts)
+    masked_hidden = m.hidden if m is not None else p.hidden[:0]
+    masked_lengths = m.lengths if m is not None else p.lengths[:0]
+    return safree.analyse(config, p.hidden[0], int(p.lengths[0]), positions, masked_hidden, masked_lengths,
+                          c.hidden, c.lengths, segments=safree.SEGMENTS.get(encoder.family))
+
+
+# -- SLD -----------------------------------------------------------------------------------------------
+
+
+def sld_noise(unet, latents, t, uncond, cond, safety, cfg_scale: float, state: sld.SLDState,
+              config: sld.SLDConfig, warmup: int) -> torch.Tensor:
+    """ε̃ for one step from one batched UNet call on [uncond, cond, safety] (ε-prediction UNet)."""
+    x = torch.cat([latents] * 3)
+    ctx = torch.cat([uncond, cond, safety])
+    eps_u, eps_p, eps_s = unet(x, t, encoder_hidden_states=ctx).sample.chunk(3)
+    return sld.sld_combine(eps_u, eps_p, eps_s, cfg_scale, state, config, warmup)
