@@ -3,6 +3,7 @@
 Nodes are registered only when ComfyUI is importable, so the package (and its tests) import without any
 host. The host-agnostic core lives in ``erasers/``; ``nodes/`` holds the thin ComfyUI adapters.
 """
+
 import importlib.util
 import logging
 

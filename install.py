@@ -4,6 +4,7 @@ ComfyUI-Manager also runs ``install.py`` after ``requirements.txt``; its maintai
 call pip from it, and the Manager has already installed requirements.txt. So this file installs only
 when it runs inside A1111/Forge (its ``launch`` module is importable) and a dependency is missing.
 """
+
 import importlib.util
 import os
 import re

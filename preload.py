@@ -2,7 +2,12 @@
 
 
 def preload(parser):
-    parser.add_argument("--erasers-dir", type=str, default=None,
-                        help="Concept Erasers: folder with eraser files (default: models/erasers)")
-    parser.add_argument("--spm-dir", type=str, default=None,
-                        help="Concept Erasers: folder with SPM membranes (default: models/spm)")
+    parser.add_argument(
+        "--erasers-dir",
+        type=str,
+        default=None,
+        help="Concept Erasers: folder with eraser files (default: models/erasers)",
+    )
+    parser.add_argument(
+        "--spm-dir", type=str, default=None, help="Concept Erasers: folder with SPM membranes (default: models/spm)"
+    )

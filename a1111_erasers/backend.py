@@ -4,6 +4,7 @@ Probe order (a1111_host.md §A3): Forge 2's ``backend.patcher.unet`` → Forge 1
 ``modules_forge.unet_patcher`` → A1111's ``ldm.modules.attention`` / ``sgm.modules.attention``. The Lora
 built-in (``networks``) decides how weight deltas are injected on A1111.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -41,7 +42,7 @@ class Backend:
 
     @property
     def weight_route(self) -> str:
-        """"forge" (ModelPatcher.add_patches), "lora" (networks.loaded_networks) or "direct" (own backup)."""
+        """ "forge" (ModelPatcher.add_patches), "lora" (networks.loaded_networks) or "direct" (own backup)."""
         if self.is_forge:
             return "forge"
         return "lora" if self.networks is not None else "direct"
@@ -52,13 +53,17 @@ class Backend:
 
     def message(self) -> str:
         if self.kind == UNSUPPORTED:
-            return ("Concept Erasers could not recognise this webui: none of Forge 2's `backend.patcher.unet`, "
-                    "Forge 1's `modules_forge.unet_patcher` or A1111's `ldm.modules.attention` / "
-                    "`sgm.modules.attention` can be imported. The extension stays inactive; generation is not "
-                    "affected. Supported: Automatic1111 1.7–1.10, Forge 1, reForge, Forge Classic, Forge 2/Neo.")
+            return (
+                "Concept Erasers could not recognise this webui: none of Forge 2's `backend.patcher.unet`, "
+                "Forge 1's `modules_forge.unet_patcher` or A1111's `ldm.modules.attention` / "
+                "`sgm.modules.attention` can be imported. The extension stays inactive; generation is not "
+                "affected. Supported: Automatic1111 1.7–1.10, Forge 1, reForge, Forge Classic, Forge 2/Neo."
+            )
         if self.weight_route == "direct":
-            return (f"{self.label}: the built-in Lora extension is disabled, so weight edits use this "
-                    f"extension's own backup and are restored after every generation.")
+            return (
+                f"{self.label}: the built-in Lora extension is disabled, so weight edits use this "
+                f"extension's own backup and are restored after every generation."
+            )
         return f"{self.label}: weight edits go through the host's LoRA/patch system."
 
 
@@ -75,8 +80,10 @@ def detect_backend(importer: Callable = importlib.import_module) -> Backend:
         return Backend(FORGE2)
     if _importable("modules_forge.unet_patcher", importer) is not None:
         return Backend(FORGE1)
-    if (_importable("ldm.modules.attention", importer) is not None
-            or _importable("sgm.modules.attention", importer) is not None):
+    if (
+        _importable("ldm.modules.attention", importer) is not None
+        or _importable("sgm.modules.attention", importer) is not None
+    ):
         # on A1111 the Lora built-in is importable as the top-level ``networks`` once it has loaded
         networks = _importable("networks", importer)
         if networks is not None and not hasattr(networks, "loaded_networks"):

@@ -4,6 +4,7 @@ The core uses only relative imports, so it can live under any package name. In t
 as ``concept_erasers_core``; if the same directory was already imported as ``erasers`` (the pack's own
 tests, the CLI), that module is reused so class identities match.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -30,7 +31,8 @@ def load_core():
         sys.modules[CORE_NAME] = existing
         return existing
     spec = importlib.util.spec_from_file_location(
-        CORE_NAME, os.path.join(CORE_DIR, "__init__.py"), submodule_search_locations=[CORE_DIR])
+        CORE_NAME, os.path.join(CORE_DIR, "__init__.py"), submodule_search_locations=[CORE_DIR]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[CORE_NAME] = module
     try:

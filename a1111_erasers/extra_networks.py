@@ -5,6 +5,7 @@ imports nothing from the webui. ``activate`` only records the request; the delta
 in the Script's ``after_extra_networks_activate`` — the Lora extension clears ``loaded_networks`` in
 its own ``activate``, so anything injected earlier would be lost (a1111_host.md §A2.5).
 """
+
 from __future__ import annotations
 
 import html
@@ -84,9 +85,13 @@ def make_page(ui_module, kind: str, controller, quote_js=json.dumps):
                 "preview": self.find_preview(stem) if hasattr(self, "find_preview") else None,
                 "description": card_description(kind, info),
                 "search_terms": [self.search_terms_from_path(path)] + info.get("concepts", [])
-                if hasattr(self, "search_terms_from_path") else [name] + info.get("concepts", []),
+                if hasattr(self, "search_terms_from_path")
+                else [name] + info.get("concepts", []),
                 "local_preview": f"{stem}.png",
-                "metadata": {"concepts": info.get("concepts", []), **{k: v for k, v in info.items() if k != "concepts"}},
+                "metadata": {
+                    "concepts": info.get("concepts", []),
+                    **{k: v for k, v in info.items() if k != "concepts"},
+                },
                 "sort_keys": {"default": index or 0},
                 "prompt": prompt_js(kind, name, quote_js),
             }

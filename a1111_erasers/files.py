@@ -3,6 +3,7 @@
 Only ``.safetensors`` files are listed; a header is read without loading any tensor (8-byte length +
 JSON), so the card page stays fast with many files.
 """
+
 from __future__ import annotations
 
 import json

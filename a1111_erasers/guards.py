@@ -19,6 +19,7 @@ installed: with no guard selected nothing is installed, so sampling is bit-ident
 Windows are fractions of the run's steps (``sampling_step / total_sampling_steps``): the webui hands the
 callbacks step indices, not the σ schedule.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,13 +52,16 @@ def guard_configs(settings) -> dict:
             out[name] = core_module("guards.sld").SLDConfig(concepts=list(concepts), preset=preset)
         elif name == "safree":
             out[name] = core_module("guards.safree").SAFREEConfig(
-                concepts=list(concepts), self_validating=SAFREE_SELF_VALIDATING[preset])
+                concepts=list(concepts), self_validating=SAFREE_SELF_VALIDATING[preset]
+            )
         elif name == "token_suppress":
             out[name] = core_module("guards.token_suppress").TokenSuppressConfig(
-                concepts=list(concepts), factor=TOKEN_FACTOR[preset])
+                concepts=list(concepts), factor=TOKEN_FACTOR[preset]
+            )
         elif name == "concept_guidance":
             out[name] = core_module("guards.concept_guidance").ConceptGuidanceConfig(
-                concepts=list(concepts), phi=NAG_PHI[preset])
+                concepts=list(concepts), phi=NAG_PHI[preset]
+            )
     return out
 
 
@@ -111,7 +115,7 @@ def word_masked_prompts(prompt: str, tokenize) -> tuple:
     positions, texts, lengths = [], [], []
     pos = 1  # after BOS
     for i, n in enumerate(counts):
-        masked = " ".join(words[:i] + ["!"] + words[i + 1:])
+        masked = " ".join(words[:i] + ["!"] + words[i + 1 :])
         for _ in range(n):
             if pos >= 76:
                 break
@@ -138,8 +142,10 @@ class GuardSession:
         self.warned = set()
         prompts = [p for p in dict.fromkeys(prompts or [""])]
         encoding = encoder.encode(prompts)
-        self.prompt_refs = [(encoding.hidden[i, : max(int(encoding.lengths[i]), 1)], encoding.token_ids[i],
-                             int(encoding.lengths[i])) for i in range(len(prompts))]
+        self.prompt_refs = [
+            (encoding.hidden[i, : max(int(encoding.lengths[i]), 1)], encoding.token_ids[i], int(encoding.lengths[i]))
+            for i in range(len(prompts))
+        ]
         self.safree = self._prepare_safree(encoder, prompts, encoding) if "safree" in configs else []
         self.sld_cond = None
         if "sld" in configs:
@@ -165,9 +171,17 @@ class GuardSession:
                 continue
             masked = encoder.encode(texts).hidden
             result = safree.analyse(
-                config, encoding.hidden[i], int(encoding.lengths[i]), positions, masked,
-                torch.tensor(lengths, dtype=torch.long).clamp(max=masked.shape[1]), concept.hidden,
-                concept.lengths, encoder="clip", segments=safree.SEGMENTS.get(self.family))
+                config,
+                encoding.hidden[i],
+                int(encoding.lengths[i]),
+                positions,
+                masked,
+                torch.tensor(lengths, dtype=torch.long).clamp(max=masked.shape[1]),
+                concept.hidden,
+                concept.lengths,
+                encoder="clip",
+                segments=safree.SEGMENTS.get(self.family),
+            )
             if result.changed:
                 out.append((encoding.hidden[i], result))
         return out
@@ -176,11 +190,14 @@ class GuardSession:
         ts = core_module("guards.token_suppress")
         config = self.configs["token_suppress"]
         concept = encoder.encode(list(config.concepts))
-        states = [concept.hidden[k, 1: int(concept.lengths[k]) - 1] for k in range(len(config.concepts))]
+        states = [concept.hidden[k, 1 : int(concept.lengths[k]) - 1] for k in range(len(config.concepts))]
         words = [ids[1:-1] for ids in concept.token_ids]
         exact = [(ref, ts.match_token_ids(ids, words), length) for ref, ids, length in self.prompt_refs]
-        return {"states": torch.cat(states) if states else concept.hidden[:, 1], "exact": exact,
-                "concept_hidden": concept.hidden}
+        return {
+            "states": torch.cat(states) if states else concept.hidden[:, 1],
+            "exact": exact,
+            "concept_hidden": concept.hidden,
+        }
 
     # window ------------------------------------------------------------------------------------
     def in_window(self, config, fraction_end: float = 1.0) -> bool:
@@ -223,8 +240,11 @@ class GuardSession:
         n = crossattn(cond).shape[0]
         out = params.x
         if out.shape[0] != 2 * n or x_in.shape[0] != 2 * n:
-            self._warn("layout", "SLD skipped at this step: it needs one prompt per image and the uncond pass "
-                                 "(no AND-prompts, no 'skip uncond' / NGMS, CFG > 1).")
+            self._warn(
+                "layout",
+                "SLD skipped at this step: it needs one prompt per image and the uncond pass "
+                "(no AND-prompts, no 'skip uncond' / NGMS, CFG > 1).",
+            )
             return
         if not self.in_window(config):
             return
@@ -316,8 +336,9 @@ class GuardSession:
             vn = module.to_v(neg).expand(len(rows), -1, -1)
             z_neg = ts.attention(q[idx], kn, vn, heads)
             out = out.clone()
-            out[idx] = core_module("guards.concept_guidance").nag(out[idx], z_neg, config.phi, config.tau,
-                                                          config.effective_alpha)
+            out[idx] = core_module("guards.concept_guidance").nag(
+                out[idx], z_neg, config.phi, config.tau, config.effective_alpha
+            )
         return module.to_out(out)
 
     def patch(self, diffusion_model) -> None:
@@ -327,8 +348,10 @@ class GuardSession:
         for name, module in diffusion_model.named_modules():
             if name.endswith("attn2") and all(hasattr(module, a) for a in ("to_q", "to_k", "to_v", "to_out")):
                 if "forward" in vars(module):
-                    self._warn("foreign", f"{name} already has an instance forward (another extension); "
-                                          f"the guards leave it alone.")
+                    self._warn(
+                        "foreign",
+                        f"{name} already has an instance forward (another extension); the guards leave it alone.",
+                    )
                     continue
                 module.forward = _Bound(self, module)
                 self.patched.append(module)

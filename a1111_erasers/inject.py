@@ -13,6 +13,7 @@ Three routes, chosen by ``backend.Backend.weight_route``:
   ``add_patches`` "diff" patches; Forge resets ``forge_objects`` before every sampling pass, so nothing
   needs undoing.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -50,8 +51,11 @@ def diffusion_model_of(sd_model, route: str):
 
 def text_projection_modules(diffusion_model) -> dict:
     """canonical weight key → the attn2 to_k / to_v Linear."""
-    return {f"{name}.weight": module for name, module in diffusion_model.named_modules()
-            if KV.search(name) and getattr(module, "weight", None) is not None}
+    return {
+        f"{name}.weight": module
+        for name, module in diffusion_model.named_modules()
+        if KV.search(name) and getattr(module, "weight", None) is not None
+    }
 
 
 def unet_shapes(sd_model, route: str) -> dict:
@@ -153,16 +157,22 @@ class _OnDisk(SimpleNamespace):
 
 
 def make_network(entry: PlanEntry, network_module=None):
-    on_disk = _OnDisk(name=entry.name, filename=entry.source or entry.name, alias=entry.label, metadata={},
-                      shorthash="", hash="", is_safetensors=bool(entry.source))
+    on_disk = _OnDisk(
+        name=entry.name,
+        filename=entry.source or entry.name,
+        alias=entry.label,
+        metadata={},
+        shorthash="",
+        hash="",
+        is_safetensors=bool(entry.source),
+    )
     on_disk.read_hash = lambda: None
     on_disk.get_alias = lambda: entry.label
     network_class = getattr(network_module, "Network", None)
     if network_class is not None:
         net = network_class(entry.name, on_disk)
     else:  # the same attributes the Lora extension's Network has
-        net = SimpleNamespace(name=entry.name, network_on_disk=on_disk, modules={}, bundle_embeddings={},
-                              mtime=None)
+        net = SimpleNamespace(name=entry.name, network_on_disk=on_disk, modules={}, bundle_embeddings={}, mtime=None)
     net.mentioned_name = None  # keeps us out of the "Lora hashes" infotext
     net.te_multiplier = float(entry.multiplier)
     net.unet_multiplier = float(entry.multiplier)
@@ -244,19 +254,21 @@ class DirectRoute:
 def forge_patches(entry: PlanEntry, shapes: dict, dtype=torch.float32) -> dict:
     """``diffusion_model.<key>`` → ("diff" patch): a 1-tuple holding the dense ΔW in the weight's shape
     (strength is applied by Forge)."""
-    return {"diffusion_model." + key: (delta_tensor(delta, 1.0, dtype=dtype).reshape(shapes[key]),)
-            for key, delta in entry.deltas.items()}
+    return {
+        "diffusion_model." + key: (delta_tensor(delta, 1.0, dtype=dtype).reshape(shapes[key]),)
+        for key, delta in entry.deltas.items()
+    }
 
 
 def add_patches(unet, patches: dict, strength: float, filename: str):
-    """Forge 2 takes keyword ``filename=``; Forge 1 / reForge / Classic take (patches, strength_patch, strength_model)."""
+    """Forge 2 takes keyword ``filename=``; Forge 1 / reForge / Classic take
+    (patches, strength_patch, strength_model)."""
     try:
         params = inspect.signature(unet.add_patches).parameters
     except (TypeError, ValueError):
         params = {}
     if "filename" in params:
-        return unet.add_patches(filename=filename, patches=patches, strength_patch=float(strength),
-                                strength_model=1.0)
+        return unet.add_patches(filename=filename, patches=patches, strength_patch=float(strength), strength_model=1.0)
     return unet.add_patches(patches, float(strength), 1.0)
 
 

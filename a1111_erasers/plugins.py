@@ -4,10 +4,12 @@ Each section is one small function pair — "is it available?" and "do it" — s
 in means editing only this file. When a core module is missing the UI shows ``unavailable_message``
 and nothing is applied (never a silent stand-in).
 
-* SPM membranes + facilitated transport: ``erasers/membranes/spm.py`` (+ ``erasers/membranes/transport.py``), branch ``spm``.
+* SPM membranes + facilitated transport: ``erasers/membranes/spm.py`` (+ ``erasers/membranes/transport.py``),
+  branch ``spm``.
 * Guards (SAFREE, SLD, concept guidance, token suppression): ``erasers/guards/safree.py``, ``sld.py``,
   ``concept_guidance.py``, ``token_suppress.py``, branch ``suppress``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,10 +19,18 @@ from .settings import GUARDS
 
 log = logging.getLogger(__name__)
 
-GUARD_MODULES = {"safree": "guards.safree", "sld": "guards.sld", "concept_guidance": "guards.concept_guidance",
-                 "token_suppress": "guards.token_suppress"}
-GUARD_TITLES = {"safree": "SAFREE", "sld": "SLD (Safe Latent Diffusion)", "concept_guidance": "Concept guidance",
-                "token_suppress": "Token suppression"}
+GUARD_MODULES = {
+    "safree": "guards.safree",
+    "sld": "guards.sld",
+    "concept_guidance": "guards.concept_guidance",
+    "token_suppress": "guards.token_suppress",
+}
+GUARD_TITLES = {
+    "safree": "SAFREE",
+    "sld": "SLD (Safe Latent Diffusion)",
+    "concept_guidance": "Concept guidance",
+    "token_suppress": "Token suppression",
+}
 
 
 class Unavailable(RuntimeError):
@@ -37,9 +47,11 @@ def spm_available() -> bool:
 
 
 def spm_unavailable_message() -> str:
-    return ("SPM membranes need `erasers/membranes/spm.py`, which is not in this build of Concept Erasers. "
-            "`<spm:…>` tags and the SPM list are ignored (an SPM file still loads as a plain LoRA with "
-            "`<lora:name:1>`, without facilitated transport).")
+    return (
+        "SPM membranes need `erasers/membranes/spm.py`, which is not in this build of Concept Erasers. "
+        "`<spm:…>` tags and the SPM list are ignored (an SPM file still loads as a plain LoRA with "
+        "`<lora:name:1>`, without facilitated transport)."
+    )
 
 
 def spm_entries(requests, resolve_path, prompt, encoder, shapes, make_entry, combination="official") -> list:
@@ -66,7 +78,8 @@ def spm_entries(requests, resolve_path, prompt, encoder, shapes, make_entry, com
         if path is None:
             raise core_module("errors").BadEraserFile(
                 f"No SPM membrane named '{request.name}' in the SPM folder. Put the .safetensors file in "
-                f"models/spm (or pass --spm-dir) and refresh the SPM card page.")
+                f"models/spm (or pass --spm-dir) and refresh the SPM card page."
+            )
         tensors, metadata = read(path)
         deltas, report = formats.convert_file(tensors, metadata, shapes, source=path, fmt="spm")
         concepts = report.concepts
@@ -80,8 +93,10 @@ def spm_entries(requests, resolve_path, prompt, encoder, shapes, make_entry, com
     rates = spm.RateCache(membranes, encoder if needs_text else None).rates([prompt])[0].tolist()
     tag = ",".join(f"{r.name}@{m:.4f}" for r, m in zip(requests, rates))
     if combination == "linear":
-        return [make_entry(f"spm:{r.name}@{m:.4f}", f"spm:{r.name}", mem.unet_deltas(), m, path)
-                for r, m, mem, path in zip(requests, rates, membranes, sources)]
+        return [
+            make_entry(f"spm:{r.name}@{m:.4f}", f"spm:{r.name}", mem.unet_deltas(), m, path)
+            for r, m, mem, path in zip(requests, rates, membranes, sources)
+        ]
     combined = {}
     for m, mem in zip(rates, membranes):
         for key, delta in mem.unet_deltas().items():
@@ -92,12 +107,20 @@ def spm_entries(requests, resolve_path, prompt, encoder, shapes, make_entry, com
                 prev = combined[key]
                 if prev.rank != delta.rank:
                     raise spm.CombinationError(
-                        f"The official SPM combination needs equal ranks; {key} has {prev.rank} and {delta.rank}.")
+                        f"The official SPM combination needs equal ranks; {key} has {prev.rank} and {delta.rank}."
+                    )
                 combined[key] = lowrank.LowRankDelta(prev.up + up, prev.down + down)
             else:
                 combined[key] = lowrank.LowRankDelta(up, down)
-    return [make_entry(f"spm:{tag}", "spm(" + ", ".join(f"{r.name}×{m:.2f}" for r, m in zip(requests, rates)) + ")",
-                       combined, 1.0, ";".join(sources))]
+    return [
+        make_entry(
+            f"spm:{tag}",
+            "spm(" + ", ".join(f"{r.name}×{m:.2f}" for r, m in zip(requests, rates)) + ")",
+            combined,
+            1.0,
+            ";".join(sources),
+        )
+    ]
 
 
 # -- sampling-time guards --------------------------------------------------------------------------
@@ -116,9 +139,11 @@ def guard_available(name: str, backend=None) -> bool:
 
 def guard_unavailable_message(names=GUARDS, backend=None) -> str:
     if backend is not None and getattr(backend, "kind", None) not in GUARD_BACKENDS and backend.supported:
-        return (f"The sampling-time guards are wired for Automatic1111's sampler callbacks only; on "
-                f"{backend.label} they are not available yet (use the closed-form erasure, eraser files or "
-                f"SPM membranes). The section is disabled so nothing pretends to guard.")
+        return (
+            f"The sampling-time guards are wired for Automatic1111's sampler callbacks only; on "
+            f"{backend.label} they are not available yet (use the closed-form erasure, eraser files or "
+            f"SPM membranes). The section is disabled so nothing pretends to guard."
+        )
     missing = [GUARD_TITLES[n] for n in names if not guard_available(n)]
     if not missing:
         return ""

@@ -11,6 +11,7 @@ The ``Script`` hooks in ``scripts/concept_erasers_a1111.py`` call into one ``Con
 
 Closed-form erasers are solved once per (base weights fingerprint, method config) and kept on the CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,8 +62,9 @@ class GenerationState:
 
 
 class Controller:
-    def __init__(self, host: Optional[Host] = None, backend: Optional[Backend] = None,
-                 detect: Callable = detect_backend):
+    def __init__(
+        self, host: Optional[Host] = None, backend: Optional[Backend] = None, detect: Callable = detect_backend
+    ):
         self.host = host or Host()
         self._backend = backend
         self._detect = detect
@@ -76,8 +78,9 @@ class Controller:
     @property
     def backend(self) -> Backend:
         # detected lazily: the Lora built-in may load after this extension
-        if self._backend is None or (self._redetect and self._backend.kind == "a1111"
-                                     and self._backend.networks is None):
+        if self._backend is None or (
+            self._redetect and self._backend.kind == "a1111" and self._backend.networks is None
+        ):
             self._backend = self._detect()
         return self._backend
 
@@ -124,8 +127,11 @@ class Controller:
         if settings.enabled:
             chosen = settings.eraser_files if kind == "eraser" else settings.spm_files
             weight = settings.eraser_weight if kind == "eraser" else settings.spm_weight
-            out += [TagRequest(kind, name, weight, settings.spm_transport) for name in chosen
-                    if name not in {r.name for r in out}]
+            out += [
+                TagRequest(kind, name, weight, settings.spm_transport)
+                for name in chosen
+                if name not in {r.name for r in out}
+            ]
         return [r for r in out if r.weight != 0]
 
     def _closed_form(self, settings: UISettings, encoder, weights: dict, model_id: str):
@@ -159,7 +165,8 @@ class Controller:
         if path is None:
             raise core_module("errors").BadEraserFile(
                 f"No eraser file named '{request.name}' in {self.dirs('eraser')}. Put the .safetensors file there "
-                f"(or pass --erasers-dir) and refresh the Erasers card page.")
+                f"(or pass --erasers-dir) and refresh the Erasers card page."
+            )
         eraser, stamp = self._load_file(path)
         eraser.check_model(shapes)
         digest = hashlib.sha256(f"{path}|{stamp}".encode()).hexdigest()[:12]
@@ -191,10 +198,16 @@ class Controller:
             available = self.available("spm")
             prompts = list(getattr(p, "prompts", None) or getattr(p, "all_prompts", None) or [""])
             make = lambda name, label, deltas, mult, source: PlanEntry(  # noqa: E731
-                PREFIX + name, label, deltas, mult, source)
+                PREFIX + name, label, deltas, mult, source
+            )
             entries += plugins.spm_entries(
-                spm_requests, lambda name: files.resolve(name, available), prompts[0], encoder,
-                unet_shapes(p.sd_model, route), make)
+                spm_requests,
+                lambda name: files.resolve(name, available),
+                prompts[0],
+                encoder,
+                unet_shapes(p.sd_model, route),
+                make,
+            )
         state.entries, state.entries_model = entries, model_id
         return entries
 
@@ -235,7 +248,9 @@ class Controller:
             plugins.remove_guards(p)
             return []
         try:
-            labels = plugins.install_guards(p, state.settings, backend, WebuiTextEncoder(p.sd_model, self.host.autocast))
+            labels = plugins.install_guards(
+                p, state.settings, backend, WebuiTextEncoder(p.sd_model, self.host.autocast)
+            )
         except plugins.Unavailable as exc:
             plugins.remove_guards(p)
             self._fail(p, str(exc))

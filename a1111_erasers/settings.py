@@ -5,6 +5,7 @@ positional ``args`` in the API's ``alwayson_scripts`` — append new fields at t
 Infotext: ``Concept Erasers: {"concepts":"van gogh","method":"uce",...}`` — a compact JSON object holding
 only the fields that differ from their defaults (``enabled`` is implied by the key being present).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,16 +86,24 @@ class UISettings:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"Method options must be a JSON object such as {{\"lam\": 0.5}}; "
-                             f"could not parse '{text[:60]}' ({exc.msg}).") from None
+            raise ValueError(
+                f'Method options must be a JSON object such as {{"lam": 0.5}}; '
+                f"could not parse '{text[:60]}' ({exc.msg})."
+            ) from None
         if not isinstance(data, dict):
-            raise ValueError(f"Method options must be a JSON object such as {{\"lam\": 0.5}}, found {type(data).__name__}.")
+            raise ValueError(
+                f'Method options must be a JSON object such as {{"lam": 0.5}}, found {type(data).__name__}.'
+            )
         return data
 
     def config_dict(self) -> dict:
         """The core config dict (``erasers.edits.methods.config_from_dict``) for the closed-form edit."""
-        data = {"method": self.method, "concepts": self.concept_list(),
-                "anchors": _split_lines(self.anchors), "preserve": _split(self.preserve)}
+        data = {
+            "method": self.method,
+            "concepts": self.concept_list(),
+            "anchors": _split_lines(self.anchors),
+            "preserve": _split(self.preserve),
+        }
         for key, value in self.options().items():
             if key in ("method", "concepts", "anchors", "preserve"):
                 raise ValueError(f"Method options may not set '{key}': use the field of the same name.")
@@ -144,6 +153,7 @@ def paste_getter(name: str):
     An image without our key turns the switch off (so pasting it reproduces it); other fields are left
     alone (None means "no change" to the webui).
     """
+
     def getter(params: dict):
         settings = UISettings.from_infotext(params.get(INFOTEXT_KEY))
         if settings is None:

@@ -4,6 +4,7 @@ The webui's own parser (``modules.extra_networks``) strips the tags and hands ea
 after the name; ``parse_params`` turns those into (name, weight). ``find_tags`` is the same grammar for
 plain strings (tests, the API helper, logs).
 """
+
 from __future__ import annotations
 
 import re
@@ -48,8 +49,10 @@ def parse_params(kind: str, items, named=None, default_weight: float = 1.0) -> T
 
 def find_tags(prompt: str, default_weight: float = 1.0) -> list:
     """Every ``<eraser:…>`` / ``<spm:…>`` tag in ``prompt``, in order."""
-    return [parse_params(m.group(1), m.group(2).split(":"), default_weight=default_weight)
-            for m in TAG.finditer(prompt or "")]
+    return [
+        parse_params(m.group(1), m.group(2).split(":"), default_weight=default_weight)
+        for m in TAG.finditer(prompt or "")
+    ]
 
 
 def from_extra_network_params(kind: str, params_list, default_weight: float = 1.0) -> list:

@@ -5,6 +5,7 @@ so CLIP skip, emphasis, textual-inversion embeddings and (on SDXL) the CLIP-L âŠ
 what the UNet's cross-attention sees (a1111_host.md Â§A4.4). Token ids come from the webui's own prompt
 tokenizer wrapper (``tokenize`` + ``id_start`` / ``id_end``). One call encodes the whole batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,8 +62,10 @@ class WebuiTextEncoder:
     def _token_ids(self, prompts: list) -> list:
         tok = self._tokenizer
         if tok is None:
-            raise RuntimeError("Concept Erasers: found no prompt tokenizer on this model (cond_stage_model, "
-                               "conditioner.embedders[0] or text_processing_engine).")
+            raise RuntimeError(
+                "Concept Erasers: found no prompt tokenizer on this model (cond_stage_model, "
+                "conditioner.embedders[0] or text_processing_engine)."
+            )
         ids = tok.tokenize(list(prompts))
         start = getattr(tok, "id_start", 49406)  # CLIP's <|startoftext|>
         end = getattr(tok, "id_end", 49407)

@@ -2,6 +2,7 @@
 
 The import is inside the guard so that importing the core package never pulls in a host.
 """
+
 import sys
 
 if __name__ == "__main__":

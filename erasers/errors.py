@@ -3,6 +3,7 @@
 Every error says what was expected, what was found, where (file / layer / concept) and what to do.
 They subclass ValueError so hosts that already catch ValueError for bad input keep working.
 """
+
 from __future__ import annotations
 
 

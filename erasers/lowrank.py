@@ -4,6 +4,7 @@ Every closed-form edit in the pack has the shape ΔW = W₀·X·Y with X: d×n, 
 erased keys, so it is stored *exactly* as factors ``up`` (out×n) and ``down`` (n×d) — the kohya LoRA
 layout — instead of a dense out×d matrix.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ per-token conditioning the denoiser sees, which positions are real tokens, and t
 adapter (ComfyUI CLIP, a diffusers pipeline, the shapes world, a single-file checkpoint) implements
 ``TextEncoder``; everything in ``erasers/`` talks only to this protocol.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -91,8 +92,9 @@ def split_concepts(text: str) -> list:
     return out
 
 
-def encode_batched(encoder: TextEncoder, prompts: Sequence[str], chunk: int = 64,
-                   progress=None, real_tokens_only: bool = False) -> PromptEncoding:
+def encode_batched(
+    encoder: TextEncoder, prompts: Sequence[str], chunk: int = 64, progress=None, real_tokens_only: bool = False
+) -> PromptEncoding:
     """Encode many prompts in batches of ``chunk`` (one forward pass each, never one by one).
 
     ``progress(done, total)`` is called after each batch so hosts can drive a progress bar.
@@ -107,7 +109,7 @@ def encode_batched(encoder: TextEncoder, prompts: Sequence[str], chunk: int = 64
         encode = encoder.encode_real_tokens
     parts = []
     for start in range(0, len(prompts), chunk):
-        parts.append(encode(prompts[start:start + chunk]))
+        parts.append(encode(prompts[start : start + chunk]))
         if progress is not None:
             progress(min(start + chunk, len(prompts)), len(prompts))
     if not parts:

@@ -13,9 +13,9 @@ remove, checking the weights come back bit for bit), and writes into the output 
 The full measurement (attacks, paraphrases, multi-concept, suppression methods) is
 ``python -m erasers bench shapes``.
 """
+
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -91,10 +91,20 @@ def auto_threads() -> int:
     return 1 if busy else min(2, cores)
 
 
-def run_demo(concept: str = "circle", out: str = "erasers_demo", methods=DEFAULT_METHODS, steps: int = 20,
-             reps: int = 2, seed: int = 0, threads: int = 0, show_progress: bool = True, weights=None,
-             classifier=None) -> dict:
+def run_demo(
+    concept: str = "circle",
+    out: str = "erasers_demo",
+    methods=DEFAULT_METHODS,
+    steps: int = 20,
+    reps: int = 2,
+    seed: int = 0,
+    threads: int = 0,
+    show_progress: bool = True,
+    weights=None,
+    classifier=None,
+) -> dict:
     from erasers_diffusers import api as api
+
     from .bench import shapes_eval as ev
     from .bench.shapes import closed_form_config
     from .shapes import load_classifier, load_default, load_pipeline
@@ -106,8 +116,10 @@ def run_demo(concept: str = "circle", out: str = "erasers_demo", methods=DEFAULT
     classifier = load_classifier(classifier) if classifier else load_classifier()
     es = demo_eval_set(concept, reps)
     rows = grid_prompts(es, concept)
-    columns, report = {}, {"concept": concept, "steps": steps, "seed": seed, "images_per_column": len(es),
-                           "methods": {}}
+    columns, report = (
+        {},
+        {"concept": concept, "steps": steps, "seed": seed, "images_per_column": len(es), "methods": {}},
+    )
     snapshot = {n: p.detach().clone() for n, p in api.projection_params(pipe).values()}
     bar = _bar(len(methods) + 1, show_progress)
 
@@ -120,10 +132,13 @@ def run_demo(concept: str = "circle", out: str = "erasers_demo", methods=DEFAULT
     base_images, base_s = sample()
     base_pred = ev.predictions_to_tensors(classifier.predict(base_images))
     base_score = ev.score(base_pred, base_pred, es, [concept])
-    report["base"] = {"exact": base_score["erased"]["exact"], "synonym": base_score["erased"]["synonym"],
-                      "related_accuracy": base_score["fidelity"]["related_accuracy"],
-                      "unrelated_accuracy": base_score["fidelity"]["unrelated_accuracy"],
-                      "seconds_per_image": base_s / len(es)}
+    report["base"] = {
+        "exact": base_score["erased"]["exact"],
+        "synonym": base_score["erased"]["synonym"],
+        "related_accuracy": base_score["fidelity"]["related_accuracy"],
+        "unrelated_accuracy": base_score["fidelity"]["unrelated_accuracy"],
+        "seconds_per_image": base_s / len(es),
+    }
     columns["base"] = base_images[rows]
     bar.update(1)
     for method in methods:
@@ -138,10 +153,15 @@ def run_demo(concept: str = "circle", out: str = "erasers_demo", methods=DEFAULT
             raise RuntimeError(f"Removing the {method} eraser did not restore the model's weights bit for bit.")
         scored = ev.score(ev.predictions_to_tensors(classifier.predict(images)), base_pred, es, [concept])
         report["methods"][method] = {
-            "erased_exact": scored["erased"]["exact"], "erased_synonym": scored["erased"]["synonym"],
-            "fidelity_related": scored["fidelity"]["related"], "fidelity_unrelated": scored["fidelity"]["unrelated"],
-            "edit_seconds": edit_s, "seconds_per_image": sample_s / len(es), "weights_restored": restored,
-            "layers": len(eraser.deltas)}
+            "erased_exact": scored["erased"]["exact"],
+            "erased_synonym": scored["erased"]["synonym"],
+            "fidelity_related": scored["fidelity"]["related"],
+            "fidelity_unrelated": scored["fidelity"]["unrelated"],
+            "edit_seconds": edit_s,
+            "seconds_per_image": sample_s / len(es),
+            "weights_restored": restored,
+            "layers": len(eraser.deltas),
+        }
         columns[method.upper()] = images[rows]
         bar.update(1)
     bar.close()
@@ -162,20 +182,33 @@ def pct(x) -> str:
 
 def report_markdown(report: dict) -> str:
     b = report["base"]
-    lines = [f"# Erasing \"{report['concept']}\" from the shapes-world model", "",
-             f"{report['images_per_column']} images per column, {report['steps']} DDIM steps, seed {report['seed']}; "
-             f"read by the shipped classifier. Total {report['total_seconds']:.0f} s.", "",
-             "| method | concept still drawn: exact word ↓ | synonyms ↓ | fidelity, same kind ↑ | fidelity, other "
-             "attributes ↑ | edit (s) |", "|---|---|---|---|---|---|",
-             f"| base | {pct(b['exact'])} | {pct(b['synonym'])} | {pct(b['related_accuracy'])} accuracy | "
-             f"{pct(b['unrelated_accuracy'])} accuracy | – |"]
+    lines = [
+        f'# Erasing "{report["concept"]}" from the shapes-world model',
+        "",
+        f"{report['images_per_column']} images per column, {report['steps']} DDIM steps, seed {report['seed']}; "
+        f"read by the shipped classifier. Total {report['total_seconds']:.0f} s.",
+        "",
+        "| method | concept still drawn: exact word ↓ | synonyms ↓ | fidelity, same kind ↑ | fidelity, other "
+        "attributes ↑ | edit (s) |",
+        "|---|---|---|---|---|---|",
+        f"| base | {pct(b['exact'])} | {pct(b['synonym'])} | {pct(b['related_accuracy'])} accuracy | "
+        f"{pct(b['unrelated_accuracy'])} accuracy | – |",
+    ]
     for name, m in report["methods"].items():
-        lines.append(f"| {name.upper()} | {pct(m['erased_exact'])} | {pct(m['erased_synonym'])} | "
-                     f"{pct(m['fidelity_related'])} | {pct(m['fidelity_unrelated'])} | {m['edit_seconds']:.2f} |")
-    lines += ["", "Fidelity is relative to the base model on prompts that do not name the concept: \"same kind\" "
-              "= the other shapes (or colours), \"other attributes\" = colour (or shape). After each method the "
-              "model's weights were checked to be restored bit for bit.", "", "![grid](grid.png)", "",
-              f"Rows: {'; '.join(report['grid_rows'])}."]
+        lines.append(
+            f"| {name.upper()} | {pct(m['erased_exact'])} | {pct(m['erased_synonym'])} | "
+            f"{pct(m['fidelity_related'])} | {pct(m['fidelity_unrelated'])} | {m['edit_seconds']:.2f} |"
+        )
+    lines += [
+        "",
+        'Fidelity is relative to the base model on prompts that do not name the concept: "same kind" '
+        '= the other shapes (or colours), "other attributes" = colour (or shape). After each method the '
+        "model's weights were checked to be restored bit for bit.",
+        "",
+        "![grid](grid.png)",
+        "",
+        f"Rows: {'; '.join(report['grid_rows'])}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -201,8 +234,11 @@ def _bar(total: int, show: bool):
 
 
 def add_subparsers(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="erase 'circle' from the bundled shapes model and show before/after",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "demo",
+        help="erase 'circle' from the bundled shapes model and show before/after",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--out", default="erasers_demo", help="output folder (default ./erasers_demo)")
     p.add_argument("--concept", default="circle", help="a shape or colour of the shapes world (default circle)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated closed-form methods")
@@ -216,8 +252,16 @@ def add_subparsers(subparsers) -> None:
 
 def cmd_demo(args) -> int:
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
-    report = run_demo(args.concept, args.out, methods, steps=args.steps, seed=args.seed, threads=args.threads,
-                      weights=args.weights, classifier=args.classifier)
+    report = run_demo(
+        args.concept,
+        args.out,
+        methods,
+        steps=args.steps,
+        seed=args.seed,
+        threads=args.threads,
+        weights=args.weights,
+        classifier=args.classifier,
+    )
     print(report_markdown(report).split("![grid]")[0].rstrip())
     print(f"\nwrote {os.path.join(args.out, 'grid.png')}, report.md, report.json")
     return 0

@@ -20,6 +20,7 @@ far from every prompt and anchor nothing that is ever sampled.
 Layers: ``"spm"`` = the 12 Linear / 1×1-conv layers of every transformer (§2.2, rank 1 by default);
 ``"esd-x"`` = the cross-attention projections that read the text (attn2 to_k / to_v).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 ACTIONS = ("erase", "erase_with_la")
 #: module-path suffixes per layer set (selected by path, never by class name)
 LAYER_SETS = {
-    "spm": re.compile(r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|out\.0)|"
-                      r"ff\.net\.0\.proj|ff\.net\.2))$"),
+    "spm": re.compile(
+        r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|out\.0)|"
+        r"ff\.net\.0\.proj|ff\.net\.2))$"
+    ),
     "esd-x": re.compile(r"attentions\.\d+\.transformer_blocks\.\d+\.attn2\.to_(k|v)$"),
 }
 
@@ -82,8 +85,9 @@ class SPMTrainConfig(SerialisedConfig):
         if not self.targets:
             raise ConfigError("spm-train: give at least one target prompt (the concept to erase).")
         if len(self.neutrals) not in (1, len(self.targets)):
-            raise ConfigError(f"spm-train: expected one neutral or one per target ({len(self.targets)}), "
-                              f"found {len(self.neutrals)}.")
+            raise ConfigError(
+                f"spm-train: expected one neutral or one per target ({len(self.targets)}), found {len(self.neutrals)}."
+            )
         if self.action not in ACTIONS:
             raise ConfigError(f"spm-train: action must be one of {ACTIONS}, found '{self.action}'.")
         if self.action == "erase_with_la" and not self.anchors:
@@ -194,8 +198,9 @@ def erase_target(eps_pos: torch.Tensor, eps_neu: torch.Tensor, eta: float) -> to
 
 
 @torch.no_grad()
-def rollout(unet, scheduler, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, k: int,
-            guidance: float) -> torch.Tensor:
+def rollout(
+    unet, scheduler, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, k: int, guidance: float
+) -> torch.Tensor:
     """k DDIM steps from ``x`` with CFG (the adapter as currently switched)."""
     for t in scheduler.timesteps[:k]:
         eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
@@ -233,7 +238,9 @@ def train(pipe, config: SPMTrainConfig, progress=None) -> Adapters:
         t = scheduler.timesteps[k]
         with torch.no_grad():
             adapters.enable(False)
-            eps_pos, eps_neu = unet(torch.cat([x_t, x_t]), t, encoder_hidden_states=torch.cat([c_tar, c_neu])).sample.chunk(2)
+            eps_pos, eps_neu = unet(
+                torch.cat([x_t, x_t]), t, encoder_hidden_states=torch.cat([c_tar, c_neu])
+            ).sample.chunk(2)
             target = erase_target(eps_pos, eps_neu, config.eta)
         if config.action == "erase_with_la":
             a_idx = torch.randint(len(config.anchors), (config.anchor_batch,), generator=gen).tolist()
@@ -264,8 +271,13 @@ def save(adapters: Adapters, config: SPMTrainConfig, path: str) -> str:
 
     metadata = {"erasers.train_config": config.to_json(), "ss_network_module": "networks.lora"}
     if config.action == "erase_with_la" or config.layers == "spm":
-        metadata.update({"prompts": ",".join(config.concepts or config.targets[:1]), "rank": str(config.rank),
-                         "alpha": str(config.alpha)})
+        metadata.update(
+            {
+                "prompts": ",".join(config.concepts or config.targets[:1]),
+                "rank": str(config.rank),
+                "alpha": str(config.alpha),
+            }
+        )
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     save_file(adapters.state_dict(), path, metadata=metadata)
     return path
@@ -287,8 +299,17 @@ def shapes_config(concept: str, kind: str = "spm", **overrides) -> SPMTrainConfi
     if kind == "spm":
         neutrals = [others[0]] + [f"a {c} {others[0]}" for c in world.COLOURS]
         anchors = [f"a {c} {s}" for s in others for c in world.COLOURS] + others
-        base = dict(budget, targets=targets, neutrals=neutrals, anchors=anchors, concepts=[concept],
-                    action="erase_with_la", layers="spm", rank=1, la_strength=5.0)
+        base = dict(
+            budget,
+            targets=targets,
+            neutrals=neutrals,
+            anchors=anchors,
+            concepts=[concept],
+            action="erase_with_la",
+            layers="spm",
+            rank=1,
+            la_strength=5.0,
+        )
     elif kind == "esd-x":
         base = dict(budget, targets=targets, neutrals=[""], concepts=[concept], action="erase", layers="esd-x", rank=4)
     else:
@@ -297,10 +318,12 @@ def shapes_config(concept: str, kind: str = "spm", **overrides) -> SPMTrainConfi
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m erasers_dev.spm_train",
-                                     description="Train an SPM membrane or an ESD-x LoRA on the shapes model. The "
-                                                 "defaults reproduce the shipped erasers_dev/shapes/weights/"
-                                                 "{spm_circle_membrane,esdx_circle_lora}.safetensors.")
+    parser = argparse.ArgumentParser(
+        prog="python -m erasers_dev.spm_train",
+        description="Train an SPM membrane or an ESD-x LoRA on the shapes model. The "
+        "defaults reproduce the shipped erasers_dev/shapes/weights/"
+        "{spm_circle_membrane,esdx_circle_lora}.safetensors.",
+    )
     parser.add_argument("--concept", default="circle")
     parser.add_argument("--kind", default="spm", choices=("spm", "esd-x"))
     parser.add_argument("--iterations", type=int, default=None)
@@ -314,9 +337,17 @@ def main(argv: Optional[list] = None) -> int:
     from .shapes import load_default
 
     torch.set_num_threads(max(1, args.threads))
-    overrides = {k: v for k, v in (("iterations", args.iterations), ("la_strength", args.la_strength),
-                                   ("lr", args.lr), ("rollout_steps", args.rollout_steps),
-                                   ("batch_size", args.batch_size)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("iterations", args.iterations),
+            ("la_strength", args.la_strength),
+            ("lr", args.lr),
+            ("rollout_steps", args.rollout_steps),
+            ("batch_size", args.batch_size),
+        )
+        if v is not None
+    }
     config = shapes_config(args.concept, args.kind, **overrides)
     pipe = load_default().clone()
     every = max(1, config.iterations // 10)
@@ -328,8 +359,10 @@ def main(argv: Optional[list] = None) -> int:
     started = time.perf_counter()
     adapters = train(pipe, config, report)
     path = save(adapters, config, args.out)
-    print(f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB, {len(adapters.adapters)} layers) in "
-          f"{time.perf_counter() - started:.0f} s")
+    print(
+        f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB, {len(adapters.adapters)} layers) in "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     return 0
 
 

@@ -4,6 +4,7 @@
 (each row depends on the tokens before it), the same SOT row for every prompt. ``layer_weights`` makes
 random weights with the exact text-projection shapes of each family.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,14 +17,22 @@ from erasers.files.families import Family
 from erasers.text import PromptEncoding
 
 # SD1.x attn2 layers: (LDM container, channels) — closed_form.md §1.4
-SD1_ATTN2 = ([(f"input_blocks.{i}.1", c) for i, c in ((1, 320), (2, 320), (4, 640), (5, 640), (7, 1280), (8, 1280))]
-             + [("middle_block.1", 1280)]
-             + [(f"output_blocks.{i}.1", c) for i, c in ((3, 1280), (4, 1280), (5, 1280), (6, 640), (7, 640),
-                                                        (8, 640), (9, 320), (10, 320), (11, 320))])
+SD1_ATTN2 = (
+    [(f"input_blocks.{i}.1", c) for i, c in ((1, 320), (2, 320), (4, 640), (5, 640), (7, 1280), (8, 1280))]
+    + [("middle_block.1", 1280)]
+    + [
+        (f"output_blocks.{i}.1", c)
+        for i, c in ((3, 1280), (4, 1280), (5, 1280), (6, 640), (7, 640), (8, 640), (9, 320), (10, 320), (11, 320))
+    ]
+)
 # SDXL: (container, channels, depth) — comfyui_host.md §2.4
-SDXL_ATTN2 = ([(f"input_blocks.{i}.1", 640, 2) for i in (4, 5)] + [(f"input_blocks.{i}.1", 1280, 10) for i in (7, 8)]
-              + [("middle_block.1", 1280, 10)] + [(f"output_blocks.{i}.1", 1280, 10) for i in (0, 1, 2)]
-              + [(f"output_blocks.{i}.1", 640, 2) for i in (3, 4, 5)])
+SDXL_ATTN2 = (
+    [(f"input_blocks.{i}.1", 640, 2) for i in (4, 5)]
+    + [(f"input_blocks.{i}.1", 1280, 10) for i in (7, 8)]
+    + [("middle_block.1", 1280, 10)]
+    + [(f"output_blocks.{i}.1", 1280, 10) for i in (0, 1, 2)]
+    + [(f"output_blocks.{i}.1", 640, 2) for i in (3, 4, 5)]
+)
 
 
 def layer_shapes(family: Family, context_dim: int = None) -> dict:
@@ -41,16 +50,27 @@ def layer_shapes(family: Family, context_dim: int = None) -> dict:
                     shapes[f"{container}.transformer_blocks.{j}.attn2.to_{kv}.weight"] = (ch, 2048)
         shapes["label_emb.0.0.weight"] = (1280, 2816)
     elif family == Family.FLUX:
-        shapes.update({"txt_in.weight": (3072, 4096), "vector_in.in_layer.weight": (3072, 768),
-                       "double_blocks.0.txt_attn.qkv.weight": (9216, 3072)})
+        shapes.update(
+            {
+                "txt_in.weight": (3072, 4096),
+                "vector_in.in_layer.weight": (3072, 768),
+                "double_blocks.0.txt_attn.qkv.weight": (9216, 3072),
+            }
+        )
     elif family == Family.SD3:
-        shapes.update({"context_embedder.weight": (1536, 4096), "y_embedder.mlp.0.weight": (1536, 2048),
-                       "joint_blocks.0.context_block.attn.qkv.weight": (4608, 1536)})
+        shapes.update(
+            {
+                "context_embedder.weight": (1536, 4096),
+                "y_embedder.mlp.0.weight": (1536, 2048),
+                "joint_blocks.0.context_block.attn.qkv.weight": (4608, 1536),
+            }
+        )
     return shapes
 
 
-def layer_weights(family: Family, seed: int = 0, context_dim: int = None, dtype=torch.float32,
-                  shapes: dict = None) -> dict:
+def layer_weights(
+    family: Family, seed: int = 0, context_dim: int = None, dtype=torch.float32, shapes: dict = None
+) -> dict:
     """Random weights (std 1/√in, like a trained projection) for ``layer_shapes(family)``."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
@@ -64,8 +84,16 @@ class ToyTextEncoder:
 
     BOS, EOS = 1, 2
 
-    def __init__(self, dim: int = 768, context_length: int = 77, family: str = "sd1", vocab: int = 4096,
-                 seed: int = 0, pooled_dim: int = None, has_bos: bool = True):
+    def __init__(
+        self,
+        dim: int = 768,
+        context_length: int = 77,
+        family: str = "sd1",
+        vocab: int = 4096,
+        seed: int = 0,
+        pooled_dim: int = None,
+        has_bos: bool = True,
+    ):
         gen = torch.Generator().manual_seed(seed)
         self.dim, self.context_length, self.family, self.vocab = dim, context_length, family, vocab
         self.context_dim = dim
@@ -121,8 +149,8 @@ def spm_tensors(family: Family, seed: int = 0, rank: int = 1, alpha: float = 1.0
 
 def spm_model_shapes(family: Family) -> dict:
     """Canonical key → weight shape of every SPM target layer (plus the keys family detection reads)."""
-    from erasers.membranes.formats.spm import official_modules
     from erasers.files.keys import diffusers_to_canonical
+    from erasers.membranes.formats.spm import official_modules
 
     shapes = {}
     for path, (inn, outn, conv) in official_modules(family).items():

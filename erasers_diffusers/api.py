@@ -14,6 +14,7 @@ imported here: the pipeline object brings its modules.
 Applying writes ``W + strength·ΔW`` into the module weights in their own dtype after keeping a CPU copy
 of the originals; removing copies those back, so the model is restored bit for bit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,19 +24,30 @@ from typing import Optional
 
 import torch
 
-from .clip_text import ClipTextEncoder, Tower
 from erasers.edits.eraser import Eraser, compute_eraser, fingerprint
+from erasers.errors import EraserAlreadyApplied, UnsupportedFamily
 from erasers.files.eraser_file import load_eraser as _load_file
 from erasers.files.eraser_file import save_eraser
-from erasers.errors import EraserAlreadyApplied, UnsupportedFamily
 from erasers.files.families import ATTN2_KV, Family, detect_family
 from erasers.files.keys import DIT_DIFFUSERS_TO_CANONICAL, SD3_DIFFUSERS_TO_CANONICAL, diffusers_to_canonical
 from erasers.text import PromptEncoding
 
+from .clip_text import ClipTextEncoder, Tower
+
 log = logging.getLogger(__name__)
 
-__all__ = ["DiffusersTextEncoder", "canonical_weights", "pipeline_family", "compute_eraser_for_pipeline",
-           "apply_eraser", "remove_eraser", "erased", "save_eraser", "load_eraser", "EraserHandle"]
+__all__ = [
+    "DiffusersTextEncoder",
+    "canonical_weights",
+    "pipeline_family",
+    "compute_eraser_for_pipeline",
+    "apply_eraser",
+    "remove_eraser",
+    "erased",
+    "save_eraser",
+    "load_eraser",
+    "EraserHandle",
+]
 
 #: attribute set on the denoiser while an eraser is applied (refuses a second apply)
 HANDLE_ATTR = "_concept_eraser_handle"
@@ -44,6 +56,7 @@ SDXL_MARKER = ("add_embedding.linear_1.weight", "label_emb.0.0.weight")
 
 
 # -- which module weights are the text projections ---------------------------------------------------
+
 
 def denoiser(pipe) -> torch.nn.Module:
     for name in ("unet", "transformer"):
@@ -69,8 +82,10 @@ def layers_per_block(unet) -> int:
     value = getattr(getattr(unet, "config", None), "layers_per_block", 2)
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
-            raise UnsupportedFamily(f"UNets with a different layers_per_block per block ({list(value)}) have no "
-                                    f"LDM layout, so their layers cannot be named canonically.")
+            raise UnsupportedFamily(
+                f"UNets with a different layers_per_block per block ({list(value)}) have no "
+                f"LDM layout, so their layers cannot be named canonically."
+            )
         value = value[0]
     return int(value)
 
@@ -92,8 +107,10 @@ def projection_params(pipe) -> dict:
         if ATTN2_KV.search(name):
             canonical = diffusers_to_canonical(name, per_block)
             if canonical is None:
-                raise UnsupportedFamily(f"Cross-attention weight '{name}' is outside the UNet's down/mid/up "
-                                        f"attention blocks; this UNet layout is not supported.")
+                raise UnsupportedFamily(
+                    f"Cross-attention weight '{name}' is outside the UNet's down/mid/up "
+                    f"attention blocks; this UNet layout is not supported."
+                )
             out[canonical] = (name, param)
     if SDXL_MARKER[0] in named:
         out[SDXL_MARKER[1]] = (SDXL_MARKER[0], named[SDXL_MARKER[0]])
@@ -114,6 +131,7 @@ def pipeline_family(pipe) -> Family:
 
 # -- text encoding ------------------------------------------------------------------------------------
 
+
 class PromptPipelineEncoder:
     """``TextEncoder`` for Flux / SD3 through the pipeline's own ``encode_prompt`` (one batched call)."""
 
@@ -128,20 +146,34 @@ class PromptPipelineEncoder:
         prompts = list(prompts)
         device = getattr(self.pipe, "device", "cpu")
         if self.family_enum == Family.FLUX:
-            hidden, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
-                                                        num_images_per_prompt=1,
-                                                        max_sequence_length=self.context_length)
+            hidden, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts,
+                prompt_2=None,
+                device=device,
+                num_images_per_prompt=1,
+                max_sequence_length=self.context_length,
+            )
             tokenizer, has_bos = self.t5, False
         else:
-            hidden, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
-                                                           device=device, num_images_per_prompt=1,
-                                                           do_classifier_free_guidance=False,
-                                                           max_sequence_length=self.context_length)
+            hidden, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts,
+                prompt_2=None,
+                prompt_3=None,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.context_length,
+            )
             # SD3's context starts with the 77 CLIP positions; subject tokens are found there
             tokenizer, has_bos = self.pipe.tokenizer, True
         ids = [list(map(int, r)) for r in tokenizer(prompts)["input_ids"]]
-        return PromptEncoding(hidden=hidden.float().cpu(), lengths=torch.tensor([len(r) for r in ids]),
-                              token_ids=ids, pooled=pooled.float().cpu(), has_bos=has_bos)
+        return PromptEncoding(
+            hidden=hidden.float().cpu(),
+            lengths=torch.tensor([len(r) for r in ids]),
+            token_ids=ids,
+            pooled=pooled.float().cpu(),
+            has_bos=has_bos,
+        )
 
 
 def DiffusersTextEncoder(pipe):
@@ -157,8 +189,10 @@ def DiffusersTextEncoder(pipe):
     pairs = [(getattr(pipe, f"tokenizer{s}", None), getattr(pipe, f"text_encoder{s}", None)) for s in ("", "_2")]
     pairs = [(t, m) for t, m in pairs if t is not None and m is not None]
     if not pairs:
-        raise UnsupportedFamily(f"{type(pipe).__name__} has no tokenizer + text_encoder pair and no "
-                                f"text_encoder_adapter(); cannot encode concepts.")
+        raise UnsupportedFamily(
+            f"{type(pipe).__name__} has no tokenizer + text_encoder pair and no "
+            f"text_encoder_adapter(); cannot encode concepts."
+        )
     if len(pairs) == 1 and family != Family.SDXL:
         towers = [Tower(pairs[0][0], pairs[0][1], "last")]
     else:
@@ -171,10 +205,12 @@ def DiffusersTextEncoder(pipe):
 
 # -- compute / apply / remove -------------------------------------------------------------------------
 
+
 def compute_eraser_for_pipeline(pipe, config, progress=None) -> Eraser:
     """Solve ``config`` (a method config, e.g. ``UCEConfig``) on the pipeline's own weights and text encoder."""
-    return compute_eraser(config, DiffusersTextEncoder(pipe), canonical_weights(pipe), pipeline_family(pipe),
-                          progress=progress)
+    return compute_eraser(
+        config, DiffusersTextEncoder(pipe), canonical_weights(pipe), pipeline_family(pipe), progress=progress
+    )
 
 
 @dataclass

@@ -5,6 +5,7 @@ before. Rates are set per prompt (``set_prompts``) and expanded to batch rows in
 the UNet, following diffusers' layout: each prompt repeated ``num_images_per_prompt`` times, and with
 classifier-free guidance ``cat([uncond rows, cond rows])`` — both halves get the prompt's rate.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,10 +15,10 @@ from typing import Optional, Sequence
 import torch
 
 from erasers.files.eraser_file import read_safetensors
+from erasers.files.keys import canonical_to_diffusers_unet, diffusers_unet_candidates
 from erasers.membranes.formats import convert_file
 from erasers.membranes.formats._common import TEXT_PREFIX
 from erasers.membranes.hooks import MembraneHooks
-from erasers.files.keys import canonical_to_diffusers_unet, diffusers_unet_candidates
 from erasers.membranes.spm import GATE_ALWAYS, GATE_FT, Gate, Membrane, RateCache, build_stacks
 from erasers.text import PromptEncoding
 
@@ -34,8 +35,9 @@ class HFTextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts) -> PromptEncoding:
-        batch = self.tokenizer(list(prompts), padding="max_length", max_length=self.context_length,
-                               truncation=True, return_tensors="pt")
+        batch = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.context_length, truncation=True, return_tensors="pt"
+        )
         ids = batch.input_ids
         device = next(self.text_encoder.parameters()).device
         hidden = self.text_encoder(ids.to(device))[0].float().cpu()
@@ -71,14 +73,17 @@ def _text_path(name: str) -> str:
 def _module_path(module: torch.nn.Module, path: str) -> str:
     """The reverse of ``_text_path`` for this module's layout."""
     if path.startswith("text_model.") and not hasattr(module, "text_model"):
-        return path[len("text_model."):]
+        return path[len("text_model.") :]
     return path
 
 
 def text_model_keys(pipe) -> dict:
     """``te.<encoder>.<text_model.… path>`` → parameter of each of the pipeline's text encoders."""
-    return {f"{TEXT_PREFIX}{enc}.{_text_path(name)}": p.detach() for enc, module in text_encoder_modules(pipe).items()
-            for name, p in module.named_parameters()}
+    return {
+        f"{TEXT_PREFIX}{enc}.{_text_path(name)}": p.detach()
+        for enc, module in text_encoder_modules(pipe).items()
+        for name, p in module.named_parameters()
+    }
 
 
 def unet_canonical_names(unet) -> dict:
@@ -100,8 +105,14 @@ def unet_canonical_names(unet) -> dict:
 class DiffusersMembranes:
     """Gated membranes/LoRAs hooked into ``pipe.unet``; use as a context manager or call ``remove()``."""
 
-    def __init__(self, pipe, membranes: Sequence[Membrane] = (), combination: str = "official", encoder=None,
-                 loras: Sequence[Membrane] = ()):
+    def __init__(
+        self,
+        pipe,
+        membranes: Sequence[Membrane] = (),
+        combination: str = "official",
+        encoder=None,
+        loras: Sequence[Membrane] = (),
+    ):
         """``membranes`` combine by ``combination``; ``loras`` (gated erasure LoRAs) always linearly."""
         self.unet = pipe.unet
         self.membranes = list(membranes) + list(loras)
@@ -136,8 +147,10 @@ class DiffusersMembranes:
         rates = self.prompt_rates if self.prompt_rates is not None else self.cache.rates([""])
         rows = rates.repeat_interleave(self.images_per_prompt, dim=0)
         if sample.shape[0] % rows.shape[0]:
-            raise RuntimeError(f"UNet batch {sample.shape[0]} is not a multiple of {rows.shape[0]} prompt rows; "
-                               f"call set_prompts() with the prompts of this call.")
+            raise RuntimeError(
+                f"UNet batch {sample.shape[0]} is not a multiple of {rows.shape[0]} prompt rows; "
+                f"call set_prompts() with the prompts of this call."
+            )
         rows = rows.repeat(sample.shape[0] // rows.shape[0], 1)  # CFG: [uncond; cond] share the prompt's rate
         for idx, hooks in self.groups:
             hooks.rates = rows[:, idx]
@@ -167,11 +180,15 @@ def apply_text_deltas(pipe, membranes: Sequence[Membrane]) -> list:
     for i, mem in enumerate(membranes):
         text = {k: d for k, d in mem.deltas.items() if isinstance(k, str) and k.startswith(TEXT_PREFIX)}
         if text and mem.gate.transport:
-            log.warning("%s: the facilitated-transport gate acts on the UNet only; its %d text-encoder layer(s) "
-                        "are applied with gate 'always' only.", mem.name, len(text))
+            log.warning(
+                "%s: the facilitated-transport gate acts on the UNet only; its %d text-encoder layer(s) "
+                "are applied with gate 'always' only.",
+                mem.name,
+                len(text),
+            )
             continue
         for key, delta in text.items():
-            enc, path = key[len(TEXT_PREFIX):].split(".", 1)
+            enc, path = key[len(TEXT_PREFIX) :].split(".", 1)
             if enc in encoders:
                 per_encoder.setdefault(enc, {}).setdefault(i, {})[path] = delta
     installed = []
@@ -197,8 +214,16 @@ def load_for_unet(unet, path: str, fmt: Optional[str] = None, pipe=None, **optio
     return convert_file(tensors, metadata, model_keys, source=os.path.basename(path), fmt=fmt, **options)
 
 
-def membrane_from_file(unet, path: str, strength: float = 1.0, transport: bool = True, concepts=None,
-                       fmt: Optional[str] = None, kind: str = "spm", pipe=None) -> tuple:
+def membrane_from_file(
+    unet,
+    path: str,
+    strength: float = 1.0,
+    transport: bool = True,
+    concepts=None,
+    fmt: Optional[str] = None,
+    kind: str = "spm",
+    pipe=None,
+) -> tuple:
     """(Membrane, report); ``kind`` "spm" reads the SPM layout, "lora" detects any erasure format. With
     ``pipe`` the file's text-encoder keys are matched too (DiffusersMembranes applies them)."""
     deltas, report = load_for_unet(unet, path, fmt=fmt or ("spm" if kind == "spm" else None), pipe=pipe)
@@ -207,6 +232,13 @@ def membrane_from_file(unet, path: str, strength: float = 1.0, transport: bool =
     return Membrane(deltas, gate, float(strength), name=f"{kind}:{os.path.basename(path)}"), report
 
 
-__all__ = ["DiffusersMembranes", "HFTextEncoder", "membrane_from_file", "apply_text_deltas", "text_model_keys",
-           "load_for_unet", "unet_canonical_names",
-           "canonical_to_diffusers_unet"]
+__all__ = [
+    "DiffusersMembranes",
+    "HFTextEncoder",
+    "membrane_from_file",
+    "apply_text_deltas",
+    "text_model_keys",
+    "load_for_unet",
+    "unet_canonical_names",
+    "canonical_to_diffusers_unet",
+]

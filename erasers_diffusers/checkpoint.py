@@ -10,6 +10,7 @@ encoder tower(s), rebuilt as transformers CLIP models from the checkpoint's own 
          ``conditioner.embedders.1.model.*``             (OpenCLIP-G)             → penultimate layer, pooled
 The tokenizer is not in the file; ``erasers_diffusers.tokenizer`` finds one locally.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,10 +21,11 @@ from typing import Optional
 
 import torch
 
-from .clip_text import ClipTextEncoder, Tower, clip_tokenizer, fix_meta_buffers
-from erasers.files.eraser_file import check_safetensors
 from erasers.errors import BadEraserFile, UnsupportedFamily
+from erasers.files.eraser_file import check_safetensors
 from erasers.files.families import ATTN2_KV, Family, detect_family
+
+from .clip_text import ClipTextEncoder, Tower, clip_tokenizer, fix_meta_buffers
 from .tokenizer import find_tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,13 @@ SDXL_OPENCLIP_G = "conditioner.embedders.1.model."
 
 _RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.*)$")
 #: OpenCLIP residual-block names → transformers CLIP encoder-layer names (in_proj is split separately)
-_OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_OPENCLIP_LAYER = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 
 
 @dataclass
@@ -82,16 +89,28 @@ def clip_config(state: dict, act: str, drop_last: bool = False, eos_token_id: in
     layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers."))
     proj = state.get("text_projection.weight")
     return CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width,
+        vocab_size=vocab,
+        hidden_size=width,
         intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=layers - 1 if drop_last else layers, num_attention_heads=max(1, width // 64),
+        num_hidden_layers=layers - 1 if drop_last else layers,
+        num_attention_heads=max(1, width // 64),
         max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
-        hidden_act=act, projection_dim=proj.shape[0] if proj is not None else width,
-        bos_token_id=eos_token_id - 1, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+        hidden_act=act,
+        projection_dim=proj.shape[0] if proj is not None else width,
+        bos_token_id=eos_token_id - 1,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
 
 
-def build_clip(state: dict, act: str, with_projection: bool = False, drop_last: bool = False,
-               where: str = "text encoder", eos_token_id: int = 49407):
+def build_clip(
+    state: dict,
+    act: str,
+    with_projection: bool = False,
+    drop_last: bool = False,
+    where: str = "text encoder",
+    eos_token_id: int = 49407,
+):
     """A float32 transformers CLIP text model holding exactly ``state`` (missing/extra keys refused)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -107,11 +126,13 @@ def build_clip(state: dict, act: str, with_projection: bool = False, drop_last: 
         model = cls(config)
     expected = set(model.state_dict())
     if not any(k.startswith("text_model.") for k in expected):  # transformers ≥ 5 dropped the prefix here
-        state = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
+        state = {k[len("text_model.") :] if k.startswith("text_model.") else k: v for k, v in state.items()}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise BadEraserFile(f"The checkpoint's {where} does not have the layout of a CLIP text model: missing "
-                            f"{missing[:6]}, unexpected {unexpected[:6]}. Is it a complete SD checkpoint?")
+        raise BadEraserFile(
+            f"The checkpoint's {where} does not have the layout of a CLIP text model: missing "
+            f"{missing[:6]}, unexpected {unexpected[:6]}. Is it a complete SD checkpoint?"
+        )
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     fix_meta_buffers(model)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
@@ -120,7 +141,7 @@ def build_clip(state: dict, act: str, with_projection: bool = False, drop_last: 
 
 
 def _read(handle, keys, prefix: str) -> dict:
-    return {k[len(prefix):]: handle.get_tensor(k) for k in keys if k.startswith(prefix)}
+    return {k[len(prefix) :]: handle.get_tensor(k) for k in keys if k.startswith(prefix)}
 
 
 def load_checkpoint(path: str, tokenizer_dir: Optional[str] = None, comfyui_path: Optional[str] = None) -> Checkpoint:
@@ -133,8 +154,10 @@ def load_checkpoint(path: str, tokenizer_dir: Optional[str] = None, comfyui_path
     try:
         return _load(path, name, folder)
     except (SafetensorError, OSError) as exc:
-        raise BadEraserFile(f"'{name}' could not be read as .safetensors ({exc}). The file may be truncated: "
-                            f"re-download or re-save it.") from exc
+        raise BadEraserFile(
+            f"'{name}' could not be read as .safetensors ({exc}). The file may be truncated: "
+            f"re-download or re-save it."
+        ) from exc
 
 
 def _load(path: str, name: str, folder: str) -> Checkpoint:
@@ -146,11 +169,11 @@ def _load(path: str, name: str, folder: str) -> Checkpoint:
         if not unet_keys:
             raise UnsupportedFamily(
                 f"'{name}' has no '{UNET_PREFIX}*' weights: expected a single-file SD1.x/SD2.x/SDXL checkpoint "
-                f"(UNet + text encoder). For a UNet-only or diffusers-layout file, use --diffusers DIR.")
-        shapes = {k[len(UNET_PREFIX):]: tuple(handle.get_slice(k).get_shape()) for k in unet_keys}
+                f"(UNet + text encoder). For a UNet-only or diffusers-layout file, use --diffusers DIR."
+            )
+        shapes = {k[len(UNET_PREFIX) :]: tuple(handle.get_slice(k).get_shape()) for k in unet_keys}
         family = detect_family(shapes)
-        weights = {k[len(UNET_PREFIX):]: handle.get_tensor(k).float() for k in unet_keys
-                   if ATTN2_KV.search(k)}
+        weights = {k[len(UNET_PREFIX) :]: handle.get_tensor(k).float() for k in unet_keys if ATTN2_KV.search(k)}
         if family == Family.SD1 or (family == Family.UNET and any(k.startswith(SD1_CLIP) for k in keys)):
             state = _read(handle, keys, SD1_CLIP)
             if state and not next(iter(state)).startswith("text_model."):
@@ -161,22 +184,48 @@ def _load(path: str, name: str, folder: str) -> Checkpoint:
             # SD2 reads the penultimate layer *with* the final layer norm: drop the last block, keep the LN
             specs = [("OpenCLIP-H (cond_stage_model.model)", state, "gelu", False, True, "last", "!")]
         elif family == Family.SDXL:
-            specs = [("CLIP-L (conditioner.embedders.0)", _read(handle, keys, SDXL_CLIP_L), "quick_gelu", False,
-                      False, "penultimate", None),
-                     ("OpenCLIP-G (conditioner.embedders.1)", openclip_to_hf(_read(handle, keys, SDXL_OPENCLIP_G)),
-                      "gelu", True, False, "penultimate", "!")]
+            specs = [
+                (
+                    "CLIP-L (conditioner.embedders.0)",
+                    _read(handle, keys, SDXL_CLIP_L),
+                    "quick_gelu",
+                    False,
+                    False,
+                    "penultimate",
+                    None,
+                ),
+                (
+                    "OpenCLIP-G (conditioner.embedders.1)",
+                    openclip_to_hf(_read(handle, keys, SDXL_OPENCLIP_G)),
+                    "gelu",
+                    True,
+                    False,
+                    "penultimate",
+                    "!",
+                ),
+            ]
         else:
-            raise UnsupportedFamily(f"'{name}' is a {family.label} model; single files are read for SD1.x, "
-                                    f"SD2.x and SDXL. Use --diffusers DIR for other models.")
+            raise UnsupportedFamily(
+                f"'{name}' is a {family.label} model; single files are read for SD1.x, "
+                f"SD2.x and SDXL. Use --diffusers DIR for other models."
+            )
     for where, state, *_ in specs:
         if not state:
-            raise BadEraserFile(f"'{name}' is {family.label} but holds no {where} weights. Expected a full "
-                                f"checkpoint with its text encoder; for a UNet-only file use --diffusers DIR.")
+            raise BadEraserFile(
+                f"'{name}' is {family.label} but holds no {where} weights. Expected a full "
+                f"checkpoint with its text encoder; for a UNet-only file use --diffusers DIR."
+            )
     towers = []
     for n, (where, state, act, projection, drop_last, layer, pad) in enumerate(specs):
         tokenizer = clip_tokenizer(folder, pad_token=pad)
-        model = build_clip(state, act, with_projection=projection, drop_last=drop_last, where=f"{where} in '{name}'",
-                           eos_token_id=tokenizer.eos_token_id)
+        model = build_clip(
+            state,
+            act,
+            with_projection=projection,
+            drop_last=drop_last,
+            where=f"{where} in '{name}'",
+            eos_token_id=tokenizer.eos_token_id,
+        )
         towers.append(Tower(tokenizer, model, layer, pooled=projection))
     encoder = ClipTextEncoder(family.value, towers)
     log.info("Read %s (%s): %d text projections, %d text tower(s)", name, family.label, len(weights), len(towers))

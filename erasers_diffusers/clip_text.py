@@ -10,6 +10,7 @@ Per family (matching what the denoiser is conditioned on):
                   the G tower's projected pooled output.
 Lengths come from the first tokenizer (real tokens incl. BOS/EOS); token ids are unpadded.
 """
+
 from __future__ import annotations
 
 import logging
@@ -131,8 +132,10 @@ class WordHashTokenizer:
         return int(hashlib.md5(word.lower().encode()).hexdigest(), 16) % (self.vocab_size - 2)
 
     def __call__(self, prompts: Sequence[str]):
-        rows = [[self.bos_token_id] + [self.word_id(w) for w in p.replace(",", " ").split()]
-                + [self.eos_token_id] for p in prompts]
+        rows = [
+            [self.bos_token_id] + [self.word_id(w) for w in p.replace(",", " ").split()] + [self.eos_token_id]
+            for p in prompts
+        ]
         return {"input_ids": rows}
 
 

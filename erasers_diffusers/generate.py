@@ -3,6 +3,7 @@
 The lead wires ``add_subparser(subparsers)`` into ``erasers_diffusers/cli.py``. Everything is applied through
 removable hooks (erasers_diffusers/apply.py); the pipeline's weights are never written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,19 +14,26 @@ log = logging.getLogger(__name__)
 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("generate", help="generate images with SPM membranes / erasure LoRAs (diffusers)",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "generate", help="generate images with SPM membranes / erasure LoRAs (diffusers)", description=__doc__
+    )
     p.add_argument("--model", required=True, help="diffusers model folder or hub id, or a single .safetensors file")
     p.add_argument("--prompt", required=True, action="append", help="prompt (repeat for a batch)")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--spm", nargs="*", default=[], metavar="FILE", help="SPM membrane files")
     p.add_argument("--lora", nargs="*", default=[], metavar="FILE", help="erasure LoRA / UCE / ESD files")
-    p.add_argument("--strength", type=float, nargs="*", default=None,
-                   help="one strength per --spm then --lora file (default 1.0 each)")
+    p.add_argument(
+        "--strength",
+        type=float,
+        nargs="*",
+        default=None,
+        help="one strength per --spm then --lora file (default 1.0 each)",
+    )
     p.add_argument("--no-transport", action="store_true", help="membranes as plain LoRAs (no facilitated transport)")
     p.add_argument("--combination", choices=("official", "linear"), default="official")
-    p.add_argument("--gate", choices=("always", "facilitated transport"), default="always",
-                   help="gate of the --lora files")
+    p.add_argument(
+        "--gate", choices=("always", "facilitated transport"), default="always", help="gate of the --lora files"
+    )
     p.add_argument("--concepts", default="", help="comma-separated concepts for gated LoRAs without metadata")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=7.5)
@@ -69,8 +77,9 @@ def generate(args) -> list:
     membranes, loras = [], []
     for (path, kind), strength in zip(files, strengths):
         transport = not args.no_transport if kind == "spm" else args.gate == "facilitated transport"
-        mem, report = membrane_from_file(pipe.unet, path, strength, transport, concepts if kind == "lora" else None,
-                                         kind=kind, pipe=pipe)
+        mem, report = membrane_from_file(
+            pipe.unet, path, strength, transport, concepts if kind == "lora" else None, kind=kind, pipe=pipe
+        )
         print(f"{os.path.basename(path)}: {report.summary()}")
         (membranes if kind == "spm" else loras).append(mem)
     encoder = HFTextEncoder(pipe.tokenizer, pipe.text_encoder)
@@ -82,9 +91,15 @@ def generate(args) -> list:
             print(f"rates for '{prompt}': " + ", ".join(f"{r:.3f}" for r in row))
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         size = {"height": args.size, "width": args.size} if args.size else {}
-        images = pipe(prompt=args.prompt, negative_prompt=[args.negative] * len(args.prompt),
-                      num_inference_steps=args.steps, guidance_scale=args.cfg,
-                      num_images_per_prompt=args.images_per_prompt, generator=generator, **size).images
+        images = pipe(
+            prompt=args.prompt,
+            negative_prompt=[args.negative] * len(args.prompt),
+            num_inference_steps=args.steps,
+            guidance_scale=args.cfg,
+            num_images_per_prompt=args.images_per_prompt,
+            generator=generator,
+            **size,
+        ).images
     for i, image in enumerate(images):
         path = os.path.join(args.out, f"erasers_{args.seed}_{i:03d}.png")
         image.save(path)

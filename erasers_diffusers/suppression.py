@@ -11,6 +11,7 @@ The same core math as the ComfyUI nodes:
 
 Imports diffusers only inside functions, so ``erasers`` stays importable without it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -102,8 +103,10 @@ class SuppressionProcessors:
         if self._originals is not None:
             return self
         self._originals = dict(self.unet.attn_processors)
-        procs = {name: (SuppressionAttnProcessor(self, p) if ".attn2." in name else p)
-                 for name, p in self._originals.items()}
+        procs = {
+            name: (SuppressionAttnProcessor(self, p) if ".attn2." in name else p)
+            for name, p in self._originals.items()
+        }
         self.unet.set_attn_processor(procs)
         return self
 
@@ -144,8 +147,12 @@ class DiffusersTextEncoder:
         device = next(self.text_encoder.parameters()).device
         hidden = self.text_encoder(batch.to(device))[0].float().cpu()
         lengths = torch.tensor([len(r) for r in ids])
-        return PromptEncoding(hidden=hidden, lengths=lengths, token_ids=[list(r) for r in ids],
-                              pooled=hidden[torch.arange(len(ids)), lengths - 1])
+        return PromptEncoding(
+            hidden=hidden,
+            lengths=lengths,
+            token_ids=[list(r) for r in ids],
+            pooled=hidden[torch.arange(len(ids)), lengths - 1],
+        )
 
 
 def safree_embeds(encoder, prompt: str, config: safree.SAFREEConfig) -> safree.SafreeResult:
@@ -157,15 +164,25 @@ def safree_embeds(encoder, prompt: str, config: safree.SAFREEConfig) -> safree.S
     c = encoder.encode(config.concepts)
     masked_hidden = m.hidden if m is not None else p.hidden[:0]
     masked_lengths = m.lengths if m is not None else p.lengths[:0]
-    return safree.analyse(config, p.hidden[0], int(p.lengths[0]), positions, masked_hidden, masked_lengths,
-                          c.hidden, c.lengths, segments=safree.SEGMENTS.get(encoder.family))
+    return safree.analyse(
+        config,
+        p.hidden[0],
+        int(p.lengths[0]),
+        positions,
+        masked_hidden,
+        masked_lengths,
+        c.hidden,
+        c.lengths,
+        segments=safree.SEGMENTS.get(encoder.family),
+    )
 
 
 # -- SLD -----------------------------------------------------------------------------------------------
 
 
-def sld_noise(unet, latents, t, uncond, cond, safety, cfg_scale: float, state: sld.SLDState,
-              config: sld.SLDConfig, warmup: int) -> torch.Tensor:
+def sld_noise(
+    unet, latents, t, uncond, cond, safety, cfg_scale: float, state: sld.SLDState, config: sld.SLDConfig, warmup: int
+) -> torch.Tensor:
     """ε̃ for one step from one batched UNet call on [uncond, cond, safety] (ε-prediction UNet)."""
     x = torch.cat([latents] * 3)
     ctx = torch.cat([uncond, cond, safety])

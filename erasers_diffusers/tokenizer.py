@@ -10,6 +10,7 @@ share one BPE vocabulary (49408 entries), so any local copy will do. Places sear
      vocabulary is rebuilt from it (see ``vocab_from_bpe``) into a cache folder;
   5. the Hugging Face cache, if a CLIP tokenizer was downloaded there earlier.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -28,8 +29,11 @@ BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 BPE_PACKAGES = (("open_clip", BPE_NAME), ("clip", BPE_NAME))
 #: CLIP keeps the first 49152 − 256 − 2 merges of the 16e6 file (line 0 is a header)
 N_MERGES = 49152 - 256 - 2
-HF_CLIP_REPOS = ("models--openai--clip-vit-large-patch14", "models--runwayml--stable-diffusion-v1-5",
-                 "models--stable-diffusion-v1-5--stable-diffusion-v1-5")
+HF_CLIP_REPOS = (
+    "models--openai--clip-vit-large-patch14",
+    "models--runwayml--stable-diffusion-v1-5",
+    "models--stable-diffusion-v1-5--stable-diffusion-v1-5",
+)
 
 
 def has_vocab(directory: Optional[str]) -> bool:
@@ -40,8 +44,9 @@ def bytes_to_unicode() -> dict:
     """CLIP/GPT-2's reversible byte → printable-unicode table. Its *order* is the vocabulary's: first
     the printable bytes (mapped to themselves), then the other bytes in byte order, mapped to code
     points from 256 up."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table = {b: chr(b) for b in printable}
     for n, b in enumerate(b for b in range(256) if b not in table):
         table[b] = chr(256 + n)
@@ -54,7 +59,7 @@ def vocab_from_bpe(merge_lines: list) -> tuple:
     The well-known construction: the 256 byte symbols, the same with the end-of-word mark ``</w>``, then
     each of the first ``N_MERGES`` merges joined, then ``<|startoftext|>`` and ``<|endoftext|>``.
     """
-    merges = [tuple(line.split()) for line in merge_lines[1: N_MERGES + 1] if line.strip()]
+    merges = [tuple(line.split()) for line in merge_lines[1 : N_MERGES + 1] if line.strip()]
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
@@ -90,7 +95,7 @@ def cache_dir() -> str:
 
 def package_bpe_files(packages: Optional[Iterable] = None) -> list:
     found = []
-    for package, name in (BPE_PACKAGES if packages is None else packages):
+    for package, name in BPE_PACKAGES if packages is None else packages:
         try:
             spec = importlib.util.find_spec(package)
         except (ImportError, ValueError):
@@ -106,7 +111,8 @@ def package_bpe_files(packages: Optional[Iterable] = None) -> list:
 
 def hf_cache_dirs() -> list:
     hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub"
+    )
     out = []
     for repo in HF_CLIP_REPOS:
         snapshots = os.path.join(hub, repo, "snapshots")
@@ -116,8 +122,9 @@ def hf_cache_dirs() -> list:
     return out
 
 
-def candidates(tokenizer_dir: Optional[str] = None, diffusers_dir: Optional[str] = None,
-               comfyui_path: Optional[str] = None) -> list:
+def candidates(
+    tokenizer_dir: Optional[str] = None, diffusers_dir: Optional[str] = None, comfyui_path: Optional[str] = None
+) -> list:
     """(description, folder) pairs searched in order; folders need not exist."""
     out = []
     if tokenizer_dir:
@@ -130,8 +137,12 @@ def candidates(tokenizer_dir: Optional[str] = None, diffusers_dir: Optional[str]
     return out
 
 
-def find_tokenizer_dir(tokenizer_dir: Optional[str] = None, diffusers_dir: Optional[str] = None,
-                       comfyui_path: Optional[str] = None, search_packages: bool = True) -> str:
+def find_tokenizer_dir(
+    tokenizer_dir: Optional[str] = None,
+    diffusers_dir: Optional[str] = None,
+    comfyui_path: Optional[str] = None,
+    search_packages: bool = True,
+) -> str:
     """A folder with CLIP's ``vocab.json`` and ``merges.txt``, or ``MissingTokenizer`` saying what to do."""
     searched = []
     for what, folder in candidates(tokenizer_dir, diffusers_dir, comfyui_path):

@@ -4,6 +4,7 @@ Each node module exports ``NODES`` (a list of ``io.ComfyNode`` classes); add a m
 register its nodes. Host-facing helpers that tests exercise without ComfyUI live in ``nodes/adapters.py``
 and friends, which import nothing from ComfyUI at module level.
 """
+
 import importlib
 import logging
 
@@ -24,6 +25,7 @@ async def comfy_entrypoint():
 
     folders.register_model_folders()
     from . import routes  # front-end routes (web/): file info and presets
+
     routes.register_routes()
 
     class ConceptErasersExtension(ComfyExtension):

@@ -7,6 +7,7 @@
 
 Keys inside a ModelPatcher are ``diffusion_model.`` + the core's canonical key (comfyui_host.md §2.4).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,9 @@ import torch
 
 from ..erasers.config import ConfigError
 from ..erasers.edits.eraser import Eraser, compute_eraser, fingerprint
+from ..erasers.edits.methods import check_family, get_method
 from ..erasers.errors import ConceptTooLong
 from ..erasers.files.families import Family, detect_family, layer_specs
-from ..erasers.edits.methods import check_family, get_method
 from ..erasers.text import PromptEncoding, split_concepts
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class ComfyCLIPEncoder:
             # SD3 puts all CLIP sections first, then all T5 sections: (1, 77·N + L·N, 4096)
             clip_len = len(tokens["l"][0])
             clip_part = cond[0, : clip_len * n].reshape(n, clip_len, -1)
-            t5_part = cond[0, clip_len * n:].reshape(n, -1, cond.shape[-1])
+            t5_part = cond[0, clip_len * n :].reshape(n, -1, cond.shape[-1])
             hidden = torch.cat([clip_part, t5_part], dim=1)
         else:
             hidden = cond[0].reshape(n, -1, cond.shape[-1])
@@ -137,8 +138,13 @@ class ComfyCLIPEncoder:
         pooled_all = None
         if self.needs_pooled:
             pooled_all = pooled.float().cpu() if n == 1 else self._pooled_each(per_prompt)
-        return PromptEncoding(hidden=hidden.float().cpu(), lengths=lengths, token_ids=token_ids,
-                              pooled=pooled_all, has_bos=id_key != "t5xxl")
+        return PromptEncoding(
+            hidden=hidden.float().cpu(),
+            lengths=lengths,
+            token_ids=token_ids,
+            pooled=pooled_all,
+            has_bos=id_key != "t5xxl",
+        )
 
     def _pooled_each(self, per_prompt: list) -> torch.Tensor:
         # encode_token_weights returns only the first section's pooled vector, so pooled vectors of a
@@ -152,10 +158,11 @@ class ComfyCLIPEncoder:
 
 # -- the model side ---------------------------------------------------------------------------------
 
+
 def canonical_state(model) -> dict:
     """Canonical key → tensor (references, nothing copied) of a ModelPatcher's diffusion model."""
     sd = model.model_state_dict(filter_prefix=PREFIX)
-    return {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}
+    return {k[len(PREFIX) :]: v for k, v in sd.items() if k.startswith(PREFIX)}
 
 
 def model_family(model) -> Family:
@@ -196,8 +203,11 @@ def canonical_base_weights(model, keys: Sequence[str]) -> dict:
 def delta_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     # fp8/quantised storage would round most of a small edit away; calculate_weight adds the diff in
     # float32 anyway, so such weights get a float16 diff instead
-    return weight_dtype if weight_dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) \
+    return (
+        weight_dtype
+        if weight_dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
         else torch.float16
+    )
 
 
 def apply_eraser(model, eraser: Eraser, strength: float):
@@ -234,9 +244,9 @@ def parse_params(text: str) -> dict:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"params is not valid JSON ({exc}). Expected e.g. {{\"lam\": 0.5}}.") from exc
+            raise ConfigError(f'params is not valid JSON ({exc}). Expected e.g. {{"lam": 0.5}}.') from exc
         if not isinstance(data, dict):
-            raise ConfigError("params must be a JSON object, e.g. {\"lam\": 0.5}.")
+            raise ConfigError('params must be a JSON object, e.g. {"lam": 0.5}.')
         return data
     data = {}
     for part in text.replace(";", ",").replace("\n", ",").split(","):
@@ -252,15 +262,27 @@ def parse_params(text: str) -> dict:
     return data
 
 
-def build_config(method: str, concepts: str, anchors: str = "", preserve: str = "",
-                 concept_type: str = "object", params: str = "", rank_cap: int = 0):
+def build_config(
+    method: str,
+    concepts: str,
+    anchors: str = "",
+    preserve: str = "",
+    concept_type: str = "object",
+    params: str = "",
+    rank_cap: int = 0,
+):
     extra = parse_params(params)
     clash = sorted(set(extra) & set(RESERVED_PARAMS))
     if clash:
         raise ConfigError(f"params sets {clash}, which have their own inputs on the node; set them there.")
-    data = {"concepts": split_concepts(concepts), "anchors": split_concepts(anchors),
-            "preserve": split_concepts(preserve), "concept_type": concept_type,
-            "rank_cap": int(rank_cap) if rank_cap else None, **extra}
+    data = {
+        "concepts": split_concepts(concepts),
+        "anchors": split_concepts(anchors),
+        "preserve": split_concepts(preserve),
+        "concept_type": concept_type,
+        "rank_cap": int(rank_cap) if rank_cap else None,
+        **extra,
+    }
     config_class = get_method(method).config_class
     for f in dataclasses.fields(config_class):
         # "variant=2023" parses as a number; a text field keeps the text

@@ -3,6 +3,7 @@
 ComfyUI loads ``extra_model_paths.yaml`` before custom nodes, so an existing entry is extended, never
 replaced (``folder_paths.add_model_folder_path``). Only ``.safetensors`` files are listed.
 """
+
 import os
 
 SAFETENSORS = {".safetensors"}

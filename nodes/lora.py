@@ -1,13 +1,13 @@
 """Load Erasure LoRA: kohya / PEFT / EraseAnything / UCE / ESD files, always on or gated by transport."""
+
 import logging
 
 from comfy_api.latest import io
 
-from . import spm_runtime
-
-from ..erasers.membranes.formats._common import TEXT_PREFIX
 from ..erasers.lowrank import LowRankDelta
+from ..erasers.membranes.formats._common import TEXT_PREFIX
 from ..erasers.membranes.spm import GATE_FT, GATE_MODES, Gate, Membrane
+from . import spm_runtime
 
 log = logging.getLogger(__name__)
 ADAPTER_FOLDERS = ("erasers", "spm", "loras")
@@ -41,8 +41,11 @@ def full_path(name: str) -> str:
 def _lora_patch(delta):
     from comfy.weight_adapter import LoRAAdapter
 
-    return LoRAAdapter(set(), (delta.up, delta.down, None, None, None, None)) \
-        if isinstance(delta, LowRankDelta) else ("diff", (delta,))
+    return (
+        LoRAAdapter(set(), (delta.up, delta.down, None, None, None, None))
+        if isinstance(delta, LowRankDelta)
+        else ("diff", (delta,))
+    )
 
 
 def static_patches(deltas) -> dict:
@@ -50,7 +53,7 @@ def static_patches(deltas) -> dict:
     dense); text keys are left to ``text_patches``."""
     patches = {}
     for key, delta in deltas.items():
-        name, offset = (key if isinstance(key, tuple) else (key, None))
+        name, offset = key if isinstance(key, tuple) else (key, None)
         if name.startswith(TEXT_PREFIX):
             continue
         full = "diffusion_model." + name
@@ -63,7 +66,7 @@ def text_patches(deltas) -> dict:
     patches = {}
     for key, delta in deltas.items():
         if isinstance(key, str) and key.startswith(TEXT_PREFIX):
-            encoder, path = key[len(TEXT_PREFIX):].split(".", 1)
+            encoder, path = key[len(TEXT_PREFIX) :].split(".", 1)
             patches[f"{encoder}.transformer.{path}"] = _lora_patch(delta)
     return patches
 
@@ -76,20 +79,48 @@ class EraserLoRALoad(io.ComfyNode):
             display_name="Load Erasure LoRA",
             category="concept_erasers/adapters",
             description="Applies an erasure LoRA or weight file (kohya, diffusers/PEFT, EraseAnything Flux, UCE, "
-                        "ESD). Gate 'facilitated transport' keeps it shut for prompts unrelated to its concepts.",
+            "ESD). Gate 'facilitated transport' keeps it shut for prompts unrelated to its concepts.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."),
-                io.Combo.Input("file", options=adapter_files(), tooltip="Erasure LoRA or weight file from models/erasers, models/spm or models/loras."),
-                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="Scales the adapter: 0 = the original model, 1 = as trained."),
-                io.Combo.Input("gate", options=list(GATE_MODES), default=GATE_MODES[0], tooltip="always: a plain LoRA; facilitated transport: opens only for prompts near its concepts (needs CLIP)."),
-                io.Clip.Input("clip", optional=True,
-                              tooltip="Text encoder: scores prompts for the facilitated-transport gate; with gate "
-                                      "'always' it also receives the file's text-encoder keys (lora_te…)."),
-                io.String.Input("concepts", default="", optional=True,
-                                tooltip="Concepts the gate opens for, comma-separated (default: the file's metadata)."),
+                io.Combo.Input(
+                    "file",
+                    options=adapter_files(),
+                    tooltip="Erasure LoRA or weight file from models/erasers, models/spm or models/loras.",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=-4.0,
+                    max=4.0,
+                    step=0.05,
+                    tooltip="Scales the adapter: 0 = the original model, 1 = as trained.",
+                ),
+                io.Combo.Input(
+                    "gate",
+                    options=list(GATE_MODES),
+                    default=GATE_MODES[0],
+                    tooltip="always: a plain LoRA; facilitated transport: opens only for prompts near its concepts "
+                    "(needs CLIP).",
+                ),
+                io.Clip.Input(
+                    "clip",
+                    optional=True,
+                    tooltip="Text encoder: scores prompts for the facilitated-transport gate; with gate "
+                    "'always' it also receives the file's text-encoder keys (lora_te…).",
+                ),
+                io.String.Input(
+                    "concepts",
+                    default="",
+                    optional=True,
+                    tooltip="Concepts the gate opens for, comma-separated (default: the file's metadata).",
+                ),
             ],
-            outputs=[io.Model.Output(), io.Clip.Output(tooltip="The CLIP with the file's text-encoder keys applied "
-                                                                  "(gate 'always'); unchanged otherwise.")],
+            outputs=[
+                io.Model.Output(),
+                io.Clip.Output(
+                    tooltip="The CLIP with the file's text-encoder keys applied (gate 'always'); unchanged otherwise."
+                ),
+            ],
             hidden=[io.Hidden.prompt],
         )
 
@@ -106,20 +137,30 @@ class EraserLoRALoad(io.ComfyNode):
             out_clip = clip.clone()
             out_clip.add_patches(text, float(strength))
         elif text:
-            log.warning("%s: the facilitated-transport gate acts on the diffusion model only; its %d text-encoder "
-                        "layer(s) are applied with gate 'always' only.", file, len(text))
+            log.warning(
+                "%s: the facilitated-transport gate acts on the diffusion model only; its %d text-encoder "
+                "layer(s) are applied with gate 'always' only.",
+                file,
+                len(text),
+            )
         if not unet:
             return io.NodeOutput(m, out_clip)
         if gate != GATE_FT:
             m.add_patches(static_patches(unet), float(strength))
             return io.NodeOutput(m, out_clip)
         if clip is None:
-            raise ValueError("The 'facilitated transport' gate scores each prompt with the text encoder: connect CLIP.")
-        names = [c.strip() for c in concepts.split(",") if c.strip()] or report.concepts or \
-            [c.strip() for c in report.metadata.get("prompts", "").split(",") if c.strip()]
+            raise ValueError(
+                "The 'facilitated transport' gate scores each prompt with the text encoder: connect CLIP."
+            )
+        names = (
+            [c.strip() for c in concepts.split(",") if c.strip()]
+            or report.concepts
+            or [c.strip() for c in report.metadata.get("prompts", "").split(",") if c.strip()]
+        )
         mem = Membrane(unet, Gate(GATE_FT, names), float(strength), name=file)
-        spm_runtime.attach(m, mem, spm_runtime.ComfyTextEncoder(clip), spm_runtime.prompt_texts(cls.hidden.prompt),
-                           None)
+        spm_runtime.attach(
+            m, mem, spm_runtime.ComfyTextEncoder(clip), spm_runtime.prompt_texts(cls.hidden.prompt), None
+        )
         return io.NodeOutput(m, out_clip)
 
 

@@ -6,6 +6,7 @@ masked at a time. When the user leaves the node's prompt empty, the node looks i
 for the samplers that use its MODEL output and the text encoders behind their positive conditioning.
 Pure dict processing: no ComfyUI import, so unit tests drive it with hand-made graphs.
 """
+
 from __future__ import annotations
 
 #: inputs through which a MODEL flows from one node to the next (loaders, patches, guiders, samplers)

@@ -1,11 +1,11 @@
 """Load SPM Membrane: a membrane whose strength follows facilitated transport, applied per batch item."""
-from comfy_api.latest import io
 
-from . import spm_runtime
-from .lora import ADAPTER_FOLDERS, adapter_files, full_path
+from comfy_api.latest import io
 
 from ..erasers.membranes.formats.spm import concepts_from_metadata
 from ..erasers.membranes.spm import COMBINATIONS, GATE_ALWAYS, GATE_FT, Gate, Membrane
+from . import spm_runtime
+from .lora import ADAPTER_FOLDERS, adapter_files, full_path
 
 
 class EraserSPMLoad(io.ComfyNode):
@@ -16,18 +16,37 @@ class EraserSPMLoad(io.ComfyNode):
             display_name="Load SPM Membrane",
             category="concept_erasers/adapters",
             description="Applies an SPM membrane with facilitated transport: it opens for prompts near its "
-                        "concepts and stays nearly shut for others. Chain several; they combine as selected.",
+            "concepts and stays nearly shut for others. Chain several; they combine as selected.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."),
                 io.Clip.Input("clip", tooltip="The text encoder loaded with this model (scores each prompt)."),
-                io.Combo.Input("membrane", options=adapter_files(), tooltip=f"From models/{', '.join(ADAPTER_FOLDERS)}"),
-                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="Scales the adapter: 0 = the original model, 1 = as trained."),
-                io.Boolean.Input("transport", default=True, tooltip="Facilitated transport on/off (off: a plain LoRA)."),
-                io.Combo.Input("combination", options=list(COMBINATIONS), default="official",
-                               tooltip="official: factors scaled by m and summed (m², cross terms, like the "
-                                       "reference); linear: each membrane at m independently."),
-                io.String.Input("concepts", default="", optional=True,
-                                tooltip="Only for files without 'prompts' metadata: comma-separated concepts."),
+                io.Combo.Input(
+                    "membrane", options=adapter_files(), tooltip=f"From models/{', '.join(ADAPTER_FOLDERS)}"
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=-4.0,
+                    max=4.0,
+                    step=0.05,
+                    tooltip="Scales the adapter: 0 = the original model, 1 = as trained.",
+                ),
+                io.Boolean.Input(
+                    "transport", default=True, tooltip="Facilitated transport on/off (off: a plain LoRA)."
+                ),
+                io.Combo.Input(
+                    "combination",
+                    options=list(COMBINATIONS),
+                    default="official",
+                    tooltip="official: factors scaled by m and summed (m², cross terms, like the "
+                    "reference); linear: each membrane at m independently.",
+                ),
+                io.String.Input(
+                    "concepts",
+                    default="",
+                    optional=True,
+                    tooltip="Only for files without 'prompts' metadata: comma-separated concepts.",
+                ),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.prompt],

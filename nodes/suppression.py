@@ -3,6 +3,7 @@
 Each node: validate → ``m = model.clone()`` → register closures through named hooks → return m.
 No weight is touched; strength 0 returns the clone unpatched (bit-identical output).
 """
+
 from __future__ import annotations
 
 import logging
@@ -10,10 +11,10 @@ import logging
 from comfy_api.latest import io
 
 from ..erasers.guards import safree, sld
-from ..erasers.guards.concept_guidance import ALPHA, ConceptGuidanceConfig
 from ..erasers.guards.base import preset_names, sigma_window
-from ..erasers.text import split_concepts
+from ..erasers.guards.concept_guidance import ALPHA, ConceptGuidanceConfig
 from ..erasers.guards.token_suppress import TokenSuppressConfig, match_token_ids
+from ..erasers.text import split_concepts
 from . import prompt_trace
 from . import suppression_clip as sc
 from . import suppression_hooks as hooks
@@ -27,15 +28,37 @@ UNET_FAMILIES = ("sd1", "sd2", "sdxl")
 def common_inputs():
     return [
         io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="0 switches the method off"),
-        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Where in the schedule the method starts acting (0 = first step)."),
-        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Where in the schedule the method stops acting (1 = last step)."),
-        io.Float.Input("risk_gate", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="prompts whose similarity to the concepts is below this are left untouched (0 = off)"),
+        io.Float.Input(
+            "start_percent",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="Where in the schedule the method starts acting (0 = first step).",
+        ),
+        io.Float.Input(
+            "end_percent",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="Where in the schedule the method stops acting (1 = last step).",
+        ),
+        io.Float.Input(
+            "risk_gate",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="prompts whose similarity to the concepts is below this are left untouched (0 = off)",
+        ),
     ]
 
 
 def window(m, config):
-    return sigma_window(m.get_model_object("model_sampling").percent_to_sigma, config.start_percent, config.end_percent)
+    return sigma_window(
+        m.get_model_object("model_sampling").percent_to_sigma, config.start_percent, config.end_percent
+    )
 
 
 def register_attention(m, family: str) -> None:
@@ -49,8 +72,10 @@ def register_attention(m, family: str) -> None:
             if isinstance(existing, hooks.Attn2Dispatch):
                 continue
             if existing is not None:
-                log.warning("Another node replaced the cross-attention of block %s; suppression skips it.",
-                            (name, number, index))
+                log.warning(
+                    "Another node replaced the cross-attention of block %s; suppression skips it.",
+                    (name, number, index),
+                )
                 continue
             m.set_model_attn2_replace(dispatch, name, number, index)
     else:
@@ -76,29 +101,89 @@ class EraserSAFREE(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="EraserSAFREE", display_name="SAFREE concept projection", category=CATEGORY,
+            node_id="EraserSAFREE",
+            display_name="SAFREE concept projection",
+            category=CATEGORY,
             description="Projects the prompt tokens that carry the concepts out of the concept subspace "
-                        "(SAFREE); benign prompts stay bit-identical.",
-            inputs=[io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."), io.Clip.Input("clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."),
-                    io.String.Input("prompt", multiline=True, default="",
-                                    tooltip="the positive prompt text, the same as in CLIP Text Encode (CONDITIONING "
-                                            "carries no text). Empty: taken from the text encoder behind the positive "
-                                            "input of the sampler that uses this model; a warning says when it cannot"),
-                    io.String.Input("concepts", multiline=True, default="", tooltip="empty → the preset's keywords"),
-                    io.Combo.Input("preset", options=preset_names(), default="nudity", tooltip="keyword list used when concepts is empty (files in erasers/data/presets)"),
-                    io.Float.Input("alpha", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="detection margin α of the masked-token test (paper: 0.01)"),
-                    io.Boolean.Input("include_eos", default=True, tooltip="also project the EOS/padding positions, which carry the concept in causal CLIP"),
-                    io.Boolean.Input("self_validating", default=True, tooltip="SAFREE's step switch t′: use the projection only for the early steps it selects"),
-                    io.Boolean.Input("keywords_as_negative", default=False, tooltip="also use the joined keywords as the negative prompt (the reference always does)")] + common_inputs(),
-            outputs=[io.Model.Output()], hidden=[io.Hidden.prompt, io.Hidden.unique_id])
+            "(SAFREE); benign prompts stay bit-identical.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."),
+                io.Clip.Input(
+                    "clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."
+                ),
+                io.String.Input(
+                    "prompt",
+                    multiline=True,
+                    default="",
+                    tooltip="the positive prompt text, the same as in CLIP Text Encode (CONDITIONING "
+                    "carries no text). Empty: taken from the text encoder behind the positive "
+                    "input of the sampler that uses this model; a warning says when it cannot",
+                ),
+                io.String.Input("concepts", multiline=True, default="", tooltip="empty → the preset's keywords"),
+                io.Combo.Input(
+                    "preset",
+                    options=preset_names(),
+                    default="nudity",
+                    tooltip="keyword list used when concepts is empty (files in erasers/data/presets)",
+                ),
+                io.Float.Input(
+                    "alpha",
+                    default=0.01,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="detection margin α of the masked-token test (paper: 0.01)",
+                ),
+                io.Boolean.Input(
+                    "include_eos",
+                    default=True,
+                    tooltip="also project the EOS/padding positions, which carry the concept in causal CLIP",
+                ),
+                io.Boolean.Input(
+                    "self_validating",
+                    default=True,
+                    tooltip="SAFREE's step switch t′: use the projection only for the early steps it selects",
+                ),
+                io.Boolean.Input(
+                    "keywords_as_negative",
+                    default=False,
+                    tooltip="also use the joined keywords as the negative prompt (the reference always does)",
+                ),
+            ]
+            + common_inputs(),
+            outputs=[io.Model.Output()],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
+        )
 
     @classmethod
-    def execute(cls, model, clip, prompt, concepts, preset, alpha, include_eos, self_validating,
-                keywords_as_negative, strength, start_percent, end_percent, risk_gate) -> io.NodeOutput:
-        config = safree.SAFREEConfig(concepts=split_concepts(concepts), preset=preset, alpha=alpha,
-                                     include_eos=include_eos, self_validating=self_validating,
-                                     keywords_as_negative=keywords_as_negative, strength=strength,
-                                     start_percent=start_percent, end_percent=end_percent, risk_gate=risk_gate)
+    def execute(
+        cls,
+        model,
+        clip,
+        prompt,
+        concepts,
+        preset,
+        alpha,
+        include_eos,
+        self_validating,
+        keywords_as_negative,
+        strength,
+        start_percent,
+        end_percent,
+        risk_gate,
+    ) -> io.NodeOutput:
+        config = safree.SAFREEConfig(
+            concepts=split_concepts(concepts),
+            preset=preset,
+            alpha=alpha,
+            include_eos=include_eos,
+            self_validating=self_validating,
+            keywords_as_negative=keywords_as_negative,
+            strength=strength,
+            start_percent=start_percent,
+            end_percent=end_percent,
+            risk_gate=risk_gate,
+        )
         family = sc.model_family(model)
         m = model.clone()
         if not config.active:
@@ -116,10 +201,20 @@ class EraserSAFREE(io.ComfyNode):
         t5 = sc.is_t5(family)
         token_range = (sc.token_offset(family), prompt_ctx.shape[1]) if family == "sd3" else None
         result = safree.analyse(
-            config, prompt_ctx[0], n_real, positions, masked_ctx, torch_full(len(masked), n_real), concept_ctx,
-            concept_lengths, encoder="t5" if t5 else "clip", segments=safree.SEGMENTS.get(family),
+            config,
+            prompt_ctx[0],
+            n_real,
+            positions,
+            masked_ctx,
+            torch_full(len(masked), n_real),
+            concept_ctx,
+            concept_lengths,
+            encoder="t5" if t5 else "clip",
+            segments=safree.SEGMENTS.get(family),
             prompt_pooled=prompt_pooled[0] if (t5 and prompt_pooled is not None) else None,
-            concept_pooled=concept_pooled if t5 else None, token_range=token_range)
+            concept_pooled=concept_pooled if t5 else None,
+            token_range=token_range,
+        )
         negative = sc.encode(clip, safree.joined_keywords(config))[0][0] if keywords_as_negative else None
         if not result.changed and negative is None:
             return io.NodeOutput(m)
@@ -135,8 +230,11 @@ class EraserSAFREE(io.ComfyNode):
         texts = prompt_trace.positive_prompt_texts(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
         usable = [t.strip() for t in texts if t and t.strip()]
         if len(texts) == 1 and usable:
-            log.info("SAFREE: the node's prompt is empty; using the positive prompt of the sampler that uses this "
-                     "model: %r", usable[0][:80])
+            log.info(
+                "SAFREE: the node's prompt is empty; using the positive prompt of the sampler that uses this "
+                "model: %r",
+                usable[0][:80],
+            )
             return usable[0]
         if not texts:
             reason = "no sampler using this model was found in the workflow"
@@ -144,35 +242,69 @@ class EraserSAFREE(io.ComfyNode):
             reason = "the positive conditioning is built by a node whose text cannot be read"
         else:
             reason = f"{len(texts)} different positive prompts use this model"
-        log.warning("SAFREE: the node's prompt is empty and the positive prompt could not be recovered (%s). SAFREE "
-                    "needs the prompt text for its masked-token test (CONDITIONING carries no text), so the model is "
-                    "passed through unchanged. Type the positive prompt into the SAFREE node, or link one String "
-                    "node to both it and CLIP Text Encode.", reason)
+        log.warning(
+            "SAFREE: the node's prompt is empty and the positive prompt could not be recovered (%s). SAFREE "
+            "needs the prompt text for its masked-token test (CONDITIONING carries no text), so the model is "
+            "passed through unchanged. Type the positive prompt into the SAFREE node, or link one String "
+            "node to both it and CLIP Text Encode.",
+            reason,
+        )
         return ""
 
 
 class EraserSLD(io.ComfyNode):
-    FAMILIES = {"sd1": None, "sd2": None, "sdxl": None, "sd3": None,
-                "flux": "Flux is guidance-distilled and has no unconditional branch; SLD needs true CFG. Use "
-                        "concept guidance (EraserConceptGuidance) instead."}
+    FAMILIES = {
+        "sd1": None,
+        "sd2": None,
+        "sdxl": None,
+        "sd3": None,
+        "flux": "Flux is guidance-distilled and has no unconditional branch; SLD needs true CFG. Use "
+        "concept guidance (EraserConceptGuidance) instead.",
+    }
 
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="EraserSLD", display_name="Safe Latent Diffusion", category=CATEGORY,
+            node_id="EraserSLD",
+            display_name="Safe Latent Diffusion",
+            category=CATEGORY,
             description="Safe Latent Diffusion: a gated third guidance branch away from a safety concept "
-                        "(one extra model pass per step).",
-            inputs=[io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."), io.Clip.Input("clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."),
-                    io.Combo.Input("preset", options=list(sld.PRESETS), default="medium", tooltip="SLD hyper-parameter preset: weak, medium, strong or max"),
-                    io.String.Input("safety_concept", multiline=True, default=sld.SAFETY_CONCEPT, tooltip="the text guided away from (SLD's default safety concept)")] + common_inputs(),
-            outputs=[io.Model.Output()])
+            "(one extra model pass per step).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."),
+                io.Clip.Input(
+                    "clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."
+                ),
+                io.Combo.Input(
+                    "preset",
+                    options=list(sld.PRESETS),
+                    default="medium",
+                    tooltip="SLD hyper-parameter preset: weak, medium, strong or max",
+                ),
+                io.String.Input(
+                    "safety_concept",
+                    multiline=True,
+                    default=sld.SAFETY_CONCEPT,
+                    tooltip="the text guided away from (SLD's default safety concept)",
+                ),
+            ]
+            + common_inputs(),
+            outputs=[io.Model.Output()],
+        )
 
     @classmethod
-    def execute(cls, model, clip, preset, safety_concept, strength, start_percent, end_percent,
-                risk_gate) -> io.NodeOutput:
+    def execute(
+        cls, model, clip, preset, safety_concept, strength, start_percent, end_percent, risk_gate
+    ) -> io.NodeOutput:
         text = " ".join(safety_concept.split()) or sld.SAFETY_CONCEPT
-        config = sld.SLDConfig(concepts=[text], preset=preset, strength=strength, start_percent=start_percent,
-                               end_percent=end_percent, risk_gate=risk_gate)
+        config = sld.SLDConfig(
+            concepts=[text],
+            preset=preset,
+            strength=strength,
+            start_percent=start_percent,
+            end_percent=end_percent,
+            risk_gate=risk_gate,
+        )
         family = sc.model_family(model)
         sc.refuse("Safe Latent Diffusion", family, cls.FAMILIES)
         m = model.clone()
@@ -183,8 +315,15 @@ class EraserSLD(io.ComfyNode):
         safety = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         safety_hidden = sc.encode(clip, text)[0]
         s_start, s_end = window(m, config)
-        fn = hooks.make_sld_pre_cfg(config, comfy.sampler_helpers.convert_cond(safety), sc.parameterisation(m),
-                                    s_start, s_end, safety_hidden, skip_first=not sc.is_t5(family))
+        fn = hooks.make_sld_pre_cfg(
+            config,
+            comfy.sampler_helpers.convert_cond(safety),
+            sc.parameterisation(m),
+            s_start,
+            s_end,
+            safety_hidden,
+            skip_first=not sc.is_t5(family),
+        )
         m.set_model_sampler_pre_cfg_function(fn)
         return io.NodeOutput(m)
 
@@ -193,25 +332,69 @@ class EraserConceptGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="EraserConceptGuidance", display_name="Concept attention guidance (NAG)", category=CATEGORY,
+            node_id="EraserConceptGuidance",
+            display_name="Concept attention guidance (NAG)",
+            category=CATEGORY,
             description="Normalized attention guidance with the concepts as the negative branch, inside every "
-                        "cross/joint attention; works on guidance-distilled Flux.",
-            inputs=[io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."), io.Clip.Input("clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."),
-                    io.String.Input("concepts", multiline=True, default="nudity, naked", tooltip="concepts to suppress, one per line or comma-separated"),
-                    io.Float.Input("phi", default=5.0, min=1.0, max=20.0, step=0.1, tooltip="extrapolation scale φ (1 = off; NAG default 5)"),
-                    io.Float.Input("tau", default=2.5, min=1.0, max=10.0, step=0.1, tooltip="L1-norm ratio clamp τ (NAG default 2.5)"),
-                    io.Float.Input("alpha", default=0.25, min=0.0, max=1.0, step=0.01, tooltip="blend α with the positive attention (NAG default 0.25)"),
-                    io.Float.Input("sigma_end", default=-1.0, min=-1.0, max=100.0, step=0.01,
-                                   tooltip="NAG acts while σ ≥ sigma_end; −1 = published default (4 UNet, 0.75 flow)"),
-                    ] + common_inputs(),
-            outputs=[io.Model.Output()])
+            "cross/joint attention; works on guidance-distilled Flux.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."),
+                io.Clip.Input(
+                    "clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."
+                ),
+                io.String.Input(
+                    "concepts",
+                    multiline=True,
+                    default="nudity, naked",
+                    tooltip="concepts to suppress, one per line or comma-separated",
+                ),
+                io.Float.Input(
+                    "phi",
+                    default=5.0,
+                    min=1.0,
+                    max=20.0,
+                    step=0.1,
+                    tooltip="extrapolation scale φ (1 = off; NAG default 5)",
+                ),
+                io.Float.Input(
+                    "tau", default=2.5, min=1.0, max=10.0, step=0.1, tooltip="L1-norm ratio clamp τ (NAG default 2.5)"
+                ),
+                io.Float.Input(
+                    "alpha",
+                    default=0.25,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="blend α with the positive attention (NAG default 0.25)",
+                ),
+                io.Float.Input(
+                    "sigma_end",
+                    default=-1.0,
+                    min=-1.0,
+                    max=100.0,
+                    step=0.01,
+                    tooltip="NAG acts while σ ≥ sigma_end; −1 = published default (4 UNet, 0.75 flow)",
+                ),
+            ]
+            + common_inputs(),
+            outputs=[io.Model.Output()],
+        )
 
     @classmethod
-    def execute(cls, model, clip, concepts, phi, tau, alpha, sigma_end, strength, start_percent, end_percent,
-                risk_gate) -> io.NodeOutput:
-        config = ConceptGuidanceConfig(concepts=split_concepts(concepts), phi=phi, tau=tau, alpha=alpha,
-                                       sigma_end=None if sigma_end < 0 else sigma_end, strength=strength,
-                                       start_percent=start_percent, end_percent=end_percent, risk_gate=risk_gate)
+    def execute(
+        cls, model, clip, concepts, phi, tau, alpha, sigma_end, strength, start_percent, end_percent, risk_gate
+    ) -> io.NodeOutput:
+        config = ConceptGuidanceConfig(
+            concepts=split_concepts(concepts),
+            phi=phi,
+            tau=tau,
+            alpha=alpha,
+            sigma_end=None if sigma_end < 0 else sigma_end,
+            strength=strength,
+            start_percent=start_percent,
+            end_percent=end_percent,
+            risk_gate=risk_gate,
+        )
         family = sc.model_family(model)
         m = model.clone()
         if not config.active:
@@ -227,8 +410,13 @@ class EraserConceptGuidance(io.ComfyNode):
             patches = to.get("patches", {}).get("attn2_patch", [])
             if not any(isinstance(p, hooks.NagAttn2Patch) for p in patches):
                 m.set_model_attn2_patch(hooks.NagAttn2Patch())
-        add_wrapper(m, "concept_guidance", hooks.make_nag_wrapper(
-            config, neg, concept_ctx, s_start, s_end, config.sigma_end_for(family), skip_first=not sc.is_t5(family)))
+        add_wrapper(
+            m,
+            "concept_guidance",
+            hooks.make_nag_wrapper(
+                config, neg, concept_ctx, s_start, s_end, config.sigma_end_for(family), skip_first=not sc.is_t5(family)
+            ),
+        )
         return io.NodeOutput(m)
 
 
@@ -236,25 +424,77 @@ class EraserTokenSuppress(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="EraserTokenSuppress", display_name="Token attention suppression", category=CATEGORY,
+            node_id="EraserTokenSuppress",
+            display_name="Token attention suppression",
+            category=CATEGORY,
             description="Scales down (or drops) the image→text attention to the prompt tokens that carry the "
-                        "concepts, inside a σ window.",
-            inputs=[io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."), io.Clip.Input("clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."),
-                    io.String.Input("concepts", multiline=True, default="nudity, naked", tooltip="concepts to suppress, one per line or comma-separated"),
-                    io.Float.Input("factor", default=0.0, min=0.0, max=1.0, step=0.01,
-                                   tooltip="attention multiplier for concept tokens (0 = drop)"),
-                    io.Boolean.Input("include_eos", default=True, tooltip="also suppress EOS/padding positions, which carry the concept"),
-                    io.Float.Input("similarity", default=0.9, min=0.0, max=1.0, step=0.01, tooltip="a prompt token counts as a concept token above this cosine to a keyword"),
-                    io.String.Input("prompt", multiline=True, default="",
-                                    tooltip="optional: the positive prompt, for exact token matches")] + common_inputs(),
-            outputs=[io.Model.Output()])
+            "concepts, inside a σ window.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."),
+                io.Clip.Input(
+                    "clip", tooltip="The text encoder loaded with this model; concepts are encoded with it."
+                ),
+                io.String.Input(
+                    "concepts",
+                    multiline=True,
+                    default="nudity, naked",
+                    tooltip="concepts to suppress, one per line or comma-separated",
+                ),
+                io.Float.Input(
+                    "factor",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="attention multiplier for concept tokens (0 = drop)",
+                ),
+                io.Boolean.Input(
+                    "include_eos", default=True, tooltip="also suppress EOS/padding positions, which carry the concept"
+                ),
+                io.Float.Input(
+                    "similarity",
+                    default=0.9,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="a prompt token counts as a concept token above this cosine to a keyword",
+                ),
+                io.String.Input(
+                    "prompt",
+                    multiline=True,
+                    default="",
+                    tooltip="optional: the positive prompt, for exact token matches",
+                ),
+            ]
+            + common_inputs(),
+            outputs=[io.Model.Output()],
+        )
 
     @classmethod
-    def execute(cls, model, clip, concepts, factor, include_eos, similarity, prompt, strength, start_percent,
-                end_percent, risk_gate) -> io.NodeOutput:
-        config = TokenSuppressConfig(concepts=split_concepts(concepts), factor=factor, include_eos=include_eos,
-                                     similarity=similarity, strength=strength, start_percent=start_percent,
-                                     end_percent=end_percent, risk_gate=risk_gate)
+    def execute(
+        cls,
+        model,
+        clip,
+        concepts,
+        factor,
+        include_eos,
+        similarity,
+        prompt,
+        strength,
+        start_percent,
+        end_percent,
+        risk_gate,
+    ) -> io.NodeOutput:
+        config = TokenSuppressConfig(
+            concepts=split_concepts(concepts),
+            factor=factor,
+            include_eos=include_eos,
+            similarity=similarity,
+            strength=strength,
+            start_percent=start_percent,
+            end_percent=end_percent,
+            risk_gate=risk_gate,
+        )
         family = sc.model_family(model)
         m = model.clone()
         if not config.active:
@@ -266,15 +506,27 @@ class EraserTokenSuppress(io.ComfyNode):
             tokens = clip.tokenize(prompt)
             ids = sc.ids_of(tokens, sc.context_key(family))
             first = 0 if sc.is_t5(family) else 1
-            words = [row[first:sc.real_length(row, family) - 1] for row in concept_ids]
+            words = [row[first : sc.real_length(row, family) - 1] for row in concept_ids]
             positions = [p + sc.token_offset(family) for p in match_token_ids(ids, words)]
             prompt_ref = sc.encode(clip, tokens)[0][0]
             prompt_length = sc.real_length(ids, family) + sc.token_offset(family)
         s_start, s_end = window(m, config)
         register_attention(m, family)
-        add_wrapper(m, "token_suppress", hooks.make_token_wrapper(
-            config, concept_tokens, concept_ctx, s_start, s_end, prompt_ref, positions, prompt_length,
-            skip_first=not sc.is_t5(family)))
+        add_wrapper(
+            m,
+            "token_suppress",
+            hooks.make_token_wrapper(
+                config,
+                concept_tokens,
+                concept_ctx,
+                s_start,
+                s_end,
+                prompt_ref,
+                positions,
+                prompt_length,
+                skip_first=not sc.is_t5(family),
+            ),
+        )
         return io.NodeOutput(m)
 
 

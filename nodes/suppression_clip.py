@@ -3,6 +3,7 @@
 Only the host objects' public API is used (``clip.tokenize`` / ``encode_from_tokens``, the model's class
 and ``model_sampling``); nothing is imported from ComfyUI at module level.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,7 +42,8 @@ def model_family(model) -> str:
             return "sd2"
     raise UnsupportedFamily(
         f"This node serves SD1.x, SD2.x, SDXL, SD3 and Flux models; the connected model is {name}, whose text "
-        f"conditioning layout it does not know. Connect one of the supported models.")
+        f"conditioning layout it does not know. Connect one of the supported models."
+    )
 
 
 def refuse(method: str, family: str, families: dict) -> None:
@@ -121,7 +123,7 @@ def concept_token_states(contexts: torch.Tensor, lengths: torch.Tensor, family: 
     first = 0 if is_t5(family) else 1
     for k in range(contexts.shape[0]):
         n = int(lengths[k])
-        rows.append(contexts[k, off + first: off + n - 1])
+        rows.append(contexts[k, off + first : off + n - 1])
     out = torch.cat(rows) if rows else contexts.new_zeros(0, contexts.shape[-1])
     if out.shape[0] == 0:
         out = contexts[:, off].clone()

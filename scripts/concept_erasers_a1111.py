@@ -12,6 +12,7 @@ ones may be omitted; see docs/a1111.md):
   7 eraser_files (list)     8 eraser_weight (float)  9 spm_files (list)      10 spm_weight (float)
   11 spm_transport (bool)   12 guards (list)         13 guard_preset (str)   14 guard_concepts (str)
 """
+
 import importlib.util
 import logging
 import os
@@ -31,7 +32,8 @@ def _load_glue():
         return module
     package_dir = os.path.join(_ROOT, "a1111_erasers")
     spec = importlib.util.spec_from_file_location(
-        GLUE_NAME, os.path.join(package_dir, "__init__.py"), submodule_search_locations=[package_dir])
+        GLUE_NAME, os.path.join(package_dir, "__init__.py"), submodule_search_locations=[package_dir]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[GLUE_NAME] = module
     spec.loader.exec_module(module)

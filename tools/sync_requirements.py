@@ -1,16 +1,20 @@
 """Write requirements.txt (what ComfyUI-Manager installs) from pyproject.toml, the one place deps are declared.
 
-    python tools/sync_requirements.py           # rewrite requirements.txt
-    python tools/sync_requirements.py --check   # exit 1 if it is out of date (the test suite runs this)
+python tools/sync_requirements.py           # rewrite requirements.txt
+python tools/sync_requirements.py --check   # exit 1 if it is out of date (the test suite runs this)
 """
+
 import argparse
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
-HEADER = ("# Generated from pyproject.toml [project] dependencies by `python tools/sync_requirements.py`; edit "
-          "those, not this.\n# One package per line for ComfyUI-Manager. torch is never listed: the host owns it.\n")
+HEADER = (
+    "# Generated from pyproject.toml [project] dependencies by `python tools/sync_requirements.py`; edit "
+    "those, not this.\n# One package per line for ComfyUI-Manager. torch is never listed: the host owns it.\n"
+)
 
 
 def expected() -> str:

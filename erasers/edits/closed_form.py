@@ -11,6 +11,7 @@ that reads the same context, and
 so the solve happens once per context width, not once per layer, and ΔW has rank ≤ n (erased keys).
 Rows of C, C*, P are token embeddings (n×d, n×d, m×d). Everything runs in float64.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -24,9 +25,14 @@ def gram(keys: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return scale * (keys.T @ keys)
 
 
-def regularised_gram(lam: float, erase_keys: torch.Tensor, eta_e: float,
-                     preserve_keys: Optional[torch.Tensor], eta_p: float,
-                     preserve_gram: Optional[torch.Tensor] = None) -> torch.Tensor:
+def regularised_gram(
+    lam: float,
+    erase_keys: torch.Tensor,
+    eta_e: float,
+    preserve_keys: Optional[torch.Tensor],
+    eta_p: float,
+    preserve_gram: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The matrix (λI + η_e CᵀC + η_p PᵀP) that (★) inverts; a precomputed PᵀP may be passed."""
     d = erase_keys.shape[1]
     mat = lam * torch.eye(d, dtype=torch.float64) + gram(erase_keys, eta_e)
@@ -37,9 +43,15 @@ def regularised_gram(lam: float, erase_keys: torch.Tensor, eta_e: float,
     return mat
 
 
-def shared_factors(erase_keys: torch.Tensor, erase_targets: torch.Tensor, lam: float, eta_e: float,
-                   preserve_keys: Optional[torch.Tensor] = None, eta_p: float = 1.0,
-                   preserve_gram: Optional[torch.Tensor] = None):
+def shared_factors(
+    erase_keys: torch.Tensor,
+    erase_targets: torch.Tensor,
+    lam: float,
+    eta_e: float,
+    preserve_keys: Optional[torch.Tensor] = None,
+    eta_p: float = 1.0,
+    preserve_gram: Optional[torch.Tensor] = None,
+):
     """(A, B) with ΔW = W₀ A B for every layer reading this context.
 
     A = η_e (C* − C)ᵀ  (d×n),   B = C (λI + η_e CᵀC + η_p PᵀP)⁻¹  (n×d)
@@ -57,8 +69,9 @@ def shared_factors(erase_keys: torch.Tensor, erase_targets: torch.Tensor, lam: f
     return eta_e * (c_star - c).T, b_t.T
 
 
-def apply_ridge(w0: torch.Tensor, lam: float, keys: torch.Tensor, targets: torch.Tensor,
-                weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def apply_ridge(
+    w0: torch.Tensor, lam: float, keys: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Reference (★) with arbitrary targets v*, one layer, by a direct solve. Used by tests and RECE.
 
     keys: (n, d); targets: (n, out); weights ω: (n,) or None.

@@ -3,6 +3,7 @@
 ``compute_eraser`` is the host-agnostic entry point every adapter calls: weights in (canonical keys),
 config + text encoder in, ``Eraser`` out. It never modifies the weights it is given.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,7 @@ import torch
 from .. import __version__
 from ..errors import FamilyMismatch, NonFiniteResult, UnknownKeys
 from ..files.families import Family, detect_family, layer_specs, parse_family
-from ..lowrank import LowRankDelta, compress
+from ..lowrank import compress
 from .methods import check_family, get_method
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,9 @@ class Eraser:
     def dense(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.deltas[key].dense(dtype)
 
-    def check_model(self, shapes: Mapping[str, tuple], family: Optional[Family] = None,
-                    fingerprint: Optional[str] = None) -> None:
+    def check_model(
+        self, shapes: Mapping[str, tuple], family: Optional[Family] = None, fingerprint: Optional[str] = None
+    ) -> None:
         """Refuse a model of another family or without our layers; warn when the base differs."""
         family = family or detect_family(shapes)
         where = f" ({self.source})" if self.source else ""
@@ -72,9 +74,13 @@ class Eraser:
                 f"{[tuple(shapes[k][:2]) for k in bad[:4]]}, found {[self.deltas[k].shape for k in bad[:4]]}."
             )
         if fingerprint and self.base_fingerprint and fingerprint != self.base_fingerprint:
-            log.warning("Eraser%s was computed on a different base model (fingerprint %s, this model %s); "
-                        "it still applies, but its edit was solved for other weights.",
-                        where, self.base_fingerprint[:12], fingerprint[:12])
+            log.warning(
+                "Eraser%s was computed on a different base model (fingerprint %s, this model %s); "
+                "it still applies, but its edit was solved for other weights.",
+                where,
+                self.base_fingerprint[:12],
+                fingerprint[:12],
+            )
 
 
 class TimedEncoder:
@@ -119,8 +125,7 @@ def fingerprint(weights: Mapping[str, torch.Tensor], keys=None) -> str:
     return digest.hexdigest()
 
 
-def compute_eraser(config, encoder, weights: Mapping[str, torch.Tensor], family=None,
-                   progress=None) -> Eraser:
+def compute_eraser(config, encoder, weights: Mapping[str, torch.Tensor], family=None, progress=None) -> Eraser:
     """Solve ``config``'s closed form on ``weights`` (canonical key → tensor, any dtype/device).
 
     ``weights`` may hold the whole model or only its text projections; nothing is written to them.
@@ -159,10 +164,12 @@ def compute_eraser(config, encoder, weights: Mapping[str, torch.Tensor], family=
             worst = max(worst, err)
         out[key] = delta
     if config.rank_cap is not None:
-        log.warning("Rank cap %d: worst relative reconstruction error of a layer's delta %.3g",
-                    config.rank_cap, worst)
+        log.warning("Rank cap %d: worst relative reconstruction error of a layer's delta %.3g", config.rank_cap, worst)
     # fingerprint the layers it edits: what ``check_model`` compares when the eraser is applied
     eraser = Eraser(out, family, config.to_dict(), fingerprint(base, keys=sorted(out)), worst)
-    eraser.timings = {"encode_s": timed.seconds, "solve_s": solved - started - timed.seconds,
-                      "compress_s": time.perf_counter() - solved}
+    eraser.timings = {
+        "encode_s": timed.seconds,
+        "solve_s": solved - started - timed.seconds,
+        "compress_s": time.perf_counter() - solved,
+    }
     return eraser

@@ -19,6 +19,7 @@ With λ = 0 the system relies on a full-rank preservation gram; when it is not (
 used instead and a warning is logged. For DiT families the pooled-text embedder is edited with the pooled
 vectors of the same prompt pairs (the concept prompt's pooled vector → the mapped prompt's).
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,24 +39,70 @@ GENERAL_PROMPTS_FILE = Path(__file__).parents[1] / "data" / "general_prompts.txt
 
 #: 31 templates; the first ``n_templates`` (30) are used, as MACE's prompt_len
 OBJECT_TEMPLATES = (
-    "{} in a photo", "A snapshot of {}", "A photograph showcasing {}", "An image of {}", "{} in the picture",
-    "A close-up shot of {}", "A candid photo of {}", "{} standing outdoors", "A portrait of {}",
-    "{} captured on camera", "A picture featuring {}", "{} in a natural setting", "A detailed photo of {}",
-    "{} in a studio shot", "An everyday scene with {}", "A high-resolution photo of {}", "{} seen from the side",
-    "A blurry photo of {}", "{} in bright daylight", "A vintage photograph of {}", "{} at night",
-    "A wide shot of {}", "{} in the city", "A cropped photo of {}", "A professional photo of {}",
-    "{} near a window", "A color photo of {}", "{} in a magazine photo", "A black and white photo of {}",
-    "{} on a sunny day", "A snapshot featuring {}",
+    "{} in a photo",
+    "A snapshot of {}",
+    "A photograph showcasing {}",
+    "An image of {}",
+    "{} in the picture",
+    "A close-up shot of {}",
+    "A candid photo of {}",
+    "{} standing outdoors",
+    "A portrait of {}",
+    "{} captured on camera",
+    "A picture featuring {}",
+    "{} in a natural setting",
+    "A detailed photo of {}",
+    "{} in a studio shot",
+    "An everyday scene with {}",
+    "A high-resolution photo of {}",
+    "{} seen from the side",
+    "A blurry photo of {}",
+    "{} in bright daylight",
+    "A vintage photograph of {}",
+    "{} at night",
+    "A wide shot of {}",
+    "{} in the city",
+    "A cropped photo of {}",
+    "A professional photo of {}",
+    "{} near a window",
+    "A color photo of {}",
+    "{} in a magazine photo",
+    "A black and white photo of {}",
+    "{} on a sunny day",
+    "A snapshot featuring {}",
 )
 STYLE_TEMPLATES = (
-    "An artwork by {}", "Art piece by {}", "A painting by {}", "A famous work by {}", "A landscape by {}",
-    "A portrait painted by {}", "A still life by {}", "A sketch by {}", "An illustration by {}",
-    "A drawing in the style of {}", "A picture in the style of {}", "Artwork in the manner of {}",
-    "A canvas painted by {}", "A masterpiece by {}", "A study by {}", "A street scene painted by {}",
-    "A seascape by {}", "A city view by {}", "A painting of flowers by {}", "A self-portrait by {}",
-    "An early work by {}", "A late work by {}", "A mural by {}", "A print by {}", "A watercolor by {}",
-    "An oil painting by {}", "A scene painted by {}", "A figure study by {}", "An abstract piece by {}",
-    "A painting of a garden by {}", "A small painting by {}",
+    "An artwork by {}",
+    "Art piece by {}",
+    "A painting by {}",
+    "A famous work by {}",
+    "A landscape by {}",
+    "A portrait painted by {}",
+    "A still life by {}",
+    "A sketch by {}",
+    "An illustration by {}",
+    "A drawing in the style of {}",
+    "A picture in the style of {}",
+    "Artwork in the manner of {}",
+    "A canvas painted by {}",
+    "A masterpiece by {}",
+    "A study by {}",
+    "A street scene painted by {}",
+    "A seascape by {}",
+    "A city view by {}",
+    "A painting of flowers by {}",
+    "A self-portrait by {}",
+    "An early work by {}",
+    "A late work by {}",
+    "A mural by {}",
+    "A print by {}",
+    "A watercolor by {}",
+    "An oil painting by {}",
+    "A scene painted by {}",
+    "A figure study by {}",
+    "An abstract piece by {}",
+    "A painting of a garden by {}",
+    "A small painting by {}",
 )
 #: concept type → the mapping e^g (object: the user's anchor; "" when none is given)
 MAPPINGS = {"celebrity": "a person", "art": "art", "nudity": "a person wearing clothes", "object": ""}
@@ -82,18 +129,41 @@ class MACEConfig(EraserConfig):
     PRESETS: ClassVar[dict] = {
         "celebrity-1": {"concept_type": "celebrity", "lam": 0.0, "train_preserve_scale": 1e-4, "preserve_weight": 8e3},
         "celebrity-5": {"concept_type": "celebrity", "lam": 0.0, "train_preserve_scale": 1e-4, "preserve_weight": 5e4},
-        "celebrity-10": {"concept_type": "celebrity", "lam": 0.0, "train_preserve_scale": 1e-4,
-                         "preserve_weight": 8e4},
-        "celebrity-100": {"concept_type": "celebrity", "lam": 0.0, "train_preserve_scale": 1e-4,
-                          "preserve_weight": 2e5},
+        "celebrity-10": {
+            "concept_type": "celebrity",
+            "lam": 0.0,
+            "train_preserve_scale": 1e-4,
+            "preserve_weight": 8e4,
+        },
+        "celebrity-100": {
+            "concept_type": "celebrity",
+            "lam": 0.0,
+            "train_preserve_scale": 1e-4,
+            "preserve_weight": 2e5,
+        },
         "art-100": {"concept_type": "art", "lam": 0.0, "train_preserve_scale": 1e-4, "preserve_weight": 8e4},
         "explicit": {"concept_type": "nudity", "lam": 0.0, "train_preserve_scale": 7e-7, "preserve_weight": 0.0},
-        "cifar-ship": {"concept_type": "object", "lam": 1e3, "train_preserve_scale": 0.0, "preserve_weight": 0.0,
-                       "anchors": ["ground"]},
-        "cifar-automobile": {"concept_type": "object", "lam": 1e2, "train_preserve_scale": 0.0,
-                             "preserve_weight": 0.0, "anchors": ["sky"]},
-        "cifar-bird": {"concept_type": "object", "lam": 1e1, "train_preserve_scale": 0.0, "preserve_weight": 0.0,
-                       "anchors": ["street"]},
+        "cifar-ship": {
+            "concept_type": "object",
+            "lam": 1e3,
+            "train_preserve_scale": 0.0,
+            "preserve_weight": 0.0,
+            "anchors": ["ground"],
+        },
+        "cifar-automobile": {
+            "concept_type": "object",
+            "lam": 1e2,
+            "train_preserve_scale": 0.0,
+            "preserve_weight": 0.0,
+            "anchors": ["sky"],
+        },
+        "cifar-bird": {
+            "concept_type": "object",
+            "lam": 1e1,
+            "train_preserve_scale": 0.0,
+            "preserve_weight": 0.0,
+            "anchors": ["street"],
+        },
     }
 
     def validate(self) -> None:
@@ -102,12 +172,19 @@ class MACEConfig(EraserConfig):
             if getattr(self, name) is not None:
                 self._check_positive(**{name: getattr(self, name)})
         if int(self.n_templates) != self.n_templates or not 1 <= self.n_templates <= len(OBJECT_TEMPLATES):
-            raise ConfigError(f"mace: n_templates must be a whole number from 1 to {len(OBJECT_TEMPLATES)} "
-                              f"(published 30), found {self.n_templates!r}.")
-        if self.effective_lam() == 0 and (self.effective_scale() == 0 or not self.general_prior) \
-                and not (self.preserve and self.effective_scale() * self.effective_omega() > 0):
-            raise ConfigError("mace: λ = 0 without any preservation term leaves the system singular; give λ > 0 "
-                              "(objects: 10–1000) or a train_preserve_scale > 0 with the general prior on.")
+            raise ConfigError(
+                f"mace: n_templates must be a whole number from 1 to {len(OBJECT_TEMPLATES)} "
+                f"(published 30), found {self.n_templates!r}."
+            )
+        if (
+            self.effective_lam() == 0
+            and (self.effective_scale() == 0 or not self.general_prior)
+            and not (self.preserve and self.effective_scale() * self.effective_omega() > 0)
+        ):
+            raise ConfigError(
+                "mace: λ = 0 without any preservation term leaves the system singular; give λ > 0 "
+                "(objects: 10–1000) or a train_preserve_scale > 0 with the general prior on."
+            )
 
     def default_anchor(self) -> str:
         return MAPPINGS[self.concept_type]
@@ -152,8 +229,7 @@ def find_matching_indices(old_ids, new_ids, length: int):
     while prefix < min(n_old, n_new) and old_ids[prefix] == new_ids[prefix]:
         prefix += 1
     suffix = 0
-    while (suffix < min(n_old, n_new) - prefix
-           and old_ids[n_old - 1 - suffix] == new_ids[n_new - 1 - suffix]):
+    while suffix < min(n_old, n_new) - prefix and old_ids[n_old - 1 - suffix] == new_ids[n_new - 1 - suffix]:
         suffix += 1
     pad = max(0, min(length - n_old, length - n_new))
     old = list(range(prefix)) + list(range(n_old - suffix, n_old)) + list(range(n_old, n_old + pad))
@@ -207,7 +283,7 @@ def preservation_gram(encoder: TextEncoder, prompts: list, stream: str):
         return None
     total = 0.0
     for start in range(0, len(prompts), 64):
-        enc = encode_batched(encoder, prompts[start:start + 64])
+        enc = encode_batched(encoder, prompts[start : start + 64])
         rows = enc.pooled if stream == "pooled" else enc.hidden.reshape(-1, enc.hidden.shape[-1])
         rows = rows.float()
         total = total + (rows.T @ rows).double()
@@ -223,15 +299,19 @@ def system_matrix(gram_ff: torch.Tensor, preserve: Optional[torch.Tensor], lam: 
     diag = torch.diagonal(factor) if int(info) == 0 else None
     if diag is None or float(diag.min() ** 2) < 1e-12 * float(diag.max() ** 2):
         fallback = max(lam, 1e-6 * float(torch.diagonal(mat).mean()))
-        log.warning("MACE: the system (λ = %g) is singular or nearly so (the preservation gram is not full "
-                    "rank); using λ = %.3g instead. Add preserve prompts or raise lam to silence this.",
-                    lam, fallback)
+        log.warning(
+            "MACE: the system (λ = %g) is singular or nearly so (the preservation gram is not full "
+            "rank); using λ = %.3g instead. Add preserve prompts or raise lam to silence this.",
+            lam,
+            fallback,
+        )
         lam = fallback
     return mat + lam * eye
 
 
-def shared_update(gram_ff: torch.Tensor, gram_gf: torch.Tensor, preserve: Optional[torch.Tensor],
-                  lam: float, rows=None):
+def shared_update(
+    gram_ff: torch.Tensor, gram_gf: torch.Tensor, preserve: Optional[torch.Tensor], lam: float, rows=None
+):
     """(X, Y) with W′ = W (I + XY):  XY = (E_g − E_f)ᵀ E_f Mat⁻¹ = (Σ e^g e^fᵀ − Σ e^f e^fᵀ) Mat⁻¹.
 
     With the rows at hand (fewer than d) the factors are exact, X = (E_g − E_f)ᵀ, Y = E_f Mat⁻¹; otherwise
@@ -244,13 +324,15 @@ def shared_update(gram_ff: torch.Tensor, gram_gf: torch.Tensor, preserve: Option
     return torch.eye(mat.shape[0], dtype=torch.float64), torch.linalg.solve(mat, (gram_gf - gram_ff).T).T
 
 
-def erase(config: MACEConfig, encoder: TextEncoder, weights: Mapping[str, torch.Tensor], specs,
-          progress=None) -> dict:
+def erase(config: MACEConfig, encoder: TextEncoder, weights: Mapping[str, torch.Tensor], specs, progress=None) -> dict:
     """ΔW for every layer in ``specs`` (canonical key → W₀ in ``weights``)."""
     lam, scale, omega = config.effective_lam(), config.effective_scale(), config.effective_omega()
     if config.preserve and scale * omega == 0:
-        log.warning("MACE: preserve prompts are ignored with train_preserve_scale·preserve_weight = 0 "
-                    "(concept type '%s'); set preserve_weight > 0 to use them.", config.concept_type)
+        log.warning(
+            "MACE: preserve prompts are ignored with train_preserve_scale·preserve_weight = 0 "
+            "(concept type '%s'); set preserve_weight > 0 to use them.",
+            config.concept_type,
+        )
     grams = erase_grams(config, encoder, progress)
     general = load_general_prompts() if config.general_prior and scale > 0 else []
     deltas = {}

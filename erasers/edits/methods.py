@@ -3,14 +3,15 @@
 A method module exposes a ``<Name>Config(EraserConfig)`` and ``erase(config, encoder, weights, specs,
 progress)`` returning ``{canonical key: LowRankDelta}``. Adding a method is one line here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-from . import mace, rece, speed, uce
 from ..errors import UnsupportedFamily
 from ..files.families import Family
+from . import mace, rece, speed, uce
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,7 @@ def check_family(method: Method, family: Family) -> None:
     if family not in method.families:
         serving = [m.name for m in METHODS.values() if family in m.families]
         raise UnsupportedFamily(
-            f"{method.title} does not support {family.label} models. Methods that do: "
-            f"{', '.join(serving) or 'none'}."
+            f"{method.title} does not support {family.label} models. Methods that do: {', '.join(serving) or 'none'}."
         )
 
 

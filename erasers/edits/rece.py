@@ -16,6 +16,7 @@ and since C′ = C Rᵀ, the grams C′ᵀC′ = R (CᵀC) Rᵀ and C*ᵀC′ = 
 each round costs a few d×d products and solves, independent of the number of concepts. D is kept as
 exact factors X·Y (concatenated per round) while its rank is below d, densely otherwise.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,11 +25,11 @@ from typing import ClassVar, Mapping, Optional
 
 import torch
 
-from . import uce
-from .closed_form import shared_factors
 from ..config import ConfigError, EraserConfig
 from ..lowrank import LowRankDelta, compress
 from ..text import PromptEncoding, TextEncoder, encode_batched
+from . import uce
+from .closed_form import shared_factors
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +69,21 @@ class RECEConfig(EraserConfig):
     def validate(self) -> None:
         super().validate()
         if self.epochs is not None and (int(self.epochs) != self.epochs or not 0 <= self.epochs <= 10):
-            raise ConfigError(f"rece: epochs must be a whole number from 0 to 10 (published 1–3), "
-                              f"found {self.epochs!r}.")
-        self._check_positive(lam=self.lam, erase_scale=self.erase_scale, preserve_scale=self.preserve_scale,
-                             uce_lam=self.uce_lam)
+            raise ConfigError(
+                f"rece: epochs must be a whole number from 0 to 10 (published 1–3), found {self.epochs!r}."
+            )
+        self._check_positive(
+            lam=self.lam, erase_scale=self.erase_scale, preserve_scale=self.preserve_scale, uce_lam=self.uce_lam
+        )
         if self.regular_scale is not None:
             self._check_positive(regular_scale=self.regular_scale)
         if self.uce_preserve_scale is not None:
             self._check_positive(uce_preserve_scale=self.uce_preserve_scale)
         if self.lam == 0 and self.preserve_scale == 0:
-            raise ConfigError("rece: lam (λ2) and preserve_scale (λ1) are both 0, so the edit is singular; "
-                              "give λ2 > 0 (published 0.1).")
+            raise ConfigError(
+                "rece: lam (λ2) and preserve_scale (λ1) are both 0, so the edit is singular; "
+                "give λ2 > 0 (published 0.1)."
+            )
 
     def default_anchor(self) -> str:
         return "art" if self.concept_type == "art" else ""
@@ -91,15 +96,24 @@ class RECEConfig(EraserConfig):
 
     def uce_start(self) -> uce.UCEConfig:
         """The UCE edit RECE starts from (§4.3): paper-era code, towards the same anchors."""
-        scale = self.uce_preserve_scale if self.uce_preserve_scale is not None \
-            else UCE_PRESERVE_SCALE[self.concept_type]
+        scale = (
+            self.uce_preserve_scale if self.uce_preserve_scale is not None else UCE_PRESERVE_SCALE[self.concept_type]
+        )
         # no anchors → UCE-2023's own default: "art" for styles, " " (the SOT-carrying empty prompt) otherwise
-        return uce.UCEConfig(concepts=list(self.concepts), anchors=list(self.anchors), preserve=list(self.preserve),
-                             concept_type=self.concept_type, variant="2023", lam=self.uce_lam,
-                             erase_scale=1.0, preserve_scale=scale)
+        return uce.UCEConfig(
+            concepts=list(self.concepts),
+            anchors=list(self.anchors),
+            preserve=list(self.preserve),
+            concept_type=self.concept_type,
+            variant="2023",
+            lam=self.uce_lam,
+            erase_scale=1.0,
+            preserve_scale=scale,
+        )
 
 
 # -- the math --------------------------------------------------------------------------------------
+
 
 def weight_grams(current, original):
     """(Σ_l W_lᵀW_l, Σ_l W_lᵀW_l⁰) over paired lists of current and original weights (float64)."""
@@ -115,8 +129,9 @@ def adversarial_map(gram_cur: torch.Tensor, gram_cross: torch.Tensor, lam_r: flo
     return torch.linalg.solve(mat, gram_cross.to(torch.float64))
 
 
-def derive_adversarial_embedding(c: torch.Tensor, gram_cur: torch.Tensor, gram_cross: torch.Tensor,
-                                 lam_r: float) -> torch.Tensor:
+def derive_adversarial_embedding(
+    c: torch.Tensor, gram_cur: torch.Tensor, gram_cross: torch.Tensor, lam_r: float
+) -> torch.Tensor:
     """§4.1 close_regzero: argmin_c′ Σ_l ‖W_l c′ − W_l⁰ c‖² + λ_r ‖c′‖² for every row of ``c`` (…, d)."""
     r = adversarial_map(gram_cur, gram_cross, lam_r)
     return c.to(torch.float64) @ r.T
@@ -133,8 +148,15 @@ def compose(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
     return torch.cat([x, a + x @ (y @ a)], dim=1), torch.cat([y, b], dim=0)
 
 
-def erase_step_factors(c_prime: Optional[torch.Tensor], c_star: torch.Tensor, grams: tuple,
-                       r_map: Optional[torch.Tensor], lam: float, eta_e: float, eta_p: float):
+def erase_step_factors(
+    c_prime: Optional[torch.Tensor],
+    c_star: torch.Tensor,
+    grams: tuple,
+    r_map: Optional[torch.Tensor],
+    lam: float,
+    eta_e: float,
+    eta_p: float,
+):
     """§4.2 for the derived rows C′: (A, B) with W_new = W_cur (I + A B).
 
     G = λ2 I + η_e C′ᵀC′ + λ1 PᵀP;   AB = η_e (C* − C′)ᵀ C′ G⁻¹.
@@ -173,13 +195,14 @@ def row_grams(keys: torch.Tensor, others: torch.Tensor, chunk: int = 4096):
     d = keys.shape[1]
     out = torch.zeros(2 * d, d, dtype=torch.float64)
     for start in range(0, keys.shape[0], chunk):
-        k = keys[start:start + chunk].to(torch.float64)
-        out += torch.cat([k, others[start:start + chunk].to(torch.float64)], dim=1).T @ k
+        k = keys[start : start + chunk].to(torch.float64)
+        out += torch.cat([k, others[start : start + chunk].to(torch.float64)], dim=1).T @ k
     return out[:d], out[d:]
 
 
-def uce_start_factors(uce_cfg: uce.UCEConfig, enc_c: PromptEncoding, enc_g: PromptEncoding,
-                      enc_p: PromptEncoding, pooled: bool):
+def uce_start_factors(
+    uce_cfg: uce.UCEConfig, enc_c: PromptEncoding, enc_g: PromptEncoding, enc_p: PromptEncoding, pooled: bool
+):
     """(X, Y) with W = W⁰(I + XY) after the paper-era UCE edit RECE starts from (§3.2, §4.3).
 
     Same closed form as ``uce.stream_factors``; with at least d erased rows (many concepts × all their token
@@ -208,6 +231,7 @@ def stream_rows(enc: PromptEncoding, pooled: bool) -> torch.Tensor:
 
 # -- the method ------------------------------------------------------------------------------------
 
+
 def stream_delta(config: RECEConfig, uce_cfg, encodings: dict, weights0: list, pooled: bool):
     """Shared (X, Y) with W_l = W_l⁰ (I + XY) after the UCE start and all RECE rounds."""
     enc_c, enc_a, enc_p, enc_uc, enc_ug, enc_up = (encodings[k] for k in ("c", "a", "p", "uc", "ug", "up"))
@@ -234,12 +258,20 @@ def stream_delta(config: RECEConfig, uce_cfg, encodings: dict, weights0: list, p
         gram_cur, cross = current_grams(s0, x, y)  # W_cur = W⁰ (I + XY) for every layer of this stream
         if c.shape[0] < d:  # §4.1 for the rows only: C′ = ((λ_r I + MᵀS₀M)⁻¹ MᵀS₀ Cᵀ)ᵀ
             c_prime = solve_spd(lam_r * eye + gram_cur, cross @ c.T).T
-            a, b = erase_step_factors(c_prime, c_star, (gram_cc, gram_sc, gram_pp), None, config.lam,
-                                      config.erase_scale, config.preserve_scale)
+            a, b = erase_step_factors(
+                c_prime,
+                c_star,
+                (gram_cc, gram_sc, gram_pp),
+                None,
+                config.lam,
+                config.erase_scale,
+                config.preserve_scale,
+            )
         else:
             r_map = adversarial_map(gram_cur, cross, lam_r)
-            a, b = erase_step_factors(None, c_star, (gram_cc, gram_sc, gram_pp), r_map, config.lam,
-                                      config.erase_scale, config.preserve_scale)
+            a, b = erase_step_factors(
+                None, c_star, (gram_cc, gram_sc, gram_pp), r_map, config.lam, config.erase_scale, config.preserve_scale
+            )
         x, y = compose(x, y, a, b)
         if x.shape[1] >= d:  # as dense as it gets: keep D itself
             x, y = eye.clone(), x @ y
@@ -261,8 +293,7 @@ def encode_inputs(config: RECEConfig, encoder: TextEncoder, progress=None) -> di
     }
 
 
-def erase(config: RECEConfig, encoder: TextEncoder, weights: Mapping[str, torch.Tensor], specs,
-          progress=None) -> dict:
+def erase(config: RECEConfig, encoder: TextEncoder, weights: Mapping[str, torch.Tensor], specs, progress=None) -> dict:
     """ΔW for every layer in ``specs`` (canonical key → W₀ in ``weights``)."""
     uce_cfg = config.uce_start()
     encodings = encode_inputs(config, encoder, progress)
@@ -278,8 +309,13 @@ def erase(config: RECEConfig, encoder: TextEncoder, weights: Mapping[str, torch.
             up, down = shared.up, shared.down
         else:
             # full rank: ΔW = W⁰ D exactly, with W⁰ itself as the up factor
-            log.info("RECE: the shared %d×%d update has full rank; storing ΔW = W₀·D (rank %d). "
-                     "Set rank_cap to store a truncated version.", d, d, d)
+            log.info(
+                "RECE: the shared %d×%d update has full rank; storing ΔW = W₀·D (rank %d). "
+                "Set rank_cap to store a truncated version.",
+                d,
+                d,
+                d,
+            )
             up, down = None, (x @ y).float()
         for s in group:
             w0 = weights[s.key].to(torch.float32)

@@ -34,6 +34,7 @@ of ≤ 128 shuffled rows, which makes the result depend on the shuffle); with λ
 already lie in the retained span (P·k ≈ 0, so Δk = 0 holds anyway) are dropped from the IEC system
 instead of making it singular.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,14 +76,46 @@ class SPEEDConfig(EraserConfig):
     seed: int = 0
 
     PRESETS: ClassVar[dict] = {
-        "few": {"concept_type": "object", "params": "V", "aug_num": 10, "threshold": 1e-1, "retain_scale": 1.0,
-                "lamb": 0.0, "prior_filter": True, "anchors": [""]},
-        "styles": {"concept_type": "art", "params": "V", "aug_num": 10, "threshold": 1e-1, "retain_scale": 1.0,
-                   "lamb": 0.0, "prior_filter": True, "anchors": ["art"]},
-        "multi": {"concept_type": "object", "params": "V", "aug_num": 10, "threshold": 1e-4, "retain_scale": 0.05,
-                  "lamb": 0.0, "prior_filter": False, "anchors": ["person"]},
-        "nudity": {"concept_type": "nudity", "params": "V", "aug_num": 10, "threshold": 1e-1, "retain_scale": 0.7,
-                   "lamb": 0.5, "prior_filter": True, "anchors": [""]},
+        "few": {
+            "concept_type": "object",
+            "params": "V",
+            "aug_num": 10,
+            "threshold": 1e-1,
+            "retain_scale": 1.0,
+            "lamb": 0.0,
+            "prior_filter": True,
+            "anchors": [""],
+        },
+        "styles": {
+            "concept_type": "art",
+            "params": "V",
+            "aug_num": 10,
+            "threshold": 1e-1,
+            "retain_scale": 1.0,
+            "lamb": 0.0,
+            "prior_filter": True,
+            "anchors": ["art"],
+        },
+        "multi": {
+            "concept_type": "object",
+            "params": "V",
+            "aug_num": 10,
+            "threshold": 1e-4,
+            "retain_scale": 0.05,
+            "lamb": 0.0,
+            "prior_filter": False,
+            "anchors": ["person"],
+        },
+        "nudity": {
+            "concept_type": "nudity",
+            "params": "V",
+            "aug_num": 10,
+            "threshold": 1e-1,
+            "retain_scale": 0.7,
+            "lamb": 0.5,
+            "prior_filter": True,
+            "anchors": [""],
+        },
     }
 
     def validate(self) -> None:
@@ -93,14 +126,17 @@ class SPEEDConfig(EraserConfig):
         if int(self.aug_num) != self.aug_num or self.aug_num < 0:
             raise ConfigError(f"speed: aug_num must be a whole number ≥ 0 (published 10), found {self.aug_num!r}.")
         if int(self.n_centroids) != self.n_centroids or self.n_centroids < 0:
-            raise ConfigError(f"speed: n_centroids must be a whole number ≥ 0 (published 3), "
-                              f"found {self.n_centroids!r}.")
+            raise ConfigError(
+                f"speed: n_centroids must be a whole number ≥ 0 (published 3), found {self.n_centroids!r}."
+            )
         self._check_positive(threshold=self.threshold)
         if self.retain_scale is not None:
             self._check_positive(retain_scale=self.retain_scale)
             if self.retain_scale == 0:
-                raise ConfigError("speed: retain_scale (α) must be > 0, else M = (Σ_tt P + αI)⁻¹ is singular; "
-                                  "published 1.0 (celebrities 0.05, nudity 0.7).")
+                raise ConfigError(
+                    "speed: retain_scale (α) must be > 0, else M = (Σ_tt P + αI)⁻¹ is singular; "
+                    "published 1.0 (celebrities 0.05, nudity 0.7)."
+                )
         if self.lamb is not None:
             self._check_positive(lamb=self.lamb)
 
@@ -108,8 +144,9 @@ class SPEEDConfig(EraserConfig):
         return "art" if self.concept_type == "art" else ""
 
     def effective_alpha(self) -> float:
-        return float(self.retain_scale if self.retain_scale is not None
-                     else (0.7 if self.concept_type == "nudity" else 1.0))
+        return float(
+            self.retain_scale if self.retain_scale is not None else (0.7 if self.concept_type == "nudity" else 1.0)
+        )
 
     def effective_lamb(self) -> float:
         return float(self.lamb if self.lamb is not None else (0.5 if self.concept_type == "nudity" else 0.0))
@@ -120,8 +157,10 @@ class SPEEDConfig(EraserConfig):
 
 # -- small pure functions ----------------------------------------------------------------------------
 
-def solve_shifted(alpha: float, u: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
-                  core: Optional[torch.Tensor] = None) -> torch.Tensor:
+
+def solve_shifted(
+    alpha: float, u: torch.Tensor, v: torch.Tensor, x: torch.Tensor, core: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """(αI + U Vᵀ)⁻¹ X by a solve: Woodbury (r×r system αI + VᵀU, which may be passed precomputed as
     ``core``) when U has fewer than d columns, else d×d. Leading batch dimensions broadcast."""
     d, r = u.shape[-2:]
@@ -173,8 +212,9 @@ def least_sensitive_direction(w: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return vec[0] if single else vec
 
 
-def inverse_iteration_min(gram32: torch.Tensor, gram: torch.Tensor, seed: int, size: int = 16,
-                          steps: int = 10) -> torch.Tensor:
+def inverse_iteration_min(
+    gram32: torch.Tensor, gram: torch.Tensor, seed: int, size: int = 16, steps: int = 10
+) -> torch.Tensor:
     """(L, n, 1) float64: the lowest eigenvector of each Gram by block inverse iteration + Rayleigh–Ritz.
 
     The Cholesky factor and the iterations run in float32 (half the cost of float64 on a CPU); a Gram
@@ -246,15 +286,30 @@ def project_out(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x - q @ (q.mT @ x)
 
 
-def refine_retain(w: torch.Tensor, erase_map, retain: torch.Tensor, v_min: torch.Tensor, aug_num: int,
-                  prior_filter: bool, gen: torch.Generator):
+def refine_retain(
+    w: torch.Tensor,
+    erase_map,
+    retain: torch.Tensor,
+    v_min: torch.Tensor,
+    aug_num: int,
+    prior_filter: bool,
+    gen: torch.Generator,
+):
     """IPF + DPA (§5.2 steps 3–4): (refined rows, rows spanning them). ``erase_map(X)`` = F X, Δ_erase = W F."""
-    return refine_projected(retain, w @ erase_map(retain.T), w @ erase_map(v_min[:, None]), v_min, aug_num,
-                            prior_filter, gen)
+    return refine_projected(
+        retain, w @ erase_map(retain.T), w @ erase_map(v_min[:, None]), v_min, aug_num, prior_filter, gen
+    )
 
 
-def refine_projected(retain: torch.Tensor, w_f_retain: torch.Tensor, w_f_v: torch.Tensor, v_min: torch.Tensor,
-                     aug_num: int, prior_filter: bool, gen: torch.Generator):
+def refine_projected(
+    retain: torch.Tensor,
+    w_f_retain: torch.Tensor,
+    w_f_v: torch.Tensor,
+    v_min: torch.Tensor,
+    aug_num: int,
+    prior_filter: bool,
+    gen: torch.Generator,
+):
     """IPF + DPA from the prior-free update already applied: ``w_f_retain`` = Δ_erase Rᵀ (out×m),
     ``w_f_v`` = Δ_erase v_min (out×1). Draws ``len(kept) × aug_num`` normals from ``gen``."""
     influence = w_f_retain.norm(dim=0)
@@ -272,8 +327,7 @@ def refine_projected(retain: torch.Tensor, w_f_retain: torch.Tensor, w_f_v: torc
     return torch.cat([kept, aug]), torch.cat([kept, v_min[None]])
 
 
-def speed_down(c1: torch.Tensor, n: int, q: torch.Tensor, k2: torch.Tensor, alpha: float,
-               lamb: float) -> torch.Tensor:
+def speed_down(c1: torch.Tensor, n: int, q: torch.Tensor, k2: torch.Tensor, alpha: float, lamb: float) -> torch.Tensor:
     """Y (r×d) with Δ = W (C* − C1)ᵀ Y:  Y = (1/n) C1 P [I − M K2 S⁻¹ K2ᵀ P] M,  S = K2ᵀPMK2 + λI.
 
     M = (Σ_tt P + αI)⁻¹ with Σ_tt P = U Vᵀ, U = C1ᵀ/n, V = P C1ᵀ (Mᵀ = (αI + V Uᵀ)⁻¹).
@@ -294,13 +348,22 @@ def speed_down(c1: torch.Tensor, n: int, q: torch.Tensor, k2: torch.Tensor, alph
     if k2.shape[1] == 0:
         return em
     if q.dim() == 3:  # the invariants' rank test below is per layer
-        return torch.stack([iec_down(em[i], u, v[i], q[i], k2, alpha, lamb, None if core is None else core[i])
-                            for i in range(len(q))])
+        return torch.stack(
+            [iec_down(em[i], u, v[i], q[i], k2, alpha, lamb, None if core is None else core[i]) for i in range(len(q))]
+        )
     return iec_down(em, u, v, q, k2, alpha, lamb, core)
 
 
-def iec_down(em: torch.Tensor, u: torch.Tensor, v: torch.Tensor, q: torch.Tensor, k2: torch.Tensor, alpha: float,
-             lamb: float, core: Optional[torch.Tensor] = None) -> torch.Tensor:
+def iec_down(
+    em: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    q: torch.Tensor,
+    k2: torch.Tensor,
+    alpha: float,
+    lamb: float,
+    core: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """IEC (Eq. 10): em − em K2 S⁻¹ K2ᵀ P M with em = (1/n) C1 P M, S = K2ᵀPMK2 + λI (one layer)."""
     pk2 = project_out(q, k2)
     if lamb == 0:
@@ -319,6 +382,7 @@ def iec_down(em: torch.Tensor, u: torch.Tensor, v: torch.Tensor, q: torch.Tensor
 
 # -- rows of each stream ---------------------------------------------------------------------------
 
+
 def concept_rows(config: SPEEDConfig, enc_c: PromptEncoding, enc_a: PromptEncoding, pooled: bool):
     """(C1, C*, n): last word rows, or (nudity) every row after the SOT aligned by position."""
     n = len(enc_c)
@@ -329,12 +393,16 @@ def concept_rows(config: SPEEDConfig, enc_c: PromptEncoding, enc_a: PromptEncodi
         d = enc_c.hidden.shape[-1]
         return (enc_c.hidden[:, start:].reshape(-1, d).double(), enc_a.hidden[:, start:].reshape(-1, d).double(), n)
     idx = torch.arange(n)
-    return (enc_c.hidden[idx, enc_c.last_subject_index].double(),
-            enc_a.hidden[idx, enc_a.last_subject_index].double(), n)
+    return (
+        enc_c.hidden[idx, enc_c.last_subject_index].double(),
+        enc_a.hidden[idx, enc_a.last_subject_index].double(),
+        n,
+    )
 
 
-def retain_rows(enc_r: Optional[PromptEncoding], enc_null: PromptEncoding, pooled: bool,
-                all_rows: bool = False) -> torch.Tensor:
+def retain_rows(
+    enc_r: Optional[PromptEncoding], enc_null: PromptEncoding, pooled: bool, all_rows: bool = False
+) -> torch.Tensor:
     """Retained rows at the same positions as the concept rows: last words, or (``all_rows``, the nudity
     alignment) every row after the SOT — as the reference does for its retain [''] — so that the EOS/pad
     rows of retained prompts, which a causal encoder fills with their content, are protected too."""
@@ -361,8 +429,10 @@ def invariants(enc_null: PromptEncoding, pooled: bool, n_centroids: int, seed: i
 
 # -- the method ------------------------------------------------------------------------------------
 
-def erase(config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch.Tensor], specs,
-          progress=None) -> dict:
+
+def erase(
+    config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch.Tensor], specs, progress=None
+) -> dict:
     """ΔW for the selected layers in ``specs`` (canonical key → W₀ in ``weights``)."""
     specs = [s for s in specs if s.kind in config.kinds()]
     last_only = config.concept_type != "nudity"  # nudity aligns every row; otherwise last words only
@@ -371,8 +441,10 @@ def erase(config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch
     enc_null = encode_batched(encoder, [""])  # invariants need its EOS/padding rows
     enc_r = encode_batched(encoder, config.preserve, real_tokens_only=last_only) if config.preserve else None
     if enc_r is None:
-        log.info("SPEED: no preserve list given; retaining the empty prompt's rows as the reference does. "
-                 "List concepts to keep (e.g. other artists or people) for a more precise null space.")
+        log.info(
+            "SPEED: no preserve list given; retaining the empty prompt's rows as the reference does. "
+            "List concepts to keep (e.g. other artists or people) for a more precise null space."
+        )
     deltas = {}
     for pooled in (False, True):
         group = [s for s in specs if (s.kind == "pooled_in") == pooled]
@@ -390,8 +462,17 @@ def erase(config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch
     return deltas
 
 
-def layer_delta(w: torch.Tensor, c1: torch.Tensor, c_star: torch.Tensor, n: int, retain: torch.Tensor,
-                k2: torch.Tensor, config: SPEEDConfig, gen: torch.Generator, v_min: Optional[torch.Tensor] = None):
+def layer_delta(
+    w: torch.Tensor,
+    c1: torch.Tensor,
+    c_star: torch.Tensor,
+    n: int,
+    retain: torch.Tensor,
+    k2: torch.Tensor,
+    config: SPEEDConfig,
+    gen: torch.Generator,
+    v_min: Optional[torch.Tensor] = None,
+):
     """(ΔW as exact float64 factors, Q of the retained directions) for one matrix W (§5.2 steps 1–8).
 
     The per-layer reference; ``erase`` runs ``layer_deltas``, which computes the same thing batched.
@@ -410,8 +491,16 @@ def layer_delta(w: torch.Tensor, c1: torch.Tensor, c_star: torch.Tensor, n: int,
     return LowRankDelta(w @ diff_t, down), q
 
 
-def layer_deltas(ws, c1: torch.Tensor, c_star: torch.Tensor, n: int, retain: torch.Tensor, k2: torch.Tensor,
-                 config: SPEEDConfig, gen: torch.Generator) -> list:
+def layer_deltas(
+    ws,
+    c1: torch.Tensor,
+    c_star: torch.Tensor,
+    n: int,
+    retain: torch.Tensor,
+    k2: torch.Tensor,
+    config: SPEEDConfig,
+    gen: torch.Generator,
+) -> list:
     """``[layer_delta(w, …) for w in ws]`` (sharing ``gen`` in that order), batched across layers.
 
     What does not depend on W is computed once; v_min and U = W (C* − C1)ᵀ (the delta's up factor) are
@@ -444,8 +533,9 @@ def layer_deltas(ws, c1: torch.Tensor, c_star: torch.Tensor, n: int, retain: tor
     else:
         qs = []
         for i in range(count):  # in order: DPA draws from ``gen`` layer by layer, as layer_delta does
-            samples, span = refine_projected(retain, w_f_retain[i], w_f_v[i], v_min[i], aug_num,
-                                             config.prior_filter, gen)
+            samples, span = refine_projected(
+                retain, w_f_retain[i], w_f_v[i], v_min[i], aug_num, config.prior_filter, gen
+            )
             qs.append(retained_basis(samples, span, config.threshold))
     width = max(q.shape[1] for q in qs)
     padded = torch.stack([torch.nn.functional.pad(q, (0, width - q.shape[1])) for q in qs])

@@ -13,6 +13,7 @@ Flux/SD3: the same closed form on the text-input projection (T5 tokens) and, for
 embedder, on pooled vectors (§3.4). Targets are W₀c*, so the Linear's bias cancels out of ΔW — the
 reference's bias double-count bug cannot happen here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ from typing import ClassVar, Mapping, Optional
 
 import torch
 
-from .closed_form import shared_factors
 from ..config import ConfigError, EraserConfig
 from ..lowrank import LowRankDelta, compress
 from ..text import PromptEncoding, TextEncoder, encode_batched
+from .closed_form import shared_factors
 
 ART_TEMPLATES = ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}")
 OBJECT_TEMPLATES = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
@@ -45,8 +46,9 @@ class UCEConfig(EraserConfig):
     def validate(self) -> None:
         super().validate()
         if self.variant not in ("2023", "2025"):
-            raise ConfigError(f"uce: variant must be '2023' (all token positions) or '2025' (last token), "
-                              f"found '{self.variant}'.")
+            raise ConfigError(
+                f"uce: variant must be '2023' (all token positions) or '2025' (last token), found '{self.variant}'."
+            )
         self._check_positive(lam=self.lam, erase_scale=self.erase_scale)
         if self.preserve_scale is not None:
             self._check_positive(preserve_scale=self.preserve_scale)
@@ -88,13 +90,14 @@ def aligned_token_rows(concepts: PromptEncoding, guides: PromptEncoding):
         k_old = int(concepts.last_subject_index[i])
         k_new = int(guides.last_subject_index[i])
         far = max(k_old, k_new)
-        keys.append(concepts.hidden[i, k_old: length - (far - k_old)])
-        targets.append(guides.hidden[i, k_new: length - (far - k_new)])
+        keys.append(concepts.hidden[i, k_old : length - (far - k_old)])
+        targets.append(guides.hidden[i, k_new : length - (far - k_new)])
     return torch.cat(keys), torch.cat(targets)
 
 
-def stream_factors(config: UCEConfig, enc_c: PromptEncoding, enc_g: PromptEncoding,
-                   enc_p: Optional[PromptEncoding], pooled: bool):
+def stream_factors(
+    config: UCEConfig, enc_c: PromptEncoding, enc_g: PromptEncoding, enc_p: Optional[PromptEncoding], pooled: bool
+):
     """(A, B) with ΔW = W₀AB for every layer of one input stream (tokens or pooled vectors)."""
     if pooled:
         keys, targets = enc_c.pooled, enc_g.pooled
@@ -120,8 +123,7 @@ def retain_prompts(config: UCEConfig) -> list:
     return ([""] if config.variant == "2023" else []) + list(config.preserve)
 
 
-def erase(config: UCEConfig, encoder: TextEncoder, weights: Mapping[str, torch.Tensor], specs,
-          progress=None) -> dict:
+def erase(config: UCEConfig, encoder: TextEncoder, weights: Mapping[str, torch.Tensor], specs, progress=None) -> dict:
     """ΔW for every layer in ``specs`` (canonical key → W₀ in ``weights``)."""
     concepts, guides = erase_pairs(config)
     last_only = config.variant == "2025"  # 2025 reads the last-word rows only (and pooled vectors)

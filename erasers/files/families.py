@@ -4,6 +4,7 @@ Keys in the core are *canonical*: the host-neutral LDM / ComfyUI names below ``d
 (``input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight``, ``txt_in.weight``), so one eraser file and
 one table serve ComfyUI, A1111 and (through ``keys.py``) diffusers.
 """
+
 from __future__ import annotations
 
 import enum
@@ -33,8 +34,12 @@ class Family(str, enum.Enum):
 
 
 FAMILY_LABELS = {
-    Family.SD1: "SD1.x", Family.SD2: "SD2.x", Family.SDXL: "SDXL", Family.SD3: "SD3/SD3.5",
-    Family.FLUX: "Flux", Family.UNET: "cross-attention UNet",
+    Family.SD1: "SD1.x",
+    Family.SD2: "SD2.x",
+    Family.SDXL: "SDXL",
+    Family.SD3: "SD3/SD3.5",
+    Family.FLUX: "Flux",
+    Family.UNET: "cross-attention UNet",
 }
 
 #: width of the per-token text context each family's projections read
@@ -102,8 +107,9 @@ def layer_specs(shapes: Mapping[str, Sequence[int]], family: Family) -> list:
     return specs
 
 
-def check_encoder_family(model_family: Family, encoder_family: str, context_dim: int, expected_dim: int,
-                         where: str = "the CLIP input") -> None:
+def check_encoder_family(
+    model_family: Family, encoder_family: str, context_dim: int, expected_dim: int, where: str = "the CLIP input"
+) -> None:
     """Refuse a text encoder from another family: its embeddings would not fit the model's projections."""
     if context_dim != expected_dim:
         raise FamilyMismatch(
@@ -119,5 +125,6 @@ def parse_family(value: Optional[str]) -> Optional[Family]:
     try:
         return Family(value)
     except ValueError:
-        raise UnsupportedFamily(f"Unknown model family '{value}'; expected one of "
-                                f"{', '.join(f.value for f in Family)}.") from None
+        raise UnsupportedFamily(
+            f"Unknown model family '{value}'; expected one of {', '.join(f.value for f in Family)}."
+        ) from None

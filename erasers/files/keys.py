@@ -6,6 +6,7 @@ numbered: ``down_blocks.i.attentions.j`` ↔ ``input_blocks.(1 + i·(R+1) + j).1
 ``output_blocks.(i·(R+1) + j).1`` where R is ``layers_per_block`` (2 for SD1/2/XL). The part inside
 (``transformer_blocks.N.attn2.to_k``) is identical.
 """
+
 from __future__ import annotations
 
 import re
@@ -76,22 +77,38 @@ def kohya_to_canonical(kohya: str, canonical_keys) -> Optional[str]:
 
 # --- whole-UNet names (resnets, samplers, embeddings) -------------------------------------------------
 # diffusers ResnetBlock2D ↔ LDM ResBlock inner names (the two codebases name the same layers differently)
-_RESNET_DIFF_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                       "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_RESNET_DIFF_TO_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 _RESNET_LDM_TO_DIFF = {v: k for k, v in _RESNET_DIFF_TO_LDM.items()}
-_UNET_TOP_DIFF_TO_LDM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-                         "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-                         "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_UNET_TOP_DIFF_TO_LDM = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
 _UNET_TOP_LDM_TO_DIFF = {v: k for k, v in _UNET_TOP_DIFF_TO_LDM.items()}
 _RES_DOWN = re.compile(r"^down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(.*)$")
 _RES_UP = re.compile(r"^up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(.*)$")
 _RES_MID = re.compile(r"^mid_block\.resnets\.(\d+)\.(\w+)\.(.*)$")
 _DOWNSAMPLER = re.compile(r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)$")
 _UPSAMPLER = re.compile(r"^up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)$")
-_LDM_RES = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.0\.(in_layers\.0|in_layers\.2|emb_layers\.1|"
-                      r"out_layers\.0|out_layers\.3|skip_connection)\.(.*)$")
-_LDM_MID_RES = re.compile(r"^middle_block\.([02])\.(in_layers\.0|in_layers\.2|emb_layers\.1|out_layers\.0|"
-                          r"out_layers\.3|skip_connection)\.(.*)$")
+_LDM_RES = re.compile(
+    r"^(input_blocks|output_blocks)\.(\d+)\.0\.(in_layers\.0|in_layers\.2|emb_layers\.1|"
+    r"out_layers\.0|out_layers\.3|skip_connection)\.(.*)$"
+)
+_LDM_MID_RES = re.compile(
+    r"^middle_block\.([02])\.(in_layers\.0|in_layers\.2|emb_layers\.1|out_layers\.0|"
+    r"out_layers\.3|skip_connection)\.(.*)$"
+)
 _LDM_DOWNSAMPLE = re.compile(r"^input_blocks\.(\d+)\.0\.op\.(.*)$")
 _LDM_UPSAMPLE = re.compile(r"^output_blocks\.(\d+)\.([12])\.conv\.(.*)$")
 
@@ -107,15 +124,21 @@ def diffusers_unet_candidates(name: str, layers_per_block: int = 2) -> list:
         return [mapped]
     for diff, ldm in _UNET_TOP_DIFF_TO_LDM.items():
         if name.startswith(diff + "."):
-            return [ldm + name[len(diff):]]
+            return [ldm + name[len(diff) :]]
     if m := _RES_DOWN.match(name):
         i, j, inner, rest = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
-        return [f"input_blocks.{1 + i * step + j}.0.{_RESNET_DIFF_TO_LDM[inner]}.{rest}"] \
-            if inner in _RESNET_DIFF_TO_LDM else []
+        return (
+            [f"input_blocks.{1 + i * step + j}.0.{_RESNET_DIFF_TO_LDM[inner]}.{rest}"]
+            if inner in _RESNET_DIFF_TO_LDM
+            else []
+        )
     if m := _RES_UP.match(name):
         i, j, inner, rest = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
-        return [f"output_blocks.{i * step + j}.0.{_RESNET_DIFF_TO_LDM[inner]}.{rest}"] \
-            if inner in _RESNET_DIFF_TO_LDM else []
+        return (
+            [f"output_blocks.{i * step + j}.0.{_RESNET_DIFF_TO_LDM[inner]}.{rest}"]
+            if inner in _RESNET_DIFF_TO_LDM
+            else []
+        )
     if m := _RES_MID.match(name):
         k, inner, rest = int(m.group(1)), m.group(2), m.group(3)
         return [f"middle_block.{2 * k}.{_RESNET_DIFF_TO_LDM[inner]}.{rest}"] if inner in _RESNET_DIFF_TO_LDM else []
@@ -132,7 +155,7 @@ def canonical_to_diffusers_unet(name: str, layers_per_block: int = 2) -> Optiona
     step = layers_per_block + 1
     for ldm, diff in _UNET_TOP_LDM_TO_DIFF.items():
         if name.startswith(ldm + "."):
-            return diff + name[len(ldm):]
+            return diff + name[len(ldm) :]
     if m := _LDM_UPSAMPLE.match(name):
         return f"up_blocks.{int(m.group(1)) // step}.upsamplers.0.conv.{m.group(3)}"
     if (mapped := canonical_to_diffusers(name, layers_per_block)) is not None:
@@ -163,20 +186,33 @@ def kohya_names_for(canonical_key: str, layers_per_block: int = 2) -> list:
 # --- Flux: diffusers module names → canonical key, with the fused-row offset ---------------------------
 # offsets are (dim, start, length) in units of the hidden size H, like ComfyUI's partial-tensor patch keys
 _FLUX_DOUBLE = {
-    "attn.to_q": ("img_attn.qkv", 0, 1), "attn.to_k": ("img_attn.qkv", 1, 1), "attn.to_v": ("img_attn.qkv", 2, 1),
-    "attn.add_q_proj": ("txt_attn.qkv", 0, 1), "attn.add_k_proj": ("txt_attn.qkv", 1, 1),
-    "attn.add_v_proj": ("txt_attn.qkv", 2, 1), "attn.to_out.0": ("img_attn.proj", None, None),
-    "attn.to_add_out": ("txt_attn.proj", None, None), "ff.net.0.proj": ("img_mlp.0", None, None),
-    "ff.net.2": ("img_mlp.2", None, None), "ff_context.net.0.proj": ("txt_mlp.0", None, None),
-    "ff_context.net.2": ("txt_mlp.2", None, None), "norm1.linear": ("img_mod.lin", None, None),
+    "attn.to_q": ("img_attn.qkv", 0, 1),
+    "attn.to_k": ("img_attn.qkv", 1, 1),
+    "attn.to_v": ("img_attn.qkv", 2, 1),
+    "attn.add_q_proj": ("txt_attn.qkv", 0, 1),
+    "attn.add_k_proj": ("txt_attn.qkv", 1, 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2, 1),
+    "attn.to_out.0": ("img_attn.proj", None, None),
+    "attn.to_add_out": ("txt_attn.proj", None, None),
+    "ff.net.0.proj": ("img_mlp.0", None, None),
+    "ff.net.2": ("img_mlp.2", None, None),
+    "ff_context.net.0.proj": ("txt_mlp.0", None, None),
+    "ff_context.net.2": ("txt_mlp.2", None, None),
+    "norm1.linear": ("img_mod.lin", None, None),
     "norm1_context.linear": ("txt_mod.lin", None, None),
 }
 _FLUX_SINGLE = {
-    "attn.to_q": ("linear1", 0, 1), "attn.to_k": ("linear1", 1, 1), "attn.to_v": ("linear1", 2, 1),
-    "proj_mlp": ("linear1", 3, 4), "proj_out": ("linear2", None, None), "norm.linear": ("modulation.lin", None, None),
+    "attn.to_q": ("linear1", 0, 1),
+    "attn.to_k": ("linear1", 1, 1),
+    "attn.to_v": ("linear1", 2, 1),
+    "proj_mlp": ("linear1", 3, 4),
+    "proj_out": ("linear2", None, None),
+    "norm.linear": ("modulation.lin", None, None),
 }
 _FLUX_TOP = {
-    "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear",
+    "context_embedder": "txt_in",
+    "x_embedder": "img_in",
+    "proj_out": "final_layer.linear",
     "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
     "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
     "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",

@@ -4,6 +4,7 @@ Only the header is read, never the tensors, so it is cheap on a multi-GB file an
 Every check here (pickles, empty or truncated files, another format, a non-JSON header) raises
 ``BadEraserFile`` with what was expected, what was found and what to do.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,8 @@ def _refuse_pickle(name: str, path: str) -> None:
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise BadEraserFile(
             f"'{name}' is a pickled PyTorch file. Only .safetensors files are loaded, because unpickling "
-            f"an untrusted file can run arbitrary code. Convert it to .safetensors first.")
+            f"an untrusted file can run arbitrary code. Convert it to .safetensors first."
+        )
 
 
 def header_length(path: str) -> int:
@@ -43,7 +45,8 @@ def header_length(path: str) -> int:
         hint = " It looks like a zip/pickle archive." if head[:2] == b"PK" else ""
         raise BadEraserFile(
             f"'{name}' is not a .safetensors file: it declares a {length}-byte header in a {size}-byte file "
-            f"(truncated or another format).{hint} Re-download or re-save it as .safetensors.")
+            f"(truncated or another format).{hint} Re-download or re-save it as .safetensors."
+        )
     return length
 
 
@@ -67,6 +70,9 @@ def read_safetensors_header(path: str):
     if not isinstance(metadata, dict):
         metadata = {}
     metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    tensors = {k: {"dtype": v.get("dtype"), "shape": list(v.get("shape") or [])}
-               for k, v in header.items() if isinstance(v, dict)}
+    tensors = {
+        k: {"dtype": v.get("dtype"), "shape": list(v.get("shape") or [])}
+        for k, v in header.items()
+        if isinstance(v, dict)
+    }
     return tensors, metadata

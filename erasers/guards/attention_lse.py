@@ -12,6 +12,7 @@ tokens); with this merge it is computed once and shared, and only the small text
 
 Tensors are (B, H, L, D) throughout; ``lse`` is (B, H, Lq) in float32.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,27 +29,29 @@ FALLBACK_QUERY_CHUNK = 1024
 _FUSED_CHECKED: dict = {}
 
 
-def merge(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
-          ) -> Tuple[torch.Tensor, torch.Tensor]:
+def merge(
+    o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(o_{A∪B}, ℓ_{A∪B}) from the two partial attentions (module docstring), computed in float32."""
     m = torch.maximum(lse_a, lse_b)
     w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)  # ≤ 1: no overflow
     total = w_a + w_b
-    out = (o_a.float() * (w_a / total)[..., None] + o_b.float() * (w_b / total)[..., None])
+    out = o_a.float() * (w_a / total)[..., None] + o_b.float() * (w_b / total)[..., None]
     return out, m + torch.log(total)
 
 
-def plain_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+def plain_attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """softmax(QKᵀ/√d + bias)V and its log-sum-exp, written out in float32 (any device), query chunks."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     kf, vf = k.float(), v.float()
     outs, lses = [], []
     for start in range(0, q.shape[2], FALLBACK_QUERY_CHUNK):
-        qc = q[:, :, start:start + FALLBACK_QUERY_CHUNK].float()
+        qc = q[:, :, start : start + FALLBACK_QUERY_CHUNK].float()
         s = qc @ kf.transpose(-1, -2) * scale
         if bias is not None:
-            s = s + (bias[:, :, start:start + FALLBACK_QUERY_CHUNK] if bias.shape[2] > 1 else bias).float()
+            s = s + (bias[:, :, start : start + FALLBACK_QUERY_CHUNK] if bias.shape[2] > 1 else bias).float()
         lse = torch.logsumexp(s, dim=-1)
         outs.append(torch.exp(s - lse[..., None]) @ vf)
         lses.append(lse)
@@ -69,8 +72,9 @@ def _fused(q, k, v, bias):
     return None
 
 
-def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+def attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(softmax(QKᵀ/√d + bias)V, logsumexp) for (B, H, L, D) tensors; ``bias`` broadcastable to (B, H, Lq, Lk).
 
     Uses torch's fused kernel that returns the log-sum-exp when the device has one — checked once per
@@ -104,9 +108,15 @@ def _check_fused(device, dtype) -> bool:
         return False
     want = plain_attention_lse(q, k, v, bias)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    ok = bool(torch.allclose(got[0].float(), want[0].float(), atol=tol, rtol=tol)
-              and torch.allclose(got[1], want[1], atol=tol, rtol=tol))
+    ok = bool(
+        torch.allclose(got[0].float(), want[0].float(), atol=tol, rtol=tol)
+        and torch.allclose(got[1], want[1], atol=tol, rtol=tol)
+    )
     if not ok:
-        log.warning("torch's fused attention kernel on %s/%s disagrees with the plain formula; concept guidance "
-                    "uses the plain formula (slower, same result)", device, dtype)
+        log.warning(
+            "torch's fused attention kernel on %s/%s disagrees with the plain formula; concept guidance "
+            "uses the plain formula (slower, same result)",
+            device,
+            dtype,
+        )
     return ok

@@ -5,6 +5,7 @@ leave benign prompts alone. Each has a config dataclass derived from ``Suppressi
 start/end percent of the schedule, risk-gate threshold) and reports a risk score per prompt, so a user
 can see in the log why a prompt was or was not touched.
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,8 +71,10 @@ class SuppressionConfig(SerialisedConfig):
         self._check_number("start_percent", self.start_percent, 0.0, 1.0)
         self._check_number("end_percent", self.end_percent, 0.0, 1.0)
         if self.end_percent < self.start_percent:
-            raise ConfigError(f"{self.method}: end_percent ({self.end_percent}) must not be below start_percent "
-                              f"({self.start_percent}); the method acts between the two.")
+            raise ConfigError(
+                f"{self.method}: end_percent ({self.end_percent}) must not be below start_percent "
+                f"({self.start_percent}); the method acts between the two."
+            )
         self._check_number("risk_gate", self.risk_gate, 0.0, 1.0)
 
     def _check_number(self, name: str, value, low: Optional[float], high: Optional[float]) -> None:
@@ -126,6 +129,12 @@ def gate_passes(score: float, threshold: float) -> bool:
 def log_gate(method: str, score: float, threshold: float, what: str = "prompt") -> bool:
     """Decide and log once per prompt: the user sees the score and the threshold it was compared to."""
     passed = gate_passes(score, threshold)
-    log.info("%s: risk score %.3f for the %s (gate %.3f) → %s", method, score, what, threshold,
-             "suppressing" if passed else "left untouched")
+    log.info(
+        "%s: risk score %.3f for the %s (gate %.3f) → %s",
+        method,
+        score,
+        what,
+        threshold,
+        "suppressing" if passed else "left untouched",
+    )
     return passed

@@ -11,6 +11,7 @@ to the prompt (Z⁺) and once to the concept keywords (Z⁻); then
 Only the positive (cond) branch is guided. Because it acts inside attention it works where CFG
 negatives do nothing (guidance-distilled Flux, few-step models).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

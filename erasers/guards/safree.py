@@ -19,6 +19,7 @@ subspace per encoder; pooled = the EOS-position hidden state of the same space).
 the concept basis is the mean over real tokens, every T5 token is projected ((I − P_C) e, §5.3) and the
 pooled CLIP vector gets a norm-preserving projection.
 """
+
 from __future__ import annotations
 
 import logging
@@ -108,8 +109,9 @@ def flag_tokens(d: torch.Tensor, alpha: float, d_full: Optional[torch.Tensor] = 
     return d >= (1 + alpha) * loo_mean
 
 
-def project_tokens(e: torch.Tensor, p_c: torch.Tensor, p_m: Optional[torch.Tensor], mask: torch.Tensor
-                   ) -> torch.Tensor:
+def project_tokens(
+    e: torch.Tensor, p_c: torch.Tensor, p_m: Optional[torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
     """e_i′ = (I − P_C) P_M e_i on masked rows (P_M omitted when None), e_i elsewhere (§1.3)."""
     x = e.double()
     y = x @ p_m.T if p_m is not None else x
@@ -143,8 +145,9 @@ def project_pooled(y: torch.Tensor, concept_pooled: torch.Tensor) -> torch.Tenso
 # -- the masked-prompt test inputs ------------------------------------------------------------------
 
 
-def masked_copies(token_ids: Sequence[int], has_bos: bool = True, mask_id: int = CLIP_MASK_ID,
-                  max_tokens: int = 75) -> tuple:
+def masked_copies(
+    token_ids: Sequence[int], has_bos: bool = True, mask_id: int = CLIP_MASK_ID, max_tokens: int = 75
+) -> tuple:
     """(positions, copies): copy i has word token i replaced by ``mask_id``; BOS/EOS are never masked."""
     ids = list(token_ids)
     first = 1 if has_bos else 0
@@ -190,11 +193,21 @@ class SafreeResult:
     info: dict = field(default_factory=dict)
 
 
-def analyse(config: SAFREEConfig, prompt_hidden: torch.Tensor, prompt_length: int, positions: list,
-            masked_hidden: torch.Tensor, masked_lengths: torch.Tensor, concept_hidden: torch.Tensor,
-            concept_lengths: torch.Tensor, encoder: str = "clip", segments: Sequence = None,
-            prompt_pooled: Optional[torch.Tensor] = None, concept_pooled: Optional[torch.Tensor] = None,
-            token_range: Optional[tuple] = None) -> SafreeResult:
+def analyse(
+    config: SAFREEConfig,
+    prompt_hidden: torch.Tensor,
+    prompt_length: int,
+    positions: list,
+    masked_hidden: torch.Tensor,
+    masked_lengths: torch.Tensor,
+    concept_hidden: torch.Tensor,
+    concept_lengths: torch.Tensor,
+    encoder: str = "clip",
+    segments: Sequence = None,
+    prompt_pooled: Optional[torch.Tensor] = None,
+    concept_pooled: Optional[torch.Tensor] = None,
+    token_range: Optional[tuple] = None,
+) -> SafreeResult:
     """Run SAFREE on one prompt.
 
     prompt_hidden (T, D) — the context the denoiser sees; masked_hidden (n, T, D) — the prompt with token
@@ -221,8 +234,13 @@ def analyse(config: SAFREEConfig, prompt_hidden: torch.Tensor, prompt_length: in
 
     risk = risk_score(prompt_tok, concept_tok, skip_first=(encoder == "clip"))
     n = len(positions)
-    empty = SafreeResult(prompt_hidden, torch.zeros(n, dtype=torch.bool), list(positions),
-                         torch.zeros(n, dtype=torch.float64), risk=risk)
+    empty = SafreeResult(
+        prompt_hidden,
+        torch.zeros(n, dtype=torch.bool),
+        list(positions),
+        torch.zeros(n, dtype=torch.float64),
+        risk=risk,
+    )
     if not log_gate("SAFREE", risk, config.risk_gate):
         return empty
 
@@ -251,7 +269,7 @@ def analyse(config: SAFREEConfig, prompt_hidden: torch.Tensor, prompt_length: in
             if f and lo <= pos < hi:
                 rows[pos - lo] = True
         if config.include_eos:
-            rows[max(prompt_length - 1, 0):] = True  # EOS and all padding: causal CLIP carries the concept there
+            rows[max(prompt_length - 1, 0) :] = True  # EOS and all padding: causal CLIP carries the concept there
     else:
         rows[:] = True  # T5 is bidirectional: every token carries the concept (§5.3)
     valid = torch.zeros(L, dtype=torch.bool)
@@ -279,10 +297,17 @@ def analyse(config: SAFREEConfig, prompt_hidden: torch.Tensor, prompt_length: in
         pooled = project_pooled(prompt_pooled, concept_pooled)
     result.hidden, result.beta, result.t_prime, result.filter_fraction = hidden, beta, t_prime, fraction
     result.changed, result.pooled = True, pooled
-    result.info = {"flagged_positions": [p for p, f in zip(positions, flagged.tolist()) if f],
-                   "projected_rows": int(rows.sum())}
-    log.info("SAFREE: flagged positions %s, β=%.3f, t′=%d → projected conditioning for the first %.0f%% of "
-             "the schedule", result.info["flagged_positions"], beta, t_prime, 100 * fraction)
+    result.info = {
+        "flagged_positions": [p for p, f in zip(positions, flagged.tolist()) if f],
+        "projected_rows": int(rows.sum()),
+    }
+    log.info(
+        "SAFREE: flagged positions %s, β=%.3f, t′=%d → projected conditioning for the first %.0f%% of the schedule",
+        result.info["flagged_positions"],
+        beta,
+        t_prime,
+        100 * fraction,
+    )
     return result
 
 

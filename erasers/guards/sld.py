@@ -12,6 +12,7 @@ suppression.md §2.1, with the diffusers code semantics. Three noise predictions
 velocity v = ε − x₀ (``to_velocity``), §8. Since ε̃ = ε_∅ + s_g(ε_p′ − ε_∅) with ε_p′ = ε_p − 𝟙γ, the
 update can be applied to the positive prediction before the host's own CFG (``apply_to_cond``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ from ..config import ConfigError
 from .base import SuppressionConfig
 
 #: the default safety concept (§2.3)
-SAFETY_CONCEPT = ("an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, "
-                  "nudity, bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, "
-                  "weapons, child abuse, brutality, cruelty")
+SAFETY_CONCEPT = (
+    "an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, "
+    "nudity, bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, "
+    "weapons, child abuse, brutality, cruelty"
+)
 
 #: preset → (warm-up δ, s_S, λ, s_m, β_m)  (§2.2)
 PRESETS = {
@@ -187,8 +190,9 @@ def apply_to_cond(eps_cond: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return eps_cond - gamma
 
 
-def sld_combine(eps_uncond, eps_cond, eps_safety, cfg_scale: float, state: SLDState, config: SLDConfig,
-                warmup: int) -> torch.Tensor:
+def sld_combine(
+    eps_uncond, eps_cond, eps_safety, cfg_scale: float, state: SLDState, config: SLDConfig, warmup: int
+) -> torch.Tensor:
     """ε̃ in one call (diffusers and tests)."""
     gamma = sld_gamma(eps_uncond, eps_cond, eps_safety, state, config, warmup)
     return eps_uncond + cfg_scale * ((eps_cond - eps_uncond) - gamma)

@@ -11,6 +11,7 @@ padding positions carry the concept as well; ``include_eos`` suppresses them too
 bidirectional: every token is contaminated, so token suppression there is weaker (combine with concept
 guidance).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,13 +58,14 @@ def match_token_ids(prompt_ids: Sequence[int], concept_ids: Sequence[Sequence[in
         if not seq:
             continue
         for start in range(0, len(ids) - len(seq) + 1):
-            if ids[start:start + len(seq)] == seq:
+            if ids[start : start + len(seq)] == seq:
                 hits.update(range(start, start + len(seq)))
     return sorted(hits)
 
 
-def similar_tokens(prompt_hidden: torch.Tensor, concept_tokens: torch.Tensor, threshold: float,
-                   valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+def similar_tokens(
+    prompt_hidden: torch.Tensor, concept_tokens: torch.Tensor, threshold: float, valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """(T,) bool: prompt positions whose state has cosine ≥ threshold with any keyword token state."""
     p = torch.nn.functional.normalize(prompt_hidden.float(), dim=-1)
     c = torch.nn.functional.normalize(concept_tokens.float(), dim=-1)
@@ -73,8 +75,13 @@ def similar_tokens(prompt_hidden: torch.Tensor, concept_tokens: torch.Tensor, th
     return hit
 
 
-def concept_mask(length: int, positions: Sequence[int], prompt_length: Optional[int] = None,
-                 include_eos: bool = False, similar: Optional[torch.Tensor] = None) -> torch.Tensor:
+def concept_mask(
+    length: int,
+    positions: Sequence[int],
+    prompt_length: Optional[int] = None,
+    include_eos: bool = False,
+    similar: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """(length,) bool mask of the suppressed positions: matches ∪ similar ∪ (EOS/padding if any hit)."""
     mask = torch.zeros(length, dtype=torch.bool)
     for p in positions:
@@ -83,7 +90,7 @@ def concept_mask(length: int, positions: Sequence[int], prompt_length: Optional[
     if similar is not None:
         mask[: similar.shape[0]] |= similar[:length]
     if include_eos and prompt_length is not None and bool(mask.any()):
-        mask[max(prompt_length - 1, 0):] = True
+        mask[max(prompt_length - 1, 0) :] = True
     return mask
 
 
@@ -93,8 +100,9 @@ def logit_bias(mask: torch.Tensor, factor: float, dtype=torch.float32) -> torch.
     return torch.where(mask, torch.tensor(value, dtype=dtype), torch.tensor(0.0, dtype=dtype))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Multi-head attention on (B, L, H·D) tensors with an optional additive bias broadcastable to
     (B, H, Lq, Lk); returns (B, Lq, H·D)."""
     b, lq, inner = q.shape
@@ -129,8 +137,9 @@ def bias_mask(bias: torch.Tensor, dtype) -> torch.Tensor:
     return bias.to(dtype)[:, None, None, :]
 
 
-def suppressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor,
-                         attention_fn=None) -> torch.Tensor:
+def suppressed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor, attention_fn=None
+) -> torch.Tensor:
     """Attention with a per-row column bias (B, T), through ``attention_fn(q, k, v, heads, mask=…)``.
 
     Adding log c_j to the logits of key j *is* the post-softmax rescale by c_j plus renormalisation

@@ -7,6 +7,7 @@ written, so removal is bit-exact by construction. With one rate row for the whol
 many tokens runs on a folded weight W + ΔW(m) for that call (a forward pre-hook swaps the weight object,
 the forward hook — also called when the forward raises — puts the host's own object back).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Mapping, Optional
@@ -28,8 +29,12 @@ def _kxk_terms(stack: LayerStack) -> list:
 
 
 class MembraneHooks:
-    def __init__(self, root: torch.nn.Module, stacks: Mapping[str, LayerStack],
-                 module_name: Callable[[str], Optional[str]] = lambda path: path):
+    def __init__(
+        self,
+        root: torch.nn.Module,
+        stacks: Mapping[str, LayerStack],
+        module_name: Callable[[str], Optional[str]] = lambda path: path,
+    ):
         self._rates: Optional[torch.Tensor] = None
         self._key: Optional[tuple] = None
         self._shut = True  # no rates set yet: every membrane is shut (the hooks step aside)
@@ -81,8 +86,13 @@ class MembraneHooks:
             if self._shut or not can_fold or not self.fold or self._key[0] != "uniform" or not args:
                 return None
             x, w = args[0], mod._parameters.get("weight")
-            if w is None or type(w) not in (torch.Tensor, torch.nn.Parameter) or w.dtype != x.dtype \
-                    or w.device != x.device or not w.dtype.is_floating_point:
+            if (
+                w is None
+                or type(w) not in (torch.Tensor, torch.nn.Parameter)
+                or w.dtype != x.dtype
+                or w.device != x.device
+                or not w.dtype.is_floating_point
+            ):
                 return None
             tokens = x.numel() // (x.shape[1] if four_d else x.shape[-1])
             if tokens * (cols + 2 * rows) <= 2 * rows * cols:  # reading W twice beats reading x and y
@@ -100,8 +110,10 @@ class MembraneHooks:
             rates = self._rates
             x = args[0]
             if self._key[0] != "uniform" and rates.shape[0] != x.shape[0]:
-                raise RuntimeError(f"membrane rates have {rates.shape[0]} rows but {stack.module} sees a batch of "
-                                   f"{x.shape[0]}; the host must set one row per batch row.")
+                raise RuntimeError(
+                    f"membrane rates have {rates.shape[0]} rows but {stack.module} sees a batch of "
+                    f"{x.shape[0]}; the host must set one row per batch row."
+                )
             if not kxk:
                 return membrane_forward(x, output, stack, rates, channels_first=four_d, key=self._key)
             key = (x.device, x.dtype)
@@ -110,8 +122,9 @@ class MembraneHooks:
             m = rates.to(device=x.device, dtype=x.dtype)
             out = output
             for i, w in casts[key]:
-                out = out + m[:, i, None, None, None] * F.conv2d(x, w, None, mod.stride, mod.padding, mod.dilation,
-                                                                 mod.groups)
+                out = out + m[:, i, None, None, None] * F.conv2d(
+                    x, w, None, mod.stride, mod.padding, mod.dilation, mod.groups
+                )
             for i, bias, rows_ in stack.bias:
                 out = out + m[:, i, None, None, None] * bias.to(out)[None, :, None, None]
             return out

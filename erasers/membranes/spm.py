@@ -13,6 +13,7 @@ layer whatever the number of membranes. When every row has the same rates (one p
 ΔW(m) is one fixed matrix for the call, and layers that see many tokens run on W + ΔW(m), built per call
 and dropped after it (``LayerStack.folded_weight``; the hooks swap W by reference and never write it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -115,8 +116,9 @@ class RateCache:
         """(N, M) float32: rate of membrane i for prompt n = strength · (m(p) if FT else 1)."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if todo:
-            self.cache.update(zip(todo, self.compute(self.encoder.encode(todo) if self._needs_text() else None,
-                                                     len(todo))))
+            self.cache.update(
+                zip(todo, self.compute(self.encoder.encode(todo) if self._needs_text() else None, len(todo)))
+            )
         return torch.stack([self.cache[p] for p in prompts]) if prompts else torch.zeros(0, len(self.membranes))
 
     def rates_from_encoding(self, encoding) -> torch.Tensor:
@@ -165,7 +167,8 @@ class LayerStack:
             m = torch.tensor(key[1], dtype=work, device=self._device())
             fold = lambda up, down, owner: tuple(  # noqa: E731
                 t.to(self.up.dtype if self.up is not None else up.dtype).contiguous()
-                for t in _fold_factors(up.to(work), down.to(work), owner, self.combination, m, uniform))
+                for t in _fold_factors(up.to(work), down.to(work), owner, self.combination, m, uniform)
+            )
             main = fold(self.up, self.down, self.owner) if self.up is not None else None
             sliced = [(st, n, *fold(u, d, o)) for st, n, u, d, o in self.sliced]
             self._folded[key] = (main, sliced)
@@ -181,9 +184,9 @@ class LayerStack:
         out = torch.addmm(w, main[0], main[1]) if main is not None and main[0].shape[1] else w.clone()
         for start, length, up, down in sliced:
             if up.shape[1]:
-                out[start:start + length].addmm_(up, down)
+                out[start : start + length].addmm_(up, down)
         for i, delta, rows in self.dense:
-            target = out if rows is None else out[rows[0]:rows[0] + rows[1]]
+            target = out if rows is None else out[rows[0] : rows[0] + rows[1]]
             target.add_(delta, alpha=float(key[1][i]))
         return out.reshape(weight.shape)
 
@@ -199,10 +202,17 @@ class LayerStack:
         if key not in self._cast:
             mv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
             self._cast[key] = LayerStack(
-                self.module, self.weight_shape, self.combination, self.n, mv(self.up), mv(self.down),
+                self.module,
+                self.weight_shape,
+                self.combination,
+                self.n,
+                mv(self.up),
+                mv(self.down),
                 None if self.owner is None else self.owner.to(device),
                 [(s, n, mv(u), mv(d), o.to(device)) for s, n, u, d, o in self.sliced],
-                [(i, mv(w), r) for i, w, r in self.dense], [(i, mv(b), r) for i, b, r in self.bias])
+                [(i, mv(w), r) for i, w, r in self.dense],
+                [(i, mv(b), r) for i, b, r in self.bias],
+            )
         return self._cast[key]
 
 
@@ -217,7 +227,7 @@ def build_stacks(membranes: Sequence[Membrane], combination: str, shapes: Mappin
     per_module = {}
     for i, mem in enumerate(membranes):
         for key, delta in mem.unet_deltas().items():
-            name, offset = (key if isinstance(key, tuple) else (key, None))
+            name, offset = key if isinstance(key, tuple) else (key, None)
             module, param = name.rsplit(".", 1)
             per_module.setdefault(module, []).append((i, param, offset, delta))
     n = len(membranes)
@@ -238,12 +248,14 @@ def _stack_official(stack: LayerStack, terms, membranes) -> None:
     if bad:
         raise CombinationError(
             f"The official combination sums low-rank factors, but {bad[0]} has a dense, fused-row or bias delta "
-            f"on {stack.module}. Choose the linear combination for it.")
+            f"on {stack.module}. Choose the linear combination for it."
+        )
     ranks = {d.rank for _, _, _, d in terms}
     if len(ranks) > 1:
         raise CombinationError(
             f"The official combination adds membranes factor by factor and needs equal ranks; {stack.module} has "
-            f"ranks {sorted(ranks)}. Choose the linear combination.")
+            f"ranks {sorted(ranks)}. Choose the linear combination."
+        )
     r = ranks.pop()
     first = terms[0][3]
     up = torch.zeros(stack.n, first.up.shape[0], r)
@@ -259,7 +271,9 @@ def _stack_linear(stack: LayerStack, terms) -> None:
     for i, param, offset, delta in terms:
         rows = None if offset is None else (offset[1], offset[2])
         if offset is not None and offset[0] != 0:
-            raise CombinationError(f"Only row slices of fused weights are supported, found {offset} on {stack.module}.")
+            raise CombinationError(
+                f"Only row slices of fused weights are supported, found {offset} on {stack.module}."
+            )
         if param == "bias":
             stack.bias.append((i, delta.float().reshape(-1), rows))
         elif _as_lowrank(delta) is None:
@@ -299,8 +313,14 @@ def _fold_factors(up, down, owner, combination: str, m: torch.Tensor, uniform: b
     return up[None] * m[:, owner][:, None, :], down
 
 
-def membrane_forward(x: torch.Tensor, y: torch.Tensor, stack: LayerStack, rates: torch.Tensor,
-                     channels_first: bool = False, key: Optional[tuple] = None) -> torch.Tensor:
+def membrane_forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    stack: LayerStack,
+    rates: torch.Tensor,
+    channels_first: bool = False,
+    key: Optional[tuple] = None,
+) -> torch.Tensor:
     """y + ΔW(m_b)·x_b for every batch item b (rates: (B, n), one row per item).
 
     ``x``/``y`` are the layer's input and output: (B, …, in) / (B, …, out) for Linear, (B, C, H, W) for a
@@ -351,6 +371,7 @@ def _add_lowrank(out, xf, up, down, uniform: bool, channels_first: bool) -> None
 def _dense_terms(xf, out, s: LayerStack, m, channels_first: bool) -> None:
     """Σᵢ mᵢ ΔWᵢ x of dense and bias deltas (linear combination only), accumulated into ``out``
     (channels-last (B, L, ·) or channels-first (B, ·, L))."""
+
     def rows(t, start, length):
         return t.narrow(1 if channels_first else 2, start, length)
 

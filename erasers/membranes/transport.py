@@ -6,6 +6,7 @@ Exactly as the reference inference code (spm.md §4.1):
 E is the full padded text-encoder output (all T×d values, BOS and padding included); tok is the *set* of
 token ids without BOS/EOS/pad. No threshold, temperature or softmax. Pure functions on PromptEncoding.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -56,15 +57,17 @@ def flat_cosine_matrix(prompts: torch.Tensor, concepts: torch.Tensor) -> torch.T
     return p @ c.T
 
 
-def concept_scores(prompts: PromptEncoding, concepts: PromptEncoding, metric: str = "clipcos_tokenuni",
-                   special: Optional[set] = None) -> torch.Tensor:
+def concept_scores(
+    prompts: PromptEncoding, concepts: PromptEncoding, metric: str = "clipcos_tokenuni", special: Optional[set] = None
+) -> torch.Tensor:
     """s(c, p) for every prompt × concept: (N, K) float64."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, found '{metric}'.")
     special = special_token_ids(prompts, concepts) if special is None else special
     cos = flat_cosine_matrix(prompts.hidden, concepts.hidden)
-    overlap = torch.tensor([[token_overlap(p, c, special) for c in concepts.token_ids] for p in prompts.token_ids],
-                           dtype=torch.float64).reshape(cos.shape)
+    overlap = torch.tensor(
+        [[token_overlap(p, c, special) for c in concepts.token_ids] for p in prompts.token_ids], dtype=torch.float64
+    ).reshape(cos.shape)
     if metric == "clipcos":
         return cos
     if metric == "tokenuni":
@@ -72,8 +75,13 @@ def concept_scores(prompts: PromptEncoding, concepts: PromptEncoding, metric: st
     return torch.maximum(cos, overlap)
 
 
-def permeability(prompts: PromptEncoding, concepts: PromptEncoding, groups: Optional[list] = None,
-                 metric: str = "clipcos_tokenuni", special: Optional[set] = None) -> torch.Tensor:
+def permeability(
+    prompts: PromptEncoding,
+    concepts: PromptEncoding,
+    groups: Optional[list] = None,
+    metric: str = "clipcos_tokenuni",
+    special: Optional[set] = None,
+) -> torch.Tensor:
     """m per prompt and membrane: max of s(c, p) over each membrane's concepts.
 
     ``groups`` gives how many of ``concepts`` (in order) belong to each membrane; None = one membrane.

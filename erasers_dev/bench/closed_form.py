@@ -6,12 +6,11 @@ positions) with random weights; 1 / 10 / 100 artist names. For each method in ``
 text-encoding time, solve time, total, peak resident-memory growth and eraser file size. Prints a
 markdown table; nothing is downloaded. Speed is reported, never asserted.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
-
-import erasers
 import platform
 import tempfile
 import threading
@@ -20,8 +19,12 @@ from typing import Optional
 
 import torch
 
-TARGETS = ("solve for 100 concepts ≤ 1 s for UCE and SPEED, ≤ 3 s for RECE; whole edit incl. text encoding "
-           "≤ 5 s for UCE/SPEED; 10-concept SD1.5 eraser file ≤ 5 MB")
+import erasers
+
+TARGETS = (
+    "solve for 100 concepts ≤ 1 s for UCE and SPEED, ≤ 3 s for RECE; whole edit incl. text encoding "
+    "≤ 5 s for UCE/SPEED; 10-concept SD1.5 eraser file ≤ 5 MB"
+)
 SOLVE_TARGET = {"uce": 1.0, "speed": 1.0, "rece": 3.0}
 TOTAL_TARGET = {"uce": 5.0, "speed": 5.0}
 FILE_TARGET_MB = 5.0
@@ -46,8 +49,8 @@ def sd15_text_encoder(seed: int = 0):
     """(encoder, note): random-weight SD1.5 CLIP text tower with the real tokenizer if one is on disk."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from erasers_diffusers.clip_text import ClipTextEncoder, Tower, WordHashTokenizer, clip_tokenizer
     from erasers.errors import MissingTokenizer
+    from erasers_diffusers.clip_text import ClipTextEncoder, Tower, WordHashTokenizer, clip_tokenizer
     from erasers_diffusers.tokenizer import find_tokenizer_dir
 
     try:
@@ -55,11 +58,22 @@ def sd15_text_encoder(seed: int = 0):
         tokenizer, note = clip_tokenizer(folder), f"CLIP BPE tokenizer from {folder}"
     except MissingTokenizer:
         tokenizer = WordHashTokenizer()
-        note = ("no CLIP tokenizer on this machine: a deterministic word-hash tokenizer stands in (one token "
-                "per word, so prompts are a little shorter than with CLIP's BPE)")
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+        note = (
+            "no CLIP tokenizer on this machine: a deterministic word-hash tokenizer stands in (one token "
+            "per word, so prompts are a little shorter than with CLIP's BPE)"
+        )
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
     with torch.device("meta"):  # transformers' own initialisation of 123M weights takes ~20 s on 2 cores
         model = CLIPTextModel(config)
     model = model.to_empty(device="cpu").eval()
@@ -127,9 +141,14 @@ def run_one(method, count: int, encoder, weights, out_dir: str) -> dict:
         eraser = compute_eraser(config, encoder, weights, Family.SD1)
         total = time.perf_counter() - started
     path = save_eraser(eraser, os.path.join(out_dir, f"{method.name}-{count}.safetensors"))
-    return {"encode": eraser.timings.get("encode_s", 0.0), "solve": eraser.timings.get("solve_s", 0.0)
-            + eraser.timings.get("compress_s", 0.0), "total": total, "peak_mb": memory.growth_mb,
-            "file_mb": os.path.getsize(path) / 1e6, "rank": max(d.rank for d in eraser.deltas.values())}
+    return {
+        "encode": eraser.timings.get("encode_s", 0.0),
+        "solve": eraser.timings.get("solve_s", 0.0) + eraser.timings.get("compress_s", 0.0),
+        "total": total,
+        "peak_mb": memory.growth_mb,
+        "file_mb": os.path.getsize(path) / 1e6,
+        "rank": max(d.rank for d in eraser.deltas.values()),
+    }
 
 
 def verdict(name: str, count: int, row: dict) -> str:
@@ -144,13 +163,15 @@ def verdict(name: str, count: int, row: dict) -> str:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from erasers.files.families import Family
     from erasers.edits.methods import METHODS
+    from erasers.files.families import Family
+
     from ..testing import layer_weights
 
     parser = argparse.ArgumentParser(prog="python -m erasers bench closed-form", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--quick", action="store_true",
-                        help="1 and 10 concepts, UCE only (well under a minute; nothing downloaded)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 and 10 concepts, UCE only (well under a minute; nothing downloaded)"
+    )
     parser.add_argument("--counts", default=None, help="comma-separated concept counts (default 1,10,100)")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
     args = parser.parse_args(argv)
@@ -167,7 +188,10 @@ def main(argv: Optional[list] = None) -> int:
     encoder.encode(["warm up"])  # first-call overheads (thread pools, kernels) stay out of the table
     built = time.perf_counter() - built
 
-    print("| method | concepts | text encoding s | solve s | total s | peak RSS growth MB | file MB | max rank | targets |")
+    print(
+        "| method | concepts | text encoding s | solve s | total s | peak RSS growth MB | file MB | max rank "
+        "| targets |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as out_dir:
         for name in names:
@@ -175,23 +199,36 @@ def main(argv: Optional[list] = None) -> int:
                 try:
                     row = run_one(METHODS[name], count, encoder, weights, out_dir)
                 except Exception as exc:  # a method failing must not hide the others' rows
-                    print(f"| {name} | {count} | – | – | – | – | – | – | failed: {type(exc).__name__}: "
-                          f"{str(exc)[:80]} |", flush=True)
+                    print(
+                        f"| {name} | {count} | – | – | – | – | – | – | failed: {type(exc).__name__}: "
+                        f"{str(exc)[:80]} |",
+                        flush=True,
+                    )
                     continue
-                print(f"| {name} | {count} | {row['encode']:.2f} | {row['solve']:.3f} | {row['total']:.2f} | "
-                      f"{row['peak_mb']:.0f} | {row['file_mb']:.2f} | {row['rank']} | {verdict(name, count, row)} |",
-                      flush=True)
+                print(
+                    f"| {name} | {count} | {row['encode']:.2f} | {row['solve']:.3f} | {row['total']:.2f} | "
+                    f"{row['peak_mb']:.0f} | {row['file_mb']:.2f} | {row['rank']} | {verdict(name, count, row)} |",
+                    flush=True,
+                )
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     print()
-    print(f"SD1.5 shapes, random weights: 32 projections (16 attn2 × to_k/to_v), CLIP ViT-L/14 text tower "
-          f"(12 layers, 768, 77 positions); artist names from erasers/data/artists_sd.txt; concept type 'art'.")
+    print(
+        "SD1.5 shapes, random weights: 32 projections (16 attn2 × to_k/to_v), CLIP ViT-L/14 text tower "
+        "(12 layers, 768, 77 positions); artist names from erasers/data/artists_sd.txt; concept type 'art'."
+    )
     print(f"Tokenizer: {note}.")
     print(f"Targets: {TARGETS}.")
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-          f"{torch.__version__} with {torch.get_num_threads()} threads; load average "
-          f"{load_before[0]:.1f} before / {load_after[0]:.1f} after" if load_before else "")
-    print(f"Set-up (encoder + weights, not in the table): {built:.1f} s. Text encoding is one batched pass "
-          f"per prompt list (identical prompts encoded once); solve = closed form + low-rank compression.")
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__} with {torch.get_num_threads()} threads; load average "
+        f"{load_before[0]:.1f} before / {load_after[0]:.1f} after"
+        if load_before
+        else ""
+    )
+    print(
+        f"Set-up (encoder + weights, not in the table): {built:.1f} s. Text encoding is one batched pass "
+        f"per prompt list (identical prompts encoded once); solve = closed form + low-rank compression."
+    )
     return 0
 
 

@@ -13,26 +13,29 @@ benchmark then reads the images with the classifier, exactly as for plain prompt
   text encoder stays in the loop, so the result is a context the model's own encoder can produce from
   some (soft) token sequence.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from erasers_diffusers.api import projection_params
 from erasers.edits.rece import adversarial_map, weight_grams
+from erasers_diffusers.api import projection_params
 
 
 def snapshot_projections(pipe) -> Dict[str, torch.Tensor]:
     """diffusers parameter name → a float64 copy of every text projection (W⁰, before an edit)."""
-    return {name: param.detach().to("cpu", torch.float64, copy=True)
-            for name, param in projection_params(pipe).values()}
+    return {
+        name: param.detach().to("cpu", torch.float64, copy=True) for name, param in projection_params(pipe).values()
+    }
 
 
-def closed_form_context(pipe, originals: Dict[str, torch.Tensor], prompts: Sequence[str],
-                        lam_r: float = 0.1) -> torch.Tensor:
+def closed_form_context(
+    pipe, originals: Dict[str, torch.Tensor], prompts: Sequence[str], lam_r: float = 0.1
+) -> torch.Tensor:
     """c′ for every token row of ``prompts`` against the weights live in ``pipe`` now (§4.1)."""
     params = projection_params(pipe)
     current = [param.detach().to("cpu", torch.float64) for name, param in params.values()]
@@ -61,9 +64,19 @@ def _guided_eps(unet, x, t, cond, uncond, guidance: float) -> torch.Tensor:
     return eps_u + guidance * (eps_c - eps_u)
 
 
-def gradient_context(pipe, classifier, prompts: Sequence[str], axis: str, targets: torch.Tensor,
-                     steps: int = 20, lr: float = 0.05, trajectory_steps: int = 8, guidance: float = 4.0,
-                     seed: int = 0, progress=None) -> torch.Tensor:
+def gradient_context(
+    pipe,
+    classifier,
+    prompts: Sequence[str],
+    axis: str,
+    targets: torch.Tensor,
+    steps: int = 20,
+    lr: float = 0.05,
+    trajectory_steps: int = 8,
+    guidance: float = 4.0,
+    seed: int = 0,
+    progress=None,
+) -> torch.Tensor:
     """Optimise the word/EOS input embeddings of ``prompts`` so the edited model draws ``targets``.
 
     ``targets``: (N,) class indices of ``axis`` (the erased concept of each prompt). ``lr`` is relative

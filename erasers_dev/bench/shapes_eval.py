@@ -13,6 +13,7 @@ with those labels:
 
 Everything here is pure: labels and predictions in, numbers out (the unit tests feed synthetic ones).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -60,12 +61,20 @@ def axis_of(concept: str) -> str:
     for axis, values in VALUES.items():
         if concept in values:
             return axis
-    raise ValueError(f"'{concept}' is not a concept of the shapes world; expected one of "
-                     f"{world.SHAPES + world.COLOURS + world.STYLES}.")
+    raise ValueError(
+        f"'{concept}' is not a concept of the shapes world; expected one of "
+        f"{world.SHAPES + world.COLOURS + world.STYLES}."
+    )
 
 
-def build_eval_set(canonical_reps: int = 4, synonym_reps: int = 2, paraphrase_reps: int = 2,
-                   style_reps: int = 1, seed: int = 0, shapes: Optional[Sequence[str]] = None) -> EvalSet:
+def build_eval_set(
+    canonical_reps: int = 4,
+    synonym_reps: int = 2,
+    paraphrase_reps: int = 2,
+    style_reps: int = 1,
+    seed: int = 0,
+    shapes: Optional[Sequence[str]] = None,
+) -> EvalSet:
     """Every (shape, colour) pair, every synonym, held-out paraphrases and styled prompts.
 
     One universal set serves every erased concept (the metrics select by label), so the base model is
@@ -92,7 +101,9 @@ def build_eval_set(canonical_reps: int = 4, synonym_reps: int = 2, paraphrase_re
             for c in world.COLOURS:
                 st = world.STYLES[int(torch.randint(len(world.STYLES), (1,), generator=gen))]
                 bg = world.BACKGROUNDS[int(torch.randint(len(world.BACKGROUNDS), (1,), generator=gen))]
-                template = world.HELDOUT_TEMPLATES[int(torch.randint(len(world.HELDOUT_TEMPLATES), (1,), generator=gen))]
+                template = world.HELDOUT_TEMPLATES[
+                    int(torch.randint(len(world.HELDOUT_TEMPLATES), (1,), generator=gen))
+                ]
                 # the style word is prompted in some templates only; it is not scored here
                 es.add(template.format(s=s, c=c, st=st, bg=bg), "paraphrase", S(s), C(c), reps=paraphrase_reps)
     if style_reps:
@@ -146,8 +157,9 @@ def axis_accuracy(pred: Dict[str, torch.Tensor], es: EvalSet, axes: Sequence[str
     return correct, total
 
 
-def fidelity(pred: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], es: EvalSet, axis: str,
-             erased: Sequence[int]) -> dict:
+def fidelity(
+    pred: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], es: EvalSet, axis: str, erased: Sequence[int]
+) -> dict:
     """Accuracy on prompts that name no erased concept, relative to the base model (higher is better)."""
     others = ~concept_mask(es, axis, erased)
     out = {}
@@ -169,20 +181,29 @@ def score(pred: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], es: Eval
         raise ValueError(f"Concepts {list(concepts)} span several axes {sorted(axes)}; score one axis at a time.")
     axis = axes.pop()
     erased = [VALUES[axis].index(c) for c in concepts]
-    return {"axis": axis, "concepts": list(concepts), "erased": erased_rates(pred, es, axis, erased),
-            "base_erased": erased_rates(base, es, axis, erased), "fidelity": fidelity(pred, base, es, axis, erased)}
+    return {
+        "axis": axis,
+        "concepts": list(concepts),
+        "erased": erased_rates(pred, es, axis, erased),
+        "base_erased": erased_rates(base, es, axis, erased),
+        "fidelity": fidelity(pred, base, es, axis, erased),
+    }
 
 
-def meets_targets(result: dict, exact_max: float = 0.10, unrelated_min: float = 0.95,
-                  related_min: float = 0.85) -> dict:
+def meets_targets(
+    result: dict, exact_max: float = 0.10, unrelated_min: float = 0.95, related_min: float = 0.85
+) -> dict:
     """The issue's targets for a closed-form method on one concept: which hold."""
     e, f = result["erased"], result["fidelity"]
-    return {"exact": e["exact"] is not None and e["exact"] <= exact_max,
-            "unrelated": f["unrelated"] is not None and f["unrelated"] >= unrelated_min,
-            "related": f["related"] is not None and f["related"] >= related_min}
+    return {
+        "exact": e["exact"] is not None and e["exact"] <= exact_max,
+        "unrelated": f["unrelated"] is not None and f["unrelated"] >= unrelated_min,
+        "related": f["related"] is not None and f["related"] >= related_min,
+    }
 
 
 # -- pictures ----------------------------------------------------------------------------------------
+
 
 def labelled_grid(columns: Dict[str, torch.Tensor], row_labels: Sequence[str], scale: int = 5, pad: int = 2):
     """PIL image: one column per name in ``columns`` ((rows, 3, H, W) in [0, 1] each), labelled."""

@@ -14,6 +14,7 @@ Per method, with the methods' published defaults (family "unet"):
   schedule;
 * SLD — a third UNet branch conditioned on the concept, combined with ``sld.sld_combine``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -70,16 +71,15 @@ class ShapesSuppression:
         tok = self.pipe.tokenizer
         concept_ids = [tok.ids(c)[1:-1] for c in self.concepts]
         concept_hidden, concept_len = self._encode_ids([tok.ids(c) for c in self.concepts])
-        keyword_rows = torch.cat([concept_hidden[i, 1: int(concept_len[i]) - 1] for i in range(len(self.concepts))])
+        keyword_rows = torch.cat([concept_hidden[i, 1 : int(concept_len[i]) - 1] for i in range(len(self.concepts))])
         T = cond.shape[1]
         rows = []
         for i, prompt in enumerate(prompts):
             ids = tok.ids(prompt)
             valid = torch.zeros(T, dtype=torch.bool)
-            valid[1: max(1, len(ids) - 1)] = True  # word tokens only
+            valid[1 : max(1, len(ids) - 1)] = True  # word tokens only
             similar = ts.similar_tokens(cond[i].cpu(), keyword_rows, self.config.similarity, valid)
-            mask = ts.concept_mask(T, ts.match_token_ids(ids, concept_ids), len(ids), self.config.include_eos,
-                                   similar)
+            mask = ts.concept_mask(T, ts.match_token_ids(ids, concept_ids), len(ids), self.config.include_eos, similar)
             rows.append(ts.logit_bias(mask, self.config.effective_factor))
         return torch.stack(rows)
 
@@ -96,16 +96,31 @@ class ShapesSuppression:
                 masked, masked_len = self._encode_ids(copies)
             else:
                 masked, masked_len = cond[:0].cpu(), torch.zeros(0, dtype=torch.long)
-            result = safree.analyse(self.config, cond[i].cpu(), min(len(ids), cond.shape[1]), positions, masked,
-                                    masked_len, concept_hidden, concept_len)
+            result = safree.analyse(
+                self.config,
+                cond[i].cpu(),
+                min(len(ids), cond.shape[1]),
+                positions,
+                masked,
+                masked_len,
+                concept_hidden,
+                concept_len,
+            )
             out[i] = result.hidden
             fractions.append(result.filter_fraction if result.changed else 0.0)
         return out, torch.tensor(fractions)
 
     # -- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, prompts, steps: int = 20, guidance: float = 4.0, seed: int = 0,
-               prompt_embeds: Optional[torch.Tensor] = None, **_) -> torch.Tensor:
+    def sample(
+        self,
+        prompts,
+        steps: int = 20,
+        guidance: float = 4.0,
+        seed: int = 0,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        **_,
+    ) -> torch.Tensor:
         pipe = self.pipe
         prompts = list(prompts)
         cond = prompt_embeds.to(pipe.device) if prompt_embeds is not None else pipe.encode_prompts(prompts)
@@ -124,8 +139,13 @@ class ShapesSuppression:
             state = SuppressionState(token_bias=bias)
         elif self.method == "guidance":
             ctx = pipe.encode_prompts([", ".join(self.concepts)])
-            state = SuppressionState(nag_context=ctx, nag_rows=torch.arange(n, 2 * n), phi=self.config.phi,
-                                     tau=self.config.tau, alpha=self.config.effective_alpha)
+            state = SuppressionState(
+                nag_context=ctx,
+                nag_rows=torch.arange(n, 2 * n),
+                phi=self.config.phi,
+                tau=self.config.tau,
+                alpha=self.config.effective_alpha,
+            )
             sigma_end = self.config.sigma_end_for("unet")
         elif self.method == "safree":
             safe_cond, fractions = self.safree_context(prompts, cond)
@@ -146,12 +166,14 @@ class ShapesSuppression:
                     use = (i / max(1, steps)) < fractions.to(pipe.device)
                     c = torch.where(use[:, None, None], safe_cond, cond)
                 if self.method == "sld":
-                    eps_u, eps_p, eps_s = pipe.unet(torch.cat([x, x, x]), t,
-                                                    encoder_hidden_states=torch.cat([uncond, c, safety])).sample.chunk(3)
+                    eps_u, eps_p, eps_s = pipe.unet(
+                        torch.cat([x, x, x]), t, encoder_hidden_states=torch.cat([uncond, c, safety])
+                    ).sample.chunk(3)
                     eps = sld.sld_combine(eps_u, eps_p, eps_s, guidance, sld_state, self.config, warmup)
                 else:
-                    eps_u, eps_c = pipe.unet(torch.cat([x, x]), t,
-                                             encoder_hidden_states=torch.cat([uncond, c])).sample.chunk(2)
+                    eps_u, eps_c = pipe.unet(
+                        torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, c])
+                    ).sample.chunk(2)
                     eps = eps_u + guidance * (eps_c - eps_u)
                 x = scheduler.step(eps, t, x).prev_sample
         finally:

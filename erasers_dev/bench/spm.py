@@ -7,6 +7,7 @@ The table reports the median seconds per step and the overhead as the median of 
 bare UNet step of the same round (target ≤ 5 %), both in process CPU time (robust when other jobs share
 the machine) and in wall time. One torch thread by default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,13 @@ from types import SimpleNamespace
 import torch
 
 SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
@@ -28,29 +34,40 @@ SD15_UNET = dict(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 → 256 px images)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (one timed step per config each)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a shared machine, idle OpenMP threads spin and inflate "
-                             "CPU time; 0 keeps torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine, idle OpenMP threads spin and inflate "
+        "CPU time; 0 keeps torch's default)",
+    )
     parser.add_argument("--combination", default="official", choices=("official", "linear"))
-    parser.add_argument("--account", type=int, default=0, metavar="N",
-                        help="also account the membranes layer by layer: each hooked layer's CPU time with and "
-                             "without the hooks on the inputs of one real step, median of N interleaved "
-                             "repeats, summed and divided by the bare step (robust on a busy machine)")
+    parser.add_argument(
+        "--account",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also account the membranes layer by layer: each hooked layer's CPU time with and "
+        "without the hooks on the inputs of one real step, median of N interleaved "
+        "repeats, summed and divided by the bare step (robust on a busy machine)",
+    )
 
 
 def _membranes(unet, count):
     from safetensors.torch import save_file
 
-    from erasers_diffusers.apply import membrane_from_file
     from erasers.files.families import Family
+    from erasers_diffusers.apply import membrane_from_file
+
     from ..testing import spm_tensors
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(count):
             path = f"{tmp}/m{i}.safetensors"
-            save_file(spm_tensors(Family.SD1, seed=i), path, metadata={"prompts": f"concept{i}", "rank": "1",
-                                                                         "alpha": "1.0"})
+            save_file(
+                spm_tensors(Family.SD1, seed=i), path, metadata={"prompts": f"concept{i}", "rank": "1", "alpha": "1.0"}
+            )
             out.append(membrane_from_file(unet, path)[0])
     return out
 
@@ -59,6 +76,7 @@ def run(args) -> list:
     import diffusers
 
     from erasers_diffusers.apply import DiffusersMembranes
+
     from ..testing import ToyTextEncoder
 
     if getattr(args, "threads", 1):
@@ -85,11 +103,14 @@ def run(args) -> list:
     ratios = {name: [] for name in names}
     ratios_cpu = {name: [] for name in names}
     for rnd in range(rounds):
-        order = names[rnd % len(names):] + names[: rnd % len(names)]  # rotate: nobody is always first
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]  # rotate: nobody is always first
         for name in order:
             chosen = configs[name]
-            handle = DiffusersMembranes(SimpleNamespace(unet=unet), chosen, combination, encoder=encoder) \
-                if chosen else None
+            handle = (
+                DiffusersMembranes(SimpleNamespace(unet=unet), chosen, combination, encoder=encoder)
+                if chosen
+                else None
+            )
             if handle:
                 handle.set_prompts(["a photo of concept0 in a park"])  # rates: once per prompt, not per step
             step()  # untimed: the first call folds the rates into the factors once per prompt
@@ -103,10 +124,14 @@ def run(args) -> list:
             ratios[name].append(times[name][-1] / times["no membrane"][-1] - 1.0)
             ratios_cpu[name].append(cpu[name][-1] / cpu["no membrane"][-1] - 1.0)
     rows = []
-    print(f"SPM overhead per UNet step — SD1.5-shaped UNet, random weights, CPU ({torch.get_num_threads()} "
-          f"thread(s)), latent {latent}×{latent}, batch 2 (CFG, one prompt), {combination} combination, transport "
-          f"on; median of {rounds} interleaved rounds, overhead = median of per-round ratios to the bare step")
-    print(f"| {'config':<12} | {'CPU s/step':>10} | {'CPU overhead':>12} | {'wall s/step':>11} | {'wall overhead':>13} |")
+    print(
+        f"SPM overhead per UNet step — SD1.5-shaped UNet, random weights, CPU ({torch.get_num_threads()} "
+        f"thread(s)), latent {latent}×{latent}, batch 2 (CFG, one prompt), {combination} combination, transport "
+        f"on; median of {rounds} interleaved rounds, overhead = median of per-round ratios to the bare step"
+    )
+    print(
+        f"| {'config':<12} | {'CPU s/step':>10} | {'CPU overhead':>12} | {'wall s/step':>11} | {'wall overhead':>13} |"
+    )
     print(f"|{'-' * 14}|{'-' * 12}|{'-' * 14}|{'-' * 13}|{'-' * 15}|")
     for name in names:
         med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
@@ -116,8 +141,10 @@ def run(args) -> list:
     repeats = getattr(args, "account", 0)
     if repeats:
         base_cpu = statistics.median(cpu["no membrane"])
-        print(f"\nLayer-by-layer accounting — membrane CPU time per step / bare step ({base_cpu:.3f} s), "
-              f"median of {repeats} interleaved repeats per layer")
+        print(
+            f"\nLayer-by-layer accounting — membrane CPU time per step / bare step ({base_cpu:.3f} s), "
+            f"median of {repeats} interleaved repeats per layer"
+        )
         print(f"| {'config':<12} | {'runtime path':<28} | {'added s/step':>12} | {'overhead':>8} |")
         print(f"|{'-' * 14}|{'-' * 30}|{'-' * 14}|{'-' * 10}|")
         for name in names[1:]:

@@ -14,6 +14,7 @@ tables in one run:
 Targets (issue 4): token suppression ≤ 1.10, concept guidance ≤ 1.35, SAFREE ≤ 1.10 after its one-off
 prompt analysis, SLD ≤ 1.60 (one extra pass is inherent).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,16 +32,37 @@ log = logging.getLogger(__name__)
 
 TARGETS = {"token suppression": 1.10, "concept guidance": 1.35, "SAFREE": 1.10, "SLD": 1.60}
 
-SD15_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_UNET = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
 
 
 #: ComfyUI Flux config reduced to a few blocks (the full model: 19 double + 38 single, hidden 3072)
-FLUX_DIT = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
-            "hidden_size": 512, "mlp_ratio": 4.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 4,
-            "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+FLUX_DIT = {
+    "image_model": "flux",
+    "in_channels": 16,
+    "out_channels": 16,
+    "vec_in_dim": 768,
+    "context_in_dim": 4096,
+    "hidden_size": 512,
+    "mlp_ratio": 4.0,
+    "num_heads": 4,
+    "depth": 2,
+    "depth_single_blocks": 4,
+    "axes_dim": [16, 56, 56],
+    "theta": 10000,
+    "patch_size": 2,
+    "qkv_bias": True,
+    "guidance_embed": True,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,16 +71,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size/8)")
     parser.add_argument("--small", action="store_true", help="a reduced UNet (quick smoke run)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    parser.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
-                        help="per-step time from wall clock or process CPU time (auto: cpu with 1 torch thread, "
-                             "robust to other load; wall otherwise)")
-    parser.add_argument("--no-flux", dest="flux", action="store_false",
-                        help="skip the reduced ComfyUI Flux table (it needs COMFYUI_PATH)")
+    parser.add_argument(
+        "--clock",
+        choices=("auto", "wall", "cpu"),
+        default="auto",
+        help="per-step time from wall clock or process CPU time (auto: cpu with 1 torch thread, "
+        "robust to other load; wall otherwise)",
+    )
+    parser.add_argument(
+        "--no-flux",
+        dest="flux",
+        action="store_false",
+        help="skip the reduced ComfyUI Flux table (it needs COMFYUI_PATH)",
+    )
     parser.add_argument("--flux", dest="flux", action="store_true", help=argparse.SUPPRESS)  # old spelling
-    parser.add_argument("--flux-sizes", default="256,512,1024",
-                        help="image sizes for the Flux table, comma-separated (default 256,512,1024: the UNet's "
-                             "size up to Flux's native one; the text/image token ratio, and with it the cost of "
-                             "the text-stream branches, depends on the size)")
+    parser.add_argument(
+        "--flux-sizes",
+        default="256,512,1024",
+        help="image sizes for the Flux table, comma-separated (default 256,512,1024: the UNet's "
+        "size up to Flux's native one; the text/image token ratio, and with it the cost of "
+        "the text-stream branches, depends on the size)",
+    )
     parser.set_defaults(flux=True)
 
 
@@ -149,8 +182,13 @@ def bench_unet(args) -> tuple:
         eps_u, eps_p, eps_s = unet(x3, t, encoder_hidden_states=ctx3).sample.chunk(3)
         sld.sld_combine(eps_u, eps_p, eps_s, 7.5, sld_state, sld_cfg, 0)
 
-    methods = {"baseline (CFG)": cfg_call, "token suppression": token_call, "concept guidance": nag_call,
-               "SAFREE": safree_call, "SLD": sld_call}
+    methods = {
+        "baseline (CFG)": cfg_call,
+        "token suppression": token_call,
+        "concept guidance": nag_call,
+        "SAFREE": safree_call,
+        "SLD": sld_call,
+    }
     for fn in methods.values():  # warm-up
         fn()
     times = {name: [] for name in methods}
@@ -165,9 +203,16 @@ def bench_unet(args) -> tuple:
     from erasers_diffusers.suppression import DiffusersTextEncoder
 
     torch.manual_seed(2)
-    text_model = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                              num_hidden_layers=12, num_attention_heads=12,
-                                              max_position_embeddings=77)).eval()
+    text_model = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+        )
+    ).eval()
     enc = DiffusersTextEncoder(_HashTokenizer(), text_model)
     start = CLOCK["fn"]()
     safree_embeds(enc, "a photo of a nude woman standing on a beach at sunset", safree.SAFREEConfig())
@@ -223,8 +268,11 @@ def bench_flux(args):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for pname, p in model.diffusion_model.named_parameters():
-            p.copy_(torch.ones_like(p) if p.ndim == 1 and pname.endswith(("weight", "scale"))
-                    else (torch.zeros_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=gen) * 0.02))
+            p.copy_(
+                torch.ones_like(p)
+                if p.ndim == 1 and pname.endswith(("weight", "scale"))
+                else (torch.zeros_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=gen) * 0.02)
+            )
     base = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
     class Clip:  # T5 conditioning: a deterministic random (1, 256, 4096) tensor per token
@@ -234,7 +282,9 @@ def bench_flux(args):
 
         def encode_from_tokens(self, tokens, return_pooled=False, **kw):
             ids = [t[0] for t in tokens["t5xxl"][0]]
-            cond = torch.stack([torch.randn(4096, generator=torch.Generator().manual_seed(i)) for i in ids])[None] * 0.1
+            cond = (
+                torch.stack([torch.randn(4096, generator=torch.Generator().manual_seed(i)) for i in ids])[None] * 0.1
+            )
             pooled = cond[0, : ids.index(1) + 1].mean(0)[:768][None]  # stands for CLIP-L's pooled vector
             return (cond, pooled) if return_pooled else cond
 
@@ -247,10 +297,18 @@ def bench_flux(args):
     common = {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "risk_gate": 0.0}
     patched = {
         "token suppression": nodes.EraserTokenSuppress.execute(
-            model=base, clip=clip, concepts="nude", factor=0.0, include_eos=False, similarity=0.99, prompt=prompt,
-            **common).result[0],
+            model=base,
+            clip=clip,
+            concepts="nude",
+            factor=0.0,
+            include_eos=False,
+            similarity=0.99,
+            prompt=prompt,
+            **common,
+        ).result[0],
         "concept guidance": nodes.EraserConceptGuidance.execute(
-            model=base, clip=clip, concepts="nude", phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0, **common).result[0],
+            model=base, clip=clip, concepts="nude", phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0, **common
+        ).result[0],
     }
     pos = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
     per_size = {}
@@ -259,8 +317,9 @@ def bench_flux(args):
         noise = comfy.sample.prepare_noise(latent, 0)
 
         def run(m, latent=latent, noise=noise):
-            return lambda: comfy.sample.sample(m, noise, args.steps, 1.0, "euler", "simple", pos, pos, latent,
-                                               seed=0, disable_pbar=True)
+            return lambda: comfy.sample.sample(
+                m, noise, args.steps, 1.0, "euler", "simple", pos, pos, latent, seed=0, disable_pbar=True
+            )
 
         methods = {"baseline (Flux, cfg 1)": run(base)}
         methods.update({k: run(m) for k, m in patched.items()})
@@ -323,9 +382,19 @@ def _table(title: str, per_step: dict) -> list:
         ratio = per_step[name] / base
         target = TARGETS.get(name)
         ok = "" if target is None else ("yes" if ratio <= target else "NO")
-        print(f"{name:<24} {1000 * per_step[name]:>10.1f} {ratio:>7.2f} {'' if target is None else f'{target:.2f}':>7}  {ok}")
-        rows.append({"table": title, "method": name, "ms_per_step": 1000 * per_step[name], "ratio": ratio,
-                     "target": target, "clock": CLOCK["name"]})
+        print(
+            f"{name:<24} {1000 * per_step[name]:>10.1f} {ratio:>7.2f} {'' if target is None else f'{target:.2f}':>7}  {ok}"  # noqa: E501
+        )
+        rows.append(
+            {
+                "table": title,
+                "method": name,
+                "ms_per_step": 1000 * per_step[name],
+                "ratio": ratio,
+                "target": target,
+                "clock": CLOCK["name"],
+            }
+        )
     return rows
 
 
@@ -336,10 +405,15 @@ def run(args) -> list:
     _pick_clock(getattr(args, "clock", "auto"))
     per_step, analysis = bench_unet(args)
     kind = "reduced" if args.small else "SD1.5-shaped"
-    rows = _table(f"{kind} UNet, {args.size} px ({args.size // 8}x{args.size // 8} latent), CFG batch 2, CPU, "
-                  f"{torch.get_num_threads()} threads", per_step)
-    print(f"SAFREE one-off prompt analysis (12 masked copies + 17 keywords, random CLIP-L): {analysis:.2f} s "
-          f"({CLOCK['name']} clock)")
+    rows = _table(
+        f"{kind} UNet, {args.size} px ({args.size // 8}x{args.size // 8} latent), CFG batch 2, CPU, "
+        f"{torch.get_num_threads()} threads",
+        per_step,
+    )
+    print(
+        f"SAFREE one-off prompt analysis (12 masked copies + 17 keywords, random CLIP-L): {analysis:.2f} s "
+        f"({CLOCK['name']} clock)"
+    )
     rows.append({"table": "safree", "method": "SAFREE one-off analysis", "seconds": analysis})
     if getattr(args, "flux", True):
         flux = bench_flux(args)
@@ -351,18 +425,30 @@ def run(args) -> list:
             for size, per_step_flux in flux.items():
                 tokens = (size // 16) ** 2
                 stream = per_step_flux.pop("_concept stream")
-                rows += _table(f"reduced Flux (ComfyUI class, {d['depth']} double + {d['depth_single_blocks']} "
-                               f"single blocks, hidden {d['hidden_size']}), {size} px ({tokens} image + 256 text "
-                               f"tokens), cfg 1, CPU, {torch.get_num_threads()} threads, host attention SDPA",
-                               per_step_flux)
+                rows += _table(
+                    f"reduced Flux (ComfyUI class, {d['depth']} double + {d['depth_single_blocks']} "
+                    f"single blocks, hidden {d['hidden_size']}), {size} px ({tokens} image + 256 text "
+                    f"tokens), cfg 1, CPU, {torch.get_num_threads()} threads, host attention SDPA",
+                    per_step_flux,
+                )
                 base = per_step_flux["baseline (Flux, cfg 1)"]
                 extra = per_step_flux["concept guidance"] - base
-                print(f"concept guidance account: +{1000 * extra:.1f} ms/step over the baseline, of which "
-                      f"{1000 * stream:.1f} ms ({stream / base:.2f} of the baseline) carry the concept's own "
-                      f"256-token text stream through every block; the rest (shared image attention, "
-                      f"concept-key attention, NAG) {(extra - stream) / base:.2f}")
-                rows.append({"table": f"flux {size}", "method": "concept stream", "ms_per_step": 1000 * stream,
-                             "ratio": stream / base, "target": None, "clock": CLOCK["name"]})
+                print(
+                    f"concept guidance account: +{1000 * extra:.1f} ms/step over the baseline, of which "
+                    f"{1000 * stream:.1f} ms ({stream / base:.2f} of the baseline) carry the concept's own "
+                    f"256-token text stream through every block; the rest (shared image attention, "
+                    f"concept-key attention, NAG) {(extra - stream) / base:.2f}"
+                )
+                rows.append(
+                    {
+                        "table": f"flux {size}",
+                        "method": "concept stream",
+                        "ms_per_step": 1000 * stream,
+                        "ratio": stream / base,
+                        "target": None,
+                        "clock": CLOCK["name"],
+                    }
+                )
             print("SLD on Flux: refused by the node (guidance-distilled, no unconditional branch)")
     return rows
 

@@ -4,6 +4,7 @@ It is the judge of every shapes benchmark (did the eraser remove the circle? is 
 trained on the same generator as the text-to-image model, with noise and blur added so that it also
 reads the slightly imperfect images a diffusion model produces.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,12 +36,23 @@ class ShapesClassifier(nn.Module):
         w = width
         # a thin full-resolution stem (cheap on CPU), then wider layers at 8 and 4 px
         self.features = nn.Sequential(
-            nn.Conv2d(3, w // 2, 3, padding=1), nn.GroupNorm(4, w // 2), nn.SiLU(),
-            nn.Conv2d(w // 2, w, 3, stride=2, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
-            nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, w // 2, 3, padding=1),
+            nn.GroupNorm(4, w // 2),
+            nn.SiLU(),
+            nn.Conv2d(w // 2, w, 3, stride=2, padding=1),
+            nn.GroupNorm(8, w),
+            nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.SiLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 4 * w),
+            nn.SiLU(),
+            nn.Conv2d(4 * w, 4 * w, 3, padding=1),
+            nn.GroupNorm(8, 4 * w),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.heads = nn.ModuleDict({k: nn.Linear(4 * w, len(v)) for k, v in self.head_names.items()})
 
@@ -53,7 +65,7 @@ class ShapesClassifier(nn.Module):
         """Class indices per head for images in [0, 1] (what the pipeline returns)."""
         was_training = self.training
         self.eval()
-        outs = [self(images01[i:i + batch_size] * 2 - 1) for i in range(0, len(images01), batch_size)]
+        outs = [self(images01[i : i + batch_size] * 2 - 1) for i in range(0, len(images01), batch_size)]
         self.train(was_training)
         return {k: torch.cat([o[k] for o in outs]).argmax(-1) for k in self.head_names}
 
@@ -61,7 +73,7 @@ class ShapesClassifier(nn.Module):
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Noise, a random blur and a small brightness shift: the ways generated images deviate."""
     n = x.shape[0]
-    blur = torch.tensor([[1., 2., 1.], [2., 4., 2.], [1., 2., 1.]]) / 16
+    blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), blur.expand(3, 1, 3, 3), groups=3)
     a = torch.rand(n, 1, 1, 1, generator=gen) * 0.7
     x = x * (1 - a) + blurred * a
@@ -70,8 +82,15 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def train_classifier(steps: int = 1500, batch_size: int = 64, seed: int = 0, size: int = 16,
-                     lr: float = 2e-3, width: int = 32, log_every: int = 100) -> tuple:
+def train_classifier(
+    steps: int = 1500,
+    batch_size: int = 64,
+    seed: int = 0,
+    size: int = 16,
+    lr: float = 2e-3,
+    width: int = 32,
+    log_every: int = 100,
+) -> tuple:
     """Train on fresh generator batches; returns (model in eval mode, held-out accuracy per head)."""
     torch.manual_seed(seed)
     model = ShapesClassifier(width)
@@ -89,15 +108,17 @@ def train_classifier(steps: int = 1500, batch_size: int = 64, seed: int = 0, siz
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps:
-            logger.info("classifier step %d/%d loss %.4f (%.2fs/step)", step, steps, loss.item(),
-                        (time.time() - t0) / step)
+            logger.info(
+                "classifier step %d/%d loss %.4f (%.2fs/step)", step, steps, loss.item(), (time.time() - t0) / step
+            )
     model.eval()
     return model, classifier_accuracy(model, seed=seed + 1000, size=size)
 
 
 @torch.no_grad()
-def classifier_accuracy(model: ShapesClassifier, n: int = 2000, seed: int = 1000, size: int = 16,
-                        augment: bool = True) -> Dict[str, float]:
+def classifier_accuracy(
+    model: ShapesClassifier, n: int = 2000, seed: int = 1000, size: int = 16, augment: bool = True
+) -> Dict[str, float]:
     gen = torch.Generator().manual_seed(seed)
     x, _, labels = world.sample_batch(n, gen, size)
     if augment:
@@ -109,8 +130,12 @@ def classifier_accuracy(model: ShapesClassifier, n: int = 2000, seed: int = 1000
 def save_classifier(model: ShapesClassifier, path: Union[str, Path], extra: Optional[dict] = None) -> None:
     from safetensors.torch import save_file
 
-    meta = {"format": FORMAT_CLASSIFIER, "width": str(model.width), "heads": json.dumps(model.head_names),
-            "extra": json.dumps(extra or {})}
+    meta = {
+        "format": FORMAT_CLASSIFIER,
+        "width": str(model.width),
+        "heads": json.dumps(model.head_names),
+        "extra": json.dumps(extra or {}),
+    }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
 

@@ -3,6 +3,7 @@
 ``add_subparsers(subparsers)`` registers the ``shapes`` command on the pack's top-level parser; each
 sub-command stores its handler in ``func`` (called with the parsed namespace).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,26 +19,43 @@ def add_subparsers(subparsers) -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the text-to-image model and the classifier from a seed")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--steps", type=int, default=None, help="training steps (exact reproduction)")
-    train.add_argument("--minutes", type=float, default=None,
-                       help="time budget for the text-to-image model; steps derived from the measured speed")
+    train.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="time budget for the text-to-image model; steps derived from the measured speed",
+    )
     train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--stop-at", type=int, default=None,
-                       help="stop after this many steps of the --steps schedule (default: 1400 of 2400, "
-                            "which reproduces the shipped weights)")
+    train.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop after this many steps of the --steps schedule (default: 1400 of 2400, "
+        "which reproduces the shipped weights)",
+    )
     train.add_argument("--classifier-steps", type=int, default=None)
     # One thread by default: CPU float reductions split across threads sum in another order, and over 1400
     # steps that drifts the weights apart (a 2-thread run scored 89.4 % shape fidelity instead of 90.6 %).
     # With one thread the defaults reproduce the shipped files bit for bit (checked 2026-11-22, torch 2.13).
-    train.add_argument("--threads", type=int, default=1,
-                       help="torch threads (default 1: reproduces the shipped weights bit for bit; more threads "
-                            "change the float summation order and so the result)")
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: reproduces the shipped weights bit for bit; more threads "
+        "change the float summation order and so the result)",
+    )
     train.add_argument("--out", type=Path, default=None, help="output folder (default: the package weights)")
     train.add_argument("--skip-classifier", action="store_true")
     train.add_argument("--skip-t2i", action="store_true", help="train only the classifier")
-    train.add_argument("--skip-eval", action="store_true",
-                       help="do not measure base fidelity and record it in the weight file")
-    train.add_argument("--checkpoint-every", type=int, default=0,
-                       help="also save the EMA model every N steps to OUT/checkpoint_t2i.safetensors")
+    train.add_argument(
+        "--skip-eval", action="store_true", help="do not measure base fidelity and record it in the weight file"
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="also save the EMA model every N steps to OUT/checkpoint_t2i.safetensors",
+    )
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="base fidelity of the shipped (or given) model, with confusion tables")
@@ -49,8 +67,11 @@ def add_subparsers(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--grid", type=Path, default=None, help="write the sampled images as a PNG grid")
     ev.add_argument("--json", type=Path, default=None, help="write the numbers as JSON")
-    ev.add_argument("--record", action="store_true",
-                    help="store the canonical figures in the weight file's metadata (what the tests compare to)")
+    ev.add_argument(
+        "--record",
+        action="store_true",
+        help="store the canonical figures in the weight file's metadata (what the tests compare to)",
+    )
     ev.set_defaults(func=_eval)
     return shapes
 
@@ -76,8 +97,14 @@ def _train(args) -> int:
         cfg.batch_size = args.batch_size
     if args.classifier_steps is not None:
         cfg.classifier_steps = args.classifier_steps
-    result = train_all(cfg, out_dir=args.out, threads=args.threads, skip_classifier=args.skip_classifier,
-                       skip_t2i=args.skip_t2i, skip_eval=args.skip_eval)
+    result = train_all(
+        cfg,
+        out_dir=args.out,
+        threads=args.threads,
+        skip_classifier=args.skip_classifier,
+        skip_t2i=args.skip_t2i,
+        skip_eval=args.skip_eval,
+    )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -87,14 +114,11 @@ def _eval(args) -> int:
 
     from .classifier import load_classifier
     from .evaluate import evaluate
-    from .model import load_default, load_pipeline, to_pil_grid
-
-    from .model import DEFAULT_T2I, record_fidelity
+    from .model import DEFAULT_T2I, load_default, load_pipeline, record_fidelity, to_pil_grid
 
     pipe = load_pipeline(args.weights) if args.weights else load_default()
     clf = load_classifier(args.classifier) if args.classifier else load_classifier()
-    result = evaluate(pipe, clf, per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance,
-                      seed=args.seed)
+    result = evaluate(pipe, clf, per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed)
     print(result["markdown"])
     if args.record:
         record_fidelity(args.weights or DEFAULT_T2I, result)
@@ -102,8 +126,10 @@ def _eval(args) -> int:
         # one row per (shape, colour) prompt
         to_pil_grid(result["canonical"]["images"], nrow=args.per_prompt).save(args.grid)
     if args.json:
-        clean = {k: ({kk: vv for kk, vv in v.items() if not isinstance(vv, torch.Tensor)} if isinstance(v, dict) else v)
-                 for k, v in result.items()}
+        clean = {
+            k: ({kk: vv for kk, vv in v.items() if not isinstance(vv, torch.Tensor)} if isinstance(v, dict) else v)
+            for k, v in result.items()
+        }
         args.json.write_text(json.dumps(clean, indent=2))
     return 0
 

@@ -4,6 +4,7 @@ For every (shape, colour) pair, sample ``per_prompt`` images of the prompt "a {c
 fixed seeds, read them with the classifier, and tabulate prompted vs. classified. The same function
 also scores held-out paraphrases (``world.HELDOUT_TEMPLATES`` and the held-out synonym/colour pairs).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -15,8 +16,9 @@ from . import world
 CANONICAL_TEMPLATE = "a {c} {s}"
 
 
-def fidelity_prompts(per_prompt: int, template: str = CANONICAL_TEMPLATE
-                     ) -> Tuple[List[str], torch.Tensor, torch.Tensor]:
+def fidelity_prompts(
+    per_prompt: int, template: str = CANONICAL_TEMPLATE
+) -> Tuple[List[str], torch.Tensor, torch.Tensor]:
     """Prompts for every (shape, colour), ``per_prompt`` times each, with their label indices."""
     prompts, shapes, colours = [], [], []
     for si, s in enumerate(world.SHAPES):
@@ -64,8 +66,16 @@ def confusion_markdown(table: torch.Tensor, names: Sequence[str], title: str) ->
     return "\n".join(lines)
 
 
-def score(pipe, classifier, prompts: List[str], shapes: torch.Tensor, colours: torch.Tensor,
-          steps: int, guidance: float, seed: int) -> Dict:
+def score(
+    pipe,
+    classifier,
+    prompts: List[str],
+    shapes: torch.Tensor,
+    colours: torch.Tensor,
+    steps: int,
+    guidance: float,
+    seed: int,
+) -> Dict:
     images = pipe(prompts, steps=steps, guidance=guidance, seed=seed)
     pred = classifier.predict(images)
     conf_s = confusion(shapes, pred["shape"], len(world.SHAPES))
@@ -81,8 +91,15 @@ def score(pipe, classifier, prompts: List[str], shapes: torch.Tensor, colours: t
     }
 
 
-def evaluate(pipe=None, classifier=None, per_prompt: int = 8, steps: int = 20, guidance: Optional[float] = None,
-             seed: int = 0, paraphrases: bool = True) -> Dict:
+def evaluate(
+    pipe=None,
+    classifier=None,
+    per_prompt: int = 8,
+    steps: int = 20,
+    guidance: Optional[float] = None,
+    seed: int = 0,
+    paraphrases: bool = True,
+) -> Dict:
     """Base fidelity (and paraphrase fidelity); returns numbers, confusion tables and a markdown report."""
     from .classifier import load_classifier
     from .model import DEFAULT_GUIDANCE, load_default
@@ -101,14 +118,21 @@ def evaluate(pipe=None, classifier=None, per_prompt: int = 8, steps: int = 20, g
 def report_markdown(result: Dict) -> str:
     s = result["settings"]
     c = result["canonical"]
-    out = [f"Base fidelity, prompts \"{CANONICAL_TEMPLATE.format(c='{colour}', s='{shape}')}\", {s['per_prompt']} "
-           f"images per (shape, colour), {s['steps']} DDIM steps, guidance {s['guidance']}, seed {s['seed']}: "
-           f"shape {c['shape_accuracy']:.1%}, colour {c['colour_accuracy']:.1%}, both {c['both_accuracy']:.1%} "
-           f"(n={c['n']}).", "",
-           confusion_markdown(torch.tensor(c["shape_confusion"]), world.SHAPES, "shape"), "",
-           confusion_markdown(torch.tensor(c["colour_confusion"]), world.COLOURS, "colour")]
+    out = [
+        f'Base fidelity, prompts "{CANONICAL_TEMPLATE.format(c="{colour}", s="{shape}")}", {s["per_prompt"]} '
+        f"images per (shape, colour), {s['steps']} DDIM steps, guidance {s['guidance']}, seed {s['seed']}: "
+        f"shape {c['shape_accuracy']:.1%}, colour {c['colour_accuracy']:.1%}, both {c['both_accuracy']:.1%} "
+        f"(n={c['n']}).",
+        "",
+        confusion_markdown(torch.tensor(c["shape_confusion"]), world.SHAPES, "shape"),
+        "",
+        confusion_markdown(torch.tensor(c["colour_confusion"]), world.COLOURS, "colour"),
+    ]
     if "paraphrase" in result:
         p = result["paraphrase"]
-        out += ["", f"Held-out paraphrases and synonym/colour pairs: shape {p['shape_accuracy']:.1%}, colour "
-                    f"{p['colour_accuracy']:.1%}, both {p['both_accuracy']:.1%} (n={p['n']})."]
+        out += [
+            "",
+            f"Held-out paraphrases and synonym/colour pairs: shape {p['shape_accuracy']:.1%}, colour "
+            f"{p['colour_accuracy']:.1%}, both {p['both_accuracy']:.1%} (n={p['n']}).",
+        ]
     return "\n".join(out)

@@ -9,6 +9,7 @@ SD's latent-space ``scaled_linear`` betas.
 Weight file: one ``.safetensors`` with ``unet.*`` and ``text_encoder.*`` tensors; its metadata holds the
 configs as JSON (``format`` = ``concept-erasers/shapes-t2i``), so nothing else is needed to load it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,11 +18,12 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from erasers.text import PromptEncoding
+
 from .text_encoder import ShapesTextEncoder, TextEncoderConfig
 from .tokenizer import ShapesTokenizer
 
@@ -73,8 +75,10 @@ class ShapesModelConfig:
 
     def __post_init__(self):
         if self.unet.cross_attention_dim != self.text_encoder.width:
-            raise ValueError(f"UNet cross_attention_dim ({self.unet.cross_attention_dim}) must equal the text "
-                             f"encoder width ({self.text_encoder.width}).")
+            raise ValueError(
+                f"UNet cross_attention_dim ({self.unet.cross_attention_dim}) must equal the text "
+                f"encoder width ({self.text_encoder.width})."
+            )
 
 
 def build_unet(cfg: UNetConfig):
@@ -82,10 +86,15 @@ def build_unet(cfg: UNetConfig):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=cfg.sample_size, in_channels=3, out_channels=3,
-        down_block_types=tuple(cfg.down_block_types), up_block_types=tuple(cfg.up_block_types),
-        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.sample_size,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=tuple(cfg.down_block_types),
+        up_block_types=tuple(cfg.up_block_types),
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
         cross_attention_dim=cfg.cross_attention_dim,
     )
 
@@ -103,8 +112,9 @@ def build_text_encoder(cfg: TextEncoderConfig) -> ShapesTextEncoder:
 
 def default_config(tokenizer: Optional[ShapesTokenizer] = None) -> ShapesModelConfig:
     tokenizer = tokenizer or ShapesTokenizer.default()
-    return ShapesModelConfig(text_encoder=TextEncoderConfig(vocab_size=tokenizer.vocab_size,
-                                                            context_length=tokenizer.context_length))
+    return ShapesModelConfig(
+        text_encoder=TextEncoderConfig(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
+    )
 
 
 # -------------------------------------------------------------------------------------------- adapter
@@ -127,9 +137,13 @@ class ShapesTextEncoderAdapter:
         ids, lengths = self.tokenizer.encode(prompts)
         device = next(self.text_encoder.parameters()).device
         hidden, pooled = self.text_encoder(ids.to(device), lengths)
-        return PromptEncoding(hidden=hidden.float().cpu(), lengths=lengths,
-                              token_ids=[self.tokenizer.ids(p) for p in prompts],
-                              pooled=pooled.float().cpu(), has_bos=True)
+        return PromptEncoding(
+            hidden=hidden.float().cpu(),
+            lengths=lengths,
+            token_ids=[self.tokenizer.ids(p) for p in prompts],
+            pooled=pooled.float().cpu(),
+            has_bos=True,
+        )
 
 
 # ------------------------------------------------------------------------------------------- pipeline
@@ -138,8 +152,9 @@ class ShapesTextEncoderAdapter:
 class ShapesPipeline:
     """Text → 16 px images. Attributes as in diffusers: ``unet``, ``text_encoder``, ``tokenizer``, ``scheduler``."""
 
-    def __init__(self, unet, text_encoder: ShapesTextEncoder, tokenizer: ShapesTokenizer, scheduler,
-                 config: ShapesModelConfig):
+    def __init__(
+        self, unet, text_encoder: ShapesTextEncoder, tokenizer: ShapesTokenizer, scheduler, config: ShapesModelConfig
+    ):
         self.unet = unet
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -173,10 +188,18 @@ class ShapesPipeline:
         return self.text_encoder(ids.to(self.device), lengths)[0]
 
     @torch.no_grad()
-    def __call__(self, prompts: Union[str, Sequence[str]], negative_prompts: Optional[Sequence[str]] = None,
-                 steps: int = 20, guidance: float = DEFAULT_GUIDANCE, seed: int = 0,
-                 return_tensors: bool = True, prompt_embeds: Optional[torch.Tensor] = None,
-                 negative_embeds: Optional[torch.Tensor] = None, batch_size: int = 256):
+    def __call__(
+        self,
+        prompts: Union[str, Sequence[str]],
+        negative_prompts: Optional[Sequence[str]] = None,
+        steps: int = 20,
+        guidance: float = DEFAULT_GUIDANCE,
+        seed: int = 0,
+        return_tensors: bool = True,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_embeds: Optional[torch.Tensor] = None,
+        batch_size: int = 256,
+    ):
         """Sample one image per prompt; images (N, 3, H, W) in [0, 1], or PIL images.
 
         ``prompt_embeds`` / ``negative_embeds`` (N, T, d) replace the text encoder's output (for erasers
@@ -202,8 +225,9 @@ class ShapesPipeline:
         out = []
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
-            out.append(self._denoise(latents[sl], cond[sl].to(self.device), uncond[sl].to(self.device),
-                                     steps, guidance))
+            out.append(
+                self._denoise(latents[sl], cond[sl].to(self.device), uncond[sl].to(self.device), steps, guidance)
+            )
         images = ((torch.cat(out) + 1) / 2).clamp(0, 1).cpu()
         return images if return_tensors else to_pil_images(images)
 
@@ -238,7 +262,9 @@ def to_pil_grid(images: torch.Tensor, nrow: int = 8, scale: int = 4, pad: int = 
     canvas = torch.ones(3, rows * (h + pad) + pad, nrow * (w + pad) + pad)
     for i in range(n):
         r, c = divmod(i, nrow)
-        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[i]
+        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
+            images[i]
+        )
     img = to_pil_images(canvas[None])[0]
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
@@ -246,14 +272,19 @@ def to_pil_grid(images: torch.Tensor, nrow: int = 8, scale: int = 4, pad: int = 
 # ------------------------------------------------------------------------------------------- file IO
 
 
-def save_pipeline(pipe: ShapesPipeline, path: Union[str, Path], extra: Optional[dict] = None,
-                  dtype: torch.dtype = torch.float16) -> None:
+def save_pipeline(
+    pipe: ShapesPipeline, path: Union[str, Path], extra: Optional[dict] = None, dtype: torch.dtype = torch.float16
+) -> None:
     """Write one safetensors file (tensors stored as ``dtype``) with the configs in its metadata."""
     from safetensors.torch import save_file
 
     tensors = {f"unet.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in pipe.unet.state_dict().items()}
-    tensors.update({f"text_encoder.{k}": v.detach().to("cpu", dtype).contiguous()
-                    for k, v in pipe.text_encoder.state_dict().items()})
+    tensors.update(
+        {
+            f"text_encoder.{k}": v.detach().to("cpu", dtype).contiguous()
+            for k, v in pipe.text_encoder.state_dict().items()
+        }
+    )
     meta = {
         "format": FORMAT_T2I,
         "unet_config": json.dumps(pipe.config.unet.to_dict()),
@@ -275,18 +306,22 @@ def read_metadata(path: Union[str, Path], expected_format: str) -> dict:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != expected_format:
-        raise ValueError(f"{path} is not a '{expected_format}' file (its metadata format is "
-                         f"{meta.get('format')!r}). Pass the file written by `python -m erasers shapes train`.")
+        raise ValueError(
+            f"{path} is not a '{expected_format}' file (its metadata format is "
+            f"{meta.get('format')!r}). Pass the file written by `python -m erasers shapes train`."
+        )
     return meta
 
 
 def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, path) -> None:
-    sub = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+    sub = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{path}: {prefix[:-1]} weights do not match the config; missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}.")
+        raise ValueError(
+            f"{path}: {prefix[:-1]} weights do not match the config; missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}."
+        )
     module.load_state_dict(sub, strict=True)
 
 
@@ -295,9 +330,11 @@ def load_pipeline(path: Union[str, Path] = DEFAULT_T2I, device: str = "cpu") -> 
     from safetensors.torch import load_file
 
     meta = read_metadata(path, FORMAT_T2I)
-    cfg = ShapesModelConfig(unet=UNetConfig.from_dict(json.loads(meta["unet_config"])),
-                            text_encoder=TextEncoderConfig(**json.loads(meta["text_encoder_config"])),
-                            scheduler=SchedulerConfig(**json.loads(meta["scheduler_config"])))
+    cfg = ShapesModelConfig(
+        unet=UNetConfig.from_dict(json.loads(meta["unet_config"])),
+        text_encoder=TextEncoderConfig(**json.loads(meta["text_encoder_config"])),
+        scheduler=SchedulerConfig(**json.loads(meta["scheduler_config"])),
+    )
     tokenizer = ShapesTokenizer.from_config(json.loads(meta["tokenizer"]))
     unet, text_encoder = build_unet(cfg.unet), build_text_encoder(cfg.text_encoder)
     tensors = load_file(str(path))
@@ -317,9 +354,13 @@ def record_fidelity(path: Union[str, Path], result: dict) -> None:
     meta = read_metadata(path, FORMAT_T2I)
     c = result["canonical"]
     extra = json.loads(meta.get("extra", "{}"))
-    extra["fidelity"] = {**result["settings"], **{k: c[k] for k in ("n", "shape_accuracy", "colour_accuracy",
-                                                                     "both_accuracy", "shape_confusion",
-                                                                     "colour_confusion")}}
+    extra["fidelity"] = {
+        **result["settings"],
+        **{
+            k: c[k]
+            for k in ("n", "shape_accuracy", "colour_accuracy", "both_accuracy", "shape_confusion", "colour_confusion")
+        },
+    }
     if "paraphrase" in result:
         p = result["paraphrase"]
         extra["paraphrase_fidelity"] = {k: p[k] for k in ("n", "shape_accuracy", "colour_accuracy", "both_accuracy")}
@@ -345,8 +386,9 @@ def random_pipeline(seed: int = 0, config: Optional[ShapesModelConfig] = None) -
     tokenizer = ShapesTokenizer.default()
     cfg = config or default_config(tokenizer)
     torch.manual_seed(seed)
-    return ShapesPipeline(build_unet(cfg.unet), build_text_encoder(cfg.text_encoder), tokenizer,
-                          build_scheduler(cfg.scheduler), cfg)
+    return ShapesPipeline(
+        build_unet(cfg.unet), build_text_encoder(cfg.text_encoder), tokenizer, build_scheduler(cfg.scheduler), cfg
+    )
 
 
 def tiny_config(tokenizer: Optional[ShapesTokenizer] = None) -> ShapesModelConfig:
@@ -354,9 +396,16 @@ def tiny_config(tokenizer: Optional[ShapesTokenizer] = None) -> ShapesModelConfi
     a random pipeline built from it runs a sampling step in milliseconds, for tests of the plumbing."""
     tok = tokenizer or ShapesTokenizer.default()
     return ShapesModelConfig(
-        unet=UNetConfig(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
-                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                        attention_head_dim=2),
-        text_encoder=TextEncoderConfig(vocab_size=tok.vocab_size, context_length=tok.context_length, width=16,
-                                       layers=1, heads=2))
+        unet=UNetConfig(
+            sample_size=8,
+            block_out_channels=(8, 16),
+            norm_num_groups=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=2,
+        ),
+        text_encoder=TextEncoderConfig(
+            vocab_size=tok.vocab_size, context_length=tok.context_length, width=16, layers=1, heads=2
+        ),
+    )

@@ -5,6 +5,7 @@ state of a word token summarises the prompt up to that word, and the padding aft
 prompt. The last hidden states (after the final LayerNorm) are the UNet's cross-attention context; the
 EOS state is the pooled vector.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -39,8 +40,9 @@ class _Block(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
         self.ln_2 = nn.LayerNorm(cfg.width)
-        self.mlp = nn.Sequential(nn.Linear(cfg.width, cfg.mlp_ratio * cfg.width), nn.GELU(),
-                                 nn.Linear(cfg.mlp_ratio * cfg.width, cfg.width))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.width, cfg.mlp_ratio * cfg.width), nn.GELU(), nn.Linear(cfg.mlp_ratio * cfg.width, cfg.width)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape

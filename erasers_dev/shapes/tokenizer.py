@@ -3,6 +3,7 @@
 Text is lower-cased, punctuation other than the comma is dropped, the comma is its own token. Unknown
 words map to ``unk_id`` (they still occupy a position, so lengths stay honest).
 """
+
 from __future__ import annotations
 
 import re
@@ -51,8 +52,7 @@ class ShapesTokenizer:
         """Unpadded, untruncated ids including BOS and EOS."""
         return [self.bos_id] + [self.vocab.get(w, self.unk_id) for w in self.split(text)] + [self.eos_id]
 
-    def encode(self, texts: Sequence[str], context_length: Optional[int] = None
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, texts: Sequence[str], context_length: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(ids (N, T) int64 padded with ``pad_id``, lengths (N,) real positions incl. BOS/EOS).
 
         Too-long prompts are truncated keeping EOS last (CLIP does the same); use ``ids`` to detect it.

@@ -11,6 +11,7 @@ instead, the step count is derived from the speed of the first steps and written
 metadata, so the run can be repeated exactly with ``--steps``. (Float results on CPU can still differ
 in the last bits between thread counts and machines.)
 """
+
 from __future__ import annotations
 
 import copy
@@ -70,8 +71,9 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.copy_(b)
 
 
-def diffusion_loss(pipe: ShapesPipeline, images: torch.Tensor, captions: list, gen: torch.Generator,
-                   snr_gamma: float) -> torch.Tensor:
+def diffusion_loss(
+    pipe: ShapesPipeline, images: torch.Tensor, captions: list, gen: torch.Generator, snr_gamma: float
+) -> torch.Tensor:
     """Min-SNR-weighted ε-prediction loss for one batch (captions already dropped where needed)."""
     n = images.shape[0]
     ids, lengths = pipe.tokenizer.encode(captions)
@@ -127,32 +129,57 @@ def train_t2i(cfg: TrainConfig, progress=None) -> ShapesPipeline:
             per_step = (time.time() - t0) / step
             cfg.steps = max(cfg.warmup + 1, int(cfg.minutes * 60 / per_step))
             deadline = t0 + cfg.minutes * 60 * 1.15
-            logger.info("%.3fs/step → %d steps for %.1f minutes (repeat with --steps %d)", per_step,
-                        cfg.steps, cfg.minutes, cfg.steps)
+            logger.info(
+                "%.3fs/step → %d steps for %.1f minutes (repeat with --steps %d)",
+                per_step,
+                cfg.steps,
+                cfg.minutes,
+                cfg.steps,
+            )
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.time() - t0
-            logger.info("step %d/%d loss %.4f lr %.2e %.2fs/step elapsed %.1f min", step, cfg.steps,
-                        sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]), opt.param_groups[0]["lr"],
-                        elapsed / step, elapsed / 60)
+            logger.info(
+                "step %d/%d loss %.4f lr %.2e %.2fs/step elapsed %.1f min",
+                step,
+                cfg.steps,
+                sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :]),
+                opt.param_groups[0]["lr"],
+                elapsed / step,
+                elapsed / 60,
+            )
             if progress is not None:
                 progress(step, cfg.steps)
         if cfg.checkpoint_every and cfg.checkpoint_path and step % cfg.checkpoint_every == 0:
             _save_ema(pipe, ema, cfg.checkpoint_path, {**asdict(cfg), "steps_done": step})
         if deadline is not None and time.time() > deadline:
-            logger.warning("stopping at step %d of %d: over the time budget (the machine is busier than at "
-                           "the start)", step, cfg.steps)
+            logger.warning(
+                "stopping at step %d of %d: over the time budget (the machine is busier than at the start)",
+                step,
+                cfg.steps,
+            )
             break
     pipe.unet.load_state_dict(ema["unet"].state_dict())
     pipe.text_encoder.load_state_dict(ema["text_encoder"].state_dict())
     pipe.unet.eval().requires_grad_(False)
     pipe.text_encoder.eval().requires_grad_(False)
-    pipe.train_info = {**asdict(cfg), "steps_done": step, "seconds": round(time.time() - t0, 1),
-                       "threads": torch.get_num_threads(), "final_loss": sum(losses[-200:]) / len(losses[-200:])}
+    pipe.train_info = {
+        **asdict(cfg),
+        "steps_done": step,
+        "seconds": round(time.time() - t0, 1),
+        "threads": torch.get_num_threads(),
+        "final_loss": sum(losses[-200:]) / len(losses[-200:]),
+    }
     return pipe
 
 
-def train_all(cfg: TrainConfig, out_dir: Optional[Path] = None, threads: Optional[int] = 2,
-              skip_classifier: bool = False, skip_t2i: bool = False, skip_eval: bool = False) -> dict:
+def train_all(
+    cfg: TrainConfig,
+    out_dir: Optional[Path] = None,
+    threads: Optional[int] = 2,
+    skip_classifier: bool = False,
+    skip_t2i: bool = False,
+    skip_eval: bool = False,
+) -> dict:
     """``python -m erasers shapes train``: both models, written to ``out_dir`` (default: the package),
     then the base fidelity measured and recorded in the text-to-image file's metadata."""
     if threads:
@@ -170,8 +197,13 @@ def train_all(cfg: TrainConfig, out_dir: Optional[Path] = None, threads: Optiona
     if not skip_classifier:
         t1 = time.time()
         clf, acc = train_classifier(steps=cfg.classifier_steps, seed=cfg.seed, size=cfg.image_size)
-        info = {"steps": cfg.classifier_steps, "seed": cfg.seed, "seconds": round(time.time() - t1, 1),
-                "threads": torch.get_num_threads(), "accuracy": acc}
+        info = {
+            "steps": cfg.classifier_steps,
+            "seed": cfg.seed,
+            "seconds": round(time.time() - t1, 1),
+            "threads": torch.get_num_threads(),
+            "accuracy": acc,
+        }
         save_classifier(clf, clf_path, extra={"train": info})
         logger.info("saved %s; held-out accuracy %s", clf_path, acc)
         result.update(classifier=str(clf_path), classifier_train=info)

@@ -13,6 +13,7 @@ built only from words the model has seen, and (synonym, colour) pairs that train
 A word the tokenizer never saw in training maps to a random, untrained embedding, so held-out *words*
 would measure nothing; held-out *phrasings* and *combinations* do.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -162,17 +163,35 @@ def _table(names: Sequence[str], rgb: Dict[str, Tuple[float, float, float]]) -> 
     return torch.tensor([rgb[name] for name in names], dtype=torch.float32)
 
 
-def render(shape: str, colour: str, style: str = "plain", background: str = "white",
-           position: Tuple[float, float] = (0.5, 0.5), size: int = 16, radius: float = 0.33) -> torch.Tensor:
+def render(
+    shape: str,
+    colour: str,
+    style: str = "plain",
+    background: str = "white",
+    position: Tuple[float, float] = (0.5, 0.5),
+    size: int = 16,
+    radius: float = 0.33,
+) -> torch.Tensor:
     """One image (3, size, size) in [-1, 1], no jitter. ``position`` and ``radius`` are fractions of size."""
-    for value, allowed, what in ((shape, SHAPES, "shape"), (colour, COLOURS, "colour"),
-                                 (style, STYLES, "style"), (background, BACKGROUNDS, "background")):
+    for value, allowed, what in (
+        (shape, SHAPES, "shape"),
+        (colour, COLOURS, "colour"),
+        (style, STYLES, "style"),
+        (background, BACKGROUNDS, "background"),
+    ):
         if value not in allowed:
             raise ValueError(f"Unknown {what} '{value}'; expected one of {allowed}.")
     img = _render_batch(
-        torch.tensor([SHAPES.index(shape)]), _table([colour], COLOUR_RGB), torch.tensor([STYLES.index(style)]),
-        _table([background], BACKGROUND_RGB), torch.tensor([position[0] * size]),
-        torch.tensor([position[1] * size]), torch.tensor([radius * size]), torch.zeros(1), size)
+        torch.tensor([SHAPES.index(shape)]),
+        _table([colour], COLOUR_RGB),
+        torch.tensor([STYLES.index(style)]),
+        _table([background], BACKGROUND_RGB),
+        torch.tensor([position[0] * size]),
+        torch.tensor([position[1] * size]),
+        torch.tensor([radius * size]),
+        torch.zeros(1),
+        size,
+    )
     return img[0] * 2 - 1
 
 
@@ -183,8 +202,15 @@ def _pick(options: Sequence, generator: torch.Generator):
     return options[int(torch.randint(len(options), (1,), generator=generator))]
 
 
-def caption_for(shape: str, colour: str, style: str, background: str, generator: torch.Generator,
-                templates: Optional[Sequence[str]] = None, heldout: bool = False) -> str:
+def caption_for(
+    shape: str,
+    colour: str,
+    style: str,
+    background: str,
+    generator: torch.Generator,
+    templates: Optional[Sequence[str]] = None,
+    heldout: bool = False,
+) -> str:
     """A caption for the labels, drawn from ``templates`` (training templates by default).
 
     Training captions (``heldout=False``) never use a pair in ``HELDOUT_SYNONYM_COLOURS``.
@@ -195,8 +221,12 @@ def caption_for(shape: str, colour: str, style: str, background: str, generator:
     if not heldout:
         banned = {syn for syn, col in HELDOUT_SYNONYM_COLOURS if col == colour}
         shape_words = [w for w in shape_words if w not in banned]
-    words = dict(s=_pick(shape_words, generator), c=colour_word, st=_pick(SYNONYMS[style], generator),
-                 bg=_pick(SYNONYMS[background], generator))
+    words = dict(
+        s=_pick(shape_words, generator),
+        c=colour_word,
+        st=_pick(SYNONYMS[style], generator),
+        bg=_pick(SYNONYMS[background], generator),
+    )
     return template.format(**words)
 
 
@@ -212,22 +242,44 @@ def sample_labels(n: int, generator: torch.Generator, size: int = 16) -> Dict[st
     cy = margin + torch.rand(n, generator=generator) * (size - 2 * margin)
     phase = torch.rand(n, generator=generator) * 4.0
     jitter = (torch.rand(n, 3, generator=generator) * 2 - 1) * _COLOUR_JITTER
-    return dict(shape=shape, colour=colour, style=style, background=background, radius=radius,
-                cx=cx, cy=cy, phase=phase, jitter=jitter)
+    return dict(
+        shape=shape,
+        colour=colour,
+        style=style,
+        background=background,
+        radius=radius,
+        cx=cx,
+        cy=cy,
+        phase=phase,
+        jitter=jitter,
+    )
 
 
 def render_labels(labels: Dict[str, torch.Tensor], size: int = 16) -> torch.Tensor:
     """Images (n, 3, size, size) in [-1, 1] for labels from ``sample_labels``."""
     colour_rgb = (_table(COLOURS, COLOUR_RGB)[labels["colour"]] + labels["jitter"]).clamp(0, 1)
     bg_rgb = _table(BACKGROUNDS, BACKGROUND_RGB)[labels["background"]]
-    img = _render_batch(labels["shape"], colour_rgb, labels["style"], bg_rgb, labels["cx"], labels["cy"],
-                        labels["radius"], labels["phase"], size)
+    img = _render_batch(
+        labels["shape"],
+        colour_rgb,
+        labels["style"],
+        bg_rgb,
+        labels["cx"],
+        labels["cy"],
+        labels["radius"],
+        labels["phase"],
+        size,
+    )
     return img * 2 - 1
 
 
-def sample_batch(n: int, generator: torch.Generator, size: int = 16,
-                 templates: Optional[Sequence[str]] = None, heldout: bool = False
-                 ) -> Tuple[torch.Tensor, List[str], Dict[str, torch.Tensor]]:
+def sample_batch(
+    n: int,
+    generator: torch.Generator,
+    size: int = 16,
+    templates: Optional[Sequence[str]] = None,
+    heldout: bool = False,
+) -> Tuple[torch.Tensor, List[str], Dict[str, torch.Tensor]]:
     """``n`` random images in [-1, 1] (n, 3, size, size), their captions, and their labels.
 
     labels: int64 tensors ``shape``, ``colour``, ``style``, ``background`` (indices into the lists
@@ -236,9 +288,15 @@ def sample_batch(n: int, generator: torch.Generator, size: int = 16,
     labels = sample_labels(n, generator, size)
     images = render_labels(labels, size)
     captions = [
-        caption_for(SHAPES[int(labels["shape"][i])], COLOURS[int(labels["colour"][i])],
-                    STYLES[int(labels["style"][i])], BACKGROUNDS[int(labels["background"][i])],
-                    generator, templates, heldout)
+        caption_for(
+            SHAPES[int(labels["shape"][i])],
+            COLOURS[int(labels["colour"][i])],
+            STYLES[int(labels["style"][i])],
+            BACKGROUNDS[int(labels["background"][i])],
+            generator,
+            templates,
+            heldout,
+        )
         for i in range(n)
     ]
     return images, captions, labels

@@ -4,6 +4,7 @@ The checkout must be importable from the current interpreter (its requirements i
 made with --system-site-packages plus the webui's requirements_versions.txt). Without it every test here
 is skipped with the reason.
 """
+
 import os
 import sys
 from pathlib import Path
@@ -32,8 +33,10 @@ def pytest_collection_modifyitems(config, items):
                     host = "Forge 2" if FORGE2 else "A1111"
                     item.add_marker(pytest.mark.skip(reason=f"not on {host}: {marker.args[0]}"))
         return
-    skip = pytest.mark.skip(reason="A1111_PATH / FORGE_PATH not set: real-webui tests skipped "
-                                   "(set it to a stable-diffusion-webui checkout to run them)")
+    skip = pytest.mark.skip(
+        reason="A1111_PATH / FORGE_PATH not set: real-webui tests skipped "
+        "(set it to a stable-diffusion-webui checkout to run them)"
+    )
     for item in items:
         if "tests/a1111" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(skip)
@@ -53,19 +56,28 @@ def webui():
     try:
         if FORGE2:  # what Forge's webui.py runs before anything else (packages_3rdparty on sys.path, devices)
             from modules_forge.initialization import initialize_forge
+
             initialize_forge()
             from modules import initialize
+
             initialize.imports()  # webui.py's import order (importing modules.shared first is circular on Forge)
         from modules import shared
+
         if getattr(shared, "opts", None) is None:  # what webui.py's initialize does first (A1111 ≥ 1.6)
             from modules import shared_init
+
             shared_init.initialize()
-        from modules import script_callbacks, scripts  # noqa: F401
         import network  # the Lora built-in
         import networks
+        from modules import script_callbacks, scripts  # noqa: F401
     except Exception as exc:  # a webui that cannot import here: say exactly why
         pytest.skip(f"could not import the webui at {path}: {type(exc).__name__}: {exc}")
     finally:
         sys.argv = old_argv
-    return {"network": network, "networks": networks, "scripts": scripts, "script_callbacks": script_callbacks,
-            "forge2": FORGE2}
+    return {
+        "network": network,
+        "networks": networks,
+        "scripts": scripts,
+        "script_callbacks": script_callbacks,
+        "forge2": FORGE2,
+    }

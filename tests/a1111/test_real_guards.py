@@ -3,6 +3,7 @@
 ``ldm.modules.attention.CrossAttention`` with A1111's "sdp" optimiser installed as its class forward
 (``modules.sd_hijack_optimizations``), on a two-block random-weight UNet (see conftest.py for when this runs).
 """
+
 import importlib.util
 from pathlib import Path
 
@@ -23,7 +24,9 @@ def real(webui, monkeypatch):
     from modules import script_callbacks, sd_hijack_optimizations
 
     # A1111's optimiser replaces CrossAttention.forward at class level; put the "sdp" one in for this test
-    monkeypatch.setattr(attention.CrossAttention, "forward", sd_hijack_optimizations.scaled_dot_product_attention_forward)
+    monkeypatch.setattr(
+        attention.CrossAttention, "forward", sd_hijack_optimizations.scaled_dot_product_attention_forward
+    )
 
     class RealCallbacksDenoiser(fakes.FakeCFGDenoiser):
         def denoiser_params(self, x, image_cond, sigma, step, total, text_cond, text_uncond):
@@ -53,8 +56,9 @@ def real_sd_model(attention):
     sd_model = fakes.FakeSDModel()
     gen = torch.Generator().manual_seed(3)
     for block in sd_model.model.diffusion_model.input_blocks:
-        layer = attention.CrossAttention(fakes.DIM, context_dim=fakes.CTX, heads=fakes.HEADS,
-                                         dim_head=fakes.DIM // fakes.HEADS)
+        layer = attention.CrossAttention(
+            fakes.DIM, context_dim=fakes.CTX, heads=fakes.HEADS, dim_head=fakes.DIM // fakes.HEADS
+        )
         with torch.no_grad():
             for p in layer.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)

@@ -1,6 +1,8 @@
-"""The entry script loaded the way the webui (A1111 or Forge 2) loads an extension script (``modules.script_loading.load_module``
+"""The entry script loaded the way the webui (A1111 or Forge 2) loads an extension script
+(``modules.script_loading.load_module``
 with the extension folder at the front of ``sys.path``), then its ``before_ui`` registration against the
 real ``modules.extra_networks`` / ``modules.ui_extra_networks`` (see conftest.py for when this runs)."""
+
 import sys
 from pathlib import Path
 
@@ -18,8 +20,11 @@ def test_real_webui_loads_the_extension_script(webui, monkeypatch, tmp_path):
     before = {k: list(v) for k, v in script_callbacks.callback_map.items()}
     module = script_loading.load_module(str(ROOT / "scripts" / "concept_erasers_a1111.py"))
     try:
-        classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, scripts.Script)
-                   and v is not scripts.Script]
+        classes = [
+            v
+            for v in vars(module).values()
+            if isinstance(v, type) and issubclass(v, scripts.Script) and v is not scripts.Script
+        ]
         assert [c.__name__ for c in classes] == ["ConceptErasersScript"]
         script = classes[0]()
         assert script.title() == "Concept Erasers" and script.show(False) is scripts.AlwaysVisible
@@ -29,16 +34,22 @@ def test_real_webui_loads_the_extension_script(webui, monkeypatch, tmp_path):
         else:  # A1111 with the real Lora built-in (its ``networks`` module is importable here)
             assert backend.kind == "a1111" and backend.weight_route == "lora", backend
         added = {k: len(v) - len(before.get(k, [])) for k, v in script_callbacks.callback_map.items()}
-        for key in ("callbacks_cfg_denoiser", "callbacks_cfg_denoised", "callbacks_model_loaded",
-                    "callbacks_before_ui", "callbacks_script_unloaded"):
+        for key in (
+            "callbacks_cfg_denoiser",
+            "callbacks_cfg_denoised",
+            "callbacks_model_loaded",
+            "callbacks_before_ui",
+            "callbacks_script_unloaded",
+        ):
             assert added.get(key) == 1, (key, added)
         module._before_ui()
         assert {"eraser", "spm"} <= set(extra_networks.extra_network_registry)
         titles = [page.title for page in ui_extra_networks.extra_pages]
         assert any("rasers" in t for t in titles) and any("SPM" in t for t in titles), titles
         # the guard callbacks are inert with no session installed
-        params = script_callbacks.CFGDenoiserParams(torch.zeros(2, 4, 2, 2), None, torch.ones(2), 0, 1,
-                                                    torch.zeros(1, 77, 768), torch.zeros(1, 77, 768), None)
+        params = script_callbacks.CFGDenoiserParams(
+            torch.zeros(2, 4, 2, 2), None, torch.ones(2), 0, 1, torch.zeros(1, 77, 768), torch.zeros(1, 77, 768), None
+        )
         script_callbacks.cfg_denoiser_callback(params)
         assert torch.equal(params.text_cond, torch.zeros(1, 77, 768))
     finally:

@@ -1,7 +1,7 @@
 """The glue against the real webui modules: the Lora built-in's own merge/restore code on a small model
 with LDM-named layers and random weights (see conftest.py for when this runs)."""
+
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,8 +44,9 @@ def test_real_lora_merge_enable_disable_and_compose(webui, tmp_path, monkeypatch
     set_current_model(monkeypatch, sd_model)
     for name, module in sd_model.model.named_modules():
         module.network_layer_name = name.replace(".", "_")
-    controller = runtime.Controller(runtime.Host(models_path=str(tmp_path)),
-                                    backend=be.Backend(be.A1111, networks, network))
+    controller = runtime.Controller(
+        runtime.Host(models_path=str(tmp_path)), backend=be.Backend(be.A1111, networks, network)
+    )
     original = fakes.snapshot(sd_model)
     key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     layer = sd_model.model.diffusion_model.get_submodule(key[:-7])
@@ -85,8 +86,10 @@ def test_real_infotext_round_trip(webui):
         from modules import generation_parameters_copypaste as iu
     ui = settings.UISettings(enabled=True, concepts="Van Gogh, Monet", anchors="art", strength=0.7)
     # the webui only reads the last line as parameters when it holds at least three "Key: value" pairs
-    text = ("a painting\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, "
-            f"{settings.INFOTEXT_KEY}: {iu.quote(ui.to_infotext())}")
+    text = (
+        "a painting\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, "
+        f"{settings.INFOTEXT_KEY}: {iu.quote(ui.to_infotext())}"
+    )
     params = iu.parse_generation_parameters(text)
     pasted = settings.UISettings.from_dict({n: settings.paste_getter(n)(params) for n in settings.ARG_ORDER})
     assert pasted == ui
@@ -140,8 +143,12 @@ def test_real_forge2_patcher_merges_composes_and_restores_bit_identically(webui,
     # a user LoRA as sd_forge_lora adds it (on forge_objects_after_applying_lora): both are merged
     lora_delta = torch.randn(weight().shape, generator=torch.Generator().manual_seed(5)) * 0.01
     with_lora = base.clone()
-    with_lora.add_patches(filename="user_lora.safetensors", patches={"diffusion_model." + key: (lora_delta,)},
-                          strength_patch=1.0, strength_model=1.0)
+    with_lora.add_patches(
+        filename="user_lora.safetensors",
+        patches={"diffusion_model." + key: (lora_delta,)},
+        strength_patch=1.0,
+        strength_model=1.0,
+    )
     sd_model.forge_objects_after_applying_lora = ForgeObjects(with_lora, None, None, None)
     generation(ui)
     fakes.close(weight(), original["diffusion_model." + key] + lora_delta + 0.7 * eraser.dense(key), atol=1e-5)
@@ -154,6 +161,7 @@ def test_real_forge2_patcher_merges_composes_and_restores_bit_identically(webui,
 
     # Forge 2's ModelPatcher.model_dtype() is None for its KModel; a half-stored UNet still gets half diffs
     from a1111_erasers import inject
+
     assert base.model_dtype() is None and inject.patch_dtype(base) == torch.float32
     kmodel.storage_dtype = torch.float16
     assert inject.patch_dtype(base) == torch.float16
@@ -170,14 +178,30 @@ def test_real_forge2_closed_form_through_its_text_engine(webui, tmp_path):
     from backend.patcher.unet import UnetPatcher
     from backend.text_processing.classic_engine import ClassicTextProcessingEngine
 
-    hf = Path(webui["scripts"].__file__).resolve().parents[1] / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5"
+    hf = (
+        Path(webui["scripts"].__file__).resolve().parents[1]
+        / "backend"
+        / "huggingface"
+        / "runwayml"
+        / "stable-diffusion-v1-5"
+    )
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(hf / "tokenizer"))
     config = transformers.CLIPTextConfig.from_pretrained(str(hf / "text_encoder"), num_hidden_layers=1)
     torch.manual_seed(0)
     clip = IntegratedCLIP(transformers.CLIPTextModel, config).eval()
-    engine = ClassicTextProcessingEngine(text_encoder=clip, tokenizer=tokenizer, embedding_dir=None, embedding_key="clip_l",
-                                         embedding_expected_shape=768, emphasis_name="Original", text_projection=False,
-                                         minimal_clip_skip=1, clip_skip=1, return_pooled=False, final_layer_norm=True)
+    engine = ClassicTextProcessingEngine(
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        embedding_dir=None,
+        embedding_key="clip_l",
+        embedding_expected_shape=768,
+        emphasis_name="Original",
+        text_projection=False,
+        minimal_clip_skip=1,
+        clip_skip=1,
+        return_pooled=False,
+        final_layer_norm=True,
+    )
 
     class ForgeSD15:  # the parts of backend.diffusion_engine.sd15.StableDiffusion the glue uses
         is_sd1, is_sd2, is_sdxl = True, False, False

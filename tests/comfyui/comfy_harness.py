@@ -4,6 +4,7 @@ Nothing here imports ComfyUI at module import time, so this file can be collecte
 skipped) on a machine without a ComfyUI checkout. ComfyUI itself is never vendored: the tests import
 it from ``COMFYUI_PATH`` and build a random-weight checkpoint from ComfyUI's own classes at test time.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,17 +74,18 @@ def import_comfy(comfyui_path: str) -> types.SimpleNamespace:
 
         comfy.options.enable_args_parsing()
         import comfy.cli_args
-        import comfy.model_management
+        import comfy.ldm.models.autoencoder
+        import comfy.lora
         import comfy.model_detection
+        import comfy.model_management
         import comfy.model_patcher
-        import comfy.sd
-        import comfy.sd1_clip
         import comfy.sample
         import comfy.samplers
+        import comfy.sd
+        import comfy.sd1_clip
         import comfy.utils
-        import comfy.lora
-        import comfy.ldm.models.autoencoder
         import folder_paths
+
         import nodes
     finally:
         sys.argv = saved_argv
@@ -181,8 +183,18 @@ def sd15_checkpoint_shapes(comfy, unet_config: Optional[dict] = None) -> dict:
     clip_model = clip_target.clip(device=meta, dtype=torch.float32)
     clip_sd = clip_model.state_dict()
 
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    ddconfig = {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 128,
+        "ch_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
     with meta:
         vae_model = comfy.comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
     vae_sd = vae_model.state_dict()
@@ -191,15 +203,17 @@ def sd15_checkpoint_shapes(comfy, unet_config: Optional[dict] = None) -> dict:
 
     if "unet_state_dict" in inspect.signature(base.state_dict_for_saving).parameters:
         # newer ComfyUI (0.2x) takes the UNet's state dict explicitly; 0.3.64 read it from the model
-        sd = base.state_dict_for_saving(base.diffusion_model.state_dict(), clip_state_dict=clip_sd,
-                                        vae_state_dict=vae_sd)
+        sd = base.state_dict_for_saving(
+            base.diffusion_model.state_dict(), clip_state_dict=clip_sd, vae_state_dict=vae_sd
+        )
     else:
         sd = base.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae_sd)
     return {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
 
 
-def _random_tensor(key: str, shape: tuple, dtype: torch.dtype, gen: torch.Generator, std: float,
-                   save_dtype: torch.dtype) -> torch.Tensor:
+def _random_tensor(
+    key: str, shape: tuple, dtype: torch.dtype, gen: torch.Generator, std: float, save_dtype: torch.dtype
+) -> torch.Tensor:
     if not dtype.is_floating_point:
         if key.endswith("position_ids"):
             return torch.arange(int(torch.tensor(shape).prod())).reshape(shape).to(dtype)
@@ -211,16 +225,23 @@ def _random_tensor(key: str, shape: tuple, dtype: torch.dtype, gen: torch.Genera
     return (torch.randn(shape, generator=gen) * std).to(save_dtype)
 
 
-def write_random_sd15_checkpoint(comfy, path, unet_config: Optional[dict] = None, seed: int = 0,
-                                 std: float = 0.02, dtype: torch.dtype = torch.float16) -> Path:
+def write_random_sd15_checkpoint(
+    comfy,
+    path,
+    unet_config: Optional[dict] = None,
+    seed: int = 0,
+    std: float = 0.02,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
     """Write a random-weight SD1.5-architecture ``.safetensors`` checkpoint (norms 1, biases 0)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     shapes = sd15_checkpoint_shapes(comfy, unet_config)
     gen = torch.Generator().manual_seed(seed)
-    tensors = {k: _random_tensor(k, shape, dt, gen, std, dtype).contiguous()
-               for k, (shape, dt) in sorted(shapes.items())}
+    tensors = {
+        k: _random_tensor(k, shape, dt, gen, std, dtype).contiguous() for k, (shape, dt) in sorted(shapes.items())
+    }
     n_params = sum(t.numel() for t in tensors.values())
     save_file(tensors, str(path), metadata={"format": "pt", "note": "random weights for tests"})
     log.info("wrote %s: %d tensors, %.1fM params", path, len(tensors), n_params / 1e6)
@@ -241,16 +262,39 @@ def encode(comfy, clip, text: str):
     return [[cond, {"pooled_output": pooled}]]
 
 
-def sample(comfy, model, clip, positive_text: str, negative_text: str, seed: int = 0, steps: int = 2,
-           size: int = 64, cfg: float = 7.0, sampler_name: str = "euler", scheduler: str = "normal"):
+def sample(
+    comfy,
+    model,
+    clip,
+    positive_text: str,
+    negative_text: str,
+    seed: int = 0,
+    steps: int = 2,
+    size: int = 64,
+    cfg: float = 7.0,
+    sampler_name: str = "euler",
+    scheduler: str = "normal",
+):
     """EmptyLatentImage + CLIPTextEncode x2 + KSampler; returns the sampled latent (B, 4, size/8, size/8)."""
     positive = encode(comfy, clip, positive_text)
     negative = encode(comfy, clip, negative_text)
     latent = torch.zeros([1, 4, size // 8, size // 8])
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                               denoise=1.0, disable_pbar=True, seed=seed)
+    return comfy.sample.sample(
+        model,
+        noise,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        positive,
+        negative,
+        latent,
+        denoise=1.0,
+        disable_pbar=True,
+        seed=seed,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,8 +311,14 @@ def free_port() -> int:
 class ComfyServer:
     """``python main.py --cpu --listen 127.0.0.1 ...`` in a throw-away base directory."""
 
-    def __init__(self, comfyui_path: str, base_dir, python: Optional[str] = None,
-                 checkpoint: Optional[Path] = None, extra_args: tuple = ()):
+    def __init__(
+        self,
+        comfyui_path: str,
+        base_dir,
+        python: Optional[str] = None,
+        checkpoint: Optional[Path] = None,
+        extra_args: tuple = (),
+    ):
         self.comfyui_path = str(Path(comfyui_path).resolve())
         self.base_dir = Path(base_dir)
         self.python = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
@@ -295,9 +345,21 @@ class ComfyServer:
 
     def start(self, timeout: float = 120.0) -> "ComfyServer":
         self._prepare_base_dir()
-        cmd = [self.python, "main.py", *comfy_cli_flags(self.comfyui_path), "--listen", "127.0.0.1",
-               "--port", str(self.port), "--disable-auto-launch", "--base-directory", str(self.base_dir),
-               "--database-url", "sqlite:///:memory:", *self.extra_args]
+        cmd = [
+            self.python,
+            "main.py",
+            *comfy_cli_flags(self.comfyui_path),
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-auto-launch",
+            "--base-directory",
+            str(self.base_dir),
+            "--database-url",
+            "sqlite:///:memory:",
+            *self.extra_args,
+        ]
         log.info("starting ComfyUI: %s", " ".join(cmd))
         t0 = time.monotonic()
         self._log_file = open(self.log_path, "wb")
@@ -350,8 +412,9 @@ class ComfyServer:
     # --- HTTP ---
     def _request(self, method: str, route: str, body=None, timeout: float = 30.0):
         data = None if body is None else json.dumps(body).encode("utf-8")
-        req = urllib.request.Request(self.url + route, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + route, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read().decode("utf-8"))
 
@@ -403,18 +466,36 @@ def comfy_server(comfy, sd15_checkpoint, tmp_path_factory):
         server.stop()
 
 
-def txt2img_prompt(positive: str, negative: str = "", seed: int = 0, steps: int = 2, size: int = 64,
-                   ckpt_name: str = CHECKPOINT_NAME, prefix: str = "ce_test") -> dict:
+def txt2img_prompt(
+    positive: str,
+    negative: str = "",
+    seed: int = 0,
+    steps: int = 2,
+    size: int = 64,
+    ckpt_name: str = CHECKPOINT_NAME,
+    prefix: str = "ce_test",
+) -> dict:
     """API-format graph: CheckpointLoaderSimple → CLIPTextEncode x2 → KSampler → VAEDecode → SaveImage."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                                    "latent_image": ["4", 0], "seed": seed, "steps": steps,
-                                                    "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-                                                    "denoise": 1.0}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": seed,
+                "steps": steps,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
     }

@@ -3,6 +3,7 @@
 Set ``COMFYUI_PATH`` to a ComfyUI checkout and run with a Python that can import it (see the README
 section 'Testing against ComfyUI'). Without ``COMFYUI_PATH`` every test in this folder is skipped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from comfy_harness import (  # noqa: F401  (comfy_server is a fixture re-exported for the tests)
     comfy_server,
     import_comfy,
@@ -31,7 +31,9 @@ SKIP_REASON = "COMFYUI_PATH is not set: real-ComfyUI tests skipped; see README '
 def pytest_configure(config):
     config.addinivalue_line("markers", "server: starts a real ComfyUI server process (deselect with -m 'not server')")
     if COMFYUI_PATH and not Path(COMFYUI_PATH, "comfy", "model_management.py").is_file():
-        raise pytest.UsageError(f"COMFYUI_PATH={COMFYUI_PATH!r} is not a ComfyUI checkout (no comfy/model_management.py)")
+        raise pytest.UsageError(
+            f"COMFYUI_PATH={COMFYUI_PATH!r} is not a ComfyUI checkout (no comfy/model_management.py)"
+        )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -83,8 +85,9 @@ def sd15_checkpoint(comfy, sd15_unet_config, tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd15_loaded(comfy, sd15_checkpoint):
     """(model_patcher, clip, vae) loaded by ComfyUI's own single-file loader."""
-    out = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), output_vae=True, output_clip=True,
-                                                embedding_directory=None)
+    out = comfy.sd.load_checkpoint_guess_config(
+        str(sd15_checkpoint), output_vae=True, output_clip=True, embedding_directory=None
+    )
     model, clip, vae = out[:3]
     assert model is not None and clip is not None and vae is not None, "checkpoint loaded incompletely"
     return model, clip, vae

@@ -8,6 +8,7 @@ The stand-in text encoders map each word to a fixed random vector (the issue all
 right shape); the CLIP stand-in is causal (position i mixes tokens 0..i) so SAFREE's masked-prompt test
 has something to detect.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,14 +24,43 @@ import torch
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "").strip()
 ROOT = Path(__file__).resolve().parents[2]
 
-SD15_UNET = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-             "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320, "context_dim": 768,
-             "use_linear_in_transformer": False, "transformer_depth_middle": 1, "use_temporal_resblock": False,
-             "use_temporal_attention": False, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-             "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "num_heads": 8}
-FLUX_DIT = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
-            "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2,
-            "axes_dim": [8, 28, 28], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+SD15_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "context_dim": 768,
+    "use_linear_in_transformer": False,
+    "transformer_depth_middle": 1,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1],
+    "num_heads": 8,
+}
+FLUX_DIT = {
+    "image_model": "flux",
+    "in_channels": 16,
+    "out_channels": 16,
+    "vec_in_dim": 768,
+    "context_in_dim": 4096,
+    "hidden_size": 256,
+    "mlp_ratio": 4.0,
+    "num_heads": 4,
+    "depth": 2,
+    "depth_single_blocks": 2,
+    "axes_dim": [8, 28, 28],
+    "theta": 10000,
+    "patch_size": 2,
+    "qkv_bias": True,
+    "guidance_embed": True,
+}
 
 
 def flux_config(config: dict) -> dict:
@@ -67,11 +97,15 @@ def comfy():
 def pack(comfy):
     name = "concept_erasers_suppression_test"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        spec = importlib.util.spec_from_file_location(
+            name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-    return importlib.import_module(f"{name}.nodes.suppression"), importlib.import_module(f"{name}.nodes.suppression_hooks")
+    return importlib.import_module(f"{name}.nodes.suppression"), importlib.import_module(
+        f"{name}.nodes.suppression_hooks"
+    )
 
 
 def randomise(module, seed):
@@ -141,8 +175,9 @@ def sample(comfy, model, clip, prompt, negative="", steps=2, cfg=5.0, channels=4
     neg = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
     latent = torch.zeros(1, channels, size, size)
     noise = comfy.sample.prepare_noise(latent, 42)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=42,
-                               disable_pbar=True)
+    return comfy.sample.sample(
+        model, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=42, disable_pbar=True
+    )
 
 
 @pytest.fixture
@@ -186,22 +221,66 @@ def run_node(node, **kw):
 def makers(nodes, model, clip, safety_concept="nude"):
     """Each suppression node on ``model`` as a function of its strength (the tests' default settings)."""
     return {
-        "safree": lambda s: run_node(nodes.EraserSAFREE, model=model, clip=clip, prompt=PROMPT, concepts="nude",
-                                     preset="nudity", alpha=0.01, include_eos=True, self_validating=False,
-                                     keywords_as_negative=False, **dict(COMMON, strength=s)),
-        "sld": lambda s: run_node(nodes.EraserSLD, model=model, clip=clip, preset="max", safety_concept=safety_concept,
-                                  **dict(COMMON, strength=s)),
-        "guidance": lambda s: run_node(nodes.EraserConceptGuidance, model=model, clip=clip, concepts="nude",
-                                       phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0, **dict(COMMON, strength=s)),
-        "tokens": lambda s: run_node(nodes.EraserTokenSuppress, model=model, clip=clip, concepts="nude", factor=0.0,
-                                     include_eos=True, similarity=0.99, prompt=PROMPT, **dict(COMMON, strength=s)),
+        "safree": lambda s: run_node(
+            nodes.EraserSAFREE,
+            model=model,
+            clip=clip,
+            prompt=PROMPT,
+            concepts="nude",
+            preset="nudity",
+            alpha=0.01,
+            include_eos=True,
+            self_validating=False,
+            keywords_as_negative=False,
+            **dict(COMMON, strength=s),
+        ),
+        "sld": lambda s: run_node(
+            nodes.EraserSLD,
+            model=model,
+            clip=clip,
+            preset="max",
+            safety_concept=safety_concept,
+            **dict(COMMON, strength=s),
+        ),
+        "guidance": lambda s: run_node(
+            nodes.EraserConceptGuidance,
+            model=model,
+            clip=clip,
+            concepts="nude",
+            phi=5.0,
+            tau=2.5,
+            alpha=0.25,
+            sigma_end=0.0,
+            **dict(COMMON, strength=s),
+        ),
+        "tokens": lambda s: run_node(
+            nodes.EraserTokenSuppress,
+            model=model,
+            clip=clip,
+            concepts="nude",
+            factor=0.0,
+            include_eos=True,
+            similarity=0.99,
+            prompt=PROMPT,
+            **dict(COMMON, strength=s),
+        ),
     }
 
 
-SD3_DIT = {"in_channels": 16, "out_channels": 16, "pos_embed_scaling_factor": None, "depth": 2, "patch_size": 2,
-           "adm_in_channels": 2048, "pos_embed_max_size": 16, "num_patches": 256, "qk_norm": "rms",
-           "x_block_self_attn_layers": [0], "x_block_self_attn": True,
-           "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}}}
+SD3_DIT = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "pos_embed_scaling_factor": None,
+    "depth": 2,
+    "patch_size": 2,
+    "adm_in_channels": 2048,
+    "pos_embed_max_size": 16,
+    "num_patches": 256,
+    "qk_norm": "rms",
+    "x_block_self_attn_layers": [0],
+    "x_block_self_attn": True,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+}
 
 
 class FakeSD3Clip(FakeT5Clip):
@@ -229,17 +308,30 @@ def sd3(comfy):
     return patcher, FakeSD3Clip()
 
 
-
-
 # -- SDXL: ComfyUI's SDXL class on a reduced UNet (the detector needs the full depth, so the config class
 #    is instantiated directly) -------------------------------------------------------------------------
 
-SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-             "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
-             "model_channels": 64, "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "channel_mult": [1, 2],
-             "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 2048,
-             "num_head_channels": 32, "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False,
-             "use_temporal_resblock": False}
+SDXL_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "model_channels": 64,
+    "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_head_channels": 32,
+    "transformer_depth_output": [1, 1, 1, 1],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
 
 
 class FakeSDXLClip:

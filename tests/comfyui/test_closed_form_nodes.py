@@ -2,6 +2,7 @@
 
 Run with the command in tests/comfyui/README.md; skipped without COMFYUI_PATH.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from comfy_harness import sample
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,9 @@ PROMPT = "a painting by Van Gogh"
 def pack(comfy):
     """The repository root imported as a package, the way ComfyUI imports a custom-node folder."""
     if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
+        spec = importlib.util.spec_from_file_location(
+            PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[PACK] = module
         spec.loader.exec_module(module)
@@ -57,8 +58,9 @@ def erasers_dir(comfy, tmp_path, monkeypatch):
     folder = tmp_path / "models" / "erasers"
     folder.mkdir(parents=True)
     monkeypatch.setitem(comfy.folder_paths.folder_names_and_paths, "erasers", ([str(folder)], {".safetensors"}))
-    monkeypatch.setitem(comfy.folder_paths.folder_names_and_paths, "spm",
-                        ([str(tmp_path / "models" / "spm")], {".safetensors"}))
+    monkeypatch.setitem(
+        comfy.folder_paths.folder_names_and_paths, "spm", ([str(tmp_path / "models" / "spm")], {".safetensors"})
+    )
     return folder
 
 
@@ -83,8 +85,13 @@ def test_pack_loads_as_a_custom_node(comfy, pack, erasers_dir):
     schemas = [cls.GET_SCHEMA() for cls in node_list]  # what ComfyUI runs when it registers a V3 node
     # every node id of the pack is fixed (saved workflows name them); every input has a tooltip
     assert {s.node_id for s in schemas} == NODE_IDS | {
-        "EraserSPMLoad", "EraserLoRALoad", "EraserSAFREE", "EraserSLD", "EraserConceptGuidance",
-        "EraserTokenSuppress"}
+        "EraserSPMLoad",
+        "EraserLoRALoad",
+        "EraserSAFREE",
+        "EraserSLD",
+        "EraserConceptGuidance",
+        "EraserTokenSuppress",
+    }
     for cls, schema in zip(node_list, schemas):
         inputs = cls.INPUT_TYPES()  # the /object_info view
         widgets = {**inputs["required"], **inputs.get("optional", {})}
@@ -129,7 +136,7 @@ def test_unpatch_restores_the_base_weights_bit_for_bit(comfy, nodes, sd15_loaded
 def test_base_weights_include_a_patch_applied_before(comfy, adapters, sd15_loaded):
     model, _, _ = sd15_loaded
     key = kv_keys(model)[0]
-    canonical = key[len(PREFIX):]
+    canonical = key[len(PREFIX) :]
     diff = torch.randn(model.model_state_dict()[key].shape, generator=torch.Generator().manual_seed(7)) * 0.1
     with_lora = model.clone()
     with_lora.add_patches({key: ("diff", (diff,))}, 0.5)
@@ -148,8 +155,8 @@ def test_save_then_load_gives_identical_patches(comfy, nodes, sd15_loaded, erase
     assert loaded.concepts == ["Van Gogh", "Monet"] and loaded.family == eraser.family
     assert sorted(loaded_model.patches) == sorted(erased_model.patches)
     for key, entries in erased_model.patches.items():
-        (s1, (kind1, (d1,)), *_), = entries
-        (s2, (kind2, (d2,)), *_), = loaded_model.patches[key]
+        ((s1, (kind1, (d1,)), *_),) = entries
+        ((s2, (kind2, (d2,)), *_),) = loaded_model.patches[key]
         assert (s1, kind1) == (s2, kind2) == (0.8, "diff")
         assert d1.dtype == d2.dtype and torch.equal(d1, d2), key
     applied = nodes.EraserApply.execute(model, loaded, 0.8).args[0]
@@ -182,16 +189,37 @@ def test_a_workflow_through_the_node_runs_in_a_comfyui_server(comfy_server):
     assert NODE_IDS <= set(info), "the pack's nodes are not registered in the server"
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "ce_test_sd15.safetensors"}},
-        "8": {"class_type": "EraserClosedForm", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "method": "uce", "concepts": "Van Gogh\nMonet",
-            "anchors": "", "preserve": "a photo", "strength": 1.0}},
+        "8": {
+            "class_type": "EraserClosedForm",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "method": "uce",
+                "concepts": "Van Gogh\nMonet",
+                "anchors": "",
+                "preserve": "a photo",
+                "strength": 1.0,
+            },
+        },
         "9": {"class_type": "EraserSave", "inputs": {"eraser": ["8", 1], "filename": "server_test"}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["8", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 0,
-            "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["8", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": 0,
+                "steps": 2,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "ce_erased"}},
     }

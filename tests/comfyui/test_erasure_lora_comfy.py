@@ -1,6 +1,7 @@
 """Erasure LoRAs through the EraserLoRALoad node in a real ComfyUI (CPU, random weights):
 an EraseAnything-layout Flux LoRA on ComfyUI's own Flux model (reduced depth), and the text-encoder keys
 of a kohya LoRA on ComfyUI's CLIP."""
+
 from __future__ import annotations
 
 import importlib
@@ -8,7 +9,6 @@ import importlib
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from test_spm_comfy import PACK, import_pack
 
 H, HEADS, DEPTH, SINGLE = 64, 2, 2, 2
@@ -37,10 +37,27 @@ def flux(comfy):
     torch.manual_seed(0)
     from suppression_models import flux_config
 
-    config = comfy.supported_models.Flux(flux_config(dict(
-        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32, hidden_size=H,
-        mlp_ratio=4.0, num_heads=HEADS, depth=DEPTH, depth_single_blocks=SINGLE, axes_dim=[8, 12, 12],
-        theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)))
+    config = comfy.supported_models.Flux(
+        flux_config(
+            dict(
+                image_model="flux",
+                in_channels=16,
+                out_channels=16,
+                vec_in_dim=32,
+                context_in_dim=32,
+                hidden_size=H,
+                mlp_ratio=4.0,
+                num_heads=HEADS,
+                depth=DEPTH,
+                depth_single_blocks=SINGLE,
+                axes_dim=[8, 12, 12],
+                theta=10000,
+                patch_size=2,
+                qkv_bias=True,
+                guidance_embed=True,
+            )
+        )
+    )
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     with torch.no_grad():
@@ -62,9 +79,14 @@ def flux_forward(comfy, patcher):
 def write_eraseanything(path):
     """EraseAnything's layout: diffusers Flux names under ``transformer.``, PEFT lora_A/lora_B."""
     g = torch.Generator().manual_seed(2)
-    layers = {"transformer_blocks.0.attn.to_k": (H, H), "transformer_blocks.1.attn.add_v_proj": (H, H),
-              "transformer_blocks.1.attn.to_out.0": (H, H), "single_transformer_blocks.0.attn.to_q": (H, H),
-              "single_transformer_blocks.1.proj_mlp": (4 * H, H), "transformer_blocks.9.attn.to_q": (H, H)}
+    layers = {
+        "transformer_blocks.0.attn.to_k": (H, H),
+        "transformer_blocks.1.attn.add_v_proj": (H, H),
+        "transformer_blocks.1.attn.to_out.0": (H, H),
+        "single_transformer_blocks.0.attn.to_q": (H, H),
+        "single_transformer_blocks.1.proj_mlp": (4 * H, H),
+        "transformer_blocks.9.attn.to_q": (H, H),
+    }
     tensors, dense = {}, {}
     for module, (out, inn) in layers.items():
         up, down = 0.3 * torch.randn(out, 4, generator=g), 0.3 * torch.randn(4, inn, generator=g)
@@ -76,11 +98,13 @@ def write_eraseanything(path):
 
 
 # module → (canonical key, first row) in ComfyUI's fused layout
-EXPECTED = {"transformer_blocks.0.attn.to_k": ("double_blocks.0.img_attn.qkv.weight", H),
-            "transformer_blocks.1.attn.add_v_proj": ("double_blocks.1.txt_attn.qkv.weight", 2 * H),
-            "transformer_blocks.1.attn.to_out.0": ("double_blocks.1.img_attn.proj.weight", 0),
-            "single_transformer_blocks.0.attn.to_q": ("single_blocks.0.linear1.weight", 0),
-            "single_transformer_blocks.1.proj_mlp": ("single_blocks.1.linear1.weight", 3 * H)}
+EXPECTED = {
+    "transformer_blocks.0.attn.to_k": ("double_blocks.0.img_attn.qkv.weight", H),
+    "transformer_blocks.1.attn.add_v_proj": ("double_blocks.1.txt_attn.qkv.weight", 2 * H),
+    "transformer_blocks.1.attn.to_out.0": ("double_blocks.1.img_attn.proj.weight", 0),
+    "single_transformer_blocks.0.attn.to_q": ("single_blocks.0.linear1.weight", 0),
+    "single_transformer_blocks.1.proj_mlp": ("single_blocks.1.linear1.weight", 3 * H),
+}
 
 
 def test_eraseanything_flux_lora_hits_the_fused_rows_of_comfy_flux(comfy, flux, tmp_path):
@@ -96,23 +120,26 @@ def test_eraseanything_flux_lora_hits_the_fused_rows_of_comfy_flux(comfy, flux, 
     assert same is flux  # strength 0: the input model itself
     patched, _ = run_node(lora, tmp_path, flux, "ea.safetensors", 0.5)
     assert patched is not flux
-    keys = {k[0] if isinstance(k, tuple) else k for k in patched.patches} - {k[0] if isinstance(k, tuple) else k
-                                                                             for k in flux.patches}
+    keys = {k[0] if isinstance(k, tuple) else k for k in patched.patches} - {
+        k[0] if isinstance(k, tuple) else k for k in flux.patches
+    }
     assert keys == {"diffusion_model." + key for key, _ in EXPECTED.values()}
     out, sd = flux_forward(comfy, patched)
     touched = set()
     for module, (key, row) in EXPECTED.items():
         rows = dense[module].shape[0]
         expected = base_sd[key].clone()
-        expected[row:row + rows] += 0.5 * dense[module]
+        expected[row : row + rows] += 0.5 * dense[module]
         touched.add(key)
         torch.testing.assert_close(sd[key], expected, rtol=1e-5, atol=1e-5)  # only this module's rows moved
     for key in base_sd:
         if key not in touched:
             assert torch.equal(sd[key], base_sd[key]), key
     untouched_rows = [r for r in range(3 * H) if not H <= r < 2 * H]  # img qkv of block 0: only k moved
-    assert torch.equal(sd["double_blocks.0.img_attn.qkv.weight"][untouched_rows],
-                       base_sd["double_blocks.0.img_attn.qkv.weight"][untouched_rows])
+    assert torch.equal(
+        sd["double_blocks.0.img_attn.qkv.weight"][untouched_rows],
+        base_sd["double_blocks.0.img_attn.qkv.weight"][untouched_rows],
+    )
     assert (out - base_out).norm() > 1e-3 * base_out.norm()  # the output changed
     comfy.model_management.unload_all_models()
     again, sd_again = flux_forward(comfy, flux)

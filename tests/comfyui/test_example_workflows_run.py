@@ -7,6 +7,7 @@ The only changes made for the test: the checkpoint name becomes the test checkpo
 the examples name are written first as small random low-rank files for the test UNet's cross-attention
 (SPM files with ``prompts`` metadata = the file's stem; LoRAs without metadata).
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,9 +17,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from comfy_harness import CHECKPOINT_NAME, REPO_ROOT, sd15_checkpoint_shapes
+from safetensors.torch import save_file
 from ui_to_api import to_api, validate
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,12 @@ def for_cpu_test(workflow: dict) -> dict:
 
 
 #: loader widgets that name model files a DiT example expects the user to have
-MODEL_FILE_WIDGETS = {("UNETLoader", "unet_name"), ("DualCLIPLoader", "clip_name1"),
-                      ("DualCLIPLoader", "clip_name2"), ("VAELoader", "vae_name")}
+MODEL_FILE_WIDGETS = {
+    ("UNETLoader", "unet_name"),
+    ("DualCLIPLoader", "clip_name1"),
+    ("DualCLIPLoader", "clip_name2"),
+    ("VAELoader", "vae_name"),
+}
 
 
 def is_dit_workflow(workflow: dict) -> bool:
@@ -56,8 +60,11 @@ def write_adapter_files(comfy, unet_config, models_dir, workflows) -> list:
     """Random rank-1 files on attn2 to_k/to_v for every SPM / erasure-LoRA file the examples name."""
     from erasers.files.keys import kohya_name
 
-    kv = {k[len(UNET_PREFIX):]: shape for k, (shape, _) in sd15_checkpoint_shapes(comfy, unet_config).items()
-          if k.startswith(UNET_PREFIX) and (k.endswith("attn2.to_k.weight") or k.endswith("attn2.to_v.weight"))}
+    kv = {
+        k[len(UNET_PREFIX) :]: shape
+        for k, (shape, _) in sd15_checkpoint_shapes(comfy, unet_config).items()
+        if k.startswith(UNET_PREFIX) and (k.endswith("attn2.to_k.weight") or k.endswith("attn2.to_v.weight"))
+    }
     written = []
     for workflow in workflows:
         for node in workflow["nodes"]:

@@ -6,6 +6,7 @@ Needs COMFYUI_PATH (else skipped by conftest), a chromium (``/usr/bin/chromium``
 ``tests/_artifacts/sidebar.png``; with ``CE_UPDATE_SCREENSHOT=1`` it also refreshes
 ``docs/images/sidebar.png`` (palette-reduced to stay small).
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from comfy_harness import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,17 @@ def node_of(workflow: dict, node_type: str) -> dict:
 def write_test_eraser(folder: Path) -> Path:
     """A real eraser file (Van Gogh, Monet) made by the core with the toy encoder and SD1 shapes."""
     from erasers.edits.eraser import compute_eraser
+    from erasers.edits.uce import UCEConfig
     from erasers.files.eraser_file import save_eraser
     from erasers.files.families import Family
     from erasers_dev.testing import ToyTextEncoder, layer_weights
-    from erasers.edits.uce import UCEConfig
 
     folder.mkdir(parents=True, exist_ok=True)
-    eraser = compute_eraser(UCEConfig(concepts=["Van Gogh", "Monet"], concept_type="art", variant="2023"),
-                            ToyTextEncoder(), layer_weights(Family.SD1))
+    eraser = compute_eraser(
+        UCEConfig(concepts=["Van Gogh", "Monet"], concept_type="art", variant="2023"),
+        ToyTextEncoder(),
+        layer_weights(Family.SD1),
+    )
     return Path(save_eraser(eraser, str(folder / TEST_FILE)))
 
 
@@ -76,8 +79,8 @@ def showcase_workflow() -> dict:
     erase = node_of(wf, "EraserClosedForm")
     erase["widgets_values"][1] = "Van Gogh\nClaude Monet\nPablo Picasso"
     sampler = node_of(wf, "KSampler")
-    link = next(l for l in wf["links"] if l[1] == erase["id"] and l[3] == sampler["id"])
-    new_id, new_link = 20, max(l[0] for l in wf["links"]) + 1
+    link = next(ln for ln in wf["links"] if ln[1] == erase["id"] and ln[3] == sampler["id"])
+    new_id, new_link = 20, max(ln[0] for ln in wf["links"]) + 1
     link[1] = new_id
     wf["links"].append([new_link, erase["id"], 0, new_id, 0, "MODEL"])
     erase["outputs"][0]["links"] = [new_link]
@@ -92,8 +95,12 @@ def showcase_workflow() -> dict:
 
 
 def post_setting(url: str, key: str, value) -> None:
-    req = urllib.request.Request(f"{url}/settings/{key}", data=json.dumps(value).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}/settings/{key}",
+        data=json.dumps(value).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     urllib.request.urlopen(req, timeout=10).read()
 
 
@@ -113,15 +120,27 @@ def test_sidebar_switches_info_panel_and_missing_files(comfy_server, tmp_path):
 
     missing = copy.deepcopy(example("load_then_sample.json"))
     node_of(missing, "EraserLoad")["widgets_values"][0] = MISSING_FILE
-    missing.setdefault("extra", {})["concept_erasers"] = {"version": 1, "erasers": [{
-        "node": node_of(missing, "EraserLoad")["id"], "type": "EraserLoad", "kind": "eraser file", "enabled": True,
-        "file": {"folder": "erasers", "name": MISSING_FILE, "sha256": "0123abcd99"},
-        "concepts": ["Van Gogh", "Starry Night"]}]}
+    missing.setdefault("extra", {})["concept_erasers"] = {
+        "version": 1,
+        "erasers": [
+            {
+                "node": node_of(missing, "EraserLoad")["id"],
+                "type": "EraserLoad",
+                "kind": "eraser file",
+                "enabled": True,
+                "file": {"folder": "erasers", "name": MISSING_FILE, "sha256": "0123abcd99"},
+                "concepts": ["Van Gogh", "Starry Night"],
+            }
+        ],
+    }
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "sidebar.png"
     config = {
-        "url": comfy_server.url, "chromium": CHROMIUM, "playwrightDir": playwright_dir(), "screenshot": str(shot),
+        "url": comfy_server.url,
+        "chromium": CHROMIUM,
+        "playwrightDir": playwright_dir(),
+        "screenshot": str(shot),
         "examples": {p.name: json.loads(p.read_text(encoding="utf-8")) for p in sorted(EXAMPLES.glob("*.json"))},
         "missingWorkflow": missing,
         "listWorkflow": example("erase_then_sample.json"),
@@ -131,9 +150,15 @@ def test_sidebar_switches_info_panel_and_missing_files(comfy_server, tmp_path):
     }
     cfg = tmp_path / "driver.json"
     cfg.write_text(json.dumps(config), encoding="utf-8")
-    proc = subprocess.run(["node", str(Path(__file__).with_name("frontend_driver.mjs")), str(cfg)],
-                          capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, f"driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{comfy_server.log_tail()}"
+    proc = subprocess.run(
+        ["node", str(Path(__file__).with_name("frontend_driver.mjs")), str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, (
+        f"driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{comfy_server.log_tail()}"
+    )
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     ours = [line for line in out["console"] if "concept_erasers" in line or "Concept Erasers" in line]
     assert not ours, ours
@@ -145,7 +170,9 @@ def test_sidebar_switches_info_panel_and_missing_files(comfy_server, tmp_path):
         assert result["count"] > 0 and result["unknown"] == [], (name, result)
 
     # a missing file is named with the concepts it erased (sidebar and toast)
-    assert any(MISSING_FILE in line and "Van Gogh, Starry Night" in line for line in steps["missing"]["sidebar"]), steps["missing"]
+    assert any(MISSING_FILE in line and "Van Gogh, Starry Night" in line for line in steps["missing"]["sidebar"]), (
+        steps["missing"]
+    )
     assert any(MISSING_FILE in t for t in steps["missing"]["toasts"]), steps["missing"]
 
     # the sidebar lists the example's eraser; the switches bypass (mode 4) and restore (mode 0)

@@ -1,4 +1,5 @@
 """Smoke tests of the real-ComfyUI harness: checkpoint detection, sampling, patch/unpatch, server."""
+
 from __future__ import annotations
 
 import logging
@@ -6,7 +7,6 @@ import time
 
 import pytest
 import torch
-
 from comfy_harness import (
     SD15_FULL_UNET_CONFIG,
     expected_attn2_kv_keys,

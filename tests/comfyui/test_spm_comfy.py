@@ -4,6 +4,7 @@ The concept prompt (its token is in the prompt: m = 1) must change the output; a
 get exactly the formula's share: with the official combination one membrane acts at m(p)², so sampling
 it equals sampling the same membrane with transport off at strength m(p) (rate m → ΔW·m²).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,24 +14,28 @@ import sys
 
 import pytest
 import torch
+from comfy_harness import REPO_ROOT, sample
 from safetensors.torch import save_file
 
-from comfy_harness import REPO_ROOT, sample
-
 PACK = "concept_erasers_spm_test"
-TARGET = re.compile(r"^((input|output)_blocks\.\d+\.1|middle_block\.1)\.(proj_in|proj_out|transformer_blocks\.\d+\."
-                    r"(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.0\.proj|ff\.net\.2))\.weight$")
+TARGET = re.compile(
+    r"^((input|output)_blocks\.\d+\.1|middle_block\.1)\.(proj_in|proj_out|transformer_blocks\.\d+\."
+    r"(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.0\.proj|ff\.net\.2))\.weight$"
+)
 CONCEPT, UNRELATED = "a photo of snoopy", "a bowl of tomato soup on a table"
 
 
 def import_pack():
     if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
+        spec = importlib.util.spec_from_file_location(
+            PACK, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[PACK] = module
         spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.nodes.spm_runtime"), importlib.import_module(f"{PACK}.erasers.membranes.spm")
+    return importlib.import_module(f"{PACK}.nodes.spm_runtime"), importlib.import_module(
+        f"{PACK}.erasers.membranes.spm"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +68,9 @@ def test_membrane_in_a_real_sampling_run(comfy, sd15_loaded, membrane_file):
     def with_membrane(transport, strength):
         gate = core.Gate(core.GATE_FT if transport else core.GATE_ALWAYS, ["snoopy"])
         m = model.clone()
-        runtime.attach(m, core.Membrane(deltas, gate, strength), encoder if transport else None,
-                       [CONCEPT, UNRELATED], "official")
+        runtime.attach(
+            m, core.Membrane(deltas, gate, strength), encoder if transport else None, [CONCEPT, UNRELATED], "official"
+        )
         return m
 
     def run(m, text):
@@ -73,8 +79,11 @@ def test_membrane_in_a_real_sampling_run(comfy, sd15_loaded, membrane_file):
     base_c, base_u = run(model, CONCEPT), run(model, UNRELATED)
     gated = with_membrane(True, 1.0)
     out_c, out_u = run(gated, CONCEPT), run(gated, UNRELATED)
-    m_u = core.RateCache(gated.model_options["transformer_options"][runtime.MEMBRANES_KEY].membranes,
-                         encoder).rates([UNRELATED])[0, 0].item()
+    m_u = (
+        core.RateCache(gated.model_options["transformer_options"][runtime.MEMBRANES_KEY].membranes, encoder)
+        .rates([UNRELATED])[0, 0]
+        .item()
+    )
     assert 0.0 < m_u < 1.0
     change_c = (out_c - base_c).norm() / base_c.norm()
     change_u = (out_u - base_u).norm() / base_u.norm()
@@ -118,9 +127,18 @@ def test_nodes_run_in_a_server_workflow(spm_server, membrane_file):
         source = ["1", 0]
         for i in range(loaders or 0):
             node_id = f"s{i}"
-            prompt[node_id] = {"class_type": "EraserSPMLoad", "inputs": {
-                "model": source, "clip": ["1", 1], "membrane": "snoopy.safetensors", "strength": 1.0,
-                "transport": True, "combination": "official", "concepts": ""}}
+            prompt[node_id] = {
+                "class_type": "EraserSPMLoad",
+                "inputs": {
+                    "model": source,
+                    "clip": ["1", 1],
+                    "membrane": "snoopy.safetensors",
+                    "strength": 1.0,
+                    "transport": True,
+                    "combination": "official",
+                    "concepts": "",
+                },
+            }
             source = [node_id, 0]
         prompt["5"]["inputs"]["model"] = source
         history = comfy_server.run_prompt(prompt, timeout=900)

@@ -3,6 +3,7 @@ from ComfyUI's own SDXL and SD3 classes (reduced, random weights; suppression_mo
 steps. Each node must reach its hook (attn2 dispatch, DiT joint blocks, the SLD extra pass, the SAFREE
 conditioning swap) and leave the output bit-identical at strength 0. Unserved families are refused by name.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -12,7 +13,6 @@ import types
 
 import pytest
 import torch
-
 from suppression_models import (  # noqa: F401  (comfy, pack, counts, sdxl, sd3 are fixtures)
     COMMON,
     PROMPT,
@@ -26,8 +26,9 @@ from suppression_models import (  # noqa: F401  (comfy, pack, counts, sdxl, sd3 
     sdxl,
 )
 
-pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH", "").strip(),
-                                reason="COMFYUI_PATH is not set: real-ComfyUI tests skipped")
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("COMFYUI_PATH", "").strip(), reason="COMFYUI_PATH is not set: real-ComfyUI tests skipped"
+)
 
 #: node → the counter its hook increments (see the ``counts`` fixture)
 HOOK = {"safree": "safree_swap", "sld": "sld_pass", "guidance": "nag", "tokens": "biased"}
@@ -85,8 +86,15 @@ def test_unserved_families_are_refused_by_name(pack):
     model = types.SimpleNamespace(model=StableCascadeLike())
     args = {"clip": None, **COMMON}
     calls = {
-        nodes.EraserSAFREE: dict(prompt=PROMPT, concepts="nude", preset="nudity", alpha=0.01, include_eos=True,
-                                 self_validating=False, keywords_as_negative=False),
+        nodes.EraserSAFREE: dict(
+            prompt=PROMPT,
+            concepts="nude",
+            preset="nudity",
+            alpha=0.01,
+            include_eos=True,
+            self_validating=False,
+            keywords_as_negative=False,
+        ),
         nodes.EraserSLD: dict(preset="medium", safety_concept="nude"),
         nodes.EraserConceptGuidance: dict(concepts="nude", phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0),
         nodes.EraserTokenSuppress: dict(concepts="nude", factor=0.0, include_eos=True, similarity=0.9, prompt=""),
@@ -99,14 +107,25 @@ def test_unserved_families_are_refused_by_name(pack):
 def test_safree_takes_an_empty_prompt_from_the_workflow_or_says_why_not(comfy, pack, sdxl, caplog):
     nodes, _ = pack
     model, clip = sdxl
-    kw = dict(model=model, clip=clip, concepts="nude", preset="nudity", alpha=0.01, include_eos=True,
-              self_validating=False, keywords_as_negative=False, **COMMON)
+    kw = dict(
+        model=model,
+        clip=clip,
+        concepts="nude",
+        preset="nudity",
+        alpha=0.01,
+        include_eos=True,
+        self_validating=False,
+        keywords_as_negative=False,
+        **COMMON,
+    )
     typed = sample(comfy, run_node(nodes.EraserSAFREE, prompt=PROMPT, **kw), clip, PROMPT)
     assert not torch.equal(typed, sample(comfy, model, clip, PROMPT))
     # the API-format workflow ComfyUI hands over as the hidden PROMPT input
-    graph = {"1": {"class_type": "EraserSAFREE", "inputs": {"model": ["0", 0], "clip": ["0", 1], "prompt": ""}},
-             "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["0", 1], "text": PROMPT}},
-             "3": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0]}}}
+    graph = {
+        "1": {"class_type": "EraserSAFREE", "inputs": {"model": ["0", 0], "clip": ["0", 1], "prompt": ""}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["0", 1], "text": PROMPT}},
+        "3": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0]}},
+    }
     hidden = {"PROMPT": graph, "UNIQUE_ID": "1"}
     if "v3_data" in inspect.signature(nodes.EraserSAFREE.PREPARE_CLASS_CLONE).parameters:
         hidden = {"hidden_inputs": hidden}  # newer ComfyUI (0.2x) wraps the hidden inputs

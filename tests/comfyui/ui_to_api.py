@@ -9,6 +9,7 @@ Bypassed nodes (mode 4) are removed and their consumers rewired to the input of 
 nodes (mode 2) and frontend-only nodes (notes) are dropped. Also checks the workflow against
 ``/object_info`` (types, combo options, number ranges, link types).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -88,7 +89,13 @@ def _links_by_id(workflow: dict) -> dict:
     out = {}
     for link in workflow.get("links", []):
         if isinstance(link, dict):
-            out[link["id"]] = (link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"], link.get("type"))
+            out[link["id"]] = (
+                link["origin_id"],
+                link["origin_slot"],
+                link["target_id"],
+                link["target_slot"],
+                link.get("type"),
+            )
         else:
             link_id, origin, origin_slot, target, target_slot, kind = link[:6]
             out[link_id] = (origin, origin_slot, target, target_slot, kind)
@@ -130,7 +137,9 @@ def validate(workflow: dict, object_info: dict) -> list:
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     problems.append(f"node {node['id']} ({kind}): '{name}' = {value!r} is not a number")
                 elif ("min" in opts and value < opts["min"]) or ("max" in opts and value > opts["max"]):
-                    problems.append(f"node {node['id']} ({kind}): '{name}' = {value} outside [{opts.get('min')}, {opts.get('max')}]")
+                    problems.append(
+                        f"node {node['id']} ({kind}): '{name}' = {value} outside [{opts.get('min')}, {opts.get('max')}]"  # noqa: E501
+                    )
             elif t == "BOOLEAN" and not isinstance(value, bool):
                 problems.append(f"node {node['id']} ({kind}): '{name}' = {value!r} is not a boolean")
             elif t == "STRING" and not isinstance(value, str):
@@ -145,7 +154,9 @@ def validate(workflow: dict, object_info: dict) -> list:
             if origin_slot >= len(outputs):
                 problems.append(f"link {link_id}: node {origin} has no output {origin_slot}")
             elif kind not in (None, "*") and outputs[origin_slot] != kind and outputs[origin_slot] != "*":
-                problems.append(f"link {link_id}: carries {kind} but output {origin_slot} of node {origin} is {outputs[origin_slot]}")
+                problems.append(
+                    f"link {link_id}: carries {kind} but output {origin_slot} of node {origin} is {outputs[origin_slot]}"  # noqa: E501
+                )
     return problems
 
 
@@ -188,6 +199,5 @@ def to_api(workflow: dict, object_info: dict) -> dict:
                 inputs.pop(inp["name"], None)
             else:
                 inputs[inp["name"]] = [src[0], src[1]]
-        prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs,
-                                   "_meta": {"title": node.get("title") or kind}}
+        prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs, "_meta": {"title": node.get("title") or kind}}
     return prompt

@@ -5,6 +5,7 @@ glue relies on (a1111_host.md §A2.5): a CPU backup taken before the first merge
 every loaded network whenever ``wanted_names`` changes, ``calc_updown`` → (ΔW, bias). The fake model has
 full-size SD1.x cross-attention layers under their LDM names with random weights.
 """
+
 import copy
 import json
 import os
@@ -20,13 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import erasers  # noqa: E402,F401  (imported first, so load_core reuses it and erasers_dev.testing shares its classes)
 from a1111_erasers import backend as be  # noqa: E402
 from a1111_erasers import extra_networks as en  # noqa: E402
 from a1111_erasers import files, inject, runtime, settings, tags  # noqa: E402
 from a1111_erasers.core import CORE_NAME, load_core  # noqa: E402
 from a1111_erasers.text_encoder import WebuiTextEncoder  # noqa: E402
-
-import erasers  # noqa: E402,F401  (imported first, so load_core reuses it and erasers_dev.testing shares its classes)
 from erasers_dev import testing  # noqa: E402
 
 core = load_core()
@@ -162,11 +162,15 @@ class UserLora:
     def __init__(self, sd_model, multiplier=1.0, seed=5):
         gen = torch.Generator().manual_seed(seed)
         self.name, self.te_multiplier, self.unet_multiplier, self.dyn_dim = "user_lora", multiplier, multiplier, None
-        self.targets = {"diffusion_model_input_blocks_1_1_transformer_blocks_0_attn2_to_k": (320, 768),
-                        "diffusion_model_middle_block_1_transformer_blocks_0_attn1_to_q": (SMALL, SMALL)}
+        self.targets = {
+            "diffusion_model_input_blocks_1_1_transformer_blocks_0_attn2_to_k": (320, 768),
+            "diffusion_model_middle_block_1_transformer_blocks_0_attn1_to_q": (SMALL, SMALL),
+        }
         self.deltas = {k: 0.01 * torch.randn(s, generator=gen) for k, s in self.targets.items()}
-        self.modules = {k: types.SimpleNamespace(calc_updown=(lambda w, d=d: (d * self.unet_multiplier, None)))
-                        for k, d in self.deltas.items()}
+        self.modules = {
+            k: types.SimpleNamespace(calc_updown=(lambda w, d=d: (d * self.unet_multiplier, None)))
+            for k, d in self.deltas.items()
+        }
         self.bundle_embeddings = {}
 
 
@@ -264,8 +268,11 @@ def test_lora_and_eraser_are_both_applied_then_each_removed_cleanly(tmp_path):
 
     # eraser off, LoRA still on: exactly the LoRA
     run_generation(controller, networks, sd_model, settings.UISettings(), user_loras=[lora])
-    close(sd_model.model.diffusion_model.get_submodule(k_key[:-7]).weight.detach(),
-                               original["diffusion_model." + k_key] + lora_k, atol=1e-6)
+    close(
+        sd_model.model.diffusion_model.get_submodule(k_key[:-7]).weight.detach(),
+        original["diffusion_model." + k_key] + lora_k,
+        atol=1e-6,
+    )
     # eraser computed from the checkpoint weights, not the LoRA-merged ones: same eraser reused
     run_generation(controller, networks, sd_model, UCE_UI, user_loras=[lora])
     assert len(controller.erasers) == 1
@@ -283,8 +290,11 @@ def test_strength_scales_the_delta_and_zero_applies_nothing(tmp_path):
     half = settings.UISettings(**{**UCE_UI.__dict__, "strength": 0.5})
     run_generation(controller, networks, sd_model, half)
     (eraser,) = controller.erasers.values()
-    close(sd_model.model.diffusion_model.get_submodule(key[:-7]).weight.detach(),
-                               original["diffusion_model." + key] + 0.5 * eraser.dense(key), atol=1e-6)
+    close(
+        sd_model.model.diffusion_model.get_submodule(key[:-7]).weight.detach(),
+        original["diffusion_model." + key] + 0.5 * eraser.dense(key),
+        atol=1e-6,
+    )
     zero = settings.UISettings(**{**UCE_UI.__dict__, "strength": 0.0})
     p = FakeP(sd_model)
     controller.begin(p, zero)
@@ -328,8 +338,10 @@ def test_the_network_names_change_with_content_so_lora_remerges(tmp_path):
     controller.begin(p2, settings.UISettings(**{**UCE_UI.__dict__, "concepts": "snoopy"}))
     assert controller.apply_weights(p2, "networks")[0].name != first[0].name
     # network_layer_name assigned when the Lora extension had not done it yet
-    assert all(hasattr(m, "network_layer_name")
-               for m in inject.text_projection_modules(sd_model.model.diffusion_model).values())
+    assert all(
+        hasattr(m, "network_layer_name")
+        for m in inject.text_projection_modules(sd_model.model.diffusion_model).values()
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,8 +360,11 @@ def test_direct_route_applies_before_sampling_and_restores_bit_for_bit(tmp_path)
     controller.apply_weights(p, "sampling")  # hires pass: idempotent, not applied twice
     (eraser,) = controller.erasers.values()
     key = "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
-    close(sd_model.model.diffusion_model.get_submodule(key[:-7]).weight.detach(),
-                               original["diffusion_model." + key] + eraser.dense(key), atol=1e-6)
+    close(
+        sd_model.model.diffusion_model.get_submodule(key[:-7]).weight.detach(),
+        original["diffusion_model." + key] + eraser.dense(key),
+        atol=1e-6,
+    )
     controller.finish(p)
     assert_bit_identical(sd_model, original)
     # a generation that died before postprocess is cleaned up by the next one, and by a model load
@@ -453,8 +468,11 @@ def test_eraser_tag_applies_the_file_at_its_weight(tmp_path):
     requests = tags.find_tags("a dog <eraser:snoopy_eraser:0.5>")
     run_generation(controller, networks, sd_model, settings.UISettings(), tag_requests=requests)
     key = "output_blocks.3.1.transformer_blocks.0.attn2.to_k.weight"
-    close(sd_model.model.diffusion_model.get_submodule(key[:-7]).weight.detach(),
-                               original["diffusion_model." + key] + 0.5 * eraser.dense(key), atol=1e-5)
+    close(
+        sd_model.model.diffusion_model.get_submodule(key[:-7]).weight.detach(),
+        original["diffusion_model." + key] + 0.5 * eraser.dense(key),
+        atol=1e-5,
+    )
     run_generation(controller, networks, sd_model, settings.UISettings())
     assert_bit_identical(sd_model, original)
 
@@ -482,7 +500,9 @@ def test_wrong_family_file_applies_nothing_and_stops_with_a_message(tmp_path):
 
 def test_tag_parsing():
     assert tags.find_tags("x <eraser:a/b:0.5> y <spm:cat> <lora:z:1>") == [
-        tags.TagRequest("eraser", "a/b", 0.5), tags.TagRequest("spm", "cat", 1.0)]
+        tags.TagRequest("eraser", "a/b", 0.5),
+        tags.TagRequest("spm", "cat", 1.0),
+    ]
     assert tags.find_tags("<spm:cat:0.7:ft=0>") == [tags.TagRequest("spm", "cat", 0.7, transport=False)]
     assert tags.find_tags("<eraser:e>", default_weight=0.8)[0].weight == 0.8
     params = types.SimpleNamespace(items=["e", "0.3"], positional=["e", "0.3"], named={})
@@ -517,8 +537,11 @@ def test_card_page_lists_files_with_their_concepts(tmp_path):
     (tmp_path / "spm").mkdir()
     from safetensors.torch import save_file
 
-    save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 1)}, str(tmp_path / "spm" / "cat_spm.safetensors"),
-              metadata={"prompts": "cat,kitten", "rank": "1", "alpha": "1.0"})
+    save_file(
+        {"lora_unet_x.lora_up.weight": torch.zeros(2, 1)},
+        str(tmp_path / "spm" / "cat_spm.safetensors"),
+        metadata={"prompts": "cat,kitten", "rank": "1", "alpha": "1.0"},
+    )
     ui_base = types.ModuleType("ui_extra_networks")
 
     class ExtraNetworksPage:
@@ -548,9 +571,19 @@ def webui_quote(text):
 
 
 def test_infotext_round_trip_through_paste_getters():
-    ui = settings.UISettings(enabled=True, method="uce", concepts="Van Gogh\n\"Mickey, Mouse\"", anchors="art",
-                             preserve="Monet", strength=0.8, method_options='{"lam": 0.3}',
-                             eraser_files=["x/y"], eraser_weight=0.5, guards=["sld"], guard_preset="strong")
+    ui = settings.UISettings(
+        enabled=True,
+        method="uce",
+        concepts='Van Gogh\n"Mickey, Mouse"',
+        anchors="art",
+        preserve="Monet",
+        strength=0.8,
+        method_options='{"lam": 0.3}',
+        eraser_files=["x/y"],
+        eraser_weight=0.5,
+        guards=["sld"],
+        guard_preset="strong",
+    )
     written = ui.to_infotext()
     assert "enabled" not in json.loads(written) and json.loads(written)["v"] == 1
     line = f"Steps: 20, {settings.INFOTEXT_KEY}: {webui_quote(written)}"
@@ -562,8 +595,13 @@ def test_infotext_round_trip_through_paste_getters():
     # an image made without erasers switches the accordion off and leaves the rest alone
     assert settings.paste_getter("enabled")({"Steps": "20"}) is False
     assert settings.paste_getter("concepts")({"Steps": "20"}) is None
-    assert ui.config_dict() == {"method": "uce", "concepts": ["Van Gogh", "Mickey, Mouse"], "anchors": ["art"],
-                                "preserve": ["Monet"], "lam": 0.3}
+    assert ui.config_dict() == {
+        "method": "uce",
+        "concepts": ["Van Gogh", "Mickey, Mouse"],
+        "anchors": ["art"],
+        "preserve": ["Monet"],
+        "lam": 0.3,
+    }
 
 
 def test_api_args_are_positional_and_may_be_short():
@@ -590,14 +628,17 @@ def test_text_encoder_adapter_is_batched_and_matches_the_webui_conditioning():
     assert encoder.family == "sd1" and encoder.context_dim == 768
 
 
-@pytest.mark.parametrize("present, kind, route", [
-    ({"backend.patcher.unet", "modules_forge.unet_patcher", "ldm.modules.attention"}, be.FORGE2, "forge"),
-    ({"modules_forge.unet_patcher", "ldm.modules.attention", "networks"}, be.FORGE1, "forge"),
-    ({"ldm.modules.attention", "networks", "network"}, be.A1111, "lora"),
-    ({"sgm.modules.attention", "networks"}, be.A1111, "lora"),
-    ({"ldm.modules.attention"}, be.A1111, "direct"),
-    (set(), be.UNSUPPORTED, None),
-])
+@pytest.mark.parametrize(
+    "present, kind, route",
+    [
+        ({"backend.patcher.unet", "modules_forge.unet_patcher", "ldm.modules.attention"}, be.FORGE2, "forge"),
+        ({"modules_forge.unet_patcher", "ldm.modules.attention", "networks"}, be.FORGE1, "forge"),
+        ({"ldm.modules.attention", "networks", "network"}, be.A1111, "lora"),
+        ({"sgm.modules.attention", "networks"}, be.A1111, "lora"),
+        ({"ldm.modules.attention"}, be.A1111, "direct"),
+        (set(), be.UNSUPPORTED, None),
+    ],
+)
 def test_backend_detection_by_import_probing(present, kind, route):
     def importer(name):
         if name not in present:
@@ -640,8 +681,9 @@ def test_nothing_requested_never_reads_the_model_or_stops_the_generation(tmp_pat
 
 def test_install_py_is_inert_outside_the_webui(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "install.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0 and run.stdout == "" and run.stderr == ""
 
 
@@ -654,13 +696,19 @@ def test_install_py_uses_launch_run_pip_only_for_missing_packages(tmp_path):
         "import os\n"
         "MISSING = set(os.environ.get('FAKE_MISSING', '').split(','))\n"
         "def is_installed(name):\n    return name not in MISSING\n"
-        f"def run_pip(args, desc=None):\n    open({str(log)!r}, 'a').write(args + '\\n')\n")
+        f"def run_pip(args, desc=None):\n    open({str(log)!r}, 'a').write(args + '\\n')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for missing, expected in (("", ""), ("safetensors", "install safetensors")):
         log.unlink(missing_ok=True)
-        run = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, timeout=60,
-                             env={**env, "PYTHONPATH": str(fake), "FAKE_MISSING": missing},
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, str(ROOT / "install.py")],
+            cwd=tmp_path,
+            timeout=60,
+            env={**env, "PYTHONPATH": str(fake), "FAKE_MISSING": missing},
+            capture_output=True,
+            text=True,
+        )
         assert run.returncode == 0, run.stderr
         written = log.read_text() if log.exists() else ""
         assert written.startswith(expected) and (expected or written == "")
@@ -672,8 +720,9 @@ def test_core_and_glue_load_under_unique_names():
     assert core.__name__ in (CORE_NAME, "erasers") and sys.modules[CORE_NAME] is core
     package_dir = ROOT / "a1111_erasers"
     name = "concept_erasers_a1111_glue_test"
-    spec = importlib.util.spec_from_file_location(name, package_dir / "__init__.py",
-                                                  submodule_search_locations=[str(package_dir)])
+    spec = importlib.util.spec_from_file_location(
+        name, package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -694,18 +743,27 @@ def save_spm(tmp_path, name="snoopy_spm", prompts="snoopy"):
 
     gen = torch.Generator().manual_seed(3)
     tensors = {}
-    for stem, out_f in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320),
-                        ("lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_v", 320)):
+    for stem, out_f in (
+        ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320),
+        ("lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_v", 320),
+    ):
         tensors[f"{stem}.lora_up.weight"] = 0.1 * torch.randn(out_f, 1, generator=gen)
         tensors[f"{stem}.lora_down.weight"] = 0.1 * torch.randn(1, 768, generator=gen)
         tensors[f"{stem}.alpha"] = torch.tensor(1.0)
     (tmp_path / "spm").mkdir(exist_ok=True)
-    save_file(tensors, str(tmp_path / "spm" / f"{name}.safetensors"),
-              metadata={"prompts": prompts, "rank": "1", "alpha": "1.0"})
-    return {("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" if "to_k" in s else
-             "output_blocks.11.1.transformer_blocks.0.attn2.to_v.weight"):
-            tensors[f"{s}.lora_up.weight"] @ tensors[f"{s}.lora_down.weight"]
-            for s in {k.split(".")[0] for k in tensors}}
+    save_file(
+        tensors,
+        str(tmp_path / "spm" / f"{name}.safetensors"),
+        metadata={"prompts": prompts, "rank": "1", "alpha": "1.0"},
+    )
+    return {
+        (
+            "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+            if "to_k" in s
+            else "output_blocks.11.1.transformer_blocks.0.attn2.to_v.weight"
+        ): tensors[f"{s}.lora_up.weight"] @ tensors[f"{s}.lora_down.weight"]
+        for s in {k.split(".")[0] for k in tensors}
+    }
 
 
 def spm_generation(controller, networks, sd_model, prompt, tag):
@@ -758,8 +816,17 @@ def test_entry_script_loads_and_drives_the_hooks_with_a_fake_webui(tmp_path, mon
     import importlib.util
 
     calls = {}
-    mods = {name: types.ModuleType(name) for name in ("modules", "modules.scripts", "modules.script_callbacks",
-                                                      "modules.devices", "modules.paths", "modules.shared")}
+    mods = {
+        name: types.ModuleType(name)
+        for name in (
+            "modules",
+            "modules.scripts",
+            "modules.script_callbacks",
+            "modules.devices",
+            "modules.paths",
+            "modules.shared",
+        )
+    }
 
     class Script:
         pass
@@ -780,11 +847,19 @@ def test_entry_script_loads_and_drives_the_hooks_with_a_fake_webui(tmp_path, mon
     monkeypatch.setitem(sys.modules, "ldm.modules.attention", types.ModuleType("ldm.modules.attention"))
     for name in [k for k in sys.modules if k.startswith("concept_erasers_a1111_glue")]:
         monkeypatch.delitem(sys.modules, name)
-    spec = importlib.util.spec_from_file_location("concept_erasers_a1111_entry", ROOT / "scripts" / "concept_erasers_a1111.py")
+    spec = importlib.util.spec_from_file_location(
+        "concept_erasers_a1111_entry", ROOT / "scripts" / "concept_erasers_a1111.py"
+    )
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
     monkeypatch.setattr(entry.controller, "_detect", lambda: be.Backend(be.A1111, networks, None))
-    assert set(calls) == {"on_model_loaded", "on_before_ui", "on_script_unloaded", "on_cfg_denoiser", "on_cfg_denoised"}
+    assert set(calls) == {
+        "on_model_loaded",
+        "on_before_ui",
+        "on_script_unloaded",
+        "on_cfg_denoiser",
+        "on_cfg_denoised",
+    }
     script = entry.ConceptErasersScript()
     assert script.title() == "Concept Erasers" and script.show(False) is mods["modules.scripts"].AlwaysVisible
 
@@ -794,14 +869,17 @@ def test_entry_script_loads_and_drives_the_hooks_with_a_fake_webui(tmp_path, mon
     p = FakeP(sd_model)
     args = [True, "uce", "van gogh", "art"]  # API-style short args
     script.before_process(p, *args)
-    script.after_extra_networks_activate(p, *args, batch_number=0, prompts=p.prompts, seeds=[1], subseeds=[1],
-                                         extra_network_data={})
+    script.after_extra_networks_activate(
+        p, *args, batch_number=0, prompts=p.prompts, seeds=[1], subseeds=[1], extra_network_data={}
+    )
     script.process_before_every_sampling(p, *args, x=None, noise=None, c=None, uc=None)
     networks.forward_all(sd_model)
     script.postprocess(p, None, *args)
     assert json.loads(p.extra_generation_params["Concept Erasers"])["concepts"] == "van gogh"
     key = "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
-    assert not torch.equal(sd_model.model.diffusion_model.get_submodule(key[:-7]).weight, original["diffusion_model." + key])
+    assert not torch.equal(
+        sd_model.model.diffusion_model.get_submodule(key[:-7]).weight, original["diffusion_model." + key]
+    )
     p2 = FakeP(sd_model)
     script.before_process(p2, False)
     script.after_extra_networks_activate(p2, False)

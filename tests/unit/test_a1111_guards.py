@@ -6,6 +6,7 @@ back, run the UNet on the concatenated conds, fire ``cfg_denoised`` (the tensor 
 SLD must edit it in place), then combine CFG. The fake UNet's cross-attention modules have the ldm
 ``CrossAttention`` shape (``heads``, ``to_q/to_k/to_v/to_out``, ``forward(x, context, mask)``).
 """
+
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,11 +18,10 @@ ROOT = Path(__file__).resolve().parents[1 + 1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import erasers  # noqa: E402,F401  (first, so load_core reuses it and erasers_dev.testing shares its classes)
 from a1111_erasers import backend as be  # noqa: E402
 from a1111_erasers import guards, plugins, runtime, settings  # noqa: E402
 from a1111_erasers.core import core_module, load_core  # noqa: E402
-
-import erasers  # noqa: E402,F401  (first, so load_core reuses it and erasers_dev.testing shares its classes)
 from erasers_dev import testing  # noqa: E402
 
 core = load_core()
@@ -113,9 +113,16 @@ class FakeCFGDenoiser:
 
     # the real-webui tier overrides these four with modules.script_callbacks' classes and dispatchers
     def denoiser_params(self, x, image_cond, sigma, step, total, text_cond, text_uncond):
-        return SimpleNamespace(x=x, image_cond=image_cond, sigma=sigma, sampling_step=step,
-                               total_sampling_steps=total, text_cond=text_cond, text_uncond=text_uncond,
-                               denoiser=self)
+        return SimpleNamespace(
+            x=x,
+            image_cond=image_cond,
+            sigma=sigma,
+            sampling_step=step,
+            total_sampling_steps=total,
+            text_cond=text_cond,
+            text_uncond=text_uncond,
+            denoiser=self,
+        )
 
     def denoised_params(self, x, step, total, inner_model):
         return SimpleNamespace(x=x, sampling_step=step, total_sampling_steps=total, inner_model=inner_model)
@@ -163,8 +170,13 @@ def sample(sd_model, prompt=PROMPT, steps=3, sigma0=10.0, callbacks=True):
 
 
 def fake_p(sd_model, prompt=PROMPT):
-    return SimpleNamespace(sd_model=sd_model, prompts=[prompt], all_prompts=[prompt], extra_generation_params={},
-                           comment=lambda text: None)
+    return SimpleNamespace(
+        sd_model=sd_model,
+        prompts=[prompt],
+        all_prompts=[prompt],
+        extra_generation_params={},
+        comment=lambda text: None,
+    )
 
 
 def controller():
@@ -172,8 +184,9 @@ def controller():
 
 
 def ui(guard, preset="max", enabled=True, concepts=CONCEPT):
-    return settings.UISettings(enabled=enabled, guards=[guard] if guard else [], guard_preset=preset,
-                               guard_concepts=concepts)
+    return settings.UISettings(
+        enabled=enabled, guards=[guard] if guard else [], guard_preset=preset, guard_concepts=concepts
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -300,7 +313,7 @@ def test_safree_projects_the_prompt_rows_of_text_cond(monkeypatch):
 
     monkeypatch.setattr(guards.GuardSession, "on_cfg_denoiser", record)
     run_with(sd_model, ui("safree", preset="max"))
-    (prompt_hidden, result), = seen
+    ((prompt_hidden, result),) = seen
     assert torch.equal(prompt_hidden, sd_model.get_learned_conditioning([PROMPT])[0])
     assert result.changed, "the concept word must be flagged in a prompt that contains it"
     assert torch.equal(conds[0][0], result.hidden)  # the webui's text_cond now holds the projection
@@ -377,11 +390,13 @@ def test_forge_backend_refuses_guards_with_a_message():
 
 
 def test_guard_settings_round_trip_through_the_infotext():
-    s = settings.UISettings(enabled=True, guards=["sld", "token_suppress"], guard_preset="strong",
-                            guard_concepts="snoopy, mickey mouse")
+    s = settings.UISettings(
+        enabled=True, guards=["sld", "token_suppress"], guard_preset="strong", guard_concepts="snoopy, mickey mouse"
+    )
     text = s.to_infotext()
-    back = settings.UISettings.from_dict({n: settings.paste_getter(n)({settings.INFOTEXT_KEY: text})
-                                          for n in settings.ARG_ORDER})
+    back = settings.UISettings.from_dict(
+        {n: settings.paste_getter(n)({settings.INFOTEXT_KEY: text}) for n in settings.ARG_ORDER}
+    )
     assert back == s
     # and through the API's positional args
     assert settings.UISettings.from_args(s.to_args()) == s

@@ -1,4 +1,5 @@
 """The log-sum-exp merge that lets NAG share the image-key attention between its branches is exact."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,9 @@ from erasers.guards import attention_lse as lse
 
 def _qkv(lq=33, lk=50, seed=0, scale=1.0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    return tuple((torch.randn(2, 3, n, 16, generator=gen) * s).to(dtype) for n, s in ((lq, scale), (lk, scale), (lk, 1.0)))
+    return tuple(
+        (torch.randn(2, 3, n, 16, generator=gen) * s).to(dtype) for n, s in ((lq, scale), (lk, scale), (lk, 1.0))
+    )
 
 
 def _reference(q, k, v, bias=None):

@@ -1,24 +1,29 @@
 """Properties the UCE closed form must satisfy (closed_form.md (★), §3)."""
+
 import math
 
 import pytest
 import torch
 
-from erasers.edits.closed_form import apply_ridge, shared_factors
 from erasers.config import ConfigError
+from erasers.edits.closed_form import apply_ridge, shared_factors
 from erasers.edits.eraser import compute_eraser
+from erasers.edits.uce import UCEConfig, aligned_token_rows, erase_pairs, last_token_rows
 from erasers.errors import EmptyConceptList, FamilyMismatch, NonFiniteResult, UnsupportedFamily
 from erasers.files.families import Family, detect_family, layer_specs
 from erasers_dev.testing import ToyTextEncoder, layer_shapes, layer_weights
-from erasers.edits.uce import UCEConfig, aligned_token_rows, erase_pairs, last_token_rows
 
 torch.set_default_dtype(torch.float32)
 
 
 def small_problem(d=16, out=12, n=3, m=20, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(out, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64),
-            torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(m, d, generator=g, dtype=torch.float64))
+    return (
+        torch.randn(out, d, generator=g, dtype=torch.float64),
+        torch.randn(n, d, generator=g, dtype=torch.float64),
+        torch.randn(n, d, generator=g, dtype=torch.float64),
+        torch.randn(m, d, generator=g, dtype=torch.float64),
+    )
 
 
 def test_shared_factors_equal_the_direct_ridge_solution():
@@ -27,8 +32,9 @@ def test_shared_factors_equal_the_direct_ridge_solution():
     a, b = shared_factors(c, c_star, lam, eta_e, p, eta_p)
     keys = torch.cat([c, p])
     targets = torch.cat([c_star @ w0.T, p @ w0.T])
-    weights = torch.cat([torch.full((len(c),), eta_e, dtype=torch.float64),
-                         torch.full((len(p),), eta_p, dtype=torch.float64)])
+    weights = torch.cat(
+        [torch.full((len(c),), eta_e, dtype=torch.float64), torch.full((len(p),), eta_p, dtype=torch.float64)]
+    )
     direct = apply_ridge(w0, lam, keys, targets, weights)
     assert torch.allclose(w0 + w0 @ a @ b, direct, rtol=1e-10, atol=1e-10)
 
@@ -92,8 +98,9 @@ def test_uce_2023_token_range_alignment_lengths():
 @pytest.mark.parametrize("variant", ["2023", "2025"])
 def test_uce_on_full_size_sd15_shapes_edits_all_32_projections(variant):
     weights = layer_weights(Family.SD1)
-    eraser = compute_eraser(UCEConfig(concepts=["Van Gogh"], concept_type="art", variant=variant),
-                            ToyTextEncoder(), weights)
+    eraser = compute_eraser(
+        UCEConfig(concepts=["Van Gogh"], concept_type="art", variant=variant), ToyTextEncoder(), weights
+    )
     assert eraser.family == Family.SD1
     assert len(eraser.deltas) == 32
     assert all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in eraser.deltas)
@@ -129,8 +136,7 @@ def test_uce_on_flux_edits_text_and_pooled_projections_without_touching_bias():
 
 def test_wrong_width_text_encoder_is_refused():
     with pytest.raises(FamilyMismatch, match="768"):
-        compute_eraser(UCEConfig(concepts=["cat"]), ToyTextEncoder(dim=1024, family="sd2"),
-                       layer_weights(Family.SD1))
+        compute_eraser(UCEConfig(concepts=["cat"]), ToyTextEncoder(dim=1024, family="sd2"), layer_weights(Family.SD1))
 
 
 def test_empty_concept_list_is_refused():

@@ -5,13 +5,12 @@ offset, function)`` per key; ``get_key_patches`` returns ``[(weight, convert_fun
 tokens are ``{"l": [[(id, weight), …77]]}`` and ``encode_from_tokens`` concatenates the sections of a
 tokens dict along the token axis and returns the *first* section's pooled vector (§4.2, sd1_clip).
 """
+
 import hashlib
 
 import pytest
 import torch
-
 from pack_import import pack_module  # shared test helper
-
 
 adapters = pack_module("nodes.adapters")
 errors = pack_module("erasers.errors")
@@ -26,6 +25,7 @@ PREFIX = "diffusion_model."
 
 
 # -- fakes -----------------------------------------------------------------------------------------
+
 
 def identity_convert(weight, **kwargs):
     return weight
@@ -55,8 +55,10 @@ class FakeModelPatcher:
         return {k: v for k, v in self.weights.items() if filter_prefix is None or k.startswith(filter_prefix)}
 
     def get_key_patches(self, filter_prefix=None):
-        return {k: [(w, identity_convert)] + self.patches.get(k, [])
-                for k, w in self.model_state_dict(filter_prefix).items()}
+        return {
+            k: [(w, identity_convert)] + self.patches.get(k, [])
+            for k, w in self.model_state_dict(filter_prefix).items()
+        }
 
     def effective(self, key):
         """What ComfyUI would compute for ``key``: W + Σ s·diff (the only patch format used here)."""
@@ -99,7 +101,7 @@ class FakeSubTokenizer:
         if not self.chunked:  # T5: one section of any length, padded to min_length
             row = ids + [self.end_token]
             return [row + [self.pad_token] * max(0, self.min_length - len(row))]
-        chunks = [ids[i:i + 75] for i in range(0, len(ids), 75)] or [[]]
+        chunks = [ids[i : i + 75] for i in range(0, len(ids), 75)] or [[]]
         return [[self.start_token] + c + [self.end_token] + [self.pad_token] * (75 - len(c)) for c in chunks]
 
 
@@ -163,6 +165,7 @@ def sd1_eraser(model, clip=None, concepts=("Van Gogh",), **kw):
 
 # -- the text encoder -------------------------------------------------------------------------------
 
+
 def test_encoder_batches_prompts_in_one_pass_and_reshapes():
     clip = FakeCLIP()
     enc = adapters.ComfyCLIPEncoder(clip)
@@ -224,6 +227,7 @@ def test_concept_longer_than_one_chunk_is_refused():
 
 # -- the model side ---------------------------------------------------------------------------------
 
+
 def test_model_family_from_patcher_shapes():
     assert adapters.model_family(fake_model(Family.SD1)) == Family.SD1
     assert adapters.model_family(fake_model(Family.SDXL)) == Family.SDXL
@@ -253,7 +257,7 @@ def test_patches_are_strength_times_delta_on_a_clone_and_the_original_is_untouch
     assert sorted(out.patches) == sorted(PREFIX + k for k in eraser.keys())
     assert len(out.patches) == 32
     for key in eraser.keys():
-        (strength, value, strength_model, offset, function), = out.patches[PREFIX + key]
+        ((strength, value, strength_model, offset, function),) = out.patches[PREFIX + key]
         assert (strength, strength_model, offset, function) == (0.7, 1.0, None, None)
         kind, (delta,) = value
         assert kind == "diff" and delta.dtype == torch.float16 and delta.shape == before[PREFIX + key].shape
@@ -315,9 +319,11 @@ def test_progress_is_reported_while_encoding_concepts():
 
 # -- the node's inputs --------------------------------------------------------------------------------
 
+
 def test_build_config_parses_text_boxes_and_params():
-    config = adapters.build_config("uce", "Van Gogh\nMonet, Degas", "art", "Picasso", "art",
-                                   '{"lam": 0.25, "variant": "2023"}', 0)
+    config = adapters.build_config(
+        "uce", "Van Gogh\nMonet, Degas", "art", "Picasso", "art", '{"lam": 0.25, "variant": "2023"}', 0
+    )
     assert config.concepts == ["Van Gogh", "Monet", "Degas"] and config.anchors == ["art"]
     assert config.preserve == ["Picasso"] and config.concept_type == "art"
     assert config.lam == 0.25 and config.variant == "2023" and config.rank_cap is None
@@ -325,13 +331,16 @@ def test_build_config_parses_text_boxes_and_params():
     assert (pairs.lam, pairs.erase_scale, pairs.variant, pairs.rank_cap) == (2, 0.5, "2025", 4)
 
 
-@pytest.mark.parametrize("params, message", [
-    ("lambda=3", "unknown parameters"),
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "name=value"),
-    ("concepts=dog", "their own inputs"),
-    ("variant=1999", "variant"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ("lambda=3", "unknown parameters"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "name=value"),
+        ("concepts=dog", "their own inputs"),
+        ("variant=1999", "variant"),
+    ],
+)
 def test_bad_params_are_refused(params, message):
     with pytest.raises(config_mod.ConfigError, match=message):
         adapters.build_config("uce", "cat", params=params)

@@ -1,11 +1,10 @@
 import pytest
 import torch
+from pack_import import pack_module as load
 
-from erasers.guards import concept_guidance as cg
 from erasers.config import ConfigError
 from erasers.errors import EmptyConceptList
-
-from pack_import import pack_module as load
+from erasers.guards import concept_guidance as cg
 
 hooks = load("nodes.suppression_hooks")
 
@@ -27,7 +26,7 @@ def test_normalisation_clamp_holds(tau):
     zh = cg.normalise(zt, s, tau)
     ratio = zh.abs().sum(-1) / zp.abs().sum(-1)
     assert (ratio <= tau * (1 + 1e-5)).all()
-    small = (s[..., 0] <= tau)
+    small = s[..., 0] <= tau
     assert torch.equal(zh[small], zt[small])  # tokens under the cap are left alone
     assert (s > tau).any()  # the cap was exercised
     assert torch.allclose(ratio[~small], torch.full_like(ratio[~small], tau), rtol=1e-5)
@@ -65,7 +64,9 @@ def unet_call(state, heads=4, seed=7):
         extra[hooks.STATE_KEY] = state
     n2, c2, v2 = hooks.NagAttn2Patch()(n, ctx, ctx, extra)
     q, k, v = n2 @ wq.T, c2 @ wk.T, v2 @ wv.T
-    out = hooks.Attn2Dispatch(attention=lambda q, k, v, h, mask=None, **kw: hooks.ts.attention(q, k, v, h, mask))(q, k, v, extra)
+    out = hooks.Attn2Dispatch(attention=lambda q, k, v, h, mask=None, **kw: hooks.ts.attention(q, k, v, h, mask))(
+        q, k, v, extra
+    )
     plain = hooks.ts.attention(n @ wq.T, ctx @ wk.T, ctx @ wv.T, heads)
     return out, plain, (n, wq, wk, wv)
 

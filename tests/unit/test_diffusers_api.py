@@ -1,4 +1,5 @@
 """The diffusers adapter on tiny UNets built from configs (CPU, no downloads)."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -7,14 +8,14 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from erasers_diffusers import api as api  # noqa: E402
 from erasers.edits.eraser import compute_eraser  # noqa: E402
+from erasers.edits.uce import UCEConfig  # noqa: E402
 from erasers.errors import EraserAlreadyApplied, FamilyMismatch  # noqa: E402
 from erasers.files.families import Family  # noqa: E402
 from erasers.files.keys import canonical_to_diffusers  # noqa: E402
 from erasers_dev.testing import ToyTextEncoder, layer_weights  # noqa: E402
+from erasers_diffusers import api as api  # noqa: E402
 from erasers_diffusers.tokenizer import vocab_from_bpe, write_vocab  # noqa: E402
-from erasers.edits.uce import UCEConfig  # noqa: E402
 
 
 def tiny_unet(layers_per_block=2, context=32, dtype=torch.float32):
@@ -22,10 +23,17 @@ def tiny_unet(layers_per_block=2, context=32, dtype=torch.float32):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-        layers_per_block=layers_per_block, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=context,
-        attention_head_dim=8, norm_num_groups=8)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=context,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
     return unet if dtype == torch.float32 else unet.to(dtype)
 
 
@@ -130,6 +138,7 @@ def test_saved_eraser_loads_back_onto_pipeline(tmp_path):
 
 # -- CLIP towers the way diffusers pipelines hold them ------------------------------------------------
 
+
 def tiny_tokenizer(tmp_path, pad_token=None):
     from erasers_diffusers.clip_text import clip_tokenizer
 
@@ -142,10 +151,18 @@ def tiny_clip(tokenizer, width, projection=False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(width)
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
-                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                            projection_dim=8, eos_token_id=tokenizer.eos_token_id,
-                            bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=8,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
@@ -171,8 +188,9 @@ def test_sdxl_style_encoder_concatenates_penultimate_layers(tmp_path):
     tok = tiny_tokenizer(tmp_path)
     tok2 = tiny_tokenizer(tmp_path, pad_token="!")
     te, te2 = tiny_clip(tok, 16), tiny_clip(tok2, 24, projection=True)
-    pipe = SimpleNamespace(unet=tiny_unet(context=40), tokenizer=tok, text_encoder=te, tokenizer_2=tok2,
-                           text_encoder_2=te2)
+    pipe = SimpleNamespace(
+        unet=tiny_unet(context=40), tokenizer=tok, text_encoder=te, tokenizer_2=tok2, text_encoder_2=te2
+    )
     out = api.DiffusersTextEncoder(pipe).encode(["red square"])
     assert out.hidden.shape == (1, 77, 40) and out.pooled.shape == (1, 8)
     with torch.no_grad():
@@ -189,15 +207,24 @@ def test_flux_transformer_text_projections_apply_and_restore():
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=24, axes_dims_rope=[2, 2, 4])
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=24,
+        axes_dims_rope=[2, 2, 4],
+    )
     encoder = ToyTextEncoder(dim=32, family="flux", pooled_dim=24, has_bos=False, context_length=16)
     pipe = SimpleNamespace(transformer=transformer, text_encoder_adapter=lambda: encoder)
     params = api.projection_params(pipe)
     assert {k: n for k, (n, _) in params.items()} == {
         "txt_in.weight": "context_embedder.weight",
-        "vector_in.in_layer.weight": "time_text_embed.text_embedder.linear_1.weight"}
+        "vector_in.in_layer.weight": "time_text_embed.text_embedder.linear_1.weight",
+    }
     assert api.pipeline_family(pipe) == Family.FLUX
     eraser = api.compute_eraser_for_pipeline(pipe, UCEConfig(concepts=["red square"]))
     assert set(eraser.deltas) == set(params)

@@ -3,18 +3,26 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from erasers_diffusers import suppression as ds
-from erasers.guards import safree
-from erasers.guards import token_suppress as ts
-from erasers_dev.testing import ToyTextEncoder
+from erasers.guards import safree  # noqa: E402  (after importorskip)
+from erasers.guards import token_suppress as ts  # noqa: E402  (after importorskip)
+from erasers_dev.testing import ToyTextEncoder  # noqa: E402  (after importorskip)
+from erasers_diffusers import suppression as ds  # noqa: E402  (after importorskip)
 
 
 def tiny_unet():
     torch.manual_seed(0)
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8).eval()
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
 
 
 def run(unet, ctx):

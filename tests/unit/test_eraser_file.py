@@ -1,4 +1,5 @@
 """Eraser files: exact low-rank storage, round trips, stock kohya key mapping, refusals."""
+
 import os
 import pickle
 
@@ -6,19 +7,22 @@ import pytest
 import torch
 
 from erasers.edits.eraser import compute_eraser
-from erasers.files.eraser_file import describe_file, load_eraser, save_eraser
+from erasers.edits.uce import UCEConfig
 from erasers.errors import BadEraserFile, FamilyMismatch, UnknownKeys
+from erasers.files.eraser_file import describe_file, load_eraser, save_eraser
 from erasers.files.families import Family
 from erasers.files.keys import canonical_to_diffusers, kohya_name
 from erasers.lowrank import LowRankDelta, compress
 from erasers_dev.testing import ToyTextEncoder, layer_shapes, layer_weights
-from erasers.edits.uce import UCEConfig
 
 
 @pytest.fixture(scope="module")
 def sd1_eraser():
-    return compute_eraser(UCEConfig(concepts=["Van Gogh", "Monet"], concept_type="art", variant="2023"),
-                          ToyTextEncoder(), layer_weights(Family.SD1))
+    return compute_eraser(
+        UCEConfig(concepts=["Van Gogh", "Monet"], concept_type="art", variant="2023"),
+        ToyTextEncoder(),
+        layer_weights(Family.SD1),
+    )
 
 
 def dense_reference(concepts, variant="2023"):
@@ -77,13 +81,18 @@ def test_file_uses_stock_kohya_keys_that_resolve_by_module_path(tmp_path, sd1_er
     assert stems <= set(stock_map)
     for stem in stems:
         key = stock_map[stem]
-        up, down, alpha = (tensors[f"{stem}.lora_up.weight"], tensors[f"{stem}.lora_down.weight"],
-                           tensors[f"{stem}.alpha"])
+        up, down, alpha = (
+            tensors[f"{stem}.lora_up.weight"],
+            tensors[f"{stem}.lora_down.weight"],
+            tensors[f"{stem}.alpha"],
+        )
         stock_delta = (float(alpha) / down.shape[0]) * up.double() @ down.double()  # kohya: (α/r)·up·down
         assert torch.allclose(stock_delta, sd1_eraser.deltas[key].dense(torch.float64), atol=1e-12)
         assert canonical_to_diffusers(key) is not None  # also reachable through the diffusers naming
-    assert kohya_name("middle_block.1.transformer_blocks.0.attn2.to_v.weight") == \
-        "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v"
+    assert (
+        kohya_name("middle_block.1.transformer_blocks.0.attn2.to_v.weight")
+        == "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v"
+    )
 
 
 def test_wrong_family_file_is_refused(tmp_path, sd1_eraser):
@@ -100,8 +109,8 @@ def test_missing_layers_are_listed(sd1_eraser):
 
 
 def test_unknown_keys_in_file_are_listed(tmp_path, sd1_eraser):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     path = save_eraser(sd1_eraser, str(tmp_path / "e.safetensors"))
     tensors = load_file(path)
@@ -159,8 +168,9 @@ def test_rank_cap_reports_error_and_shrinks_file(tmp_path, caplog):
     capped = compute_eraser(UCEConfig(concepts=["a b", "c d", "e f"], variant="2023", rank_cap=4), enc, weights)
     assert max(d.rank for d in capped.deltas.values()) == 4
     assert capped.reconstruction_error > 0
-    assert os.path.getsize(save_eraser(capped, str(tmp_path / "c"))) < \
-        os.path.getsize(save_eraser(full, str(tmp_path / "f")))
+    assert os.path.getsize(save_eraser(capped, str(tmp_path / "c"))) < os.path.getsize(
+        save_eraser(full, str(tmp_path / "f"))
+    )
 
 
 def test_full_rank_deltas_are_stored_dense_under_the_stock_diff_key(tmp_path):
@@ -222,8 +232,12 @@ def test_full_rank_deltas_are_truncated_in_files_unless_exact(tmp_path):
     assert set(tensors) == {f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"}
     rank = tensors[f"{name}.lora_down.weight"].shape[0]
     assert rank < 320 * 768 / (320 + 768)
-    stock = float(tensors[f"{name}.alpha"]) / rank * tensors[f"{name}.lora_up.weight"].double() @ \
-        tensors[f"{name}.lora_down.weight"].double()  # the stock kohya reading
+    stock = (
+        float(tensors[f"{name}.alpha"])
+        / rank
+        * tensors[f"{name}.lora_up.weight"].double()
+        @ tensors[f"{name}.lora_down.weight"].double()
+    )  # the stock kohya reading
     exact = delta.dense(torch.float64)
     error = float((stock - exact).norm() / exact.norm())
     assert error <= FILE_TOLERANCE

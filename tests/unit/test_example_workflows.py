@@ -1,4 +1,5 @@
 """example_workflows/*.json: valid UI-format graphs with consistent links and known node types."""
+
 import json
 import re
 from pathlib import Path
@@ -10,11 +11,30 @@ from erasers.edits.methods import METHODS
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 CORE_TYPES = {
-    "CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "KSamplerAdvanced", "VAEDecode",
-    "VAEEncode", "SaveImage", "PreviewImage", "LoadImage", "LoraLoader", "LoraLoaderModelOnly", "CLIPSetLastLayer",
-    "Note", "MarkdownNote", "Reroute", "PrimitiveNode",
+    "CheckpointLoaderSimple",
+    "CLIPTextEncode",
+    "EmptyLatentImage",
+    "KSampler",
+    "KSamplerAdvanced",
+    "VAEDecode",
+    "VAEEncode",
+    "SaveImage",
+    "PreviewImage",
+    "LoadImage",
+    "LoraLoader",
+    "LoraLoaderModelOnly",
+    "CLIPSetLastLayer",
+    "Note",
+    "MarkdownNote",
+    "Reroute",
+    "PrimitiveNode",
     # the Flux examples load the diffusion model, both text encoders and the VAE separately
-    "UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance", "EmptySD3LatentImage", "ConditioningZeroOut",
+    "UNETLoader",
+    "DualCLIPLoader",
+    "VAELoader",
+    "FluxGuidance",
+    "EmptySD3LatentImage",
+    "ConditioningZeroOut",
 }
 
 

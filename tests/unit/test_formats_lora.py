@@ -1,13 +1,14 @@
 """Erasure LoRA formats: kohya, PEFT, EraseAnything (Flux), UCE weights, ESD full UNets."""
+
 import pytest
 import torch
 
 from erasers.errors import FamilyMismatch, UnknownKeys
 from erasers.files.families import Family
-from erasers.membranes.formats import convert_file, detect_format, eraseanything, esd, kohya, peft, uce_weights
-from erasers.membranes.hooks import MembraneHooks
 from erasers.files.keys import canonical_to_diffusers_unet
 from erasers.lowrank import LowRankDelta
+from erasers.membranes.formats import convert_file, detect_format, eraseanything, esd, kohya, peft, uce_weights
+from erasers.membranes.hooks import MembraneHooks
 from erasers.membranes.spm import Membrane, build_stacks
 from erasers_dev.testing import spm_model_shapes
 
@@ -33,11 +34,13 @@ def with_text(shapes):
 def test_kohya_unet_and_text_keys_map_and_scale():
     up, down = pair(640, 768)
     tup, tdown = pair(768, 768, seed=5)
-    tensors = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": up,
-               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": down,
-               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.alpha": torch.tensor(1.0),
-               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": tup,
-               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": tdown}
+    tensors = {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": up,
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": down,
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.alpha": torch.tensor(1.0),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": tup,
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": tdown,
+    }
     assert detect_format(tensors, {}) is kohya
     deltas, report = convert_file(tensors, {}, with_text(SD1))
     torch.testing.assert_close(deltas[K].dense(), 0.5 * up @ down)  # α/r = 1/2
@@ -50,12 +53,14 @@ def test_kohya_unet_and_text_keys_map_and_scale():
 def test_peft_names_are_applied_not_skipped():
     up, down = pair(640, 768)
     qup, qdown = pair(320, 320, seed=3)
-    tensors = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": down,
-               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": up,
-               "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": qdown,
-               "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": qup,
-               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": rand(2, 768),
-               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": rand(768, 2)}
+    tensors = {
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": down,
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": up,
+        "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": qdown,
+        "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": qup,
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": rand(2, 768),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": rand(768, 2),
+    }
     assert detect_format(tensors, {}) is peft
     deltas, report = convert_file(tensors, {}, with_text(SD1))
     assert not report.unmatched
@@ -66,8 +71,10 @@ def test_peft_names_are_applied_not_skipped():
 
 def test_peft_alpha_from_adapter_metadata():
     up, down = pair(640, 768, rank=4)
-    tensors = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": down,
-               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": up}
+    tensors = {
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": down,
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": up,
+    }
     meta = {"lora_adapter_metadata": '{"unet": {"r": 4, "lora_alpha": 2}}'}
     deltas, _ = convert_file(tensors, meta, SD1)
     torch.testing.assert_close(deltas[K].dense(), 0.5 * up @ down)
@@ -87,12 +94,14 @@ def test_eraseanything_flux_lora_lands_on_fused_rows():
     h = 32
     kup, kdown = pair(h, h)
     mup, mdown = pair(4 * h, h, seed=2)
-    tensors = {"transformer.transformer_blocks.1.attn.add_k_proj.lora_A.weight": kdown,
-               "transformer.transformer_blocks.1.attn.add_k_proj.lora_B.weight": kup,
-               "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight": mdown,
-               "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight": mup,
-               "transformer.transformer_blocks.0.norm1.linear.lora_A.weight": rand(2, h),
-               "transformer.transformer_blocks.0.norm1.linear.lora_B.weight": rand(6 * h, 2)}
+    tensors = {
+        "transformer.transformer_blocks.1.attn.add_k_proj.lora_A.weight": kdown,
+        "transformer.transformer_blocks.1.attn.add_k_proj.lora_B.weight": kup,
+        "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight": mdown,
+        "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight": mup,
+        "transformer.transformer_blocks.0.norm1.linear.lora_A.weight": rand(2, h),
+        "transformer.transformer_blocks.0.norm1.linear.lora_B.weight": rand(6 * h, 2),
+    }
     assert detect_format(tensors, {}) is eraseanything
     deltas, report = convert_file(tensors, {}, flux_shapes(h))
     key = ("double_blocks.1.txt_attn.qkv.weight", (0, h, h))
@@ -113,8 +122,8 @@ def test_eraseanything_flux_lora_lands_on_fused_rows():
         hooks.rates = torch.ones(1, 1)
         out = net.double_blocks[1].txt_attn.qkv(x)
     torch.testing.assert_close(out[..., :h], base[..., :h])
-    torch.testing.assert_close(out[..., h:2 * h], base[..., h:2 * h] + x @ (kup @ kdown).T)
-    torch.testing.assert_close(out[..., 2 * h:], base[..., 2 * h:])
+    torch.testing.assert_close(out[..., h : 2 * h], base[..., h : 2 * h] + x @ (kup @ kdown).T)
+    torch.testing.assert_close(out[..., 2 * h :], base[..., 2 * h :])
 
 
 def sd1_weights(keys, seed=0):
@@ -186,8 +195,9 @@ def test_strength_zero_is_identity_for_lora_hooks():
     x = rand(2, 3)
     base = net(x)
     mem = Membrane({"0.weight": LowRankDelta(up, down)}, strength=0.0)
-    with MembraneHooks(torch.nn.Sequential(net), build_stacks([mem], "linear", {"0.weight": (4, 3)}),
-                       module_name=lambda p: "0") as hooks:
+    with MembraneHooks(
+        torch.nn.Sequential(net), build_stacks([mem], "linear", {"0.weight": (4, 3)}), module_name=lambda p: "0"
+    ) as hooks:
         hooks.rates = torch.zeros(2, 1)
         assert torch.equal(net(x), base)
 

@@ -1,20 +1,22 @@
 """Official SPM files: layout counts, recognition, key mapping (diffusers and LDM names), family checks."""
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from erasers.files.eraser_file import read_safetensors
 from erasers.errors import FamilyMismatch, UnknownFormat, UnknownKeys
+from erasers.files.eraser_file import read_safetensors
 from erasers.files.families import Family
-from erasers.membranes.formats import convert_file, detect_format, spm
 from erasers.files.keys import diffusers_to_canonical
+from erasers.membranes.formats import convert_file, detect_format, spm
 from erasers_dev.testing import spm_model_shapes, spm_tensors
 
 META = {"prompts": "snoopy,mickey", "rank": "1", "alpha": "1.0"}
 
 
-@pytest.mark.parametrize("family,modules,weights", [(Family.SD1, 192, 423936), (Family.SD2, 192, 432128),
-                                                    (Family.SDXL, 722, 2659840)])
+@pytest.mark.parametrize(
+    "family,modules,weights", [(Family.SD1, 192, 423936), (Family.SD2, 192, 432128), (Family.SDXL, 722, 2659840)]
+)
 def test_fixture_has_official_counts(family, modules, weights):
     tensors = spm_tensors(family)
     assert len(tensors) == 3 * modules
@@ -25,7 +27,10 @@ def test_sd1_shapes_follow_the_reference_table():
     t = spm_tensors(Family.SD1)
     assert t["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (1, 320, 1, 1)
     assert t["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape == (1, 768)
-    assert t["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj.lora_up.weight"].shape == (2560, 1)
+    assert t["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj.lora_up.weight"].shape == (
+        2560,
+        1,
+    )
     assert t["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2.lora_down.weight"].shape == (1, 1280)
     assert t["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"].shape == (1, 1280, 1, 1)
 
@@ -63,8 +68,10 @@ def test_conv_1x1_factors_become_2d_and_reshape_to_the_weight():
 
 
 def test_ldm_spelled_membrane_maps_too():
-    tensors = {k.replace("lora_unet_down_blocks_0_attentions_0_", "lora_unet_input_blocks_1_1_"): v
-               for k, v in spm_tensors(Family.SD1).items()}
+    tensors = {
+        k.replace("lora_unet_down_blocks_0_attentions_0_", "lora_unet_input_blocks_1_1_"): v
+        for k, v in spm_tensors(Family.SD1).items()
+    }
     deltas, report = convert_file(tensors, META, spm_model_shapes(Family.SD1))
     assert not report.unmatched and "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight" in deltas
 
@@ -78,8 +85,9 @@ def test_unmatched_keys_are_reported_not_dropped_silently():
     assert len(deltas) == 192
 
 
-@pytest.mark.parametrize("file_family,model_family", [(Family.SD1, Family.SDXL), (Family.SD2, Family.SD1),
-                                                      (Family.SDXL, Family.SD2)])
+@pytest.mark.parametrize(
+    "file_family,model_family", [(Family.SD1, Family.SDXL), (Family.SD2, Family.SD1), (Family.SDXL, Family.SD2)]
+)
 def test_wrong_family_is_refused_naming_both(file_family, model_family):
     with pytest.raises(FamilyMismatch) as err:
         convert_file(spm_tensors(file_family), META, spm_model_shapes(model_family))
@@ -87,7 +95,10 @@ def test_wrong_family_is_refused_naming_both(file_family, model_family):
 
 
 def test_file_matching_nothing_is_refused():
-    tensors = {"lora_unet_foo_bar.lora_down.weight": torch.zeros(1, 4), "lora_unet_foo_bar.lora_up.weight": torch.zeros(4, 1)}
+    tensors = {
+        "lora_unet_foo_bar.lora_down.weight": torch.zeros(1, 4),
+        "lora_unet_foo_bar.lora_up.weight": torch.zeros(4, 1),
+    }
     with pytest.raises(UnknownKeys, match="matches no layer"):
         convert_file(tensors, META, spm_model_shapes(Family.SD1))
 

@@ -1,4 +1,5 @@
 """The layout the README draws: a host-free core, one import mode per adapter, dev parts off host paths."""
+
 import ast
 import subprocess
 import sys
@@ -8,8 +9,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 #: what the core must never import (at module level or lazily inside a function)
-HOSTS = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "server", "nodes", "modules", "gradio", "launch",
-         "diffusers", "transformers", "erasers_diffusers", "erasers_dev", "a1111_erasers")
+HOSTS = (
+    "comfy",
+    "comfy_api",
+    "comfy_extras",
+    "folder_paths",
+    "server",
+    "nodes",
+    "modules",
+    "gradio",
+    "launch",
+    "diffusers",
+    "transformers",
+    "erasers_diffusers",
+    "erasers_dev",
+    "a1111_erasers",
+)
 #: what the ComfyUI / A1111 adapters must never import: the parts their installs do not need
 NOT_ON_HOST_PATH = ("erasers_dev", "erasers_diffusers", "diffusers", "transformers")
 
@@ -36,18 +51,23 @@ def core_files():
 
 
 def test_core_imports_no_host_statically():
-    found = [f"{p.relative_to(ROOT)}:{line} imports {name}"
-             for p in core_files() for name, level, line in imports_of(p)
-             if level == 0 and name and name.split(".")[0] in HOSTS]
+    found = [
+        f"{p.relative_to(ROOT)}:{line} imports {name}"
+        for p in core_files()
+        for name, level, line in imports_of(p)
+        if level == 0 and name and name.split(".")[0] in HOSTS
+    ]
     assert not found, "the core (erasers/) must stay host-free:\n" + "\n".join(found)
 
 
 def test_core_imports_no_host_at_run_time():
     modules = [".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for p in core_files()]
-    code = ("import sys, importlib\n"
-            f"for m in {modules!r}: importlib.import_module(m)\n"
-            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {HOSTS!r})\n"
-            "print(','.join(bad))")
+    code = (
+        "import sys, importlib\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {HOSTS!r})\n"
+        "print(','.join(bad))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"importing the core loaded host modules: {done.stdout.strip()}"
@@ -56,16 +76,24 @@ def test_core_imports_no_host_at_run_time():
 @pytest.mark.parametrize("folder", ["nodes", "a1111_erasers", "scripts"])
 def test_host_adapters_do_not_import_dev_or_diffusers_parts(folder):
     files = python_files(folder) + ([ROOT / "__init__.py", ROOT / "preload.py"] if folder == "nodes" else [])
-    found = [f"{p.relative_to(ROOT)}:{line} imports {name}" for p in files for name, level, line in imports_of(p)
-             if level == 0 and name and name.split(".")[0] in NOT_ON_HOST_PATH]
+    found = [
+        f"{p.relative_to(ROOT)}:{line} imports {name}"
+        for p in files
+        for name, level, line in imports_of(p)
+        if level == 0 and name and name.split(".")[0] in NOT_ON_HOST_PATH
+    ]
     assert not found, "\n".join(found)
 
 
 def test_nodes_import_the_core_one_way_only():
     """Inside ComfyUI the pack is a package: nodes/ reach the core as ``..erasers`` and never fall back to a
     top-level ``erasers`` (two import modes would mean two class identities)."""
-    found = [f"{p.relative_to(ROOT)}:{line}" for p in python_files("nodes") for name, level, line in imports_of(p)
-             if level == 0 and name and name.split(".")[0] == "erasers"]
+    found = [
+        f"{p.relative_to(ROOT)}:{line}"
+        for p in python_files("nodes")
+        for name, level, line in imports_of(p)
+        if level == 0 and name and name.split(".")[0] == "erasers"
+    ]
     assert not found, "absolute erasers imports in nodes/: " + ", ".join(found)
 
 
@@ -76,8 +104,9 @@ def test_one_presets_home():
 
 
 def test_requirements_txt_is_generated_from_pyproject():
-    done = subprocess.run([sys.executable, "tools/sync_requirements.py", "--check"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "tools/sync_requirements.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
 
 

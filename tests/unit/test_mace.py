@@ -1,11 +1,12 @@
 """MACE closed-form refinement: token matching, the closed form's own equations, s applied once, presets."""
+
 import logging
 
 import pytest
 import torch
 
-from erasers.edits import mace
 from erasers.config import ConfigError
+from erasers.edits import mace
 from erasers.edits.eraser import compute_eraser
 from erasers.files.families import Family, layer_specs
 from erasers_dev.testing import ToyTextEncoder, layer_shapes, layer_weights
@@ -64,8 +65,15 @@ def test_closed_form_satisfies_its_normal_equations(n_templates):
     weights = layer_weights(Family.UNET, context_dim=D)
     specs = layer_specs(shapes, Family.UNET)
     lam, s, omega = 0.3, 1e-2, 5.0
-    cfg = mace.MACEConfig(concepts=["adam driver"], concept_type="celebrity", preserve=["a dog"], lam=lam,
-                          train_preserve_scale=s, preserve_weight=omega, n_templates=n_templates)
+    cfg = mace.MACEConfig(
+        concepts=["adam driver"],
+        concept_type="celebrity",
+        preserve=["a dog"],
+        lam=lam,
+        train_preserve_scale=s,
+        preserve_weight=omega,
+        n_templates=n_templates,
+    )
     deltas = mace.erase(cfg, encoder, weights, specs)
     e_f, e_g = matched_rows(cfg, encoder)
     gen, dom = all_rows(encoder, mace.load_general_prompts()), all_rows(encoder, ["a dog"])
@@ -73,9 +81,11 @@ def test_closed_form_satisfies_its_normal_equations(n_templates):
         w = weights[spec.key].double()
         w_new = w + deltas[spec.key].dense(torch.float64)
         # ∇ of Σ‖W′e^f − We^g‖² + s(Σ_gen‖(W′−W)e‖² + ω Σ_dom‖(W′−W)e‖²) + λ‖W′ − W‖²  (s once, not s²)
-        grad = ((e_f @ w_new.T - e_g @ w.T).T @ e_f
-                + s * ((gen @ (w_new - w).T).T @ gen + omega * (dom @ (w_new - w).T).T @ dom)
-                + lam * (w_new - w))
+        grad = (
+            (e_f @ w_new.T - e_g @ w.T).T @ e_f
+            + s * ((gen @ (w_new - w).T).T @ gen + omega * (dom @ (w_new - w).T).T @ dom)
+            + lam * (w_new - w)
+        )
         scale = float((e_g @ w.T).T.abs().max() * e_f.abs().max() * len(e_f))
         assert float(grad.abs().max()) / scale < 1e-7, spec.key
         assert float((w_new - w).norm()) > 1e-3 * float(w.norm())
@@ -87,17 +97,31 @@ def test_lambda_zero_with_rank_deficient_preservation_falls_back(caplog):
     shapes = {"a.attn2.to_k.weight": (24, d), "a.attn2.to_v.weight": (24, d)}
     weights = layer_weights(Family.UNET, shapes=shapes)
     specs = layer_specs(shapes, Family.UNET)
-    cfg = mace.MACEConfig(concepts=["adam driver"], concept_type="celebrity", preserve=["a dog"], lam=0.0,
-                          general_prior=False, n_templates=2)
+    cfg = mace.MACEConfig(
+        concepts=["adam driver"],
+        concept_type="celebrity",
+        preserve=["a dog"],
+        lam=0.0,
+        general_prior=False,
+        n_templates=2,
+    )
     with caplog.at_level(logging.WARNING, logger="erasers.edits.mace"):
         deltas = mace.erase(cfg, encoder, weights, specs)
     assert "singular" in caplog.text
     assert all(dl.is_finite() for dl in deltas.values())
 
 
-@pytest.mark.parametrize("bad", [dict(n_templates=0), dict(n_templates=32), dict(lam=-1.0),
-                                 dict(preserve_weight=float("nan")), dict(concept_type="style"),
-                                 dict(concept_type="object", lam=0.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(n_templates=0),
+        dict(n_templates=32),
+        dict(lam=-1.0),
+        dict(preserve_weight=float("nan")),
+        dict(concept_type="style"),
+        dict(concept_type="object", lam=0.0),
+    ],
+)
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
         mace.MACEConfig(concepts=["x"], **bad)

@@ -1,4 +1,5 @@
 """Recovering the positive prompt text from an API-format workflow (SAFREE's fallback when its prompt is empty)."""
+
 from pack_import import pack_module as load
 
 trace = load("nodes.prompt_trace")
@@ -12,8 +13,10 @@ def graph(text_value="a nude person", positive=("6", 0)):
         "11": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["10", 0], "strength_model": 1.0}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": text_value}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "blurry"}},
-        "3": {"class_type": "KSampler", "inputs": {"model": ["11", 0], "positive": list(positive),
-                                                   "negative": ["7", 0], "seed": 1}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {"model": ["11", 0], "positive": list(positive), "negative": ["7", 0], "seed": 1},
+        },
     }
 
 
@@ -25,8 +28,10 @@ def test_text_found_through_model_patches_and_not_the_negative():
 def test_text_through_conditioning_nodes_and_a_linked_string_node():
     g = graph(text_value=["20", 0], positive=("21", 0))
     g["20"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "linked text"}}
-    g["21"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["6", 0], "start": 0.0,
-                                                                        "end": 1.0}}
+    g["21"] = {
+        "class_type": "ConditioningSetTimestepRange",
+        "inputs": {"conditioning": ["6", 0], "start": 0.0, "end": 1.0},
+    }
     assert trace.positive_prompt_texts(g, "10") == ["linked text"]
 
 

@@ -1,19 +1,26 @@
 """Encoding only up to the longest prompt is exact for causal CLIP (what UCE-2025 and SPEED read)."""
+
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from erasers_diffusers.clip_text import ClipTextEncoder, Tower, WordHashTokenizer
 from erasers.edits.eraser import compute_eraser
-from erasers.files.families import Family
-from erasers_dev.testing import layer_weights
-from erasers.text import encode_batched
 from erasers.edits.uce import UCEConfig
+from erasers.files.families import Family
+from erasers.text import encode_batched
+from erasers_dev.testing import layer_weights
+from erasers_diffusers.clip_text import ClipTextEncoder, Tower, WordHashTokenizer
 
 
 def tiny_clip():
     torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+    )
     model = CLIPTextModel(config).eval()
     return ClipTextEncoder("sd1", [Tower(WordHashTokenizer(), model)], context_length=77)
 
@@ -27,7 +34,7 @@ def test_real_token_rows_equal_the_full_context_pass():
     assert torch.equal(trimmed.lengths, full.lengths)
     for i, n in enumerate(full.lengths.tolist()):
         assert torch.allclose(trimmed.hidden[i, :n], full.hidden[i, :n], atol=1e-5)
-        assert torch.count_nonzero(trimmed.hidden[i, max(trimmed.lengths.tolist()):]) == 0
+        assert torch.count_nonzero(trimmed.hidden[i, max(trimmed.lengths.tolist()) :]) == 0
 
 
 def test_uce_2025_gives_the_same_eraser_with_and_without_trimming():

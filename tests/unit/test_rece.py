@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from erasers.config import ConfigError
 from erasers.edits import rece, uce
 from erasers.edits.closed_form import apply_ridge
-from erasers.config import ConfigError
 from erasers.edits.eraser import compute_eraser
-from erasers.files.families import Family, layer_specs
 from erasers.edits.methods import get_method
-from erasers_dev.testing import ToyTextEncoder, layer_weights, layer_shapes
+from erasers.files.families import Family, layer_specs
+from erasers_dev.testing import ToyTextEncoder, layer_shapes, layer_weights
 
 D = 16
 
@@ -124,8 +124,17 @@ def test_uce_start_follows_the_published_configs():
     assert obj.default_anchor() == " " and obj.effective_preserve_scale(20) == 0.1
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=-1), dict(epochs=1.5), dict(regular_scale=-1.0), dict(lam=float("nan")),
-                                 dict(lam=0.0, preserve_scale=0.0), dict(concept_type="unsafe")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(epochs=-1),
+        dict(epochs=1.5),
+        dict(regular_scale=-1.0),
+        dict(lam=float("nan")),
+        dict(lam=0.0, preserve_scale=0.0),
+        dict(concept_type="unsafe"),
+    ],
+)
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
         rece.RECEConfig(concepts=["x"], **bad)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from erasers.guards import safree
 from erasers.config import ConfigError
+from erasers.guards import safree
 from erasers_dev.testing import ToyTextEncoder
 
 
@@ -42,10 +42,17 @@ def test_flag_tokens_leave_one_out():
     assert safree.flag_tokens(torch.tensor([1.0]), 0.01, torch.tensor([1.0])).tolist() == [False]
 
 
-@pytest.mark.parametrize("beta,k,t0,expected", [
-    (0.3, 2.5, 5.333, 0), (0.7, 2.5, 5.333, 10), (0.5333, 2.5, 5.333, 5), (0.55, 3.5, 5.5, 5), (0.6, 3.5, 5.5, 10),
-    (0.52, 2.5, 5.333, 3),
-])
+@pytest.mark.parametrize(
+    "beta,k,t0,expected",
+    [
+        (0.3, 2.5, 5.333, 0),
+        (0.7, 2.5, 5.333, 10),
+        (0.5333, 2.5, 5.333, 5),
+        (0.55, 3.5, 5.5, 5),
+        (0.6, 3.5, 5.5, 10),
+        (0.52, 2.5, 5.333, 3),
+    ],
+)
 def test_t_prime_values(beta, k, t0, expected):
     # t′ = round(γ·sigmoid(2k(10β − t₀))), γ = 10
     assert safree.svf_t_prime(beta, 10.0, k, t0) == expected
@@ -68,16 +75,18 @@ def handmade(masked_pooled):
 def test_flagged_and_unflagged_tokens_on_handmade_embeddings():
     # removing word 2 moves the sentence away from span(e1) (distance 2 vs 1): only word 2 is flagged
     prompt, masked, concept = handmade([[1.0, 1, 0, 0], [0.0, 2, 0, 0], [1.0, 1, 0, 0]])
-    res = safree.analyse(config(include_eos=False), prompt, 5, [1, 2, 3], masked, torch.tensor([5, 5, 5]),
-                         concept, torch.tensor([3]))
+    res = safree.analyse(
+        config(include_eos=False), prompt, 5, [1, 2, 3], masked, torch.tensor([5, 5, 5]), concept, torch.tensor([3])
+    )
     assert res.flagged.tolist() == [False, True, False]
     assert res.changed
     assert res.hidden[2, 0].abs() < 1e-6  # the e1 (concept) component is gone from the flagged token
     for row in (0, 1, 3, 4, 5):
         assert torch.equal(res.hidden[row], prompt[row])
     # with include_eos the EOS and padding rows are projected too
-    res2 = safree.analyse(config(include_eos=True), prompt, 5, [1, 2, 3], masked, torch.tensor([5, 5, 5]),
-                          concept, torch.tensor([3]))
+    res2 = safree.analyse(
+        config(include_eos=True), prompt, 5, [1, 2, 3], masked, torch.tensor([5, 5, 5]), concept, torch.tensor([3])
+    )
     assert res2.hidden[4:, 0].abs().max() < 1e-6 and torch.equal(res2.hidden[3], prompt[3])
 
 
@@ -90,8 +99,9 @@ def test_benign_prompt_is_bit_identical():
 
 def test_risk_gate_leaves_prompt_untouched():
     prompt, masked, concept = handmade([[1.0, 1, 0, 0], [0.0, 2, 0, 0], [1.0, 1, 0, 0]])
-    res = safree.analyse(config(risk_gate=1.0), prompt, 5, [1, 2, 3], masked, torch.tensor([5, 5, 5]), concept,
-                         torch.tensor([3]))
+    res = safree.analyse(
+        config(risk_gate=1.0), prompt, 5, [1, 2, 3], masked, torch.tensor([5, 5, 5]), concept, torch.tensor([3])
+    )
     assert res.hidden is prompt and res.risk < 1.0
 
 
@@ -100,11 +110,20 @@ def test_svf_window_and_strength():
     res = safree.analyse(config(), prompt, 5, [1, 2, 3], masked, torch.tensor([5, 5, 5]), concept, torch.tensor([3]))
     assert res.t_prime == safree.svf_t_prime(res.beta, 10.0, 2.5, 5.333)
     assert res.filter_fraction == pytest.approx((res.t_prime + 1) / 50)
-    off = safree.analyse(config(self_validating=False), prompt, 5, [1, 2, 3], masked, torch.tensor([5, 5, 5]),
-                         concept, torch.tensor([3]))
+    off = safree.analyse(
+        config(self_validating=False),
+        prompt,
+        5,
+        [1, 2, 3],
+        masked,
+        torch.tensor([5, 5, 5]),
+        concept,
+        torch.tensor([3]),
+    )
     assert off.filter_fraction == 1.0
-    half = safree.analyse(config(strength=0.5), prompt, 5, [1, 2, 3], masked, torch.tensor([5, 5, 5]), concept,
-                          torch.tensor([3]))
+    half = safree.analyse(
+        config(strength=0.5), prompt, 5, [1, 2, 3], masked, torch.tensor([5, 5, 5]), concept, torch.tensor([3])
+    )
     assert torch.allclose(half.hidden, prompt + 0.5 * (res.hidden - prompt), atol=1e-6)
 
 
@@ -115,8 +134,17 @@ def test_sdxl_segments_projected_per_encoder():
     concept = torch.randn(2, T, D, generator=gen)
     masked = prompt[None].repeat(3, 1, 1).clone()
     masked[1, 4] = masked[1, 4] * 3  # make token 2's masked copy far from the subspace
-    res = safree.analyse(config(include_eos=False), prompt, 5, [1, 2, 3], masked, torch.tensor([5, 5, 5]), concept,
-                         torch.tensor([3, 3]), segments=safree.SEGMENTS["sdxl"])
+    res = safree.analyse(
+        config(include_eos=False),
+        prompt,
+        5,
+        [1, 2, 3],
+        masked,
+        torch.tensor([5, 5, 5]),
+        concept,
+        torch.tensor([3, 3]),
+        segments=safree.SEGMENTS["sdxl"],
+    )
     assert res.flagged.tolist() == [False, True, False]
     for a, b in safree.SEGMENTS["sdxl"]:
         C = concept[:, 2, a:b].double()
@@ -136,8 +164,19 @@ def test_t5_mode_projects_every_token_and_pooled_keeps_norm():
     w = w - basis.T @ torch.linalg.lstsq(basis.T, w[:, None]).solution[:, 0]
     masked[0] = masked[0] + 5 * w  # masking word 0 moves the sentence away from the concept span
     y, yc = torch.randn(16, generator=gen), torch.randn(2, 16, generator=gen)
-    res = safree.analyse(config(), prompt, 4, [0, 1, 2], masked, torch.tensor([4, 4, 4]), concept,
-                         torch.tensor([4, 4]), encoder="t5", prompt_pooled=y, concept_pooled=yc)
+    res = safree.analyse(
+        config(),
+        prompt,
+        4,
+        [0, 1, 2],
+        masked,
+        torch.tensor([4, 4, 4]),
+        concept,
+        torch.tensor([4, 4]),
+        encoder="t5",
+        prompt_pooled=y,
+        concept_pooled=yc,
+    )
     assert res.flagged[0] and res.changed and res.info["projected_rows"] == T
     basis = safree.pool(concept, torch.tensor([4, 4]), "mean").double()
     assert (res.hidden.double() @ basis.T).abs().max() < 1e-5 * basis.norm()

@@ -4,6 +4,7 @@ Targets for closed-form methods on one concept: the erased concept is still draw
 exact-word prompts; fidelity relative to the base model ≥ 95 % on unrelated concepts (colours, styles)
 and ≥ 85 % on related ones (the other shapes). A few minutes on 2 CPU cores.
 """
+
 import pytest
 
 from erasers_dev.shapes.classifier import DEFAULT_CLASSIFIER
@@ -12,7 +13,7 @@ from erasers_dev.shapes.model import DEFAULT_T2I
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_T2I.is_file() and DEFAULT_CLASSIFIER.is_file()),
     reason=f"shipped shapes weights not in this checkout ({DEFAULT_T2I.name}, {DEFAULT_CLASSIFIER.name}); "
-           f"train them with `python -m erasers shapes train`",
+    f"train them with `python -m erasers shapes train`",
 )
 
 

@@ -1,4 +1,5 @@
 """``bench shapes --merge``: rows of an earlier run join a new one only when both runs are comparable."""
+
 import copy
 
 import pytest
@@ -12,8 +13,14 @@ def _run(methods, total=60.0, exact=0.9):
     row = {"erased": {"exact": 0.0}, "fidelity": {"related": 1.0}}
     base = {"erased": {"exact": exact}, "fidelity": {"related_accuracy": 0.9}}
     scaling = [{"method": m, "axis": "shape", "concepts": ["circle"]} for m in methods if m in shapes.CLOSED_FORM]
-    return {"settings": settings, "base": base, "methods": {m: dict(row, name=m) for m in methods},
-            "skipped": {}, "scaling": scaling, "total_seconds": total}
+    return {
+        "settings": settings,
+        "base": base,
+        "methods": {m: dict(row, name=m) for m in methods},
+        "skipped": {},
+        "scaling": scaling,
+        "total_seconds": total,
+    }
 
 
 def test_merge_keeps_rows_not_rerun_and_says_where_they_come_from():

@@ -1,4 +1,5 @@
 """The shapes benchmark's metrics on synthetic classifier outputs (no model, no sampling)."""
+
 import pytest
 import torch
 
@@ -96,7 +97,7 @@ def test_colour_axis_and_multi_concept(es):
     base = perfect(es)
     pred = {a: v.clone() for a, v in base.items()}
     colour = es.label("colour")
-    red, green = world.COLOURS.index("red"), world.COLOURS.index("green")
+    red = world.COLOURS.index("red")
     pred["colour"][colour == red] = world.COLOURS.index("blue")
     r = ev.score(pred, base, es, ["red", "green"])
     assert r["axis"] == "colour"

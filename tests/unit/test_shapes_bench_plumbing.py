@@ -1,6 +1,7 @@
 """The shapes benchmark end to end on a tiny random model: every eraser runs or says why it is skipped,
 weights come back bit for bit, the attacks return contexts of the right shape, the report is written.
 (Numbers on a random model mean nothing; test_shapes_bench.py checks them on the shipped weights.)"""
+
 import pytest
 import torch
 
@@ -23,9 +24,23 @@ def tiny():
 def test_bench_runs_every_eraser_or_says_why(tiny, tmp_path):
     pipe, clf = tiny
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    args = shapes.parse_args(["--methods", "uce,token,safree,sld,spm,lora", "--steps", "2",
-                              "--reps", "1", "--attack-steps", "1", "--attack-reps", "1", "--quiet",
-                              "--out", str(tmp_path)])
+    args = shapes.parse_args(
+        [
+            "--methods",
+            "uce,token,safree,sld,spm,lora",
+            "--steps",
+            "2",
+            "--reps",
+            "1",
+            "--attack-steps",
+            "1",
+            "--attack-reps",
+            "1",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     results = shapes.run(args, pipe=pipe, classifier=clf)
     # "lora": the UCE eraser written as a kohya file and read back through the LoRA loader, on any model;
     # "spm": the shipped membrane was trained on the shipped model, so on this one it says why it is skipped

@@ -1,23 +1,30 @@
 """The shapes text-to-image model: causal text encoder, TextEncoder adapter, pipeline, shipped weights."""
+
 import json
 
 import pytest
 import torch
 
+from erasers.text import PromptEncoding, TextEncoder, check_fits
 from erasers_dev.shapes import model as shapes_model
 from erasers_dev.shapes.text_encoder import ShapesTextEncoder, TextEncoderConfig
 from erasers_dev.shapes.tokenizer import ShapesTokenizer
-from erasers.text import PromptEncoding, TextEncoder, check_fits
 
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
     tok = ShapesTokenizer.default()
     cfg = shapes_model.ShapesModelConfig(
-        unet=shapes_model.UNetConfig(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32),
-        text_encoder=TextEncoderConfig(vocab_size=tok.vocab_size, context_length=tok.context_length, width=32,
-                                       layers=2, heads=2))
+        unet=shapes_model.UNetConfig(
+            block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+        ),
+        text_encoder=TextEncoderConfig(
+            vocab_size=tok.vocab_size, context_length=tok.context_length, width=32, layers=2, heads=2
+        ),
+    )
     return shapes_model.random_pipeline(0, cfg)
 
 
@@ -106,8 +113,15 @@ def test_shipped_weights_reproduce_the_reported_base_fidelity():
 
     pipe = shapes_model.load_default()
     reported = pipe.extra["fidelity"]
-    result = evaluate(pipe, load_classifier(), per_prompt=2, steps=reported["steps"], guidance=reported["guidance"],
-                      seed=123, paraphrases=False)
+    result = evaluate(
+        pipe,
+        load_classifier(),
+        per_prompt=2,
+        steps=reported["steps"],
+        guidance=reported["guidance"],
+        seed=123,
+        paraphrases=False,
+    )
     got = result["canonical"]
     # 40 samples against the recorded 160: allow ~2.5 standard errors either way
     assert abs(got["shape_accuracy"] - reported["shape_accuracy"]) <= 0.2, result["markdown"]

@@ -2,13 +2,14 @@
 identity, training moves only the adapters, removing them restores the UNet bit for bit, and the saved file
 is read back by the pack's format detection (SPM layout for membranes, kohya for LoRAs) with every layer
 matched and the same ΔW."""
+
 import pytest
 import torch
 
-from erasers_dev import spm_train as T
 from erasers.config import ConfigError
-from erasers_diffusers.apply import load_for_unet
+from erasers_dev import spm_train as T
 from erasers_dev.shapes import model as shapes_model
+from erasers_diffusers.apply import load_for_unet
 
 
 @pytest.fixture()
@@ -51,8 +52,9 @@ def test_train_save_and_read_back(tiny, tmp_path, kind, layers_per_transformer, 
     eps0 = _eps(pipe)
     config = T.shapes_config("circle", kind, iterations=2, rollout_steps=3, batch_size=2, anchor_batch=2, lr=1e-2)
     adapters = T.Adapters(pipe.unet, config.layers, config.rank, config.alpha)
-    n_transformers = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith(tuple(
-        f"attentions.{i}" for i in range(4))))
+    n_transformers = sum(
+        1 for n, _ in pipe.unet.named_modules() if n.endswith(tuple(f"attentions.{i}" for i in range(4)))
+    )
     assert len(adapters.adapters) == layers_per_transformer * n_transformers
     assert torch.equal(_eps(pipe), eps0)  # up = 0: a fresh adapter is the identity
     adapters.remove()

@@ -1,4 +1,5 @@
 """The shapes world generator and tokenizer: determinism, label/caption consistency, rendering."""
+
 import itertools
 
 import pytest
@@ -21,8 +22,12 @@ def test_batch_shapes_and_range():
     assert images.shape == (16, 3, 16, 16)
     assert images.min() >= -1 and images.max() <= 1
     assert len(captions) == 16
-    for key, names in (("shape", world.SHAPES), ("colour", world.COLOURS), ("style", world.STYLES),
-                       ("background", world.BACKGROUNDS)):
+    for key, names in (
+        ("shape", world.SHAPES),
+        ("colour", world.COLOURS),
+        ("style", world.STYLES),
+        ("background", world.BACKGROUNDS),
+    ):
         assert labels[key].shape == (16,) and labels[key].max() < len(names)
 
 

@@ -1,19 +1,28 @@
 import pytest
 import torch
-
-from erasers.guards import sld
-from erasers.config import ConfigError
-
 from pack_import import pack_module as load
+
+from erasers.config import ConfigError
+from erasers.guards import sld
 
 hooks = load("nodes.suppression_hooks")
 
 
 def test_presets_and_default_concept():
-    assert sld.PRESETS == {"weak": (15, 20.0, 0.0, 0.0, 0.0), "medium": (10, 1000.0, 0.01, 0.3, 0.4),
-                           "strong": (7, 2000.0, 0.025, 0.5, 0.7), "max": (0, 5000.0, 1.0, 0.5, 0.7)}
+    assert sld.PRESETS == {
+        "weak": (15, 20.0, 0.0, 0.0, 0.0),
+        "medium": (10, 1000.0, 0.01, 0.3, 0.4),
+        "strong": (7, 2000.0, 0.025, 0.5, 0.7),
+        "max": (0, 5000.0, 1.0, 0.5, 0.7),
+    }
     c = sld.SLDConfig(preset="strong")
-    assert (c.warmup_steps, c.guidance_scale, c.threshold, c.momentum_scale, c.momentum_beta) == (7, 2000, 0.025, 0.5, 0.7)
+    assert (c.warmup_steps, c.guidance_scale, c.threshold, c.momentum_scale, c.momentum_beta) == (
+        7,
+        2000,
+        0.025,
+        0.5,
+        0.7,
+    )
     assert sld.SLDConfig().safety_concept.startswith("an image showing hate, harassment, violence")
     assert sld.SLDConfig().safety_concept.endswith("child abuse, brutality, cruelty")
     assert sld.SLDConfig(preset="medium", threshold=0.5).threshold == 0.5
@@ -76,7 +85,9 @@ def test_conversions_round_trip_and_definitions():
 def test_v_prediction_matches_diffusers_velocity():
     from diffusers import DDPMScheduler
 
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction")
+    sched = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
+    )
     gen = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
     t = torch.tensor([600])
@@ -100,10 +111,17 @@ def test_pre_cfg_hook_gives_paper_result_for_each_parameterisation(param):
         to_x0 = lambda g: x - sigma * g  # ε → x₀ (k-diffusion form, eps and v models)
     cfg = sld.SLDConfig(preset="max")
     sigmas = torch.tensor([sigma.item(), 0.0])
-    fn = hooks.make_sld_pre_cfg(cfg, None, param, 1e9, 0.0, torch.zeros(1, 4, 4),
-                                calc=lambda model, cond, x_, s, mo: to_x0(g_s))
-    args = {"conds_out": [to_x0(g_p), to_x0(g_u)], "input": x, "sigma": sigma, "model": None, "conds": None,
-            "model_options": {"transformer_options": {"sample_sigmas": sigmas}}}
+    fn = hooks.make_sld_pre_cfg(
+        cfg, None, param, 1e9, 0.0, torch.zeros(1, 4, 4), calc=lambda model, cond, x_, s, mo: to_x0(g_s)
+    )
+    args = {
+        "conds_out": [to_x0(g_p), to_x0(g_u)],
+        "input": x,
+        "sigma": sigma,
+        "model": None,
+        "conds": None,
+        "model_options": {"transformer_options": {"sample_sigmas": sigmas}},
+    }
     cond_new, uncond = fn(args)
     s_g = 6.0
     x0_cfg = uncond + s_g * (cond_new - uncond)  # what the host's CFG does with x₀
@@ -116,10 +134,17 @@ def test_pre_cfg_warmup_and_window_leave_predictions_alone():
     out = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)]
     calls = []
     cfg = sld.SLDConfig(preset="medium")
-    fn = hooks.make_sld_pre_cfg(cfg, None, "eps", 5.0, 1.0, torch.zeros(1, 4, 4),
-                                calc=lambda *a: calls.append(1) or out[0])
-    args = {"conds_out": out, "input": x, "sigma": torch.tensor([9.0]), "model": None, "conds": None,
-            "model_options": {"transformer_options": {}}}
+    fn = hooks.make_sld_pre_cfg(
+        cfg, None, "eps", 5.0, 1.0, torch.zeros(1, 4, 4), calc=lambda *a: calls.append(1) or out[0]
+    )
+    args = {
+        "conds_out": out,
+        "input": x,
+        "sigma": torch.tensor([9.0]),
+        "model": None,
+        "conds": None,
+        "model_options": {"transformer_options": {}},
+    }
     assert fn(args) is out and not calls  # σ = 9 outside [1, 5]: no extra pass
     sigmas = torch.linspace(5, 0, 51)
     args.update(sigma=sigmas[2:3], model_options={"transformer_options": {"sample_sigmas": sigmas}})

@@ -1,11 +1,12 @@
 """SPEED: exact null space, invariants, the constrained optimum (§9.3), presets, layer selection."""
+
 import math
 
 import pytest
 import torch
 
-from erasers.edits import speed
 from erasers.config import ConfigError
+from erasers.edits import speed
 from erasers.edits.eraser import compute_eraser
 from erasers.files.families import Family
 from erasers_dev.testing import ToyTextEncoder, layer_weights
@@ -32,7 +33,6 @@ def literal_delta(w, c1, c_star, n, q, k2, alpha, lamb):
 
 def brute_force_delta(w, c1, c_star, n, q, k2, alpha):
     """argmin (1/n)‖Δ C1ᵀ − W(C* − C1)ᵀ‖² + α‖Δ‖² over Δ = XP with ΔK2 = 0: rows of Δ in (span Q + span K2)^⊥."""
-    d = w.shape[1]
     basis = torch.linalg.svd(torch.cat([q, k2], dim=1), full_matrices=True)[0]
     rank = torch.linalg.matrix_rank(torch.cat([q, k2], dim=1))
     nn = basis[:, rank:]  # orthonormal basis of the allowed row space
@@ -148,8 +148,17 @@ def test_retained_basis_span_route_equals_full_eigh():
     torch.testing.assert_close(q_small @ q_small.T, q_full @ q_full.T, rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("bad", [dict(params="Q"), dict(aug_num=-1), dict(threshold=-0.1), dict(retain_scale=0.0),
-                                 dict(lamb=-1.0), dict(n_centroids=1.5)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(params="Q"),
+        dict(aug_num=-1),
+        dict(threshold=-0.1),
+        dict(retain_scale=0.0),
+        dict(lamb=-1.0),
+        dict(n_centroids=1.5),
+    ],
+)
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
         speed.SPEEDConfig(concepts=["x"], **bad)
@@ -157,8 +166,9 @@ def test_config_validation(bad):
 
 def test_presets_match_the_table():
     p = speed.SPEEDConfig.PRESETS
-    row = lambda name: tuple(p[name][k] for k in ("params", "aug_num", "threshold", "retain_scale", "lamb",
-                                                   "prior_filter", "anchors"))
+    row = lambda name: tuple(
+        p[name][k] for k in ("params", "aug_num", "threshold", "retain_scale", "lamb", "prior_filter", "anchors")
+    )
     assert row("few") == ("V", 10, 0.1, 1.0, 0.0, True, [""])
     assert row("styles") == ("V", 10, 0.1, 1.0, 0.0, True, ["art"])
     assert row("multi") == ("V", 10, 1e-4, 0.05, 0.0, False, ["person"])
@@ -166,14 +176,21 @@ def test_presets_match_the_table():
     nud = speed.SPEEDConfig(concepts=["nudity"], concept_type="nudity")
     assert (nud.effective_alpha(), nud.effective_lamb()) == (0.7, 0.5)
     dflt = speed.SPEEDConfig(concepts=["x"])
-    assert (dflt.params, dflt.aug_num, dflt.threshold, dflt.effective_alpha(), dflt.effective_lamb()) == \
-        ("V", 10, 0.1, 1.0, 0.0)
+    assert (dflt.params, dflt.aug_num, dflt.threshold, dflt.effective_alpha(), dflt.effective_lamb()) == (
+        "V",
+        10,
+        0.1,
+        1.0,
+        0.0,
+    )
     cfg = speed.SPEEDConfig.from_preset("multi", concepts=["a", "b"])
     assert speed.SPEEDConfig.from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("params,count,suffixes", [("V", 16, ("to_v.weight",)), ("K", 16, ("to_k.weight",)),
-                                                   ("KV", 32, ("to_k.weight", "to_v.weight"))])
+@pytest.mark.parametrize(
+    "params,count,suffixes",
+    [("V", 16, ("to_v.weight",)), ("K", 16, ("to_k.weight",)), ("KV", 32, ("to_k.weight", "to_v.weight"))],
+)
 def test_sd15_shapes_edit_the_selected_projections(params, count, suffixes):
     cfg = speed.SPEEDConfig(concepts=["Snoopy", "Mickey Mouse"], params=params, preserve=["Garfield"])
     eraser = compute_eraser(cfg, ToyTextEncoder(), layer_weights(Family.SD1))
@@ -205,8 +222,8 @@ def test_ipf_keeps_the_most_affected_rows_and_dpa_moves_only_along_v_min():
     influence = (w @ f @ retain.T).norm(dim=0)
     samples, span = speed.refine_retain(w, erase_map, retain, v, 10, True, torch.Generator().manual_seed(0))
     kept = retain[influence >= influence.mean()]
-    assert 0 < len(kept) < len(retain) and torch.equal(samples[:len(kept)], kept)
-    aug = samples[len(kept):]
+    assert 0 < len(kept) < len(retain) and torch.equal(samples[: len(kept)], kept)
+    aug = samples[len(kept) :]
     assert 0 < len(aug) <= 10 * len(kept)
     # each augmented row is a kept row plus a multiple of v_min
     resid = aug[:, None, :] - kept[None]
@@ -231,14 +248,14 @@ def test_batched_layers_equal_the_per_layer_path(prior_filter, aug_num, lamb):
     d = 320  # > EIGH_MAX: both the eigh route (out ≤ 256) and the inverse-iteration route (300×320, 400×320)
     encoder = ToyTextEncoder(dim=d, context_length=8, vocab=256)
     concepts = ["snoopy", "mickey mouse", "pikachu"]
-    cfg = speed.SPEEDConfig(concepts=concepts, prior_filter=prior_filter, aug_num=aug_num, lamb=lamb,
-                            threshold=1e-3)
+    cfg = speed.SPEEDConfig(concepts=concepts, prior_filter=prior_filter, aug_num=aug_num, lamb=lamb, threshold=1e-3)
     c1, c_star, n = speed.concept_rows(cfg, encoder.encode(concepts), encoder.encode([""] * 3), False)
     k2 = speed.invariants(encoder.encode([""]), False, 3, 0)
     retain = rand(12, d, seed=7)
     ws = [rand(out, d, seed=10 + i) / math.sqrt(d) for i, out in enumerate((300, 40, 400, 300, 40))]
-    batched = speed.layer_deltas([w.float() for w in ws], c1, c_star, n, retain, k2, cfg,
-                                 torch.Generator().manual_seed(0))
+    batched = speed.layer_deltas(
+        [w.float() for w in ws], c1, c_star, n, retain, k2, cfg, torch.Generator().manual_seed(0)
+    )
     gen = torch.Generator().manual_seed(0)  # one generator through the layers, in order
     for w, (delta_b, q_b) in zip(ws, batched):
         delta_1, q_1 = speed.layer_delta(w.float(), c1, c_star, n, retain, k2, cfg, gen)

@@ -1,5 +1,6 @@
 """SPEED reads retain prompts at the rows it edits: last words, or in the all-rows (nudity) alignment
 every row after the SOT — as the reference reads its default retain prompt ''."""
+
 import torch
 
 from erasers.edits.speed import retain_rows

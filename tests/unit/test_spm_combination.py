@@ -1,10 +1,11 @@
 """The official combination (m², cross terms), the linear one, and the per-item runtime forward."""
+
 import pytest
 import torch
 
 from erasers.errors import EraserError
-from erasers.membranes.hooks import MembraneHooks
 from erasers.lowrank import LowRankDelta
+from erasers.membranes.hooks import MembraneHooks
 from erasers.membranes.spm import (
     GATE_FT,
     CombinationError,
@@ -16,8 +17,8 @@ from erasers.membranes.spm import (
     delta_official,
     membrane_forward,
 )
-from erasers_dev.testing import ToyTextEncoder
 from erasers.membranes.transport import permeability
+from erasers_dev.testing import ToyTextEncoder
 
 KEY = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 OUT, IN = 6, 5
@@ -80,7 +81,7 @@ def test_each_batch_item_gets_its_own_rate():
     for mode in ("official", "linear"):
         together = run(mems, mode, rates, x)
         for b in range(3):
-            torch.testing.assert_close(together[b:b + 1], run(mems, mode, [rates[b]], x[b:b + 1]))
+            torch.testing.assert_close(together[b : b + 1], run(mems, mode, [rates[b]], x[b : b + 1]))
 
 
 def test_official_needs_equal_ranks():
@@ -150,8 +151,13 @@ def test_in_place_inference_path_equals_the_autograd_path(mode, channels_first):
         got = membrane_forward(x, y2, stack, rates, channels_first)
     torch.testing.assert_close(got, expected)
     xl = x.movedim(1, -1) if channels_first else x
-    direct = torch.stack([xl[b] @ (delta_official if mode == "official" else delta_linear)(
-        [factors(11), factors(12)], rates[b].tolist()).T for b in range(2)])
+    direct = torch.stack(
+        [
+            xl[b]
+            @ (delta_official if mode == "official" else delta_linear)([factors(11), factors(12)], rates[b].tolist()).T
+            for b in range(2)
+        ]
+    )
     torch.testing.assert_close(got, y + (direct.movedim(-1, 1) if channels_first else direct), rtol=1e-4, atol=1e-5)
 
 
@@ -164,8 +170,10 @@ def test_one_prompt_batch_runs_on_the_folded_weight_and_restores_it(mode):
     weights = {n: p for n, p in net.named_parameters()}
     before = {k: v.clone() for k, v in net.state_dict().items()}
     shapes = {"proj.weight": (OUT, IN), "conv.weight": (OUT, IN, 1, 1)}
-    mems = [Membrane({"proj.weight": factors(13), "conv.weight": factors(14)}),
-            Membrane({"proj.weight": factors(15), "conv.weight": factors(16)})]
+    mems = [
+        Membrane({"proj.weight": factors(13), "conv.weight": factors(14)}),
+        Membrane({"proj.weight": factors(15), "conv.weight": factors(16)}),
+    ]
     x, xc = torch.randn(2, 40, IN), torch.randn(2, IN, 7, 7)
     rates = torch.tensor([[0.4, 0.8], [0.4, 0.8]])
     fn = delta_official if mode == "official" else delta_linear
@@ -180,8 +188,9 @@ def test_one_prompt_batch_runs_on_the_folded_weight_and_restores_it(mode):
         out, outc = net.proj(x), net.conv(xc)
     assert seen == [False]  # the call really ran on a folded weight
     torch.testing.assert_close(out, x @ (net.proj.weight + dp).T, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outc, torch.nn.functional.conv2d(xc, net.conv.weight + dc.reshape(OUT, IN, 1, 1)),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        outc, torch.nn.functional.conv2d(xc, net.conv.weight + dc.reshape(OUT, IN, 1, 1)), rtol=1e-5, atol=1e-5
+    )
     # the low-rank path (per-item rates) gives the same numbers
     hooks.rates = torch.tensor([[0.4, 0.8], [0.4, 0.8 + 1e-12]], dtype=torch.float64)
     torch.testing.assert_close(net.proj(x), out, rtol=1e-5, atol=1e-5)

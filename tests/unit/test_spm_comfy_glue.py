@@ -1,10 +1,11 @@
 """ComfyUI glue without ComfyUI: rates per batch row from cond_or_uncond, the wrapper's hooks, texts."""
+
 import copy
 
 import torch
+from pack_import import pack_module  # nodes/ import the core as ``<pack>.erasers``: one class identity
 
 from erasers_dev.testing import ToyTextEncoder
-from pack_import import pack_module  # nodes/ import the core as ``<pack>.erasers``: one class identity
 
 LowRankDelta = pack_module("erasers.lowrank").LowRankDelta
 _spm = pack_module("erasers.membranes.spm")
@@ -50,9 +51,11 @@ def setup():
 
 
 def test_prompt_texts_reads_literal_text_inputs():
-    graph = {"1": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}},
-             "2": {"class_type": "CLIPTextEncode", "inputs": {"text": ["9", 0]}},
-             "3": {"class_type": "X", "inputs": {"text_g": "big", "seed": 3}}}
+    graph = {
+        "1": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": ["9", 0]}},
+        "3": {"class_type": "X", "inputs": {"text_g": "big", "seed": 3}},
+    }
     assert prompt_texts(graph) == ["a cat", "big"]
 
 
@@ -82,8 +85,9 @@ def test_wrapper_adds_the_gated_delta_and_leaves_no_hook_behind():
     mset.prepare([pos])
     context = torch.cat([enc.encode([""]).hidden, pos])
     base = net.proj(context)
-    out = diffusion_model_wrapper(Executor(net), None, None, context, None, None,
-                                  {MEMBRANES_KEY: mset, "cond_or_uncond": [1, 0]})
+    out = diffusion_model_wrapper(
+        Executor(net), None, None, context, None, None, {MEMBRANES_KEY: mset, "cond_or_uncond": [1, 0]}
+    )
     m = permeability(enc.encode(["a bowl of soup"]), enc.encode(["snoopy"]))[0, 0].item()
     torch.testing.assert_close(out - base, m * m * context @ delta.dense().T, rtol=1e-4, atol=1e-5)
     assert torch.equal(net.proj(context), base)

@@ -1,4 +1,5 @@
 """Membranes on a tiny diffusers UNet: merged-weight equivalence, per-prompt rates, exact removal."""
+
 import copy
 import re
 from types import SimpleNamespace
@@ -9,21 +10,31 @@ from safetensors.torch import save_file
 
 diffusers = pytest.importorskip("diffusers")
 
-from erasers_diffusers.apply import DiffusersMembranes, membrane_from_file, unet_canonical_names  # noqa: E402
 from erasers.membranes.spm import GATE_FT, Gate  # noqa: E402
-from erasers_dev.testing import ToyTextEncoder  # noqa: E402
 from erasers.membranes.transport import permeability  # noqa: E402
+from erasers_dev.testing import ToyTextEncoder  # noqa: E402
+from erasers_diffusers.apply import DiffusersMembranes, membrane_from_file, unet_canonical_names  # noqa: E402
 
-TARGET = re.compile(r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|out\.0)|"
-                    r"ff\.net\.0\.proj|ff\.net\.2))$")
+TARGET = re.compile(
+    r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|out\.0)|"
+    r"ff\.net\.0\.proj|ff\.net\.2))$"
+)
 
 
 def tiny_unet():
     torch.manual_seed(0)
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8).eval()
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
 
 
 def write_membrane(unet, path, seed=0, scale=0.2):

@@ -1,4 +1,5 @@
 """``python -m erasers generate --spm FILE …`` end to end on a tiny random-weight diffusers model saved to disk."""
+
 import numpy as np
 import pytest
 import torch
@@ -6,9 +7,10 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from test_spm_diffusers import write_membrane  # noqa: E402
+
 from erasers_diffusers import tokenizer as tk  # noqa: E402
 from erasers_diffusers.cli import main  # noqa: E402
-from test_spm_diffusers import write_membrane  # noqa: E402
 
 WORDS = ("a", "photo", "of", "snoopy", "bowl", "soup")
 CONCEPT, UNRELATED = "a photo of snoopy", "a bowl of soup"
@@ -33,34 +35,85 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_sd")
     vocab, merges = tk.vocab_from_bpe(["#version: 0.2"] + word_merges(WORDS))
     tk.write_vocab(str(root / "vocab"), vocab, merges)
-    tokenizer = transformers.CLIPTokenizer(str(root / "vocab" / "vocab.json"), str(root / "vocab" / "merges.txt"),
-                                           model_max_length=77, pad_token="<|endoftext|>")
-    assert tokenizer(CONCEPT).input_ids == [vocab["<|startoftext|>"]] + [vocab[w + "</w>"] for w in CONCEPT.split()] \
-        + [vocab["<|endoftext|>"]]
+    tokenizer = transformers.CLIPTokenizer(
+        str(root / "vocab" / "vocab.json"),
+        str(root / "vocab" / "merges.txt"),
+        model_max_length=77,
+        pad_token="<|endoftext|>",
+    )
+    assert tokenizer(CONCEPT).input_ids == [vocab["<|startoftext|>"]] + [
+        vocab[w + "</w>"] for w in CONCEPT.split()
+    ] + [vocab["<|endoftext|>"]]
     torch.manual_seed(0)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"]))
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2,
-                                  norm_num_groups=8, sample_size=32)
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                             scheduler=diffusers.DDIMScheduler(clip_sample=False), safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=diffusers.DDIMScheduler(clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(str(root / "model"))
     write_membrane(unet, root / "snoopy.safetensors", scale=0.5)  # official layout, prompts = "snoopy"
     return root
 
 
 def generate(root, out, prompt, *extra):
-    argv = ["generate", "--model", str(root / "model"), "--prompt", prompt, "--steps", "2", "--size", "32",
-            "--device", "cpu", "--seed", "7", "--out", str(out), *extra]
+    argv = [
+        "generate",
+        "--model",
+        str(root / "model"),
+        "--prompt",
+        prompt,
+        "--steps",
+        "2",
+        "--size",
+        "32",
+        "--device",
+        "cpu",
+        "--seed",
+        "7",
+        "--out",
+        str(out),
+        *extra,
+    ]
     assert main(argv) == 0
     files = sorted(out.glob("*.png"))
     assert len(files) == 1

@@ -1,4 +1,5 @@
 """Text-encoder keys of erasure LoRAs (kohya lora_te_…, PEFT text_encoder.…) applied on a diffusers pipeline."""
+
 import copy
 from types import SimpleNamespace
 
@@ -9,8 +10,9 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-from erasers_diffusers.apply import DiffusersMembranes, load_for_unet, membrane_from_file  # noqa: E402
 from test_spm_diffusers import tiny_unet  # noqa: E402
+
+from erasers_diffusers.apply import DiffusersMembranes, load_for_unet, membrane_from_file  # noqa: E402
 
 LAYERS = {  # kohya stem → HF module path of the tiny CLIP text model
     "lora_te_text_model_encoder_layers_0_self_attn_q_proj": "text_model.encoder.layers.0.self_attn.q_proj",
@@ -20,14 +22,20 @@ LAYERS = {  # kohya stem → HF module path of the tiny CLIP text model
 
 def tiny_pipe():
     torch.manual_seed(0)
-    config = transformers.CLIPTextConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, max_position_embeddings=8)
+    config = transformers.CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+    )
     return SimpleNamespace(unet=tiny_unet(), text_encoder=transformers.CLIPTextModel(config).eval())
 
 
 def submodule(encoder, path):
     """transformers 5 has no ``text_model`` wrapper inside CLIPTextModel; LoRA files still spell it."""
-    return encoder.get_submodule(path if hasattr(encoder, "text_model") else path[len("text_model."):])
+    return encoder.get_submodule(path if hasattr(encoder, "text_model") else path[len("text_model.") :])
 
 
 def write_lora(pipe, path, peft=False):
@@ -98,8 +106,9 @@ def test_text_keys_at_strength_zero_are_the_identity(tmp_path):
     pipe = tiny_pipe()
     write_lora(pipe, tmp_path / "lora.safetensors")
     base = encode(pipe)
-    mem, _ = membrane_from_file(pipe.unet, str(tmp_path / "lora.safetensors"), 0.0, transport=False, kind="lora",
-                                pipe=pipe)
+    mem, _ = membrane_from_file(
+        pipe.unet, str(tmp_path / "lora.safetensors"), 0.0, transport=False, kind="lora", pipe=pipe
+    )
     with DiffusersMembranes(pipe, loras=[mem]):
         assert torch.equal(encode(pipe), base)
 

@@ -1,4 +1,5 @@
 """Facilitated transport on hand-made embeddings: known cosines and token overlaps give the exact m."""
+
 import math
 
 import pytest
@@ -6,9 +7,9 @@ import torch
 
 from erasers.errors import EmptyConceptList, EraserError
 from erasers.membranes.spm import GATE_FT, Gate, Membrane, RateCache
-from erasers_dev.testing import ToyTextEncoder
-from erasers.text import PromptEncoding
 from erasers.membranes.transport import concept_scores, permeability, special_token_ids, token_overlap
+from erasers.text import PromptEncoding
+from erasers_dev.testing import ToyTextEncoder
 
 BOS, EOS = 1, 2
 T, D = 4, 3
@@ -31,8 +32,9 @@ def at_angle(cos):
 
 def test_score_is_max_of_cosine_and_overlap():
     concept = enc([unit(0)], [[BOS, 10, 11, EOS]])
-    prompts = enc([at_angle(0.3), at_angle(0.8), at_angle(0.3)],
-                  [[BOS, 10, 20, EOS], [BOS, 10, 20, EOS], [BOS, 30, EOS]])
+    prompts = enc(
+        [at_angle(0.3), at_angle(0.8), at_angle(0.3)], [[BOS, 10, 20, EOS], [BOS, 10, 20, EOS], [BOS, 30, EOS]]
+    )
     m = permeability(prompts, concept)[:, 0]
     torch.testing.assert_close(m, torch.tensor([0.5, 0.8, 0.3], dtype=torch.float64))
 

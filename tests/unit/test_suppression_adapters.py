@@ -1,9 +1,9 @@
 """Host adapters driven with fake transformer_options (no ComfyUI): DiT dispatch, wrappers, helpers."""
+
 import torch
+from pack_import import pack_module as load
 
 from erasers.guards import token_suppress as ts
-
-from pack_import import pack_module as load
 
 hooks = load("nodes.suppression_hooks")
 
@@ -19,9 +19,11 @@ def test_cond_rows_and_state_copy():
 
 
 def test_unet_sites_from_keys():
-    keys = ["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
-            "diffusion_model.middle_block.1.transformer_blocks.2.attn2.to_k.weight",
-            "output_blocks.11.1.transformer_blocks.0.attn2.to_v.weight"]
+    keys = [
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+        "diffusion_model.middle_block.1.transformer_blocks.2.attn2.to_k.weight",
+        "output_blocks.11.1.transformer_blocks.0.attn2.to_v.weight",
+    ]
     assert hooks.unet_attn2_sites(keys) == [("input", 1, 0), ("middle", 0, 2)]
 
 
@@ -29,9 +31,9 @@ def fake_flux_double_block(q, k, v, heads):
     """Stands for a Flux double block: joint attention over cat(txt, img) through the host's wrap_attn."""
 
     def host_attention(q, k, v, heads, mask=None, skip_reshape=False, **kw):
-        b, h, l, d = q.shape
+        b, h, length, d = q.shape
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return out.transpose(1, 2).reshape(b, l, h * d)
+        return out.transpose(1, 2).reshape(b, length, h * d)
 
     def original_block(args):
         to = args["transformer_options"]
@@ -50,8 +52,12 @@ def test_dit_token_bias_only_touches_image_rows_of_the_positive_branch():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, T + N, D, generator=gen) for _ in range(3))
     block = fake_flux_double_block(q, k, v, H)
-    args = {"img": torch.zeros(B, N, 4), "txt": torch.zeros(B, T, 4), "vec": torch.zeros(B, 4),
-            "transformer_options": {}}
+    args = {
+        "img": torch.zeros(B, N, 4),
+        "txt": torch.zeros(B, T, 4),
+        "vec": torch.zeros(B, 4),
+        "transformer_options": {},
+    }
     plain = block(args)["img"]
     dispatch = hooks.DitDispatch("flux", "double", 0)
     assert torch.equal(dispatch(args, {"original_block": block})["img"], plain)  # no state → untouched
@@ -117,8 +123,10 @@ def test_dit_bias_folds_into_a_mask_the_model_brings():
     assert folded[1, 0, :T, 1:].eq(0).sum() == T * (T + N - 1) - 1  # text rows get no bias
     assert folded[0].isfinite().sum() == (T + N) ** 2 - 1  # the negative row: only the model's mask
     additive = torch.zeros(B, T + N, T + N)
-    assert torch.equal(hooks.DitDispatch.folded_mask(q, additive, bias, T, skip_reshape=True)[:, 0, T:, :T],
-                       bias[:, None, :].expand(B, N, T))
+    assert torch.equal(
+        hooks.DitDispatch.folded_mask(q, additive, bias, T, skip_reshape=True)[:, 0, T:, :T],
+        bias[:, None, :].expand(B, N, T),
+    )
 
 
 def test_dit_row_selection_is_a_view_for_consecutive_rows_and_a_gather_otherwise():

@@ -1,20 +1,20 @@
-import math
-
 import pytest
 import torch
-
-from erasers.guards import token_suppress as ts
-from erasers.config import ConfigError
-
 from pack_import import pack_module as load
+
+from erasers.config import ConfigError
+from erasers.guards import token_suppress as ts
 
 hooks = load("nodes.suppression_hooks")
 
 
 def qk(seed=0, B=2, Lq=16, T=10, heads=4, d=8):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, Lq, heads * d, generator=gen), torch.randn(B, T, heads * d, generator=gen),
-            torch.randn(B, T, heads * d, generator=gen))
+    return (
+        torch.randn(B, Lq, heads * d, generator=gen),
+        torch.randn(B, T, heads * d, generator=gen),
+        torch.randn(B, T, heads * d, generator=gen),
+    )
 
 
 @pytest.mark.parametrize("factor", [0.5, 0.1, 0.0])
@@ -69,7 +69,7 @@ def run_wrapper(sigma, concept_row=3, **cfg_kw):
     """Token wrapper + dispatcher on a fake block: returns (patched out, plain out, transformer_options seen)."""
     gen = torch.Generator().manual_seed(5)
     ctx = torch.randn(2, 8, 16, generator=gen)
-    concept_tokens = ctx[1, concept_row:concept_row + 1] * 1.0  # the cond row's token 3 is "the concept"
+    concept_tokens = ctx[1, concept_row : concept_row + 1] * 1.0  # the cond row's token 3 is "the concept"
     cfg = ts.TokenSuppressConfig(concepts=["x"], **cfg_kw)
     wrapper = hooks.make_token_wrapper(cfg, concept_tokens, ctx[1:2], sigma_start=10.0, sigma_end=1.0)
     seen = {}
@@ -81,7 +81,9 @@ def run_wrapper(sigma, concept_row=3, **cfg_kw):
         plain = ts.attention(q, k, v, 4)
         host = lambda q, k, v, h, mask=None, **kw: ts.attention(q, k, v, h, mask)  # noqa: E731
         out = hooks.Attn2Dispatch(attention=host)(q, k, v, extra)
-        probs = ts.attention_probs(q, k, 4, (extra.get(hooks.STATE_KEY) or {}).get("token_bias", torch.zeros(2, 8))[:, None, None, :])
+        probs = ts.attention_probs(
+            q, k, 4, (extra.get(hooks.STATE_KEY) or {}).get("token_bias", torch.zeros(2, 8))[:, None, None, :]
+        )
         return out, plain, probs
 
     to = {"cond_or_uncond": [1, 0]}

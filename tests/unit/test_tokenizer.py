@@ -1,12 +1,13 @@
 """Finding CLIP's BPE tokenizer offline, and rebuilding it from the .txt.gz merges file."""
+
 import gzip
 import json
 import os
 
 import pytest
 
-from erasers_diffusers import tokenizer as tk
 from erasers.errors import MissingTokenizer
+from erasers_diffusers import tokenizer as tk
 
 MERGES = ["r e", "re d</w>", "s q", "sq u", "a r", "ar e</w>", "squ are</w>"]
 
@@ -21,7 +22,7 @@ def isolated(monkeypatch, tmp_path):
 
 
 def write_bpe_gz(path, merges, extra=0):
-    lines = ["\"bpe_simple_vocab_16e6.txt#version: 0.2"] + list(merges) + [f"x{i} y{i}" for i in range(extra)]
+    lines = ['"bpe_simple_vocab_16e6.txt#version: 0.2'] + list(merges) + [f"x{i} y{i}" for i in range(extra)]
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
 
@@ -86,8 +87,14 @@ def test_missing_tokenizer_says_what_and_how(tmp_path):
     with pytest.raises(MissingTokenizer) as info:
         tk.find_tokenizer_dir(comfyui_path=str(tmp_path / "no_comfy"))
     message = str(info.value)
-    for fragment in ("vocab.json", "merges.txt", "--tokenizer DIR", "COMFYUI_PATH", "diffusers",
-                     str(tmp_path / "no_comfy")):
+    for fragment in (
+        "vocab.json",
+        "merges.txt",
+        "--tokenizer DIR",
+        "COMFYUI_PATH",
+        "diffusers",
+        str(tmp_path / "no_comfy"),
+    ):
         assert fragment in message
     with pytest.raises(MissingTokenizer, match="--tokenizer"):
         tk.find_tokenizer_dir(tokenizer_dir=str(tmp_path))  # an explicit folder without files is an error

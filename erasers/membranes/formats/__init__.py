@@ -5,6 +5,7 @@ Every module has ``NAME``, ``TITLE``, ``recognise(tensors, metadata) -> bool`` a
 ``model_keys`` maps canonical keys (plus ``te.<encoder>.…`` text keys) to shapes or tensors.
 Order matters: the most specific layouts come first.
 """
+
 from __future__ import annotations
 
 from ...errors import UnknownFormat

@@ -6,6 +6,7 @@ slice of a fused matrix (ComfyUI's partial-tensor patch key), or ``te.<encoder>.
 text-encoder weight (encoder ``clip_l`` / ``clip_g`` / ``clip_h``). A delta is a ``LowRankDelta`` with
 the α/r scale folded into ``up`` (2-D even for convolutions: reshape on apply), or a dense tensor.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,10 +27,18 @@ LayerDeltas = dict
 
 #: (suffix, role) of every low-rank factor spelling the converters read
 FACTOR_SUFFIXES = (
-    (".lora_up.weight", "up"), (".lora_down.weight", "down"), (".lora_B.weight", "up"), (".lora_A.weight", "down"),
-    (".lora.up.weight", "up"), (".lora.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
-    (".lora_linear_layer.down.weight", "down"), (".lora_B.default.weight", "up"),
-    (".lora_A.default.weight", "down"), ("_lora.up.weight", "up"), ("_lora.down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora_down.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_B.default.weight", "up"),
+    (".lora_A.default.weight", "down"),
+    ("_lora.up.weight", "up"),
+    ("_lora.down.weight", "down"),
     (".alpha", "alpha"),
 )
 TEXT_PREFIX = "te."
@@ -51,7 +60,8 @@ class ConversionReport:
     def summary(self) -> str:
         text = f"{self.format}: {len(self.matched)} layer(s) matched"
         if self.unmatched:
-            text += f", {len(self.unmatched)} key(s) unmatched: {self.unmatched[:6]}{' …' if len(self.unmatched) > 6 else ''}"
+            more = " …" if len(self.unmatched) > 6 else ""
+            text += f", {len(self.unmatched)} key(s) unmatched: {self.unmatched[:6]}{more}"
         return text + "".join(f"; {n}" for n in self.notes)
 
 
@@ -90,7 +100,7 @@ def delta_shape2d(delta) -> tuple:
 
 def target_shape(key, shapes: Mapping[str, tuple]) -> Optional[tuple]:
     """2-D shape a delta under ``key`` must have (a row slice for partial keys)."""
-    name, offset = (key if isinstance(key, tuple) else (key, None))
+    name, offset = key if isinstance(key, tuple) else (key, None)
     if name not in shapes:
         return None
     out, inn = shape2d(shapes[name])
@@ -130,8 +140,11 @@ def check_fit(deltas: Mapping, shapes: Mapping[str, tuple], report: ConversionRe
             f"do not fit. Use a {fam_model.label} version of it (SD1.x, SD2.x and SDXL files are not "
             f"interchangeable)."
         )
-    bad = [(k, delta_shape2d(d), target_shape(k, shapes)) for k, d in deltas.items()
-           if target_shape(k, shapes) is not None and delta_shape2d(d) != target_shape(k, shapes)]
+    bad = [
+        (k, delta_shape2d(d), target_shape(k, shapes))
+        for k, d in deltas.items()
+        if target_shape(k, shapes) is not None and delta_shape2d(d) != target_shape(k, shapes)
+    ]
     if bad:
         fams = f" (file: {fam_file.label}, model: {fam_model.label if fam_model else 'unknown'})" if fam_file else ""
         raise FamilyMismatch(
@@ -146,8 +159,12 @@ def check_fit(deltas: Mapping, shapes: Mapping[str, tuple], report: ConversionRe
             f"{report.unmatched[:8]}{' …' if len(report.unmatched) > 8 else ''}."
         )
     if report.unmatched:
-        log.warning("%s: %d key(s) match no layer of the model and are ignored: %s", source,
-                    len(report.unmatched), report.unmatched[:10])
+        log.warning(
+            "%s: %d key(s) match no layer of the model and are ignored: %s",
+            source,
+            len(report.unmatched),
+            report.unmatched[:10],
+        )
 
 
 def kohya_unet_table(shapes: Mapping[str, tuple]) -> dict:
@@ -169,12 +186,15 @@ def text_encoders(shapes: Mapping[str, tuple]) -> list:
 def kohya_text_table(shapes: Mapping[str, tuple]) -> dict:
     """``lora_te_…`` / ``lora_te1_…`` / ``lora_te2_…`` → canonical text key (``te.<enc>.<HF path>``)."""
     encs = text_encoders(shapes)
-    prefixes = {"clip_l": "lora_te1_", "clip_g": "lora_te2_"} if {"clip_l", "clip_g"} <= set(encs) else \
-        {enc: "lora_te_" for enc in encs}
+    prefixes = (
+        {"clip_l": "lora_te1_", "clip_g": "lora_te2_"}
+        if {"clip_l", "clip_g"} <= set(encs)
+        else {enc: "lora_te_" for enc in encs}
+    )
     table = {}
     for key in shapes:
         if key.startswith(TEXT_PREFIX) and key.endswith(".weight"):
-            enc, path = key[len(TEXT_PREFIX):].split(".", 1)
+            enc, path = key[len(TEXT_PREFIX) :].split(".", 1)
             if enc in prefixes:
                 flat = path[: -len(".weight")].replace(".", "_")
                 table[prefixes[enc] + flat] = key
@@ -188,14 +208,16 @@ def is_text_stem(stem: str) -> bool:
 
 
 WEIGHT_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "unet.")
-UNET_NAME = re.compile(r"^(down_blocks|up_blocks|mid_block|conv_in|conv_out|conv_norm_out|time_embedding|"
-                       r"add_embedding|input_blocks|middle_block|output_blocks|time_embed|out|label_emb)\.")
+UNET_NAME = re.compile(
+    r"^(down_blocks|up_blocks|mid_block|conv_in|conv_out|conv_norm_out|time_embedding|"
+    r"add_embedding|input_blocks|middle_block|output_blocks|time_embed|out|label_emb)\."
+)
 
 
 def strip_weight_prefix(name: str) -> str:
     for prefix in WEIGHT_FILE_PREFIXES:
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return name
 
 
@@ -212,8 +234,10 @@ def resolve_weight_name(name: str, shapes: Mapping[str, tuple]) -> Optional[str]
 def replacement_deltas(tensors, model_keys, report: ConversionReport, source: str) -> dict:
     """Replacement weights → W_file − W_model (float32, CPU), for files that store edited weights."""
     if not all(hasattr(v, "shape") and hasattr(v, "dtype") for v in model_keys.values()):
-        raise UnknownKeys(f"{source} holds replacement weights ({report.format}); converting it needs the model's "
-                          f"weights, not only its key names.")
+        raise UnknownKeys(
+            f"{source} holds replacement weights ({report.format}); converting it needs the model's "
+            f"weights, not only its key names."
+        )
     shapes = model_shapes(model_keys)
     deltas = {}
     for name in sorted(tensors):

@@ -5,13 +5,14 @@ canonical Flux layout fuses q/k/v, so ``add_k_proj`` lands on rows [H, 2H) of
 ``double_blocks.{i}.txt_attn.qkv.weight``: the delta is stored under the partial key
 ``(key, (0, H, H))``, the same form ComfyUI's ``add_patches`` takes.
 """
+
 from __future__ import annotations
 
 import re
 
+from ...files.families import Family
 from ...files.keys import flux_diffusers_to_canonical
 from ._common import ConversionReport, check_fit, group_factors, lowrank_from_factors, model_shapes
-from ...files.families import Family
 
 NAME = "eraseanything"
 TITLE = "EraseAnything / diffusers Flux LoRA (transformer.transformer_blocks.…)"
@@ -20,8 +21,12 @@ _FLUX_STEM = re.compile(r"^(transformer\.)?(single_)?transformer_blocks\.\d+\.")
 
 def recognise(tensors, metadata) -> bool:
     groups, rest = group_factors(tensors)
-    return bool(groups) and not rest and all(_FLUX_STEM.match(s) or s.startswith("transformer.") for s in groups) \
+    return (
+        bool(groups)
+        and not rest
+        and all(_FLUX_STEM.match(s) or s.startswith("transformer.") for s in groups)
         and any(_FLUX_STEM.match(s) for s in groups)
+    )
 
 
 def flux_hidden(shapes) -> int:
@@ -34,7 +39,7 @@ def convert_flux_groups(groups, shapes, report) -> dict:
     deltas = {}
     for stem in sorted(groups):
         parts = groups[stem]
-        module = stem[len("transformer."):] if stem.startswith("transformer.") else stem
+        module = stem[len("transformer.") :] if stem.startswith("transformer.") else stem
         mapped = flux_diffusers_to_canonical(module, hidden)
         if mapped is None or mapped[0] not in shapes or not {"up", "down"} <= set(parts):
             report.unmatched.append(stem)

@@ -5,6 +5,7 @@ VAE and text-encoder keys). They become deltas W_file − W_model; unchanged wei
 ``rank`` set, every 2-D/conv delta is replaced by its best rank-``rank`` approximation (truncated SVD) and
 the worst relative Frobenius error is reported — the printed price of a small file.
 """
+
 from __future__ import annotations
 
 import logging

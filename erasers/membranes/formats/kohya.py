@@ -5,6 +5,7 @@ SPM); both are resolved against the model's own keys, never by undoing the ``_``
 A layer may instead carry a dense ``<stem>.diff`` (the stock key ComfyUI's LoRA loader reads as a full
 weight difference): this pack's own eraser files use it for full-rank closed-form edits saved exactly.
 """
+
 from __future__ import annotations
 
 from ._common import (
@@ -29,8 +30,11 @@ DIFF_SUFFIX = ".diff"
 
 def split_diffs(tensors):
     """Dense ``<stem>.diff`` entries (stem → tensor) and the remaining tensors."""
-    diffs = {k[: -len(DIFF_SUFFIX)]: v for k, v in tensors.items()
-             if k.endswith(DIFF_SUFFIX) and k.startswith(STEM_PREFIXES)}
+    diffs = {
+        k[: -len(DIFF_SUFFIX)]: v
+        for k, v in tensors.items()
+        if k.endswith(DIFF_SUFFIX) and k.startswith(STEM_PREFIXES)
+    }
     rest = {k: v for k, v in tensors.items() if not (k.endswith(DIFF_SUFFIX) and k[: -len(DIFF_SUFFIX)] in diffs)}
     return diffs, rest
 

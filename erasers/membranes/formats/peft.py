@@ -4,6 +4,7 @@
 ComfyUI's own loader silently skips the modern ``unet.…lora_A`` spelling (comfyui_host.md §5.3); here
 every name is mapped to the canonical key through the diffusers ↔ LDM tables.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ def recognise(tensors, metadata) -> bool:
 
 def unet_module(stem: str) -> str:
     """Strip the ``unet.`` prefix and old attention-processor spellings down to the module path."""
-    path = stem[len("unet."):]
+    path = stem[len("unet.") :]
     match = _OLD_PROC.search(path)
     if match:
         out = ".0" if match.group(1) == "to_out" else ""
@@ -82,8 +83,11 @@ def convert(tensors, metadata, model_keys, source: str = "the LoRA", **_):
         if stem.startswith("unet."):
             candidates = diffusers_unet_candidates(unet_module(stem) + ".weight")
         else:
-            enc = "clip_g" if stem.startswith("text_encoder_2.") else ("clip_l" if "clip_l" in encs else
-                                                                       (encs[0] if encs else "clip_l"))
+            enc = (
+                "clip_g"
+                if stem.startswith("text_encoder_2.")
+                else ("clip_l" if "clip_l" in encs else (encs[0] if encs else "clip_l"))
+            )
             candidates = [f"{TEXT_PREFIX}{enc}.{stem.split('.', 1)[1]}.weight"]
         key = next((c for c in candidates if c in shapes), None)
         if key is None or not {"up", "down"} <= set(parts):

@@ -5,6 +5,7 @@ Rank-1 kohya keys ``lora_unet_<diffusers path>`` on the 12 Linear/1×1-conv laye
 metadata ``prompts`` (comma-joined concepts), ``rank``, ``alpha``. The per-module ``alpha`` tensor is
 used (identical to the metadata in every official file).
 """
+
 from __future__ import annotations
 
 import re
@@ -16,10 +17,14 @@ NAME = "spm"
 TITLE = "SPM membrane (Con6924/SPM layout)"
 
 #: the 12 target suffixes inside a transformer, spm.md §2.2 (selected by module path, never class name)
-SPM_TARGET = re.compile(r"_(proj_in|proj_out|transformer_blocks_\d+_(attn[12]_to_(q|k|v|out_0)|ff_net_0_proj|"
-                        r"ff_net_2))$")
-CONTAINER = re.compile(r"^lora_unet_((down|up)_blocks_\d+_attentions_\d+|mid_block_attentions_0|"
-                       r"(input|output)_blocks_\d+_1|middle_block_1)_")
+SPM_TARGET = re.compile(
+    r"_(proj_in|proj_out|transformer_blocks_\d+_(attn[12]_to_(q|k|v|out_0)|ff_net_0_proj|"
+    r"ff_net_2))$"
+)
+CONTAINER = re.compile(
+    r"^lora_unet_((down|up)_blocks_\d+_attentions_\d+|mid_block_attentions_0|"
+    r"(input|output)_blocks_\d+_1|middle_block_1)_"
+)
 
 
 def is_spm_stem(stem: str) -> bool:
@@ -33,8 +38,11 @@ def concepts_from_metadata(metadata) -> list:
 
 def recognise(tensors, metadata) -> bool:
     groups, rest = group_factors(tensors)
-    if not groups or rest or not all(stem.startswith("lora_unet_") and {"up", "down"} <= set(p)
-                                     for stem, p in groups.items()):
+    if (
+        not groups
+        or rest
+        or not all(stem.startswith("lora_unet_") and {"up", "down"} <= set(p) for stem, p in groups.items())
+    ):
         return False
     if "prompts" in (metadata or {}):
         return True
@@ -59,15 +67,18 @@ def convert(tensors, metadata, model_keys, source: str = "the membrane", **_):
 
 
 # (diffusers container, channels, blocks per transformer) per family — spm.md §3.2 / §3.3
-_SD12_CONTAINERS = ([(f"down_blocks.{i}.attentions.{j}", c, 1) for i, c in ((0, 320), (1, 640), (2, 1280)) for j in (0, 1)]
-                    + [("mid_block.attentions.0", 1280, 1)]
-                    + [(f"up_blocks.{i}.attentions.{j}", c, 1) for i, c in ((1, 1280), (2, 640), (3, 320))
-                       for j in (0, 1, 2)])
-_SDXL_CONTAINERS = ([(f"down_blocks.1.attentions.{j}", 640, 2) for j in (0, 1)]
-                    + [(f"down_blocks.2.attentions.{j}", 1280, 10) for j in (0, 1)]
-                    + [("mid_block.attentions.0", 1280, 10)]
-                    + [(f"up_blocks.0.attentions.{j}", 1280, 10) for j in (0, 1, 2)]
-                    + [(f"up_blocks.1.attentions.{j}", 640, 2) for j in (0, 1, 2)])
+_SD12_CONTAINERS = (
+    [(f"down_blocks.{i}.attentions.{j}", c, 1) for i, c in ((0, 320), (1, 640), (2, 1280)) for j in (0, 1)]
+    + [("mid_block.attentions.0", 1280, 1)]
+    + [(f"up_blocks.{i}.attentions.{j}", c, 1) for i, c in ((1, 1280), (2, 640), (3, 320)) for j in (0, 1, 2)]
+)
+_SDXL_CONTAINERS = (
+    [(f"down_blocks.1.attentions.{j}", 640, 2) for j in (0, 1)]
+    + [(f"down_blocks.2.attentions.{j}", 1280, 10) for j in (0, 1)]
+    + [("mid_block.attentions.0", 1280, 10)]
+    + [(f"up_blocks.0.attentions.{j}", 1280, 10) for j in (0, 1, 2)]
+    + [(f"up_blocks.1.attentions.{j}", 640, 2) for j in (0, 1, 2)]
+)
 
 
 def official_modules(family) -> dict:

@@ -4,6 +4,7 @@ UCE's scripts save only the edited ``…attn2.to_k.weight`` / ``…attn2.to_v.we
 (sometimes with a ``unet.`` prefix). They are turned into deltas W_file − W_model against the loaded
 model, so a strength slider scales them and they stack with other patches.
 """
+
 from __future__ import annotations
 
 import re
