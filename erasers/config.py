@@ -3,10 +3,12 @@
 The same dict goes into eraser-file metadata, ComfyUI workflow ``extra`` metadata and A1111 infotext, so
 an image or a file always says exactly how its eraser was made.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -83,8 +85,10 @@ class EraserConfig(SerialisedConfig):
                 f"Expected one anchor for all concepts or one per concept ({len(self.concepts)}), found "
                 f"{len(self.anchors)}. Give a single anchor (e.g. 'art') or one per line in the same order."
             )
-        if self.rank_cap is not None and int(self.rank_cap) < 1:
-            raise ConfigError(f"rank_cap must be ≥ 1 or empty, found {self.rank_cap}.")
+        if self.rank_cap is not None and (
+            isinstance(self.rank_cap, bool) or not isinstance(self.rank_cap, int) or self.rank_cap < 1
+        ):
+            raise ConfigError(f"rank_cap must be a whole number ≥ 1 or empty, found {self.rank_cap!r}.")
         erased = {c.lower() for c in self.concepts}
         clash = [p for p in self.preserve if p.lower() in erased]
         if clash:
@@ -92,8 +96,9 @@ class EraserConfig(SerialisedConfig):
 
     def _check_positive(self, **values) -> None:
         for name, value in values.items():
-            if value is None or not (value >= 0) or value != value:
-                raise ConfigError(f"{self.method}: {name} must be a number ≥ 0, found {value!r}.")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{self.method}: {name} must be a finite number ≥ 0, found {value!r}.")
 
     def anchors_for_concepts(self, default: str) -> list:
         """One anchor per concept (broadcasting a single one; the method's default when none is given)."""
@@ -113,6 +118,7 @@ class EraserConfig(SerialisedConfig):
 
 def describe(config: EraserConfig) -> str:
     """One-line human summary, e.g. for logs and infotext."""
-    extra: dict[str, Any] = {k: v for k, v in config.to_dict().items()
-                             if k not in ("method", "concepts", "anchors", "preserve")}
+    extra: dict[str, Any] = {
+        k: v for k, v in config.to_dict().items() if k not in ("method", "concepts", "anchors", "preserve")
+    }
     return f"{config.method}: erase {config.concepts} → {config.anchors or 'default'}; {extra}"

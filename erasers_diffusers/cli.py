@@ -7,6 +7,7 @@ Extending it:
     taking the remaining argv list and returning an exit code: ``python -m erasers bench NAME [args…]``.
 Errors the pack raises (``erasers.errors.EraserError``) print as one line on stderr, exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ def resolve(target: Union[str, Callable]) -> Callable:
 
 # -- erase ----------------------------------------------------------------------------------------------
 
+
 def parse_value(text: str, annotation: str):
     """``--param`` value → the dataclass field's type (annotations are strings under postponed evaluation)."""
     kind = str(annotation)
@@ -78,16 +80,23 @@ def build_config(method_name: str, concepts, anchors, preserve, concept_type, ra
 
     method = get_method(method_name)
     fields = {f.name: f.type for f in dataclasses.fields(method.config_class)}
-    data = {"concepts": concepts, "anchors": anchors, "preserve": preserve, "concept_type": concept_type,
-            "rank_cap": rank_cap}
+    data = {
+        "concepts": concepts,
+        "anchors": anchors,
+        "preserve": preserve,
+        "concept_type": concept_type,
+        "rank_cap": rank_cap,
+    }
     for item in params or []:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise EraserError(f"--param expects key=value, found '{item}'.")
         if key not in fields or key in ("concepts", "anchors", "preserve"):
-            raise EraserError(f"{method.name} has no parameter '{key}'. Its parameters: "
-                              f"{', '.join(k for k in fields if k not in ('concepts', 'anchors', 'preserve'))}.")
+            raise EraserError(
+                f"{method.name} has no parameter '{key}'. Its parameters: "
+                f"{', '.join(k for k in fields if k not in ('concepts', 'anchors', 'preserve'))}."
+            )
         data[key] = parse_value(value.strip(), fields[key])
     return method.config_class.from_dict(data)
 
@@ -104,18 +113,20 @@ def read_list_file(path: Optional[str]) -> list:
 def load_diffusers_folder(folder: str):
     """A pipeline-like object with the denoiser, tokenizers and text encoders of a diffusers folder."""
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise BadEraserFile(f"'{folder}' is not a diffusers model folder (no model_index.json). Pass the folder "
-                            f"that holds model_index.json, unet/ (or transformer/), text_encoder/, tokenizer/.")
+        raise BadEraserFile(
+            f"'{folder}' is not a diffusers model folder (no model_index.json). Pass the folder "
+            f"that holds model_index.json, unet/ (or transformer/), text_encoder/, tokenizer/."
+        )
     with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as handle:
         index = json.load(handle)
     if "unet" not in index:
         from diffusers import DiffusionPipeline
 
         return DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    import transformers
     from types import SimpleNamespace
 
     import diffusers
+    import transformers
 
     parts = {}
     for name in ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
@@ -127,14 +138,30 @@ def load_diffusers_folder(folder: str):
     return SimpleNamespace(**parts)
 
 
+def model_files(source: str) -> tuple:
+    """The files an eraser is computed from (a checkpoint, or every file of a diffusers folder): never outputs."""
+    if os.path.isdir(source):
+        return tuple(os.path.join(root, name) for root, _, names in os.walk(source) for name in names)
+    return (source,)
+
+
 def cmd_erase(args) -> int:
     from erasers.edits.eraser import compute_eraser
     from erasers.files.eraser_file import save_eraser
+    from erasers.files.writing import check_output_path
 
     concepts = list(args.concept or []) + read_list_file(args.concepts_file)
     preserve = list(args.preserve or []) + read_list_file(args.preserve_file)
-    config = build_config(args.method, concepts, args.anchor or [], preserve, args.concept_type, args.rank_cap,
-                          args.param)
+    config = build_config(
+        args.method, concepts, args.anchor or [], preserve, args.concept_type, args.rank_cap, args.param
+    )
+    out = args.out
+    if os.path.isdir(out):
+        out = None  # a folder: the file name comes from the eraser, checked when it is written
+    elif not out.endswith(".safetensors"):
+        out += ".safetensors"
+    if out:  # before any model is read: a refused output costs nothing
+        check_output_path(out, model_files(args.checkpoint or args.diffusers), overwrite=args.force)
     started = time.perf_counter()
     if args.checkpoint:
         from .checkpoint import load_checkpoint
@@ -153,20 +180,32 @@ def cmd_erase(args) -> int:
         print(f"  encoded {done}/{total} concepts", file=sys.stderr)
 
     eraser = compute_eraser(config, encoder, weights, family, progress=progress if len(concepts) > 64 else None)
-    path = save_eraser(eraser, args.out, exact=args.exact, tolerance=args.file_tolerance)
+    path = save_eraser(
+        eraser,
+        args.out,
+        exact=args.exact,
+        tolerance=args.file_tolerance,
+        overwrite=args.force,
+        inputs=model_files(args.checkpoint or args.diffusers),
+    )
     t = eraser.timings
     ranks = sorted({d.rank for d in eraser.deltas.values()})
     rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
-    print(f"{eraser.method} eraser for {family.label} ({os.path.basename(source)}): {len(eraser.concepts)} "
-          f"concept(s), {len(eraser.deltas)} layers, rank {rank}")
-    print(f"load {loaded - started:.2f} s, text encoding {t.get('encode_s', 0):.2f} s, solve "
-          f"{t.get('solve_s', 0):.2f} s" + (f", rank-cap error {eraser.reconstruction_error:.3g}"
-                                           if config.rank_cap else ""))
+    print(
+        f"{eraser.method} eraser for {family.label} ({os.path.basename(source)}): {len(eraser.concepts)} "
+        f"concept(s), {len(eraser.deltas)} layers, rank {rank}"
+    )
+    print(
+        f"load {loaded - started:.2f} s, text encoding {t.get('encode_s', 0):.2f} s, solve "
+        f"{t.get('solve_s', 0):.2f} s"
+        + (f", rank-cap error {eraser.reconstruction_error:.3g}" if config.rank_cap else "")
+    )
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
     return 0
 
 
 # -- info -----------------------------------------------------------------------------------------------
+
 
 def cmd_info(args) -> int:
     from erasers.files.eraser_file import load_eraser
@@ -180,13 +219,26 @@ def cmd_info(args) -> int:
         kinds[kind] = kinds.get(kind, 0) + 1
     params = {k: v for k, v in eraser.config.items() if k not in ("method", "concepts", "anchors", "preserve")}
     if args.json:
-        print(json.dumps({"file": args.file, "size_bytes": size, "method": eraser.method,
-                          "family": eraser.family.value, "concepts": eraser.concepts,
-                          "anchors": eraser.config.get("anchors", []), "preserve": eraser.config.get("preserve", []),
-                          "parameters": params, "layers": {k: d.rank for k, d in sorted(eraser.deltas.items())},
-                          "pack_version": eraser.pack_version, "base_fingerprint": eraser.base_fingerprint,
-                          "reconstruction_error": eraser.reconstruction_error},
-                         ensure_ascii=False, indent=1))
+        print(
+            json.dumps(
+                {
+                    "file": args.file,
+                    "size_bytes": size,
+                    "method": eraser.method,
+                    "family": eraser.family.value,
+                    "concepts": eraser.concepts,
+                    "anchors": eraser.config.get("anchors", []),
+                    "preserve": eraser.config.get("preserve", []),
+                    "parameters": params,
+                    "layers": {k: d.rank for k, d in sorted(eraser.deltas.items())},
+                    "pack_version": eraser.pack_version,
+                    "base_fingerprint": eraser.base_fingerprint,
+                    "reconstruction_error": eraser.reconstruction_error,
+                },
+                ensure_ascii=False,
+                indent=1,
+            )
+        )
         return 0
     print(f"file:        {args.file} ({size / 1e6:.2f} MB)")
     print(f"method:      {eraser.method}")
@@ -196,12 +248,16 @@ def cmd_info(args) -> int:
     print(f"preserve:    {', '.join(eraser.config.get('preserve', [])) or '(none)'}")
     print(f"parameters:  {json.dumps(params, ensure_ascii=False, sort_keys=True)}")
     low, high = min(ranks, default=0), max(ranks, default=0)
-    print(f"edits:       {len(eraser.deltas)} layers ({', '.join(f'{n}× {k}' for k, n in sorted(kinds.items()))}), "
-          f"rank {low if low == high else f'{low}–{high}'}")
+    print(
+        f"edits:       {len(eraser.deltas)} layers ({', '.join(f'{n}× {k}' for k, n in sorted(kinds.items()))}), "
+        f"rank {low if low == high else f'{low}–{high}'}"
+    )
     print(f"made by:     concept-erasers {eraser.pack_version}; base fingerprint {eraser.base_fingerprint[:16]}")
     if eraser.reconstruction_error:
-        print(f"stored:      approximately: worst relative error of a layer's delta {eraser.reconstruction_error:.3g} "
-              f"(rank cap or truncated SVD; see the eraser.storage metadata)")
+        print(
+            f"stored:      approximately: worst relative error of a layer's delta {eraser.reconstruction_error:.3g} "
+            f"(rank cap or truncated SVD; see the eraser.storage metadata)"
+        )
     if args.layers:
         for key, delta in sorted(eraser.deltas.items()):
             print(f"  {key}  {delta.shape[0]}×{delta.shape[1]}  rank {delta.rank}")
@@ -209,6 +265,7 @@ def cmd_info(args) -> int:
 
 
 # -- bench ----------------------------------------------------------------------------------------------
+
 
 def cmd_bench(args) -> int:
     if args.name not in BENCHES:
@@ -218,36 +275,69 @@ def cmd_bench(args) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------------
 
+
 def add_erase(subparsers) -> None:
     from erasers.config import EraserConfig
-    from erasers.files.eraser_file import FILE_TOLERANCE
     from erasers.edits.methods import METHODS
+    from erasers.files.eraser_file import FILE_TOLERANCE
 
-    p = subparsers.add_parser("erase", help="compute an eraser from a checkpoint and save it",
-                              description="Compute a closed-form eraser on a model and write it as a "
-                                          ".safetensors file (kohya LoRA layout).")
+    p = subparsers.add_parser(
+        "erase",
+        help="compute an eraser from a checkpoint and save it",
+        description="Compute a closed-form eraser on a model and write it as a .safetensors file (kohya LoRA layout).",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="FILE", help="single-file SD1.x/SD2.x/SDXL .safetensors checkpoint")
     src.add_argument("--diffusers", metavar="DIR", help="diffusers model folder (with model_index.json)")
     p.add_argument("--method", default="uce", choices=sorted(METHODS), help="closed-form method (default uce)")
     p.add_argument("--concept", action="append", metavar="TEXT", help="a concept to erase (repeatable)")
     p.add_argument("--concepts-file", metavar="FILE", help="more concepts, one per line")
-    p.add_argument("--anchor", action="append", metavar="TEXT",
-                   help="what to map the concept to: one for all, or one per --concept (default: method's)")
+    p.add_argument(
+        "--anchor",
+        action="append",
+        metavar="TEXT",
+        help="what to map the concept to: one for all, or one per --concept (default: method's)",
+    )
     p.add_argument("--preserve", action="append", metavar="TEXT", help="a concept to keep unchanged (repeatable)")
     p.add_argument("--preserve-file", metavar="FILE", help="more concepts to preserve, one per line")
-    p.add_argument("--concept-type", default="object", choices=EraserConfig.CONCEPT_TYPES,
-                   help="picks the published defaults (default object)")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE",
-                   help="advanced method parameter, e.g. lam=0.5 or variant=2023 (repeatable)")
-    p.add_argument("--rank-cap", type=int, metavar="N", help="truncate each layer's delta to rank N (prints the error)")
-    p.add_argument("--exact", action="store_true",
-                   help="write full-rank deltas (RECE, MACE) densely and exactly instead of as truncated SVDs")
-    p.add_argument("--file-tolerance", type=float, default=FILE_TOLERANCE, metavar="TOL",
-                   help=f"relative error per layer allowed when a full-rank delta is written as a truncated SVD "
-                        f"(default {FILE_TOLERANCE:g}; the computed edit itself stays exact)")
+    p.add_argument(
+        "--concept-type",
+        default="object",
+        choices=EraserConfig.CONCEPT_TYPES,
+        help="picks the published defaults (default object)",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="advanced method parameter, e.g. lam=0.5 or variant=2023 (repeatable)",
+    )
+    p.add_argument(
+        "--rank-cap", type=int, metavar="N", help="truncate each layer's delta to rank N (prints the error)"
+    )
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="write full-rank deltas (RECE, MACE) densely and exactly instead of as truncated SVDs",
+    )
+    p.add_argument(
+        "--file-tolerance",
+        type=float,
+        default=FILE_TOLERANCE,
+        metavar="TOL",
+        help=f"relative error per layer allowed when a full-rank delta is written as a truncated SVD "
+        f"(default {FILE_TOLERANCE:g}; the computed edit itself stays exact)",
+    )
     p.add_argument("--tokenizer", metavar="DIR", help="folder with CLIP's vocab.json + merges.txt (single files)")
-    p.add_argument("--out", required=True, metavar="FILE", help="output .safetensors path")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="output .safetensors path, or an existing folder (the file is named after the method and concept)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace --out if it exists (never the model it was computed from)"
+    )
     p.set_defaults(func=cmd_erase)
 
 
@@ -257,15 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_erase(subparsers)
-    p = subparsers.add_parser("info", help="print an eraser file's metadata and what it edits",
-                              description="Print an eraser file's metadata and what it edits.")
+    p = subparsers.add_parser(
+        "info",
+        help="print an eraser file's metadata and what it edits",
+        description="Print an eraser file's metadata and what it edits.",
+    )
     p.add_argument("file", help="eraser .safetensors file")
     p.add_argument("--layers", action="store_true", help="list every edited layer with its rank")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_info)
-    p = subparsers.add_parser("bench", help="run a benchmark and print its table",
-                              description=f"Run a benchmark: {', '.join(sorted(BENCHES))}. Arguments after the "
-                                          f"name go to the benchmark (e.g. 'bench closed-form --quick').")
+    p = subparsers.add_parser(
+        "bench",
+        help="run a benchmark and print its table",
+        description=f"Run a benchmark: {', '.join(sorted(BENCHES))}. Arguments after the "
+        f"name go to the benchmark (e.g. 'bench closed-form --quick').",
+    )
     p.add_argument("name", help=f"one of: {', '.join(sorted(BENCHES))}")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (--help for its own)")
     p.set_defaults(func=cmd_bench)

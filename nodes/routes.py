@@ -8,14 +8,15 @@ Files are served only from the registered model folders, through ``folder_paths.
 ``resolve_model_file`` has refused traversal, absolute paths, backslashes and unknown folders. Nothing
 here imports ComfyUI at module level: ``register_routes`` finds the running ``server.PromptServer`` lazily.
 """
+
 from __future__ import annotations
 
 import asyncio
-import sys
 import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 from ..erasers.errors import BadEraserFile, RefusedPath
@@ -52,15 +53,16 @@ def check_name(folder: str, name: str) -> None:
 def locate_model_file(folder: str, name: str, folder_paths):
     """``(full path, folder it was found in)``; ``folder="any"`` searches erasers, spm, loras in turn."""
     check_name(folder, name)
-    for candidate in (ALLOWED_FOLDERS if folder == ANY_FOLDER else (folder,)):
+    for candidate in ALLOWED_FOLDERS if folder == ANY_FOLDER else (folder,):
         if candidate not in folder_paths.folder_names_and_paths:
             continue
         full = folder_paths.get_full_path(candidate, name)
         if not full or not os.path.isfile(full):
             continue
-        # belt and braces: the joined path must lie inside one of the folder's directories
-        roots = [os.path.abspath(d) for d in folder_paths.get_folder_paths(candidate)]
-        target = os.path.abspath(full)
+        # belt and braces: the file, symlinks resolved, must lie inside one of the folder's directories
+        # (also resolved, so a models folder that is itself a link to another drive still works)
+        roots = [os.path.realpath(d) for d in folder_paths.get_folder_paths(candidate)]
+        target = os.path.realpath(full)
         if not any(os.path.commonpath([root, target]) == root for root in roots):
             raise RefusedPath(f"Refused '{name}': it resolves outside models/{candidate}.")
         return full, candidate
@@ -109,8 +111,12 @@ def load_presets(text_dir: Path = PRESET_DIR, json_dir: Path = PRESET_DIR) -> li
     for path in sorted(Path(text_dir).glob("*.txt")) if Path(text_dir).is_dir() else []:
         text = path.read_text(encoding="utf-8")
         comments = [line.strip().lstrip("#").strip() for line in text.splitlines() if line.strip().startswith("#")]
-        add(path.stem, parse_preset_text(text), " ".join(comments), path.relative_to(PACK_ROOT).as_posix()
-            if PACK_ROOT in path.parents else path.name)
+        add(
+            path.stem,
+            parse_preset_text(text),
+            " ".join(comments),
+            path.relative_to(PACK_ROOT).as_posix() if PACK_ROOT in path.parents else path.name,
+        )
     for path in sorted(Path(json_dir).glob("*.json")) if Path(json_dir).is_dir() else []:
         rel = path.relative_to(PACK_ROOT).as_posix() if PACK_ROOT in path.parents else path.name
         try:

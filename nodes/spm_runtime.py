@@ -9,6 +9,7 @@ registered once under ``WRAPPER_KEY``, read it at sampling time:
   (``cond_or_uncond`` says which chunk is positive; the same rate goes to the item's uncond row) and
   installs removable forward hooks that add ΔW(m)·x per row for exactly that call.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,7 @@ from ..erasers.membranes.formats import convert_file
 from ..erasers.membranes.hooks import MembraneHooks
 from ..erasers.membranes.spm import Membrane, RateCache, build_stacks
 from ..erasers.text import PromptEncoding
-from ..erasers.membranes.transport import permeability
+from .caches import BoundedCache, tensor_key
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,11 @@ class ComfyTextEncoder:
             hidden.append(self.clip.encode_from_tokens(tokens).float().cpu()[0])
             ids.append(self._ids(tokens))
         length = min(h.shape[0] for h in hidden)
-        return PromptEncoding(hidden=torch.stack([h[:length] for h in hidden]),
-                              lengths=torch.tensor([len(i) for i in ids]), token_ids=ids)
+        return PromptEncoding(
+            hidden=torch.stack([h[:length] for h in hidden]),
+            lengths=torch.tensor([len(i) for i in ids]),
+            token_ids=ids,
+        )
 
     def conditioning(self, prompt: str) -> torch.Tensor:
         """What CLIPTextEncode hands the sampler for this text (to recognise it later)."""
@@ -82,7 +86,8 @@ class MembraneSet:
         self.entries = tuple(entries)
         self.combination = combination
         self._stacks = None
-        self._rates = {}  # id of a positive cond tensor → (cond on CPU, rates)
+        # exact content of a positive cond → (cond on CPU, rates); bounded, a session queues many prompts
+        self._rates = BoundedCache(64)
         self._fallback = None
         self._last = None
 
@@ -93,8 +98,10 @@ class MembraneSet:
         """Append; ``combination`` None marks a gated LoRA (always linear), otherwise a membrane whose rule
         becomes the rule of every membrane in the chain (the last loader's choice wins)."""
         kind = "lora" if combination is None else "membrane"
-        return MembraneSet(self.entries + ((membrane, encoder, tuple(texts), kind),),
-                           self.combination if combination is None else combination)
+        return MembraneSet(
+            self.entries + ((membrane, encoder, tuple(texts), kind),),
+            self.combination if combination is None else combination,
+        )
 
     @property
     def membranes(self) -> list:
@@ -130,12 +137,14 @@ class MembraneSet:
             cpu = cond.detach().float().cpu()[0]
             text = self._match_text(cpu, texts, encoder, known)
             if text is None:
-                log.warning("Facilitated transport: the positive conditioning does not come from a prompt text in "
-                            "this workflow; scoring it by embedding cosine only (no token overlap).")
+                log.warning(
+                    "Facilitated transport: the positive conditioning does not come from a prompt text in "
+                    "this workflow; scoring it by embedding cosine only (no token overlap)."
+                )
                 rates = self.rates_from_hidden(cpu)
             else:
                 rates = self.rate_cache().rates([text])[0]
-            self._rates[id(cond)] = (cpu, rates)
+            self._rates[tensor_key(cpu)] = (cpu, rates)
 
     @staticmethod
     def _match_text(cpu, texts, encoder, known) -> Optional[str]:
@@ -164,19 +173,22 @@ class MembraneSet:
                 items = torch.stack([self._lookup(context[ci * per + j]) for j in range(per)])
                 break
         if items is None:
-            items = self._last if self._last is not None and self._last.shape[0] == per else \
-                torch.stack([self._lookup(context[j]) for j in range(per)])
+            items = (
+                self._last
+                if self._last is not None and self._last.shape[0] == per
+                else torch.stack([self._lookup(context[j]) for j in range(per)])
+            )
         self._last = items
         return items.repeat(chunks, 1)
 
     def _lookup(self, row: torch.Tensor) -> torch.Tensor:
         cpu = row.detach().float().cpu()
-        for ref, rates in self._rates.values():
+        for ref, rates in list(self._rates.values()):
             t = ref.shape[0]
             if cpu.shape[0] >= t and torch.allclose(cpu[:t], ref, rtol=1e-3, atol=1e-3):
                 return rates
         rates = self.rates_from_hidden(cpu)
-        self._rates[("row", len(self._rates))] = (cpu, rates)
+        self._rates[tensor_key(cpu)] = (cpu, rates)
         return rates
 
 
@@ -218,8 +230,10 @@ def attach(model_patcher, membrane: Membrane, encoder, texts, combination: Optio
     options = model_patcher.model_options.setdefault("transformer_options", {})
     current = options.get(MEMBRANES_KEY) or MembraneSet()
     options[MEMBRANES_KEY] = current.with_entry(membrane, encoder, texts, combination)
-    for kind, fn in ((ext.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
-                     (ext.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
+    for kind, fn in (
+        (ext.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
+        (ext.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper),
+    ):
         model_patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
         model_patcher.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
     return model_patcher
@@ -243,7 +257,9 @@ def load_file(path: str):
     """(tensors, metadata), cached by path and mtime (membranes are small; loaders run often)."""
     import os
 
-    stamp = (path, os.path.getmtime(path))
+    # the file's identity and exact modification time: a replaced or rewritten file is read again
+    info = os.stat(path)
+    stamp = (os.path.realpath(path), info.st_size, info.st_mtime_ns, info.st_ino)
     if stamp not in _FILE_CACHE:
         _FILE_CACHE.clear()
         _FILE_CACHE[stamp] = read_safetensors(path)

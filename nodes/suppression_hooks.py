@@ -15,6 +15,7 @@ Nothing here imports ComfyUI at module level, so the unit tests drive these obje
 
 Several methods compose: their wrappers chain, and the dispatchers apply every op found in the state.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,6 +27,7 @@ from ..erasers.guards import attention_lse as lse
 from ..erasers.guards import concept_guidance as cg
 from ..erasers.guards import token_suppress as ts
 from ..erasers.guards.base import in_window, log_gate, risk_score
+from .caches import BoundedCache, tensor_key
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +82,11 @@ class GateLog:
     """Logs a method's risk score once per distinct prompt (not once per step)."""
 
     def __init__(self, method: str, threshold: float):
-        self.method, self.threshold, self.seen = method, threshold, {}
+        # exact-content keys: a rounded sum could give one prompt another's decision
+        self.method, self.threshold, self.seen = method, threshold, BoundedCache(256)
 
     def __call__(self, row: torch.Tensor, concept_hidden: torch.Tensor, skip_first: bool = True) -> bool:
-        key = (tuple(row.shape), round(float(row.float().sum()), 3))
+        key = tensor_key(row)
         if key not in self.seen:
             score = risk_score(row, concept_hidden.to(row.device), skip_first=skip_first)
             self.seen[key] = log_gate(self.method, score, self.threshold)
@@ -105,9 +108,16 @@ def host_attention():
 # -- token suppression: per-call mask -------------------------------------------------------------
 
 
-def token_mask_for_row(row: torch.Tensor, concept_tokens: torch.Tensor, similarity: float, include_eos: bool,
-                       prompt_ref: Optional[torch.Tensor] = None, prompt_positions=(), prompt_length=None,
-                       skip_first: bool = True) -> torch.Tensor:
+def token_mask_for_row(
+    row: torch.Tensor,
+    concept_tokens: torch.Tensor,
+    similarity: float,
+    include_eos: bool,
+    prompt_ref: Optional[torch.Tensor] = None,
+    prompt_positions=(),
+    prompt_length=None,
+    skip_first: bool = True,
+) -> torch.Tensor:
     """(T,) bool mask of concept positions in one conditioning row.
 
     Embedding similarity to the keywords' token states always; exact token matches of the prompt text
@@ -129,22 +139,31 @@ def token_mask_for_row(row: torch.Tensor, concept_tokens: torch.Tensor, similari
         if known and prompt_length is not None:
             period = prompt_ref.shape[0]
             for rep in range(T // period):
-                hit[rep * period + prompt_length - 1:(rep + 1) * period] = True
+                hit[rep * period + prompt_length - 1 : (rep + 1) * period] = True
         else:
             last = int(hit.nonzero().max())
-            hit[last + 1:] = True
+            hit[last + 1 :] = True
     return hit
 
 
-def make_token_wrapper(config, concept_tokens: torch.Tensor, concept_hidden: torch.Tensor, sigma_start: float,
-                       sigma_end: float, prompt_ref=None, prompt_positions=(), prompt_length=None,
-                       skip_first: bool = True) -> Callable:
+def make_token_wrapper(
+    config,
+    concept_tokens: torch.Tensor,
+    concept_hidden: torch.Tensor,
+    sigma_start: float,
+    sigma_end: float,
+    prompt_ref=None,
+    prompt_positions=(),
+    prompt_length=None,
+    skip_first: bool = True,
+) -> Callable:
     """APPLY_MODEL wrapper: per call, the (B, T) logit bias of the suppressed columns (positive rows only)."""
     factor = config.effective_factor
     gate = GateLog("TokenSuppress", config.risk_gate)
 
-    def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
-                            **kwargs):
+    def apply_model_wrapper(
+        executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs
+    ):
         if c_crossattn is None or not in_window(t, sigma_start, sigma_end):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         rows = cond_rows(transformer_options.get("cond_or_uncond"), c_crossattn.shape[0])
@@ -153,13 +172,25 @@ def make_token_wrapper(config, concept_tokens: torch.Tensor, concept_hidden: tor
             row = c_crossattn[r]
             if not gate(row, concept_hidden, skip_first):
                 continue
-            mask = token_mask_for_row(row, concept_tokens, config.similarity, config.include_eos, prompt_ref,
-                                      prompt_positions, prompt_length, skip_first)
+            mask = token_mask_for_row(
+                row,
+                concept_tokens,
+                config.similarity,
+                config.include_eos,
+                prompt_ref,
+                prompt_positions,
+                prompt_length,
+                skip_first,
+            )
             bias[r] = ts.logit_bias(mask, factor)
         if not bool(bias.any()):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        to = with_state(transformer_options, token_bias=bias.to(c_crossattn.device), txt_len=c_crossattn.shape[1],
-                        model=getattr(executor, "class_obj", None))
+        to = with_state(
+            transformer_options,
+            token_bias=bias.to(c_crossattn.device),
+            txt_len=c_crossattn.shape[1],
+            model=getattr(executor, "class_obj", None),
+        )
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
     return apply_model_wrapper
@@ -168,25 +199,35 @@ def make_token_wrapper(config, concept_tokens: torch.Tensor, concept_hidden: tor
 # -- concept guidance: per-call parameters ------------------------------------------------------------
 
 
-def make_nag_wrapper(config, neg_context: torch.Tensor, concept_hidden: torch.Tensor, sigma_start: float,
-                     sigma_end: float, nag_sigma_end: float, skip_first: bool = True) -> Callable:
+def make_nag_wrapper(
+    config,
+    neg_context: torch.Tensor,
+    concept_hidden: torch.Tensor,
+    sigma_start: float,
+    sigma_end: float,
+    nag_sigma_end: float,
+    skip_first: bool = True,
+) -> Callable:
     """APPLY_MODEL wrapper: enables NAG for the positive rows while σ is in the window and σ ≥ σ_end."""
     gate = GateLog("ConceptGuidance", config.risk_gate)
     params = {"phi": float(config.phi), "tau": float(config.tau), "alpha": float(config.effective_alpha)}
 
-    def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
-                            **kwargs):
+    def apply_model_wrapper(
+        executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs
+    ):
         sigma = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
         if c_crossattn is None or sigma < nag_sigma_end or not in_window(t, sigma_start, sigma_end):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         rows = cond_rows(transformer_options.get("cond_or_uncond"), c_crossattn.shape[0])
-        rows = torch.tensor([r for r in rows.tolist() if gate(c_crossattn[r], concept_hidden, skip_first)],
-                            dtype=torch.long)
+        rows = torch.tensor(
+            [r for r in rows.tolist() if gate(c_crossattn[r], concept_hidden, skip_first)], dtype=torch.long
+        )
         if rows.numel() == 0:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         op = dict(params, neg=neg_context, rows=rows.to(c_crossattn.device), stream={})
-        to = with_state(transformer_options, nag=op, txt_len=c_crossattn.shape[1],
-                        model=getattr(executor, "class_obj", None))
+        to = with_state(
+            transformer_options, nag=op, txt_len=c_crossattn.shape[1], model=getattr(executor, "class_obj", None)
+        )
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
     return apply_model_wrapper
@@ -231,8 +272,15 @@ class Attn2Dispatch:
         fn = self.attention or host_attention()
         if fn is None:
             return ts.attention(q, k, v, heads, mask)
-        return fn(q, k, v, heads, mask=mask, attn_precision=extra_options.get("attn_precision"),
-                  transformer_options=extra_options)
+        return fn(
+            q,
+            k,
+            v,
+            heads,
+            mask=mask,
+            attn_precision=extra_options.get("attn_precision"),
+            transformer_options=extra_options,
+        )
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
@@ -245,14 +293,19 @@ class Attn2Dispatch:
         bias = state.get("token_bias")
         if bias is not None and bias.shape[1] == T:
             # the bias is an additive mask through the host's own attention: same kernel, one call
-            out = ts.suppressed_attention(q, k_pos, v_pos, heads, bias.to(q.device),
-                                          lambda q_, k_, v_, h, mask=None: self.plain(q_, k_, v_, h, extra_options,
-                                                                                      mask))
+            out = ts.suppressed_attention(
+                q,
+                k_pos,
+                v_pos,
+                heads,
+                bias.to(q.device),
+                lambda q_, k_, v_, h, mask=None: self.plain(q_, k_, v_, h, extra_options, mask),
+            )
         else:
             out = self.plain(q, k_pos, v_pos, heads, extra_options)
         for op, (start, length) in zip(state.get("nag") or [], slices):
             rows = op["rows"].to(q.device)
-            z_neg = ts.attention(q[rows], k[rows, start:start + length], v[rows, start:start + length], heads)
+            z_neg = ts.attention(q[rows], k[rows, start : start + length], v[rows, start : start + length], heads)
             out = out.clone()
             out[rows] = cg.nag(out[rows], z_neg, op["phi"], op["tau"], op["alpha"])
         return out
@@ -265,8 +318,10 @@ def unet_attn2_sites(state_dict_keys) -> list:
     """(block_name, number, block_index) of every cross-attention block, from the model's weight keys."""
     import re
 
-    pattern = re.compile(r"(?:(input_blocks|output_blocks)\.(\d+)\.\d+|(middle_block)\.\d+)"
-                         r"\.transformer_blocks\.(\d+)\.attn2\.to_k\.weight$")
+    pattern = re.compile(
+        r"(?:(input_blocks|output_blocks)\.(\d+)\.\d+|(middle_block)\.\d+)"
+        r"\.transformer_blocks\.(\d+)\.attn2\.to_k\.weight$"
+    )
     sites = set()
     for key in state_dict_keys:
         m = pattern.search(key)
@@ -300,8 +355,8 @@ def _to_seq(t: torch.Tensor, skip_reshape: bool) -> torch.Tensor:
     (B, L, H, D)."""
     if not skip_reshape:
         return t.reshape(t.shape[0], t.shape[1], -1) if t.ndim == 4 else t
-    b, h, l, d = t.shape
-    return t.transpose(1, 2).reshape(b, l, h * d)
+    b, h, length, d = t.shape
+    return t.transpose(1, 2).reshape(b, length, h * d)
 
 
 class DitDispatch:
@@ -353,8 +408,15 @@ class DitDispatch:
         if bias is not None and mask is None:
             out = self.suppressed(func, q, k, v, heads, skip_reshape, kw, bias.to(q.device), txt_len)
         elif bias is not None:  # the model brought its own mask: fold the bias into it
-            out = func(q, k, v, heads, mask=self.folded_mask(q, mask, bias, txt_len, skip_reshape),
-                       skip_reshape=skip_reshape, **kw)
+            out = func(
+                q,
+                k,
+                v,
+                heads,
+                mask=self.folded_mask(q, mask, bias, txt_len, skip_reshape),
+                skip_reshape=skip_reshape,
+                **kw,
+            )
         else:
             out = func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, **kw)
         if not ops:
@@ -389,7 +451,7 @@ class DitDispatch:
         columns = None
         if bias is not None:  # token suppression composes: its column bias on the prompt keys of Z⁺
             columns = torch.zeros(len(guided_rows), txt_len, dtype=torch.float32, device=q.device)
-            columns[:, txt_len - bias.shape[1]:] = _take(bias.to(q.device), guided_rows)
+            columns[:, txt_len - bias.shape[1] :] = _take(bias.to(q.device), guided_rows)
             columns = columns[:, None, None, :]
         prompt = lse.attention_lse(q_img, kh[:, :, :txt_len], vh[:, :, :txt_len], columns)
         z_pos = _to_seq(lse.merge(*img, *prompt)[0], True)
@@ -405,12 +467,21 @@ class DitDispatch:
             q_o = q_o.narrow(seq, txt_len, L - txt_len)
             if bias is not None:
                 cols = torch.zeros(len(others), L, dtype=torch.float32, device=q.device)
-                cols[:, txt_len - bias.shape[1]:txt_len] = _take(bias.to(q.device), others)
-                o = ts.suppressed_attention(q_o, k_o, v_o, heads, cols, lambda q_, k_, v_, h, mask=None: func(
-                    q_, k_, v_, h, mask=mask, skip_reshape=skip_reshape, **dict(kw, skip_output_reshape=False)))
+                cols[:, txt_len - bias.shape[1] : txt_len] = _take(bias.to(q.device), others)
+                o = ts.suppressed_attention(
+                    q_o,
+                    k_o,
+                    v_o,
+                    heads,
+                    cols,
+                    lambda q_, k_, v_, h, mask=None: func(
+                        q_, k_, v_, h, mask=mask, skip_reshape=skip_reshape, **dict(kw, skip_output_reshape=False)
+                    ),
+                )
             else:
-                o = func(q_o, k_o, v_o, heads, mask=None, skip_reshape=skip_reshape,
-                         **dict(kw, skip_output_reshape=False))
+                o = func(
+                    q_o, k_o, v_o, heads, mask=None, skip_reshape=skip_reshape, **dict(kw, skip_output_reshape=False)
+                )
             out_img[torch.tensor(others, dtype=torch.long, device=q.device)] = o
         if kw.get("skip_output_reshape"):
             return torch.cat((out_txt, _heads(out_img, heads, False)), dim=2)
@@ -447,8 +518,13 @@ class DitDispatch:
         columns[:, offset:txt_len] = bias
         out_txt = func(q.narrow(seq, 0, txt_len), k, v, heads, mask=None, skip_reshape=skip_reshape, **kw)
         out_img = ts.suppressed_attention(
-            q.narrow(seq, txt_len, L - txt_len), k, v, heads, columns,
-            lambda q_, k_, v_, h, mask=None: func(q_, k_, v_, h, mask=mask, skip_reshape=skip_reshape, **kw))
+            q.narrow(seq, txt_len, L - txt_len),
+            k,
+            v,
+            heads,
+            columns,
+            lambda q_, k_, v_, h, mask=None: func(q_, k_, v_, h, mask=mask, skip_reshape=skip_reshape, **kw),
+        )
         return torch.cat((out_txt, out_img), dim=2 if kw.get("skip_output_reshape") else 1)
 
     @staticmethod
@@ -478,8 +554,9 @@ class DitDispatch:
         NAG cannot avoid: the stream is as long as the concept's padded encoding (Flux: 256 T5 tokens)."""
         tq, tk, tv, carry = self.concept_stream(op, rows, args, k_img.dtype, dm)
         if carry is not None:
-            attn = torch.nn.functional.scaled_dot_product_attention(tq, torch.cat((tk, k_img), 2),
-                                                                    torch.cat((tv, v_img), 2))
+            attn = torch.nn.functional.scaled_dot_product_attention(
+                tq, torch.cat((tk, k_img), 2), torch.cat((tv, v_img), 2)
+            )
             carry(_to_seq(attn, True))
         return tk, tv
 
@@ -505,8 +582,9 @@ class DitDispatch:
 
                 def carry_double(attn):
                     t = nt + apply_mod(block.txt_attn.proj(attn.to(nt.dtype)), mod1.gate)
-                    stream["txt"] = t + apply_mod(block.txt_mlp(apply_mod(block.txt_norm2(t), (1 + mod2.scale),
-                                                                          mod2.shift)), mod2.gate)
+                    stream["txt"] = t + apply_mod(
+                        block.txt_mlp(apply_mod(block.txt_norm2(t), (1 + mod2.scale), mod2.shift)), mod2.gate
+                    )
 
                 return tq.to(dtype), tk.to(dtype), tv.to(dtype), carry_double
             else:
@@ -545,8 +623,9 @@ class DitDispatch:
 def dit_sites(family: str, diffusion_model) -> list:
     """(kind, index) of every joint-attention block: Flux double + single blocks, SD3 joint blocks."""
     if family == "flux":
-        return ([("double", i) for i in range(len(diffusion_model.double_blocks))]
-                + [("single", i) for i in range(len(diffusion_model.single_blocks))])
+        return [("double", i) for i in range(len(diffusion_model.double_blocks))] + [
+            ("single", i) for i in range(len(diffusion_model.single_blocks))
+        ]
     if family == "sd3":
         return [("double", i) for i in range(len(diffusion_model.joint_blocks))]
     return []
@@ -555,17 +634,23 @@ def dit_sites(family: str, diffusion_model) -> list:
 # -- SAFREE: swap the positive conditioning inside the filter window -----------------------------------
 
 
-def make_safree_wrapper(result, prompt_ref: torch.Tensor, sigma_start: float, sigma_end: float,
-                        negative_ref: Optional[torch.Tensor] = None, pooled_ref: Optional[torch.Tensor] = None
-                        ) -> Callable:
+def make_safree_wrapper(
+    result,
+    prompt_ref: torch.Tensor,
+    sigma_start: float,
+    sigma_end: float,
+    negative_ref: Optional[torch.Tensor] = None,
+    pooled_ref: Optional[torch.Tensor] = None,
+) -> Callable:
     """APPLY_MODEL wrapper: rows of the positive branch whose context is the analysed prompt's encoding
     get the projected context (and pooled ``y`` on DiTs); with ``negative_ref`` (keywords as negative) the
     negative rows get the keyword encoding. Other prompts pass through unchanged."""
     projected = result.hidden
     warned = {}
 
-    def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
-                            **kwargs):
+    def apply_model_wrapper(
+        executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs
+    ):
         if c_crossattn is None or not in_window(t, sigma_start, sigma_end):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         chunks = transformer_options.get("cond_or_uncond")
@@ -585,8 +670,10 @@ def make_safree_wrapper(result, prompt_ref: torch.Tensor, sigma_start: float, si
                 changed = True
             elif r in rows and not matches(row, prompt_ref) and not warned.get("prompt"):
                 warned["prompt"] = True
-                log.warning("SAFREE: the positive conditioning is not the prompt given to the SAFREE node; that "
-                            "conditioning is left unchanged (type the same prompt into both).")
+                log.warning(
+                    "SAFREE: the positive conditioning is not the prompt given to the SAFREE node; that "
+                    "conditioning is left unchanged (type the same prompt into both)."
+                )
             elif r not in rows and negative_ref is not None:
                 if row.shape[0] % negative_ref.shape[0] == 0:
                     if new_ctx is None:
@@ -614,8 +701,16 @@ def step_index(sigma, sample_sigmas) -> tuple:
     return int((ss - s).abs().argmin()), max(len(ss) - 1, 1)
 
 
-def make_sld_pre_cfg(config, safety_cond, parameterisation: str, sigma_start: float, sigma_end: float,
-                     safety_hidden: torch.Tensor, skip_first: bool = True, calc=None) -> Callable:
+def make_sld_pre_cfg(
+    config,
+    safety_cond,
+    parameterisation: str,
+    sigma_start: float,
+    sigma_end: float,
+    safety_hidden: torch.Tensor,
+    skip_first: bool = True,
+    calc=None,
+) -> Callable:
     """sampler_pre_cfg_function: ε_p′ = ε_p − 𝟙γ (SLD §2.1) before the host's CFG combines the branches.
 
     ``safety_cond`` is the safety concept's conditioning in the host's list form; ``calc(model, cond, x,

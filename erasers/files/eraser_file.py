@@ -5,22 +5,24 @@ Per edited layer ``L`` (canonical key → ``keys.kohya_name``):
 Header metadata (all strings): eraser.* fields below. Only safetensors is ever read: a pickled file could
 run code on load.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 from typing import Optional
 
 import torch
 
-from .. import __version__
 from ..edits.eraser import Eraser
 from ..errors import BadEraserFile, UnknownKeys
+from ..lowrank import LowRankDelta, truncate
 from .families import Family, parse_family
 from .keys import kohya_name
 from .safetensors_header import PICKLE_SUFFIXES, header_length  # noqa: F401
-from ..lowrank import LowRankDelta, truncate
+from .writing import save_safetensors_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +78,14 @@ def to_state_dict(eraser: Eraser, dtype: torch.dtype = torch.float32, tolerance:
         "eraser.family": eraser.family.value,
         "eraser.pack_version": eraser.pack_version,
         "eraser.base_fingerprint": eraser.base_fingerprint,
-        "eraser.reconstruction_error": f"{max([eraser.reconstruction_error] + [e for _, e in truncated.values()]):.3g}",
+        "eraser.reconstruction_error": f"{max([eraser.reconstruction_error] + [e for _, e in truncated.values()]):.3g}",  # noqa: E501
         # how full-rank deltas were written: "exact", or truncated SVDs within a tolerance (rank, error per layer)
-        "eraser.storage": json.dumps({"tolerance": tolerance or None, "truncated": {
-            n: {"rank": r, "error": float(f"{e:.3g}")} for n, (r, e) in truncated.items()}}),
+        "eraser.storage": json.dumps(
+            {
+                "tolerance": tolerance or None,
+                "truncated": {n: {"rank": r, "error": float(f"{e:.3g}")} for n, (r, e) in truncated.items()},
+            }
+        ),
         "eraser.layers": json.dumps(names),
         # kohya/A1111 readers show these
         "ss_network_module": "networks.lora",
@@ -88,22 +94,46 @@ def to_state_dict(eraser: Eraser, dtype: torch.dtype = torch.float32, tolerance:
     return tensors, metadata
 
 
-def save_eraser(eraser: Eraser, path: str, dtype: torch.dtype = torch.float32, exact: bool = False,
-                tolerance: float = FILE_TOLERANCE) -> str:
-    """Write ``eraser``; layers without a small exact form are truncated within ``tolerance`` unless ``exact``."""
-    from safetensors.torch import save_file
+def default_file_name(eraser: Eraser) -> str:
+    """``<method>-<first concept>[-and-N-more].safetensors``, in characters every file system accepts."""
+    first = re.sub(r"[^A-Za-z0-9]+", "_", eraser.concepts[0] if eraser.concepts else "eraser").strip("_")[:40]
+    more = f"-and-{len(eraser.concepts) - 1}-more" if len(eraser.concepts) > 1 else ""
+    return f"{eraser.method}-{first or 'eraser'}{more}.safetensors"
 
+
+def save_eraser(
+    eraser: Eraser,
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    exact: bool = False,
+    tolerance: float = FILE_TOLERANCE,
+    overwrite: bool = False,
+    inputs: tuple = (),
+) -> str:
+    """Write ``eraser``; layers without a small exact form are truncated within ``tolerance`` unless ``exact``.
+
+    ``path`` may be a file or an existing folder (the file is then named after the method and concepts). An
+    existing file is replaced only with ``overwrite=True``, never when it is one of ``inputs`` (the model
+    files the eraser was computed from), and the write is atomic (erasers/files/writing.py).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, default_file_name(eraser))
     if not path.endswith(".safetensors"):
         path += ".safetensors"
     tensors, metadata = to_state_dict(eraser, dtype, None if exact else tolerance)
     truncated = json.loads(metadata["eraser.storage"])["truncated"]
     if truncated:
-        log.warning("Stored %d full-rank layer delta(s) as truncated SVDs (rank %d–%d), worst relative error "
-                    "%s (tolerance %g); save with exact=True (CLI --exact) to keep them exact and dense.",
-                    len(truncated), min(t["rank"] for t in truncated.values()),
-                    max(t["rank"] for t in truncated.values()), metadata["eraser.reconstruction_error"], tolerance)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path, metadata=metadata)
+        log.warning(
+            "Stored %d full-rank layer delta(s) as truncated SVDs (rank %d–%d), worst relative error "
+            "%s (tolerance %g); save with exact=True (CLI --exact) to keep them exact and dense.",
+            len(truncated),
+            min(t["rank"] for t in truncated.values()),
+            max(t["rank"] for t in truncated.values()),
+            metadata["eraser.reconstruction_error"],
+            tolerance,
+        )
+    save_safetensors_atomic(tensors, path, metadata=metadata, overwrite=overwrite, inputs=inputs)
     log.info("Saved %s eraser (%d layers) to %s", eraser.method, len(eraser.deltas), path)
     return path
 
@@ -127,8 +157,18 @@ def read_safetensors(path: str):
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise BadEraserFile(f"'{name}' could not be read as .safetensors ({exc}). The file may be truncated: "
-                            f"re-download or re-save it.") from exc
+        raise BadEraserFile(
+            f"'{name}' could not be read as .safetensors ({exc}). The file may be truncated: "
+            f"re-download or re-save it."
+        ) from exc
+    broken = [
+        key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+    if broken:
+        raise BadEraserFile(
+            f"'{name}' holds non-finite values (NaN or Inf) in {len(broken)} tensor(s), e.g. {sorted(broken)[:3]}; "
+            f"applying it would corrupt every image. Nothing was applied: re-create or re-download the file."
+        )
     return tensors, metadata
 
 
@@ -159,13 +199,21 @@ def from_state_dict(tensors: dict, metadata: dict, source: Optional[str] = None)
         scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
         deltas[layers[stem]] = LowRankDelta(up.float() * scale, down.float())
     if unknown:
-        raise UnknownKeys(f"{name} holds keys this eraser format does not know: {unknown[:10]}"
-                          f"{' …' if len(unknown) > 10 else ''}. Expected <layer>.lora_up/lora_down/alpha (or <layer>.diff) "
-                          f"for the layers listed in its metadata.")
+        raise UnknownKeys(
+            f"{name} holds keys this eraser format does not know: {unknown[:10]}"
+            f"{' …' if len(unknown) > 10 else ''}. Expected <layer>.lora_up/lora_down/alpha (or <layer>.diff) "
+            f"for the layers listed in its metadata."
+        )
     config = json.loads(metadata.get("eraser.config", "{}"))
-    eraser = Eraser(deltas, family or Family.UNET, config, metadata.get("eraser.base_fingerprint", ""),
-                    float(metadata.get("eraser.reconstruction_error", "0") or 0),
-                    metadata.get("eraser.pack_version", "?"), source=source)
+    eraser = Eraser(
+        deltas,
+        family or Family.UNET,
+        config,
+        metadata.get("eraser.base_fingerprint", ""),
+        float(metadata.get("eraser.reconstruction_error", "0") or 0),
+        metadata.get("eraser.pack_version", "?"),
+        source=source,
+    )
     return eraser
 
 

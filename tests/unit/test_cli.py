@@ -1,4 +1,5 @@
 """``python -m erasers`` on tiny single-file checkpoints written by the tests (CPU, no downloads)."""
+
 import json
 import os
 import subprocess
@@ -9,14 +10,14 @@ import torch
 
 pytest.importorskip("transformers")
 
-from erasers_diffusers import cli  # noqa: E402
-from erasers_diffusers.checkpoint import load_checkpoint  # noqa: E402
 from erasers.edits.eraser import compute_eraser  # noqa: E402
+from erasers.edits.uce import UCEConfig  # noqa: E402
 from erasers.files.eraser_file import load_eraser, save_eraser  # noqa: E402
 from erasers.files.families import Family  # noqa: E402
 from erasers_dev.testing import ToyTextEncoder, layer_shapes, layer_weights  # noqa: E402
+from erasers_diffusers import cli  # noqa: E402
+from erasers_diffusers.checkpoint import load_checkpoint  # noqa: E402
 from erasers_diffusers.tokenizer import vocab_from_bpe, write_vocab  # noqa: E402
-from erasers.edits.uce import UCEConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MERGES = ["#version: 0.2", "r e", "re d</w>", "s q", "sq u", "a r", "ar e</w>", "squ are</w>", "o r", "g o"]
@@ -42,23 +43,36 @@ def tiny_clip(width=32, projection=False, act="quick_gelu", seed=0):
 
     vocab = len(vocab_from_bpe(MERGES)[0])
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=max(1, width // 64), max_position_embeddings=77, hidden_act=act,
-                            projection_dim=16, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    config = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=max(1, width // 64),
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=16,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
 def hf_state(model) -> dict:
     """LDM files store CLIP-L under its transformers names *with* the ``text_model.`` prefix."""
-    return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v.detach().clone()
-            for k, v in model.state_dict().items()}
+    return {
+        (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v.detach().clone()
+        for k, v in model.state_dict().items()
+    }
 
 
 def write_sd1_checkpoint(path, context=32):
     """SD1-layout single file: UNet projections (full SD1 channel counts, narrow context) + tiny CLIP."""
     clip = tiny_clip(context)
-    tensors = {"model.diffusion_model." + k: v for k, v in
-               layer_weights(Family.UNET, seed=1, context_dim=context).items()}
+    tensors = {
+        "model.diffusion_model." + k: v for k, v in layer_weights(Family.UNET, seed=1, context_dim=context).items()
+    }
     tensors["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(320, 4, 3, 3)
     tensors.update({"cond_stage_model.transformer." + k: v for k, v in hf_state(clip).items()})
     tensors["first_stage_model.decoder.conv_out.weight"] = torch.zeros(3, 4, 3, 3)
@@ -86,15 +100,38 @@ def test_erase_single_file_then_info(tmp_path, tokenizer_dir, capsys):
     ckpt = tmp_path / "tiny_sd1.safetensors"
     write_sd1_checkpoint(ckpt)
     out_file = tmp_path / "out" / "red.safetensors"
-    code, out, err = run(capsys, "erase", "--checkpoint", ckpt, "--method", "uce", "--concept", "red square",
-                         "--concept", "go", "--anchor", "square", "--preserve", "are", "--param", "lam=0.7",
-                         "--param", "variant=2023", "--tokenizer", tokenizer_dir, "--out", out_file)
+    code, out, err = run(
+        capsys,
+        "erase",
+        "--checkpoint",
+        ckpt,
+        "--method",
+        "uce",
+        "--concept",
+        "red square",
+        "--concept",
+        "go",
+        "--anchor",
+        "square",
+        "--preserve",
+        "are",
+        "--param",
+        "lam=0.7",
+        "--param",
+        "variant=2023",
+        "--tokenizer",
+        tokenizer_dir,
+        "--out",
+        out_file,
+    )
     assert code == 0, err
     assert "wrote" in out and out_file.exists()
     eraser = load_eraser(str(out_file))
     assert eraser.concepts == ["red square", "go"] and eraser.config["anchors"] == ["square"]
     assert eraser.config["lam"] == 0.7 and eraser.config["variant"] == "2023"  # a str, not the number 2023
-    assert set(eraser.keys()) == {k for k in layer_shapes(Family.UNET, 32) if k.endswith(("to_k.weight", "to_v.weight"))}
+    assert set(eraser.keys()) == {
+        k for k in layer_shapes(Family.UNET, 32) if k.endswith(("to_k.weight", "to_v.weight"))
+    }
 
     code, out, err = run(capsys, "info", out_file)
     assert code == 0, err
@@ -120,17 +157,25 @@ def test_checkpoint_text_encoder_is_the_files_own(tmp_path, tokenizer_dir):
 def openclip_state(model) -> dict:
     """transformers CLIP-with-projection → OpenCLIP names (the inverse of what the loader converts)."""
     hf = hf_state(model)
-    out = {"token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
-           "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
-           "ln_final.weight": hf["text_model.final_layer_norm.weight"],
-           "ln_final.bias": hf["text_model.final_layer_norm.bias"],
-           "text_projection": hf["text_projection.weight"].T.contiguous(), "logit_scale": torch.tensor(1.0)}
+    out = {
+        "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": hf["text_model.final_layer_norm.weight"],
+        "ln_final.bias": hf["text_model.final_layer_norm.bias"],
+        "text_projection": hf["text_projection.weight"].T.contiguous(),
+        "logit_scale": torch.tensor(1.0),
+    }
     for i in range(model.config.num_hidden_layers):
         src, dst = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             out[dst + "attn.in_proj_" + kind] = torch.cat([hf[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
-            for a, b in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
-                         ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            for a, b in (
+                ("ln_1", "layer_norm1"),
+                ("ln_2", "layer_norm2"),
+                ("attn.out_proj", "self_attn.out_proj"),
+                ("mlp.c_fc", "mlp.fc1"),
+                ("mlp.c_proj", "mlp.fc2"),
+            ):
                 out[f"{dst}{a}.{kind}"] = hf[f"{src}{b}.{kind}"]
     return out
 
@@ -139,8 +184,10 @@ def test_sdxl_single_file_concatenates_both_towers(tmp_path, tokenizer_dir):
     from safetensors.torch import save_file
 
     clip_l, clip_g = tiny_clip(1024, seed=1), tiny_clip(1024, projection=True, act="gelu", seed=2)
-    tensors = {"model.diffusion_model." + k: torch.randn(s) * 0.02 for k, s in
-               list(layer_shapes(Family.SDXL).items())[:4] + [("label_emb.0.0.weight", (8, 8))]}
+    tensors = {
+        "model.diffusion_model." + k: torch.randn(s) * 0.02
+        for k, s in list(layer_shapes(Family.SDXL).items())[:4] + [("label_emb.0.0.weight", (8, 8))]
+    }
     tensors.update({"conditioner.embedders.0.transformer." + k: v for k, v in hf_state(clip_l).items()})
     tensors.update({"conditioner.embedders.1.model." + k: v for k, v in openclip_state(clip_g).items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "xl.safetensors"))
@@ -169,20 +216,34 @@ def test_error_paths_exit_2_with_one_line(tmp_path, tokenizer_dir, capsys):
 
     pickled = tmp_path / "model.ckpt"
     torch.save({"state_dict": {}}, pickled)
-    assert_clean_error(*run(capsys, "erase", "--checkpoint", pickled, "--concept", "x", "--tokenizer",
-                            tokenizer_dir, "--out", out)[::2], "pickled", "safetensors")
+    assert_clean_error(
+        *run(capsys, "erase", "--checkpoint", pickled, "--concept", "x", "--tokenizer", tokenizer_dir, "--out", out)[
+            ::2
+        ],
+        "pickled",
+        "safetensors",
+    )
 
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-    assert_clean_error(*run(capsys, "erase", "--checkpoint", truncated, "--concept", "x", "--tokenizer",
-                            tokenizer_dir, "--out", out)[::2], "truncated")
+    assert_clean_error(
+        *run(capsys, "erase", "--checkpoint", truncated, "--concept", "x", "--tokenizer", tokenizer_dir, "--out", out)[
+            ::2
+        ],
+        "truncated",
+    )
 
-    assert_clean_error(*run(capsys, "erase", "--checkpoint", ckpt, "--concept", "x", "--out", out)[::2],
-                       "--tokenizer DIR", "COMFYUI_PATH", "diffusers")
+    assert_clean_error(
+        *run(capsys, "erase", "--checkpoint", ckpt, "--concept", "x", "--out", out)[::2],
+        "--tokenizer DIR",
+        "COMFYUI_PATH",
+        "diffusers",
+    )
     empty = tmp_path / "empty_dir"
     empty.mkdir()
-    assert_clean_error(*run(capsys, *base[:3], "--tokenizer", empty, "--out", out, "--concept", "x")[::2],
-                       "vocab.json and merges.txt")
+    assert_clean_error(
+        *run(capsys, *base[:3], "--tokenizer", empty, "--out", out, "--concept", "x")[::2], "vocab.json and merges.txt"
+    )
 
     assert_clean_error(*run(capsys, *base, "--concept", "x", "--param", "nonsense=1")[::2], "nonsense")
     long_concept = " ".join(["red square"] * 40)
@@ -194,15 +255,20 @@ def test_error_paths_exit_2_with_one_line(tmp_path, tokenizer_dir, capsys):
 
 
 def test_info_on_a_saved_sd1_eraser_and_module_entry_point(tmp_path):
-    eraser = compute_eraser(UCEConfig(concepts=["Van Gogh"], concept_type="art"), ToyTextEncoder(dim=768),
-                            layer_weights(Family.SD1))
+    eraser = compute_eraser(
+        UCEConfig(concepts=["Van Gogh"], concept_type="art"), ToyTextEncoder(dim=768), layer_weights(Family.SD1)
+    )
     path = save_eraser(eraser, str(tmp_path / "vangogh.safetensors"))
     done = subprocess.run([sys.executable, "-m", "erasers", "info", path], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "SD1.x" in done.stdout and "Van Gogh" in done.stdout and "32 layers" in done.stdout
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 4)
-    done = subprocess.run([sys.executable, "-m", "erasers", "info", str(tmp_path / "bad.safetensors")], cwd=ROOT,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "erasers", "info", str(tmp_path / "bad.safetensors")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr and "too short" in done.stderr
 
 
@@ -223,8 +289,9 @@ def test_help_and_bench_registry(capsys):
 
 
 def test_param_values_follow_the_config_field_types():
-    config = cli.build_config("uce", ["a"], [], [], "object", None,
-                              ["lam=2", "variant=2023", "expand_prompts=true", "preserve_scale=none"])
+    config = cli.build_config(
+        "uce", ["a"], [], [], "object", None, ["lam=2", "variant=2023", "expand_prompts=true", "preserve_scale=none"]
+    )
     assert config.lam == 2.0 and isinstance(config.lam, float)
     assert config.variant == "2023" and config.expand_prompts is True and config.preserve_scale is None
 
@@ -239,29 +306,46 @@ def test_erase_from_a_diffusers_folder_matches_the_api(tmp_path, tokenizer_dir, 
     from erasers_diffusers.clip_text import clip_tokenizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
     clip, tok = tiny_clip(32), clip_tokenizer(tokenizer_dir)
     folder = tmp_path / "tiny-sd"
     unet.save_pretrained(folder / "unet")
     clip.save_pretrained(folder / "text_encoder")
     tok.save_pretrained(folder / "tokenizer")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "vae": [None, None]}))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "vae": [None, None],
+            }
+        )
+    )
     out_file = tmp_path / "d.safetensors"
     code, out, err = run(capsys, "erase", "--diffusers", folder, "--concept", "red square", "--out", out_file)
     assert code == 0, err
     from_cli = load_eraser(str(out_file))
     direct = diffusers_api.compute_eraser_for_pipeline(
-        SimpleNamespace(unet=unet, text_encoder=clip, tokenizer=tok), UCEConfig(concepts=["red square"]))
+        SimpleNamespace(unet=unet, text_encoder=clip, tokenizer=tok), UCEConfig(concepts=["red square"])
+    )
     assert from_cli.keys() == direct.keys() and len(direct.keys()) == 8  # 1 down + 1 mid + 2 up blocks × k/v
     for key in direct.keys():
         assert torch.allclose(from_cli.dense(key), direct.dense(key), rtol=1e-4, atol=1e-6), key
-    code, _, err = run(capsys, "erase", "--diffusers", tmp_path / "nowhere", "--concept", "x", "--out", out_file)
+    fresh = tmp_path / "d2.safetensors"
+    code, _, err = run(capsys, "erase", "--diffusers", tmp_path / "nowhere", "--concept", "x", "--out", fresh)
     assert_clean_error(code, err, "model_index.json")
 
 
@@ -269,7 +353,9 @@ def test_sd2_single_file_reads_penultimate_layer_with_final_norm(tmp_path, token
     from safetensors.torch import save_file
 
     clip_h = tiny_clip(1024, projection=True, act="gelu", seed=3)
-    tensors = {"model.diffusion_model." + k: torch.randn(s) * 0.02 for k, s in list(layer_shapes(Family.SD2).items())[:4]}
+    tensors = {
+        "model.diffusion_model." + k: torch.randn(s) * 0.02 for k, s in list(layer_shapes(Family.SD2).items())[:4]
+    }
     tensors.update({"cond_stage_model.model." + k: v for k, v in openclip_state(clip_h).items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "sd2.safetensors"))
     loaded = load_checkpoint(str(tmp_path / "sd2.safetensors"), tokenizer_dir=tokenizer_dir)
@@ -292,13 +378,63 @@ def test_erase_exact_and_file_tolerance_options(tmp_path, tokenizer_dir, capsys)
     files = {}
     for name, extra in (("exact", ["--exact"]), ("loose", ["--file-tolerance", "0.3"])):
         files[name] = tmp_path / f"{name}.safetensors"
-        code, _, err = run(capsys, "erase", "--checkpoint", ckpt, "--method", "rece", "--concept", "red square",
-                           "--concept", "blue circle", "--tokenizer", tokenizer_dir, "--out", files[name], *extra)
+        code, _, err = run(
+            capsys,
+            "erase",
+            "--checkpoint",
+            ckpt,
+            "--method",
+            "rece",
+            "--concept",
+            "red square",
+            "--concept",
+            "blue circle",
+            "--tokenizer",
+            tokenizer_dir,
+            "--out",
+            files[name],
+            *extra,
+        )
         assert code == 0, err
     exact, loose = load_eraser(str(files["exact"])), load_eraser(str(files["loose"]))
     assert exact.reconstruction_error == 0.0
-    assert all(k.endswith((".diff", ".alpha", "lora_up.weight", "lora_down.weight")) for k in load_file(files["exact"]))
+    assert all(
+        k.endswith((".diff", ".alpha", "lora_up.weight", "lora_down.weight")) for k in load_file(files["exact"])
+    )
     assert 0.0 < loose.reconstruction_error <= 0.3  # truncated, and the error is recorded
     for key in exact.keys():
         full = exact.dense(key, torch.float64)
         assert float((loose.dense(key, torch.float64) - full).norm() / full.norm()) <= 0.3 + 1e-6
+
+
+def test_output_never_replaces_the_input_or_an_existing_file(tmp_path, tokenizer_dir, capsys):
+    ckpt = tmp_path / "tiny.safetensors"
+    write_sd1_checkpoint(ckpt)
+    model_bytes = ckpt.read_bytes()
+    base = ["erase", "--checkpoint", ckpt, "--tokenizer", tokenizer_dir, "--concept", "red square"]
+
+    # --out is the checkpoint (directly, without the suffix, through a symlink): refused even with --force
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(ckpt)
+    for target in (ckpt, tmp_path / "tiny", link):
+        for force in ((), ("--force",)):
+            assert_clean_error(*run(capsys, *base, "--out", target, *force)[::2], "is the input file")
+    assert ckpt.read_bytes() == model_bytes
+
+    # an existing output is left alone without --force, replaced atomically with it
+    out = tmp_path / "e.safetensors"
+    out.write_bytes(b"keep me")
+    assert_clean_error(*run(capsys, *base, "--out", out)[::2], "already exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    code, _, err = run(capsys, *base, "--out", out, "--force")
+    assert code == 0, err
+    assert load_eraser(str(out)).concepts == ["red square"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+    # an existing folder: the file is named after the method and concept
+    folder = tmp_path / "erasers"
+    folder.mkdir()
+    code, _, err = run(capsys, *base, "--out", folder)
+    assert code == 0, err
+    assert [p.name for p in folder.iterdir()] == ["uce-red_square.safetensors"]
+    assert ckpt.read_bytes() == model_bytes

@@ -1,4 +1,5 @@
 """nodes/routes.py (path validation, presets) and erasers/files/file_info.py (header-only reader), no ComfyUI."""
+
 import hashlib
 import json
 import os
@@ -7,10 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from pack_import import pack_module  # shared test helper
-
+from safetensors.torch import save_file
 
 routes = pack_module("nodes.routes")
 file_info = pack_module("erasers.files.file_info")
@@ -44,8 +43,12 @@ def model_dirs(tmp_path):
     for d in dirs.values():
         d.mkdir(parents=True)
     (dirs["erasers"] / "sub").mkdir()
-    for path in (dirs["erasers"] / "a.safetensors", dirs["erasers"] / "sub" / "b.safetensors",
-                 dirs["checkpoints"] / "ckpt.safetensors", tmp_path / "secret.safetensors"):
+    for path in (
+        dirs["erasers"] / "a.safetensors",
+        dirs["erasers"] / "sub" / "b.safetensors",
+        dirs["checkpoints"] / "ckpt.safetensors",
+        tmp_path / "secret.safetensors",
+    ):
         save_file({"x": torch.zeros(2)}, str(path))
     return tmp_path, dirs
 
@@ -59,10 +62,17 @@ def test_resolve_serves_plain_and_subfolder_names(model_dirs):
         routes.resolve_model_file("erasers", "nope.safetensors", fp)
 
 
-@pytest.mark.parametrize("name", [
-    "../secret.safetensors", "../../secret.safetensors", "sub/../../secret.safetensors", "..",
-    "./a.safetensors", "sub//b.safetensors",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../secret.safetensors",
+        "../../secret.safetensors",
+        "sub/../../secret.safetensors",
+        "..",
+        "./a.safetensors",
+        "sub//b.safetensors",
+    ],
+)
 def test_resolve_refuses_traversal(model_dirs, name):
     _, dirs = model_dirs
     fp = FakeFolderPaths(dirs)
@@ -74,9 +84,19 @@ def test_resolve_refuses_traversal(model_dirs, name):
 def test_resolve_refuses_absolute_paths_backslashes_and_other_files(model_dirs):
     tmp, dirs = model_dirs
     fp = FakeFolderPaths(dirs)
-    for name in (str(tmp / "secret.safetensors"), "/etc/passwd", "C:\\models\\x.safetensors", "C:/x.safetensors",
-                 "..\\secret.safetensors", "sub\\b.safetensors", "a.safetensors\x00.txt", "", "   ",
-                 "model.ckpt", "a.pt"):
+    for name in (
+        str(tmp / "secret.safetensors"),
+        "/etc/passwd",
+        "C:\\models\\x.safetensors",
+        "C:/x.safetensors",
+        "..\\secret.safetensors",
+        "sub\\b.safetensors",
+        "a.safetensors\x00.txt",
+        "",
+        "   ",
+        "model.ckpt",
+        "a.pt",
+    ):
         with pytest.raises(errors.RefusedPath):
             routes.resolve_model_file("erasers", name, fp)
     with pytest.raises(errors.RefusedPath):
@@ -103,6 +123,20 @@ def test_resolve_refuses_a_host_answer_outside_the_folder(model_dirs):
         routes.resolve_model_file("erasers", "a.safetensors", Escaping(dirs))
 
 
+def test_a_symlink_out_of_the_folder_is_refused_but_a_linked_folder_works(model_dirs):
+    tmp, dirs = model_dirs
+    (dirs["erasers"] / "escape.safetensors").symlink_to(tmp / "secret.safetensors")
+    with pytest.raises(errors.RefusedPath, match="outside"):
+        routes.resolve_model_file("erasers", "escape.safetensors", FakeFolderPaths(dirs))
+    # the whole models/spm folder a link to another disk (a common set-up) keeps working
+    elsewhere = tmp / "other_disk" / "spm"
+    elsewhere.mkdir(parents=True)
+    save_file({"x": torch.zeros(2)}, str(elsewhere / "m.safetensors"))
+    dirs["spm"].rmdir()
+    dirs["spm"].symlink_to(elsewhere, target_is_directory=True)
+    assert routes.resolve_model_file("spm", "m.safetensors", FakeFolderPaths(dirs)).endswith("m.safetensors")
+
+
 def test_unregistered_folder_is_not_found(model_dirs):
     _, dirs = model_dirs
     fp = FakeFolderPaths({"erasers": dirs["erasers"]})
@@ -112,6 +146,7 @@ def test_unregistered_folder_is_not_found(model_dirs):
 
 # --- header-only reader ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def eraser_path(tmp_path_factory):
     compute_eraser = pack_module("erasers.edits.eraser").compute_eraser
@@ -119,8 +154,11 @@ def eraser_path(tmp_path_factory):
     testing = pack_module("erasers_dev.testing")
     Family = pack_module("erasers.files.families").Family
     UCEConfig = pack_module("erasers.edits.uce").UCEConfig
-    eraser = compute_eraser(UCEConfig(concepts=["Van Gogh", "Monet"], concept_type="art", variant="2023"),
-                            testing.ToyTextEncoder(), testing.layer_weights(Family.SD1))
+    eraser = compute_eraser(
+        UCEConfig(concepts=["Van Gogh", "Monet"], concept_type="art", variant="2023"),
+        testing.ToyTextEncoder(),
+        testing.layer_weights(Family.SD1),
+    )
     return save_eraser(eraser, str(tmp_path_factory.mktemp("erasers") / "vg.safetensors")), eraser
 
 
@@ -157,13 +195,23 @@ def test_reader_never_loads_tensors(eraser_path, tmp_path, monkeypatch):
 def test_spm_and_plain_lora_headers(tmp_path):
     stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     spm = tmp_path / "snoopy.safetensors"
-    save_file({f"{stem}.lora_down.weight": torch.zeros(1, 768), f"{stem}.lora_up.weight": torch.zeros(320, 1)},
-              str(spm), metadata={"prompts": "snoopy, mickey", "rank": "1", "alpha": "1.0"})
+    save_file(
+        {f"{stem}.lora_down.weight": torch.zeros(1, 768), f"{stem}.lora_up.weight": torch.zeros(320, 1)},
+        str(spm),
+        metadata={"prompts": "snoopy, mickey", "rank": "1", "alpha": "1.0"},
+    )
     info = file_info.describe_header(str(spm))
-    assert (info["kind"], info["method"], info["concepts"], info["family"], info["rank"]) == \
-        ("spm", "spm", ["snoopy", "mickey"], "sd1", 1)
+    assert (info["kind"], info["method"], info["concepts"], info["family"], info["rank"]) == (
+        "spm",
+        "spm",
+        ["snoopy", "mickey"],
+        "sd1",
+        1,
+    )
     xl = tmp_path / "xl.safetensors"
-    save_file({f"{stem}.lora_down.weight": torch.zeros(4, 2048), f"{stem}.lora_up.weight": torch.zeros(640, 4)}, str(xl))
+    save_file(
+        {f"{stem}.lora_down.weight": torch.zeros(4, 2048), f"{stem}.lora_up.weight": torch.zeros(640, 4)}, str(xl)
+    )
     info = file_info.describe_header(str(xl))
     assert (info["kind"], info["concepts"], info["family"], info["rank"]) == ("lora", [], "sdxl", 4)
 
@@ -171,7 +219,7 @@ def test_spm_and_plain_lora_headers(tmp_path):
 def test_reader_refuses_broken_and_foreign_files(tmp_path):
     bad = {
         "tiny.safetensors": b"\x01\x02",
-        "huge_header.safetensors": struct.pack("<Q", 10 ** 9) + b"{}",
+        "huge_header.safetensors": struct.pack("<Q", 10**9) + b"{}",
         "not_json.safetensors": struct.pack("<Q", 4) + b"nope",
         "list.safetensors": struct.pack("<Q", 2) + b"[]",
         "model.pt": b"PK\x03\x04 pickle inside",
@@ -195,18 +243,24 @@ def test_hash_cache_follows_file_changes(tmp_path):
 
 # --- presets --------------------------------------------------------------------------------------
 
+
 def test_presets_from_text_and_json_files(tmp_path, caplog):
     text_dir, json_dir = tmp_path / "txt", tmp_path / "json"
     text_dir.mkdir()
     json_dir.mkdir()
     (text_dir / "nudity.txt").write_text("# SAFREE keywords\nNudity\n\n# more\nSexual Acts\n", encoding="utf-8")
-    (json_dir / "a.json").write_text(json.dumps({
-        "painters": ["Van Gogh", " Monet ", ""],
-        "sld": {"concepts": ["an image showing hate, violence"], "description": "SLD default"},
-        "nudity": ["duplicate name"],
-        "broken": 3,
-        "empty": [],
-    }), encoding="utf-8")
+    (json_dir / "a.json").write_text(
+        json.dumps(
+            {
+                "painters": ["Van Gogh", " Monet ", ""],
+                "sld": {"concepts": ["an image showing hate, violence"], "description": "SLD default"},
+                "nudity": ["duplicate name"],
+                "broken": 3,
+                "empty": [],
+            }
+        ),
+        encoding="utf-8",
+    )
     (json_dir / "b.json").write_text("{not json", encoding="utf-8")
     presets = {p["name"]: p for p in routes.load_presets(text_dir, json_dir)}
     assert presets["nudity"]["concepts"] == ["Nudity", "Sexual Acts"]
