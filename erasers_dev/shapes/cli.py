@@ -44,7 +44,12 @@ def add_subparsers(subparsers) -> argparse.ArgumentParser:
         help="torch threads (default 1: reproduces the shipped weights bit for bit; more threads "
         "change the float summation order and so the result)",
     )
-    train.add_argument("--out", type=Path, default=None, help="output folder (default: the package weights)")
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=Path("shapes_world"),
+        help="output folder (default ./shapes_world; the shipped weights in the package are never written)",
+    )
     train.add_argument("--skip-classifier", action="store_true")
     train.add_argument("--skip-t2i", action="store_true", help="train only the classifier")
     train.add_argument(
@@ -85,10 +90,8 @@ def _train(args) -> int:
     elif args.minutes is not None:
         cfg.minutes = args.minutes
     if args.checkpoint_every:
-        from .model import DEFAULT_T2I
-
         cfg.checkpoint_every = args.checkpoint_every
-        cfg.checkpoint_path = str((args.out or DEFAULT_T2I.parent) / "checkpoint_t2i.safetensors")
+        cfg.checkpoint_path = str(args.out / "checkpoint_t2i.safetensors")
     if args.stop_at is not None:
         cfg.stop_at = args.stop_at
     elif args.steps is not None or args.minutes is not None:

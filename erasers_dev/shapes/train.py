@@ -174,17 +174,20 @@ def train_t2i(cfg: TrainConfig, progress=None) -> ShapesPipeline:
 
 def train_all(
     cfg: TrainConfig,
-    out_dir: Optional[Path] = None,
+    out_dir: Path = Path("shapes_world"),
     threads: Optional[int] = 2,
     skip_classifier: bool = False,
     skip_t2i: bool = False,
     skip_eval: bool = False,
 ) -> dict:
-    """``python -m erasers shapes train``: both models, written to ``out_dir`` (default: the package),
-    then the base fidelity measured and recorded in the text-to-image file's metadata."""
+    """``python -m erasers shapes train``: both models, written to ``out_dir`` (never the package's shipped
+    weights: compare with them instead), then the base fidelity measured and recorded in the file's metadata."""
     if threads:
         torch.set_num_threads(threads)
-    out_dir = Path(out_dir) if out_dir else DEFAULT_T2I.parent
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == DEFAULT_T2I.parent.resolve():
+        raise ValueError(f"{out_dir} holds the shipped weights; train into another folder and compare (cmp).")
+    out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     result = {}
     t2i_path = out_dir / DEFAULT_T2I.name
