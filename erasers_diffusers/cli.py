@@ -147,7 +147,7 @@ def model_files(source: str) -> tuple:
 
 def cmd_erase(args) -> int:
     from erasers.edits.eraser import compute_eraser
-    from erasers.files.eraser_file import save_eraser
+    from erasers.files.eraser_file import output_file, save_eraser
     from erasers.files.writing import check_output_path
 
     concepts = list(args.concept or []) + read_list_file(args.concepts_file)
@@ -155,11 +155,7 @@ def cmd_erase(args) -> int:
     config = build_config(
         args.method, concepts, args.anchor or [], preserve, args.concept_type, args.rank_cap, args.param
     )
-    out = args.out
-    if os.path.isdir(out):
-        out = None  # a folder: the file name comes from the eraser, checked when it is written
-    elif not out.endswith(".safetensors"):
-        out += ".safetensors"
+    out = output_file(args.out)  # None for a folder: the name comes from the eraser, checked when written
     if out:  # before any model is read: a refused output costs nothing
         check_output_path(out, model_files(args.checkpoint or args.diffusers), overwrite=args.force)
     started = time.perf_counter()

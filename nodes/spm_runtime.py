@@ -183,7 +183,7 @@ class MembraneSet:
 
     def _lookup(self, row: torch.Tensor) -> torch.Tensor:
         cpu = row.detach().float().cpu()
-        for ref, rates in list(self._rates.values()):
+        for ref, rates in self._rates.values():
             t = ref.shape[0]
             if cpu.shape[0] >= t and torch.allclose(cpu[:t], ref, rtol=1e-3, atol=1e-3):
                 return rates

@@ -101,6 +101,15 @@ def default_file_name(eraser: Eraser) -> str:
     return f"{eraser.method}-{first or 'eraser'}{more}.safetensors"
 
 
+def output_file(path, eraser: Optional[Eraser] = None) -> Optional[str]:
+    """The file ``save_eraser`` writes for ``path``: ``.safetensors`` added; an existing folder → the eraser's
+    default name inside it (None when no eraser is given yet)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.join(path, default_file_name(eraser)) if eraser is not None else None
+    return path if path.endswith(".safetensors") else path + ".safetensors"
+
+
 def save_eraser(
     eraser: Eraser,
     path: str,
@@ -116,11 +125,7 @@ def save_eraser(
     existing file is replaced only with ``overwrite=True``, never when it is one of ``inputs`` (the model
     files the eraser was computed from), and the write is atomic (erasers/files/writing.py).
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, default_file_name(eraser))
-    if not path.endswith(".safetensors"):
-        path += ".safetensors"
+    path = output_file(path, eraser)
     tensors, metadata = to_state_dict(eraser, dtype, None if exact else tolerance)
     truncated = json.loads(metadata["eraser.storage"])["truncated"]
     if truncated:
@@ -145,17 +150,14 @@ def check_safetensors(path: str) -> None:
 
 def read_safetensors(path: str):
     """(tensors, metadata) from a .safetensors file, with errors that say what is wrong."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     name = os.path.basename(path)
     check_safetensors(path)
-    try:
-        tensors = load_file(path)
-        from safetensors import safe_open
-
+    try:  # one open for tensors and metadata
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise BadEraserFile(
             f"'{name}' could not be read as .safetensors ({exc}). The file may be truncated: "
