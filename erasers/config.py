@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -17,7 +19,65 @@ from .text import check_prompts
 
 
 class ConfigError(EraserError):
-    pass
+    """A parameter has a value the pack refuses (the message names the parameter)."""
+
+
+class ArgumentTypeError(ConfigError, TypeError):
+    """A parameter has the wrong type; both a ``TypeError`` and one of the pack's errors (``EraserError``)."""
+
+
+def check_number(name: str, value, low: Optional[float] = None, where: str = "") -> float:
+    """``value`` as a finite float (≥ ``low`` when given); ``name`` is the parameter the message names.
+
+    Booleans and strings are refused (``strength=True`` or ``lam="0.5"`` is a caller's mistake, not a
+    number); numpy scalars are real numbers and pass.
+    """
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{prefix}{name} must be a number, found {type(value).__name__} {value!r}.")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ConfigError(f"{prefix}{name} must be a finite number, found {value!r}.")
+    if low is not None and number < low:
+        raise ConfigError(f"{prefix}{name} must be ≥ {low:g}, found {value!r}.")
+    return number
+
+
+def check_path(name: str, value) -> str:
+    """A file-system path parameter: ``str`` or any ``os.PathLike`` → ``str``; anything else is refused."""
+    if isinstance(value, (bytes, bytearray)):
+        raise ArgumentTypeError(f"{name} must be a path (str or os.PathLike), found bytes {value!r}; decode it first.")
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        raise ArgumentTypeError(
+            f"{name} must be a path (str or os.PathLike), found {type(value).__name__} {value!r}."
+        ) from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path:
+        raise ConfigError(f"{name} is an empty path; give a file name.")
+    return path
+
+
+def text_list(name: str, value) -> list:
+    """A list-of-text parameter. A bare string is ONE entry (never its letters); None → []; every entry must
+    be a string (None entries are kept for the caller to drop)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, bytearray, dict)) or not hasattr(value, "__iter__"):
+        raise ArgumentTypeError(
+            f"{name} must be a list of strings (or one string), found {type(value).__name__} {value!r}."
+        )
+    items = list(value)
+    bad = [item for item in items if item is not None and not isinstance(item, str)]
+    if bad:
+        raise ArgumentTypeError(
+            f"{name} must hold strings only, found {type(bad[0]).__name__} {bad[0]!r}. Quote each entry."
+        )
+    return items
 
 
 class SerialisedConfig:
@@ -67,9 +127,10 @@ class EraserConfig(SerialisedConfig):
     PRESETS: ClassVar[dict] = {}
 
     def __post_init__(self):
-        self.concepts = [c for c in (self.concepts or [])]
-        self.anchors = [a for a in (self.anchors or [])]
-        self.preserve = [p for p in (self.preserve or [])]
+        # a bare string is one concept: list("circle") would erase the letters c, i, r, c, l, e
+        self.concepts = text_list("concepts", self.concepts)
+        self.anchors = text_list("anchors", self.anchors)
+        self.preserve = text_list("preserve", self.preserve)
         self.validate()
 
     # -- validation -------------------------------------------------------------------------------
@@ -78,7 +139,7 @@ class EraserConfig(SerialisedConfig):
         # anchors may legitimately be "" (erase towards the unconditional prompt): keep empties
         self.anchors = [a.strip() if a is not None else "" for a in self.anchors]
         self.preserve = [p.strip() for p in self.preserve if p and p.strip()]
-        if self.concept_type not in self.CONCEPT_TYPES:
+        if not isinstance(self.concept_type, str) or self.concept_type not in self.CONCEPT_TYPES:
             raise ConfigError(f"concept_type must be one of {self.CONCEPT_TYPES}, found '{self.concept_type}'.")
         if self.anchors and len(self.anchors) not in (1, len(self.concepts)):
             raise ConfigError(
@@ -97,7 +158,11 @@ class EraserConfig(SerialisedConfig):
     def _check_positive(self, **values) -> None:
         for name, value in values.items():
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or not math.isfinite(value) or value < 0:
+            if not number:
+                raise ArgumentTypeError(
+                    f"{self.method}: {name} must be a finite number ≥ 0, found {type(value).__name__} {value!r}."
+                )
+            if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{self.method}: {name} must be a finite number ≥ 0, found {value!r}.")
 
     def anchors_for_concepts(self, default: str) -> list:

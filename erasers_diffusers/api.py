@@ -24,10 +24,11 @@ from typing import Optional
 
 import torch
 
+from erasers.config import ArgumentTypeError, check_number, check_path
 from erasers.edits.eraser import Eraser, compute_eraser, fingerprint
-from erasers.errors import EraserAlreadyApplied, UnsupportedFamily
+from erasers.errors import EraserAlreadyApplied, NonFiniteResult, UnsupportedFamily
 from erasers.files.eraser_file import load_eraser as _load_file
-from erasers.files.eraser_file import save_eraser
+from erasers.files.eraser_file import save_eraser as _save_file
 from erasers.files.families import ATTN2_KV, Family, detect_family
 from erasers.files.keys import DIT_DIFFUSERS_TO_CANONICAL, SD3_DIFFUSERS_TO_CANONICAL, diffusers_to_canonical
 from erasers.text import PromptEncoding
@@ -215,16 +216,25 @@ def compute_eraser_for_pipeline(pipe, config, progress=None) -> Eraser:
 
 @dataclass
 class EraserHandle:
-    """What ``apply_eraser`` changed: originals (CPU, original dtype) to copy back on removal."""
+    """What ``apply_eraser`` changed: originals (CPU, original dtype) to copy back on removal.
+
+    It exists (and is attached to the denoiser) before the first weight is written, so a failure part-way
+    can always be undone from it; ``written`` lists the parameters changed so far, in order."""
 
     eraser: Eraser
     strength: float
     backup: dict = field(default_factory=dict)  # diffusers parameter name → original tensor (CPU)
     removed: bool = False
+    written: list = field(default_factory=list)
 
 
 def check_pipeline(pipe, eraser: Eraser) -> dict:
     """Family, keys and shapes of the eraser against the pipeline; returns its projection params."""
+    if not isinstance(eraser, Eraser):
+        raise ArgumentTypeError(
+            f"eraser must be an Eraser (from compute_eraser_for_pipeline or load_eraser), found "
+            f"{type(eraser).__name__}. To apply a file, load it first: load_eraser(path, pipe)."
+        )
     params = projection_params(pipe)
     shapes = {k: tuple(p.shape) for k, (_, p) in params.items()}
     weights = {k: p.data for k, (_, p) in params.items() if k in eraser.deltas}
@@ -232,41 +242,103 @@ def check_pipeline(pipe, eraser: Eraser) -> dict:
     return params
 
 
+def check_strength(strength) -> float:
+    """``strength`` as a finite float; NaN/Inf, booleans and strings are refused (``ConfigError``)."""
+    return check_number("strength", strength)
+
+
+def check_writable(params: dict, eraser: Eraser) -> None:
+    """Every edited weight must take a float delta: quantised (integer) or meta tensors cannot."""
+    for key in sorted(eraser.deltas):
+        name, param = params[key]
+        if not param.dtype.is_floating_point or param.is_meta:
+            raise UnsupportedFamily(
+                f"Layer {name} is stored as {param.dtype}{' on the meta device' if param.is_meta else ''}; an "
+                f"eraser adds a float delta to it, which this weight cannot hold. Load the model in float32, "
+                f"float16 or bfloat16 (not quantised, not offloaded to 'meta')."
+            )
+
+
+def new_weight(key: str, name: str, param, delta, strength: float) -> torch.Tensor:
+    """``W + strength·ΔW`` in the weight's own dtype, refused when it is not finite (e.g. float16 overflow)."""
+    value = (param.data.float() + strength * delta.dense(torch.float32).to(param.device)).to(param.dtype)
+    if not torch.isfinite(value).all():
+        raise NonFiniteResult(
+            f"Applying the eraser at strength {strength:g} makes layer {name} ({key}) non-finite in "
+            f"{param.dtype} (overflow). Lower the strength or load the model in float32; nothing was changed."
+        )
+    return value
+
+
+def write_weight(param, value: torch.Tensor) -> None:
+    """The one place ``apply_eraser`` writes a weight (tests inject failures here)."""
+    param.data.copy_(value)
+
+
+def restore_weights(module: torch.nn.Module, backup: dict, names) -> None:
+    """Copy the originals of ``names`` back from ``backup`` (bit for bit)."""
+    named = dict(module.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            named[name].data.copy_(backup[name].to(named[name].device))
+
+
 def apply_eraser(pipe, eraser: Eraser, strength: float = 1.0) -> EraserHandle:
-    """Add ``strength·ΔW`` to the denoiser's weights in place; returns the handle ``remove_eraser`` needs."""
+    """Add ``strength·ΔW`` to the denoiser's weights in place; returns the handle ``remove_eraser`` needs.
+
+    All or nothing: the eraser, the strength and every layer (present, shape, float dtype, finite factors)
+    are checked before the first weight is written; if anything fails part-way (or the call is interrupted)
+    the layers already written are restored bit for bit and the error propagates.
+    """
+    strength = check_strength(strength)
     module = denoiser(pipe)
     if getattr(module, HANDLE_ATTR, None) is not None:
         raise EraserAlreadyApplied(
             f"An eraser ({getattr(module, HANDLE_ATTR).eraser.method}) is already applied to this pipeline's "
             f"{type(module).__name__}. Call remove_eraser(pipe, handle) first, or use the erased(...) context."
         )
-    params = check_pipeline(pipe, eraser)  # raises before anything is written
-    handle = EraserHandle(eraser, float(strength))
+    params = check_pipeline(pipe, eraser)  # raises before anything is written (factors, family, keys, shapes)
+    check_writable(params, eraser)
+    handle = EraserHandle(eraser, strength)
+    keys = sorted(eraser.deltas)
     with torch.no_grad():
-        for key in sorted(eraser.deltas):
+        for key in keys:
             name, param = params[key]
             handle.backup[name] = param.data.detach().to("cpu", copy=True)
-        if strength != 0:
-            for key in sorted(eraser.deltas):
-                name, param = params[key]
-                delta = eraser.deltas[key].dense(torch.float32).to(param.device)
-                param.data.copy_((param.data.float() + float(strength) * delta).to(param.dtype))
-    setattr(module, HANDLE_ATTR, handle)
+        setattr(module, HANDLE_ATTR, handle)  # the handle exists before the first write
+        try:
+            if strength != 0:
+                for key in keys:
+                    name, param = params[key]
+                    value = new_weight(key, name, param, eraser.deltas[key], strength)
+                    handle.written.append(name)  # before the write: a write that fails half-way is undone too
+                    write_weight(param, value)
+        except BaseException:
+            restore_weights(module, handle.backup, handle.written)
+            handle.removed = True
+            setattr(module, HANDLE_ATTR, None)
+            log.warning(
+                "Applying the %s eraser failed; the %d layer(s) written were restored.",
+                eraser.method,
+                len(handle.written),
+            )
+            raise
     log.info("Applied %s eraser to %d layers at strength %g", eraser.method, len(eraser.deltas), strength)
     return handle
 
 
 def remove_eraser(pipe, handle: EraserHandle) -> None:
     """Copy the original weights back (bit for bit)."""
+    if not isinstance(handle, EraserHandle):
+        raise ArgumentTypeError(
+            f"handle must be the EraserHandle apply_eraser returned, found {type(handle).__name__}."
+        )
     module = denoiser(pipe)
     if handle.removed:
         return
     if getattr(module, HANDLE_ATTR, None) is not handle:
         raise EraserAlreadyApplied("This handle does not belong to the eraser applied to this pipeline.")
-    named = dict(module.named_parameters())
-    with torch.no_grad():
-        for name, original in handle.backup.items():
-            named[name].data.copy_(original.to(named[name].device))
+    restore_weights(module, handle.backup, list(handle.backup))
     handle.removed = True
     setattr(module, HANDLE_ATTR, None)
 
@@ -281,9 +353,19 @@ def erased(pipe, eraser: Eraser, strength: float = 1.0):
         remove_eraser(pipe, handle)
 
 
-def load_eraser(path: str, pipe=None) -> Eraser:
-    """Read an eraser file; with ``pipe``, also check its family and layers against the pipeline."""
-    eraser = _load_file(path)
+def save_eraser(eraser: Eraser, path, **options) -> str:
+    """``erasers.files.eraser_file.save_eraser`` with the arguments checked (``path``: str or os.PathLike)."""
+    if not isinstance(eraser, Eraser):
+        raise ArgumentTypeError(f"eraser must be an Eraser, found {type(eraser).__name__}.")
+    eraser.check_factors()  # never write a file that could not be applied
+    return _save_file(eraser, check_path("path", path), **options)
+
+
+def load_eraser(path, pipe=None) -> Eraser:
+    """Read an eraser file (str or os.PathLike); refuse a damaged one (factor ranks that differ, NaN/Inf),
+    naming the file and layer; with ``pipe``, also check its family, layers and shapes against the pipeline."""
+    eraser = _load_file(check_path("path", path))
+    eraser.check_factors()
     if pipe is not None:
         check_pipeline(pipe, eraser)
     return eraser

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from erasers.config import check_path
+from erasers.edits.eraser import check_weights_finite
 from erasers.errors import BadEraserFile, UnsupportedFamily
 from erasers.files.eraser_file import check_safetensors
 from erasers.files.families import ATTN2_KV, Family, detect_family
@@ -148,6 +150,7 @@ def load_checkpoint(path: str, tokenizer_dir: Optional[str] = None, comfyui_path
     """Projections, family and text encoder(s) of a single-file checkpoint."""
     from safetensors import SafetensorError
 
+    path = check_path("path", path)
     check_safetensors(path)
     name = os.path.basename(path)
     folder = find_tokenizer_dir(tokenizer_dir=tokenizer_dir, comfyui_path=comfyui_path)  # fail before reading
@@ -215,6 +218,10 @@ def _load(path: str, name: str, folder: str) -> Checkpoint:
                 f"'{name}' is {family.label} but holds no {where} weights. Expected a full "
                 f"checkpoint with its text encoder; for a UNet-only file use --diffusers DIR."
             )
+    # NaN/Inf in the file would come out of the solve as NaN deltas blamed on λ: name the file and layer here
+    check_weights_finite(weights, f"UNet in '{name}'")
+    for where, state, *_ in specs:
+        check_weights_finite(state, f"{where} in '{name}'")
     towers = []
     for n, (where, state, act, projection, drop_last, layer, pad) in enumerate(specs):
         tokenizer = clip_tokenizer(folder, pad_token=pad)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -15,7 +16,8 @@ from typing import Mapping, Optional
 import torch
 
 from .. import __version__
-from ..errors import FamilyMismatch, NonFiniteResult, UnknownKeys
+from ..config import ArgumentTypeError, EraserConfig
+from ..errors import BadEraserFile, FamilyMismatch, NonFiniteResult, UnknownKeys
 from ..files.families import Family, detect_family, layer_specs, parse_family
 from ..lowrank import compress
 from .methods import check_family, get_method
@@ -49,10 +51,35 @@ class Eraser:
     def dense(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.deltas[key].dense(dtype)
 
+    def check_factors(self) -> None:
+        """Refuse deltas that cannot be applied: factors that are not 2-D, ranks of ``up`` and ``down`` that
+        differ (a damaged file), or NaN/Inf anywhere. Cheap: reads the small factors, never forms ΔW."""
+        where = f" in '{self.source}'" if self.source else ""
+        for key, delta in sorted(self.deltas.items()):
+            up, down = getattr(delta, "up", None), getattr(delta, "down", None)
+            tensors = isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor)
+            if not tensors or up.dim() != 2 or down.dim() != 2:
+                raise BadEraserFile(
+                    f"Layer {key}{where}: expected 2-D lora_up (out×r) and lora_down (r×in) factors, found "
+                    f"{_shape_of(up)} and {_shape_of(down)}. The file is damaged: re-create or re-download it."
+                )
+            if up.shape[1] != down.shape[0]:
+                raise BadEraserFile(
+                    f"Layer {key}{where}: lora_up has rank {up.shape[1]} ({tuple(up.shape)}) but lora_down has rank "
+                    f"{down.shape[0]} ({tuple(down.shape)}); they must match. The file is damaged: re-create or "
+                    f"re-download it. Nothing was applied."
+                )
+            if not delta.is_finite():
+                raise NonFiniteResult(
+                    f"Layer {key}{where}: the delta holds NaN or Inf; applying it would corrupt every image. "
+                    f"Nothing was applied: re-compute the eraser (if it was just solved, raise λ)."
+                )
+
     def check_model(
         self, shapes: Mapping[str, tuple], family: Optional[Family] = None, fingerprint: Optional[str] = None
     ) -> None:
-        """Refuse a model of another family or without our layers; warn when the base differs."""
+        """Refuse a damaged eraser, a model of another family or without our layers; warn when the base differs."""
+        self.check_factors()
         family = family or detect_family(shapes)
         where = f" ({self.source})" if self.source else ""
         if family != self.family:
@@ -83,6 +110,10 @@ class Eraser:
             )
 
 
+def _shape_of(value) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 class TimedEncoder:
     """Proxy that times text encoding, so benchmarks can split encoding from solving."""
 
@@ -96,7 +127,7 @@ class TimedEncoder:
     def _timed(self, fn, prompts):
         start = time.perf_counter()
         try:
-            return fn(prompts)
+            return check_encoding(fn(prompts), prompts)
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -110,6 +141,34 @@ class TimedEncoder:
     def encode_real_tokens(self):
         inner = getattr(self._encoder, "encode_real_tokens", None)
         return None if inner is None else (lambda prompts: self._timed(inner, prompts))
+
+
+def check_encoding(encoding, prompts):
+    """Refuse NaN/Inf text embeddings (a damaged text encoder), naming a prompt: otherwise the solve turns
+    them into NaN deltas and the error would wrongly blame λ."""
+    for name in ("hidden", "pooled"):
+        value = getattr(encoding, name, None)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            rows = (~torch.isfinite(value.reshape(value.shape[0], -1))).any(dim=1).nonzero().flatten().tolist()
+            prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
+            example = prompts[rows[0]] if rows and rows[0] < len(prompts) else "?"
+            raise NonFiniteResult(
+                f"The text encoder produced NaN/Inf embeddings ({name}) for {len(rows)} prompt(s), e.g. "
+                f"{str(example)[:60]!r}. Its weights are damaged (λ has nothing to do with it): reload or "
+                f"re-download the model."
+            )
+    return encoding
+
+
+def check_weights_finite(weights: Mapping[str, torch.Tensor], what: str = "model") -> None:
+    """Refuse base weights holding NaN/Inf, naming the layer (the solve would make NaN deltas from them)."""
+    for key in sorted(weights):
+        w = weights[key]
+        if w.is_floating_point() and not torch.isfinite(w).all():
+            raise NonFiniteResult(
+                f"Weight {key} of the {what} holds NaN or Inf: the model file is damaged (λ has nothing to do "
+                f"with it). Re-download or re-save the model; nothing was computed."
+            )
 
 
 def fingerprint(weights: Mapping[str, torch.Tensor], keys=None) -> str:
@@ -130,6 +189,11 @@ def compute_eraser(config, encoder, weights: Mapping[str, torch.Tensor], family=
 
     ``weights`` may hold the whole model or only its text projections; nothing is written to them.
     """
+    if not isinstance(config, EraserConfig):
+        raise ArgumentTypeError(
+            f"config must be a method config such as UCEConfig(concepts=[...]), found {type(config).__name__} "
+            f"{config!r:.80}."
+        )
     method = get_method(config.method)
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     family = parse_family(family) if isinstance(family, str) else (family or detect_family(shapes))
@@ -146,6 +210,7 @@ def compute_eraser(config, encoder, weights: Mapping[str, torch.Tensor], family=
             f"Connect the text encoder that was loaded with this model."
         )
     base = {s.key: weights[s.key].detach().to("cpu", torch.float32) for s in specs}
+    check_weights_finite(base)
     timed = TimedEncoder(encoder)
     started = time.perf_counter()
     deltas = method.erase(config, timed, base, specs, progress=progress)
@@ -156,12 +221,17 @@ def compute_eraser(config, encoder, weights: Mapping[str, torch.Tensor], family=
         delta = delta.to(torch.float32)  # storage precision; the solves ran in float64
         if not delta.is_finite():
             raise NonFiniteResult(
-                f"{method.title} produced NaN/Inf for layer {key}. The system is ill-conditioned for these "
-                f"concepts: raise λ (lam) or lower the erase scale, and check the text encoder output is finite."
+                f"{method.title} produced NaN/Inf for layer {key} from finite weights and embeddings: the system "
+                f"is ill-conditioned for these concepts. Raise λ (lam) or lower the erase scale."
             )
         if config.rank_cap is not None and delta.rank > config.rank_cap:
             delta, err = compress(delta, rank_cap=config.rank_cap)
             worst = max(worst, err)
+            if not delta.is_finite() or not math.isfinite(err):  # the SVD of a nearly singular core can overflow
+                raise NonFiniteResult(
+                    f"Compressing layer {key} to rank {config.rank_cap} produced NaN/Inf. Save without a rank "
+                    f"cap, or raise λ (lam) so the edit is better conditioned."
+                )
         out[key] = delta
     if config.rank_cap is not None:
         log.warning("Rank cap %d: worst relative reconstruction error of a layer's delta %.3g", config.rank_cap, worst)
