@@ -499,3 +499,40 @@ def txt2img_prompt(
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# bit-exact weight comparison
+# --------------------------------------------------------------------------------------------------
+
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bit patterns as integers of the same width, so that equality means "the same bits".
+
+    ``torch.equal`` compares values, and NaN != NaN: a tensor holding NaN is not ``torch.equal`` to its own
+    clone. ComfyUI leaves some parameters uninitialised (``torch.empty``) when a checkpoint lacks them —
+    SD1.5's ``clip_l.transformer.text_projection.weight``, which SD1.5 checkpoints never store and the SD1.5
+    text encoder never reads — so whether such a weight "equals" its snapshot would depend on whatever bytes
+    the allocator handed out (run with ``MALLOC_PERTURB_=1`` to make them all NaN).
+    """
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.contiguous().view(_SAME_WIDTH_INT[t.element_size()])
+
+
+def snapshot(state_dict: dict) -> dict:
+    """``{key: detached clone}`` of a state dict (its tensors are the live weights, not copies)."""
+    return {k: v.detach().clone() for k, v in state_dict.items()}
+
+
+def changed_keys(before: dict, after: dict) -> list:
+    """Keys whose tensors differ bit for bit (or in shape/dtype), plus keys present in only one of the two."""
+    changed = sorted(set(before) ^ set(after))
+    for k in sorted(set(before) & set(after)):
+        a, b = before[k], after[k]
+        if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(bits(a), bits(b)):
+            changed.append(k)
+    return changed
