@@ -250,8 +250,52 @@ def add_subparsers(subparsers) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def cmd_demo(args) -> int:
+def check_demo_args(args) -> list:
+    """Every demo input checked before the model loads (``EraserError``: one ``error:`` line, exit 2);
+    returns the method list."""
+    from erasers.edits.methods import METHODS
+    from erasers.errors import EraserError
+    from erasers.files.safetensors_header import read_safetensors_header
+
+    from .bench import shapes_eval as ev
+    from .shapes.classifier import FORMAT_CLASSIFIER
+    from .shapes.model import FORMAT_T2I
+
+    try:
+        axis = ev.axis_of(args.concept)
+    except ValueError as exc:
+        raise EraserError(f"--concept: {exc}") from None
+    if axis not in ("shape", "colour"):
+        raise EraserError(f"--concept: the demo erases a shape or a colour; '{args.concept}' is a {axis}.")
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise EraserError(
+            f"--methods: expected closed-form methods from {', '.join(sorted(METHODS))}, found "
+            f"{', '.join(unknown) if unknown else 'none'}."
+        )
+    for name, value, low in (("--steps", args.steps, 1), ("--seed", args.seed, 0), ("--threads", args.threads, 0)):
+        if value < low:
+            raise EraserError(f"{name} must be ≥ {low}, found {value}.")
+    files = (("--weights", args.weights, FORMAT_T2I), ("--classifier", args.classifier, FORMAT_CLASSIFIER))
+    for option, path, expected in files:
+        if path is None:
+            continue
+        _, metadata = read_safetensors_header(os.fspath(path))  # refuses missing, pickled, truncated files
+        if metadata.get("format") != expected:
+            raise EraserError(
+                f"{option} '{path}' is not a '{expected}' file (its metadata format is {metadata.get('format')!r}). "
+                f"Pass the file written by `python -m erasers shapes train`."
+            )
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise EraserError(
+            f"--out '{args.out}' is a file; the demo writes a folder (grid.png, report.md, report.json)."
+        )
+    return methods
+
+
+def cmd_demo(args) -> int:
+    methods = check_demo_args(args)
     report = run_demo(
         args.concept,
         args.out,

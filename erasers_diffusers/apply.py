@@ -14,9 +14,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from erasers.config import ArgumentTypeError, ConfigError, check_number, check_path, text_list
+from erasers.errors import NonFiniteResult, UnknownFormat
 from erasers.files.eraser_file import read_safetensors
 from erasers.files.keys import canonical_to_diffusers_unet, diffusers_unet_candidates
-from erasers.membranes.formats import convert_file
+from erasers.lowrank import LowRankDelta
+from erasers.membranes.formats import convert_file, detect_format, get_format
 from erasers.membranes.formats._common import TEXT_PREFIX
 from erasers.membranes.hooks import MembraneHooks
 from erasers.membranes.spm import GATE_ALWAYS, GATE_FT, Gate, Membrane, RateCache, build_stacks
@@ -116,6 +119,22 @@ class DiffusersMembranes:
         """``membranes`` combine by ``combination``; ``loras`` (gated erasure LoRAs) always linearly."""
         self.unet = pipe.unet
         self.membranes = list(membranes) + list(loras)
+        for mem in self.membranes:
+            if not isinstance(mem, Membrane):
+                raise ArgumentTypeError(
+                    f"membranes and loras must hold Membrane objects (from membrane_from_file), found "
+                    f"{type(mem).__name__}."
+                )
+            check_number(f"strength of {mem.name}", mem.strength)
+            check_membrane_finite(mem)
+        self.groups, self.text_hooks, self._pre = [], [], None
+        try:
+            self._install(pipe, membranes, combination, encoder)
+        except BaseException:
+            self.remove()  # all or nothing: no hook stays behind when installing fails part-way
+            raise
+
+    def _install(self, pipe, membranes, combination, encoder) -> None:
         split = len(membranes)
         to_canon = unet_canonical_names(self.unet)
         self.shapes = {to_canon[n]: tuple(p.shape) for n, p in self.unet.named_parameters() if n in to_canon}
@@ -124,7 +143,6 @@ class DiffusersMembranes:
         if needs_text and encoder is None:
             encoder = HFTextEncoder(pipe.tokenizer, pipe.text_encoder)
         self.cache = RateCache(self.membranes, encoder)
-        self.groups = []
         for rule, idx in ((combination, list(range(split))), ("linear", list(range(split, len(self.membranes))))):
             if idx:
                 stacks = build_stacks([self.membranes[i] for i in idx], rule, self.shapes)
@@ -156,7 +174,9 @@ class DiffusersMembranes:
             hooks.rates = rows[:, idx]
 
     def remove(self) -> None:
-        self._pre.remove()
+        if self._pre is not None:
+            self._pre.remove()
+            self._pre = None
         for hooks in self.text_hooks:
             hooks.remove()
         self.text_hooks = []
@@ -169,6 +189,18 @@ class DiffusersMembranes:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+def check_membrane_finite(mem: Membrane) -> None:
+    """Refuse a membrane holding NaN/Inf (one built in memory; files are checked when read), naming the layer."""
+    for key, delta in mem.deltas.items():
+        parts = [delta.up, delta.down] if isinstance(delta, LowRankDelta) else [delta]
+        parts = [getattr(p, "weight", p) for p in parts]
+        if any(isinstance(p, torch.Tensor) and p.is_floating_point() and not torch.isfinite(p).all() for p in parts):
+            raise NonFiniteResult(
+                f"{mem.name}: layer {key} holds NaN or Inf; applying it would corrupt every image. "
+                f"Nothing was hooked: re-create the membrane / LoRA."
+            )
 
 
 def apply_text_deltas(pipe, membranes: Sequence[Membrane]) -> list:
@@ -192,31 +224,58 @@ def apply_text_deltas(pipe, membranes: Sequence[Membrane]) -> list:
             if enc in encoders:
                 per_encoder.setdefault(enc, {}).setdefault(i, {})[path] = delta
     installed = []
-    for enc, by_membrane in per_encoder.items():
-        module = encoders[enc]
-        shapes = {_text_path(n): tuple(p.shape) for n, p in module.named_parameters()}
-        order = sorted(by_membrane)
-        stacks = build_stacks([Membrane(by_membrane[i], name=membranes[i].name) for i in order], "linear", shapes)
-        hooks = MembraneHooks(module, stacks, module_name=lambda path, module=module: _module_path(module, path))
-        hooks.rates = torch.tensor([[float(membranes[i].strength) for i in order]])  # one row: any batch
-        installed.append(hooks)
+    try:
+        for enc, by_membrane in per_encoder.items():
+            module = encoders[enc]
+            shapes = {_text_path(n): tuple(p.shape) for n, p in module.named_parameters()}
+            order = sorted(by_membrane)
+            stacks = build_stacks([Membrane(by_membrane[i], name=membranes[i].name) for i in order], "linear", shapes)
+            hooks = MembraneHooks(module, stacks, module_name=lambda path, module=module: _module_path(module, path))
+            installed.append(hooks)
+            hooks.rates = torch.tensor([[float(membranes[i].strength) for i in order]])  # one row: any batch
+    except BaseException:
+        for hooks in installed:  # all or nothing across the text encoders too
+            hooks.remove()
+        raise
     return installed
 
 
-def load_for_unet(unet, path: str, fmt: Optional[str] = None, pipe=None, **options):
+def load_for_unet(unet, path, fmt: Optional[str] = None, pipe=None, **options):
     """A file's LayerDeltas against a diffusers UNet (canonical keys) and, when ``pipe`` is given, its text
-    encoders (``te.<encoder>.…``), with the conversion report."""
+    encoders (``te.<encoder>.…``), with the conversion report. ``path``: str or os.PathLike."""
+    path = check_path("path", path)
     to_canon = unet_canonical_names(unet)
     model_keys = {to_canon[n]: p.detach() for n, p in unet.named_parameters() if n in to_canon}
     if pipe is not None:
         model_keys.update(text_model_keys(pipe))
     tensors, metadata = read_safetensors(path)
-    return convert_file(tensors, metadata, model_keys, source=os.path.basename(path), fmt=fmt, **options)
+    source = os.path.basename(path)
+    if isinstance(fmt, str):
+        check_requested_format(tensors, metadata, fmt, source)
+    return convert_file(tensors, metadata, model_keys, source=source, fmt=fmt, **options)
+
+
+def check_requested_format(tensors, metadata, fmt: str, source: str) -> None:
+    """A file read as ``fmt`` (e.g. ``--spm``) must be one: otherwise say what it is and how to load it, instead
+    of converting it under the wrong name (a kohya SDXL LoRA used to be called "a SDXL spm file")."""
+    chosen = get_format(fmt)
+    if chosen.recognise(tensors, metadata or {}):
+        return
+    try:
+        actual = detect_format(tensors, metadata, source)
+    except UnknownFormat:
+        actual = None
+    if actual is None or actual.NAME == chosen.NAME:
+        return  # nothing better to say: let the converter name what does not fit
+    raise UnknownFormat(
+        f"{source} is a {actual.TITLE} file, not a {chosen.TITLE} file. Load it as an erasure LoRA "
+        f"(CLI: --lora; Python: membrane_from_file(..., kind='lora')) instead."
+    )
 
 
 def membrane_from_file(
     unet,
-    path: str,
+    path,
     strength: float = 1.0,
     transport: bool = True,
     concepts=None,
@@ -226,10 +285,15 @@ def membrane_from_file(
 ) -> tuple:
     """(Membrane, report); ``kind`` "spm" reads the SPM layout, "lora" detects any erasure format. With
     ``pipe`` the file's text-encoder keys are matched too (DiffusersMembranes applies them)."""
+    strength = check_number("strength", strength)
+    if kind not in ("spm", "lora"):
+        raise ConfigError(f"kind must be 'spm' or 'lora', found {kind!r}.")
+    names = text_list("concepts", concepts)
+    path = check_path("path", path)
     deltas, report = load_for_unet(unet, path, fmt=fmt or ("spm" if kind == "spm" else None), pipe=pipe)
-    names = list(concepts or report.concepts)
+    names = names or list(report.concepts)
     gate = Gate(GATE_FT if transport else GATE_ALWAYS, names)
-    return Membrane(deltas, gate, float(strength), name=f"{kind}:{os.path.basename(path)}"), report
+    return Membrane(deltas, gate, strength, name=f"{kind}:{os.path.basename(path)}"), report
 
 
 __all__ = [

@@ -5,7 +5,9 @@ Extending it:
     (each sets ``func=callable(args) -> int`` with ``set_defaults``); missing modules are skipped;
   * ``BENCHES`` maps a benchmark name to ``"module:function"`` (relative to this package) or a callable
     taking the remaining argv list and returning an exit code: ``python -m erasers bench NAME [args…]``.
-Errors the pack raises (``erasers.errors.EraserError``) print as one line on stderr, exit code 2.
+Every user input error (``erasers.errors.EraserError``, a bad command line, a missing or unreadable file)
+prints as one line on stderr, ``error: …``, exit code 2; ``--debug`` shows the traceback instead. A closed
+stdout (``info … | head``) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ log = logging.getLogger(__name__)
 PLUGINS = ["erasers_dev.shapes.cli", "erasers_dev.demo", ".generate"]
 #: benchmark name → "module:function" or callable(argv) -> int
 BENCHES: dict = {
-    "closed-form": ".bench.closed_form:main",
-    "spm": ".bench.spm:main",
-    "suppression": ".bench.suppression:main",
-    "shapes": ".bench.shapes:main",
+    "closed-form": "erasers_dev.bench.closed_form:main",
+    "spm": "erasers_dev.bench.spm:main",
+    "suppression": "erasers_dev.bench.suppression:main",
+    "shapes": "erasers_dev.bench.shapes:main",
+    "soak": "erasers_dev.bench.soak:main",
 }
 
 
@@ -50,7 +53,24 @@ def resolve(target: Union[str, Callable]) -> Callable:
 # -- erase ----------------------------------------------------------------------------------------------
 
 
-def parse_value(text: str, annotation: str):
+def type_words(annotation: str) -> str:
+    """``Optional[int]`` → "a whole number (or none)": what the user must type, in words."""
+    kind = str(annotation)
+    words = "a value"
+    if "bool" in kind:
+        words = "true or false"
+    elif "int" in kind and "float" not in kind:
+        words = "a whole number"
+    elif "float" in kind:
+        words = "a number"
+    elif "list" in kind:
+        words = "a comma-separated list"
+    elif "str" in kind:
+        words = "text"
+    return words + (" (or none)" if "Optional" in kind else "")
+
+
+def parse_value(text: str, annotation: str, key: str = "the parameter"):
     """``--param`` value → the dataclass field's type (annotations are strings under postponed evaluation)."""
     kind = str(annotation)
     if text.lower() in ("none", "null", "") and "Optional" in kind:
@@ -60,7 +80,7 @@ def parse_value(text: str, annotation: str):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise EraserError(f"Expected true/false for a boolean parameter, found '{text}'.")
+        raise EraserError(f"--param {key}: expected true or false, found '{text}'.")
     if "str" in kind:
         return text
     try:
@@ -72,7 +92,7 @@ def parse_value(text: str, annotation: str):
     except ValueError:
         if "list" in kind:
             return [part.strip() for part in text.split(",") if part.strip()]
-        raise EraserError(f"Expected a {kind} value, found '{text}'.") from None
+        raise EraserError(f"--param {key}: expected {type_words(kind)}, found '{text}'.") from None
 
 
 def build_config(method_name: str, concepts, anchors, preserve, concept_type, rank_cap, params):
@@ -97,7 +117,7 @@ def build_config(method_name: str, concepts, anchors, preserve, concept_type, ra
                 f"{method.name} has no parameter '{key}'. Its parameters: "
                 f"{', '.join(k for k in fields if k not in ('concepts', 'anchors', 'preserve'))}."
             )
-        data[key] = parse_value(value.strip(), fields[key])
+        data[key] = parse_value(value.strip(), fields[key], key)
     return method.config_class.from_dict(data)
 
 
@@ -105,37 +125,87 @@ def read_list_file(path: Optional[str]) -> list:
     if not path:
         return []
     if not os.path.isfile(path):
-        raise EraserError(f"No file at '{path}' (expected one concept per line).")
-    with open(path, encoding="utf-8") as handle:
-        return [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+        raise EraserError(f"No file at '{path}' (expected a text file with one concept per line).")
+    try:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: a BOM from Windows editors is not a concept
+            return [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    except UnicodeDecodeError as exc:
+        raise EraserError(
+            f"'{path}' is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}; Latin-1 or "
+            f"another code page?). Save it as UTF-8 and run again."
+        ) from None
+    except OSError as exc:
+        raise EraserError(f"'{path}' could not be read ({exc.strerror or exc}).") from None
 
 
 def load_diffusers_folder(folder: str):
     """A pipeline-like object with the denoiser, tokenizers and text encoders of a diffusers folder."""
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+    index = read_model_index(folder)
+    try:
+        if "unet" not in index:
+            from diffusers import DiffusionPipeline
+
+            return DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        from types import SimpleNamespace
+
+        import diffusers
+        import transformers
+
+        parts = {}
+        for name in ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            spec = index.get(name)
+            if not spec or spec[1] is None or not os.path.isdir(os.path.join(folder, name)):
+                continue
+            library = diffusers if spec[0] == "diffusers" else transformers
+            cls = getattr(library, str(spec[1]), None)
+            if cls is None or not hasattr(cls, "from_pretrained"):
+                raise BadEraserFile(
+                    f"{os.path.join(folder, 'model_index.json')}: '{name}' names the class {spec[1]!r}, which "
+                    f"{library.__name__} does not have. Fix the entry, e.g. "
+                    f'["diffusers", "UNet2DConditionModel"].'
+                )
+            parts[name] = cls.from_pretrained(os.path.join(folder, name))
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        if isinstance(exc, EraserError):
+            raise
+        raise BadEraserFile(
+            f"The diffusers folder '{folder}' could not be loaded ({type(exc).__name__}: {str(exc)[:200]}). "
+            f"Check that it is complete (model_index.json, unet/ or transformer/, text_encoder/, tokenizer/)."
+        ) from exc
+    if "unet" not in parts:
+        raise BadEraserFile(
+            f"'{folder}': model_index.json lists a unet but there is no loadable unet/ folder. "
+            f"Pass a complete diffusers model folder."
+        )
+    return SimpleNamespace(**parts)
+
+
+def read_model_index(folder: str) -> dict:
+    """model_index.json of a diffusers folder, checked: a JSON object whose component entries are
+    [library, class] pairs; anything else is refused naming the file and the entry."""
+    path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(path):
         raise BadEraserFile(
             f"'{folder}' is not a diffusers model folder (no model_index.json). Pass the folder "
             f"that holds model_index.json, unet/ (or transformer/), text_encoder/, tokenizer/."
         )
-    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as handle:
-        index = json.load(handle)
-    if "unet" not in index:
-        from diffusers import DiffusionPipeline
-
-        return DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    from types import SimpleNamespace
-
-    import diffusers
-    import transformers
-
-    parts = {}
-    for name in ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadEraserFile(f"'{path}' is not valid JSON ({exc}). Re-download the model or fix the file.") from None
+    if not isinstance(index, dict):
+        raise BadEraserFile(f"'{path}' must hold a JSON object, found {type(index).__name__}.")
+    for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         spec = index.get(name)
-        if not spec or spec[1] is None or not os.path.isdir(os.path.join(folder, name)):
+        if spec is None:
             continue
-        library = diffusers if spec[0] == "diffusers" else transformers
-        parts[name] = getattr(library, spec[1]).from_pretrained(os.path.join(folder, name))
-    return SimpleNamespace(**parts)
+        if not isinstance(spec, list) or len(spec) != 2 or not all(v is None or isinstance(v, str) for v in spec):
+            raise BadEraserFile(
+                f"'{path}': entry '{name}' must be a [library, class] pair such as "
+                f'["diffusers", "UNet2DConditionModel"], found {json.dumps(spec)[:80]}.'
+            )
+    return index
 
 
 def model_files(source: str) -> tuple:
@@ -146,10 +216,22 @@ def model_files(source: str) -> tuple:
 
 
 def cmd_erase(args) -> int:
+    from erasers.config import ConfigError, check_number
     from erasers.edits.eraser import compute_eraser
-    from erasers.files.eraser_file import output_file, save_eraser
+    from erasers.errors import RefusedPath
+    from erasers.files.eraser_file import FILE_TOLERANCE, output_file, save_eraser
     from erasers.files.writing import check_output_path
 
+    check_number("--file-tolerance", args.file_tolerance, low=0)
+    if args.file_tolerance >= 1:
+        raise ConfigError(
+            f"--file-tolerance is a relative error per layer and must be below 1 (default {FILE_TOLERANCE:g}), "
+            f"found {args.file_tolerance:g}."
+        )
+    if args.out.endswith(("/", os.sep)) and not os.path.isdir(args.out):
+        raise RefusedPath(
+            f"--out '{args.out}' names a folder that does not exist. Create it first, or give a file name."
+        )
     concepts = list(args.concept or []) + read_list_file(args.concepts_file)
     preserve = list(args.preserve or []) + read_list_file(args.preserve_file)
     config = build_config(
@@ -203,39 +285,86 @@ def cmd_erase(args) -> int:
 # -- info -----------------------------------------------------------------------------------------------
 
 
-def cmd_info(args) -> int:
+def load_checked(path: str):
+    """(header description, eraser or None, problems) of any .safetensors adapter file. Broken metadata or
+    inconsistent factors become problems (shown by ``info``), never a traceback."""
     from erasers.files.eraser_file import load_eraser
+    from erasers.files.file_info import describe_header
 
-    eraser = load_eraser(args.file)
+    header = describe_header(path, with_hash=False, check_values=True)
+    problems = list(header["problems"])
+    eraser = None
+    if header.get("kind") == "eraser" and not problems:
+        try:
+            eraser = load_eraser(path)
+            eraser.check_factors()
+        except EraserError as exc:
+            problems.append(str(exc))
+            eraser = None
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a metadata field of the wrong kind
+            problems.append(f"its eraser metadata could not be read ({type(exc).__name__}: {str(exc)[:120]})")
+            eraser = None
+    return header, eraser, problems
+
+
+def cmd_info(args) -> int:
+    header, eraser, problems = load_checked(args.file)
     size = os.path.getsize(args.file)
+    checked = "all tensors read: finite" if header["values_checked"] and not problems else ""
+    if args.json:
+        if eraser is not None:
+            params = {k: v for k, v in eraser.config.items() if k not in ("method", "concepts", "anchors", "preserve")}
+            data = {
+                "file": args.file,
+                "size_bytes": size,
+                "kind": "eraser",
+                "method": eraser.method,
+                "family": eraser.family.value,
+                "concepts": eraser.concepts,
+                "anchors": eraser.config.get("anchors", []),
+                "preserve": eraser.config.get("preserve", []),
+                "parameters": params,
+                "layers": {k: d.rank for k, d in sorted(eraser.deltas.items())},
+                "pack_version": eraser.pack_version,
+                "base_fingerprint": eraser.base_fingerprint,
+                "reconstruction_error": eraser.reconstruction_error,
+            }
+        else:
+            data = {k: v for k, v in header.items() if k not in ("problems", "values_checked")}
+            data["file"] = args.file
+        data.update(problems=problems, values_checked=header["values_checked"], ok=not problems)
+        print(json.dumps(data, ensure_ascii=False, indent=1))
+    elif eraser is not None:
+        print_eraser(args, eraser, size)
+        print(f"checks:      ok (header consistent; {checked})")
+    else:
+        print(f"file:        {args.file} ({size / 1e6:.2f} MB)")
+        print(f"kind:        {header.get('kind', '?')}" + (f" ({header['title']})" if header.get("title") else ""))
+        print(f"method:      {header.get('method') or '(not recorded)'}")
+        print(f"family:      {header.get('family') or '(unknown)'}")
+        print(f"concepts:    {', '.join(header.get('concepts') or []) or '(not recorded)'}")
+        print(f"tensors:     {header['tensors']}, rank {header.get('rank') or '–'}")
+        if problems:
+            for problem in problems:
+                print(f"PROBLEM:     {problem}")
+        else:
+            print(f"checks:      ok (header consistent; {checked})")
+    if problems:
+        more = f" (and {len(problems) - 1} more, listed on stdout)" if len(problems) > 1 else ""
+        raise BadEraserFile(
+            f"'{os.path.basename(args.file)}' is damaged: {problems[0]}{more}. No loader of the pack will apply it; "
+            f"re-create or re-download it."
+        )
+    return 0
+
+
+def print_eraser(args, eraser, size: int) -> None:
     ranks = [d.rank for d in eraser.deltas.values()]
     kinds = {}
     for key in eraser.deltas:
         kind = key.rsplit(".", 2)[-2] if key.endswith(".weight") else key
         kinds[kind] = kinds.get(kind, 0) + 1
     params = {k: v for k, v in eraser.config.items() if k not in ("method", "concepts", "anchors", "preserve")}
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "file": args.file,
-                    "size_bytes": size,
-                    "method": eraser.method,
-                    "family": eraser.family.value,
-                    "concepts": eraser.concepts,
-                    "anchors": eraser.config.get("anchors", []),
-                    "preserve": eraser.config.get("preserve", []),
-                    "parameters": params,
-                    "layers": {k: d.rank for k, d in sorted(eraser.deltas.items())},
-                    "pack_version": eraser.pack_version,
-                    "base_fingerprint": eraser.base_fingerprint,
-                    "reconstruction_error": eraser.reconstruction_error,
-                },
-                ensure_ascii=False,
-                indent=1,
-            )
-        )
-        return 0
     print(f"file:        {args.file} ({size / 1e6:.2f} MB)")
     print(f"method:      {eraser.method}")
     print(f"family:      {eraser.family.label}")
@@ -257,7 +386,6 @@ def cmd_info(args) -> int:
     if args.layers:
         for key, delta in sorted(eraser.deltas.items()):
             print(f"  {key}  {delta.shape[0]}×{delta.shape[1]}  rank {delta.rank}")
-    return 0
 
 
 # -- bench ----------------------------------------------------------------------------------------------
@@ -338,17 +466,20 @@ def add_erase(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m erasers", description="Concept Erasers command line.")
+    parser = Parser(prog="python -m erasers", description="Concept Erasers command line.")
     parser.add_argument("--version", action="version", version=f"concept-erasers {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_erase(subparsers)
     p = subparsers.add_parser(
         "info",
-        help="print an eraser file's metadata and what it edits",
-        description="Print an eraser file's metadata and what it edits.",
+        help="print an eraser / SPM / LoRA file's metadata and check it",
+        description="Print an eraser file's metadata and what it edits (SPM membranes and erasure LoRAs: what "
+        "their header says), and check the file: lora_up / lora_down ranks that match, the layers its metadata "
+        "lists, and (reading every tensor) no NaN / Inf. A damaged file is shown, flagged, and exits with code 2.",
     )
-    p.add_argument("file", help="eraser .safetensors file")
+    p.add_argument("file", help="eraser, SPM or LoRA .safetensors file")
     p.add_argument("--layers", action="store_true", help="list every edited layer with its rank")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_info)
@@ -374,15 +505,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 1
+class UsageError(EraserError):
+    """A command line argparse refused (unknown option, a value of the wrong type, a missing argument)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <what> (see '<prog> --help')``, raised so ``main`` prints it once
+    (plain argparse prints the whole usage block and then a second error line)."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def quiet_broken_pipe() -> int:
+    """stdout was closed by the reader (``info … | head``): stop quietly, without a second error at exit."""
     try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured stdout in tests)
+        pass
+    return 0
+
+
+def one_line(exc: BaseException) -> str:
+    """The ``error: …`` line of a user error: the pack's own message, or what the OS said about which file."""
+    if isinstance(exc, OSError) and not isinstance(exc, EraserError):
+        where = f" '{exc.filename}'" if exc.filename else ""
+        what = exc.strerror or str(exc)
+        hint = {
+            IsADirectoryError: "give a file, not a folder",
+            NotADirectoryError: "a part of the path is a file, not a folder",
+            FileNotFoundError: "check the path",
+            FileExistsError: "a file is in the way: choose another name or move it",
+            PermissionError: "check the file's permissions",
+        }.get(type(exc), "check the path and the disk")
+        return f"{what}:{where}. {hint[0].upper() + hint[1:]}."
+    return " ".join(str(exc).split())  # one line, whatever the message held
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    debug = "--debug" in argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 1
         return int(args.func(args) or 0)
-    except EraserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+    except (EraserError, OSError) as exc:
+        if debug:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted; any file being written was left as it was.", file=sys.stderr)
+        return 130

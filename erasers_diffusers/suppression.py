@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from erasers.errors import UnsupportedFamily
 from erasers.guards import concept_guidance as cg
 from erasers.guards import safree, sld
 from erasers.guards import token_suppress as ts
@@ -49,31 +50,61 @@ class SuppressionState:
         return self.token_bias is not None or self.nag_context is not None
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype, keys: int) -> torch.Tensor:
+    """The caller's cross-attention mask as an additive (B, 1 or Lq, T) bias in ``dtype``.
+
+    diffusers hands attn2 the encoder mask already turned into a (B, 1, T) bias ((1 − m)·−10000); a boolean
+    mask (True = attend) or a (B, T) one is converted the same way. A mask over another number of keys than
+    the prompt has cannot be composed with a per-token bias: refused, never skipped."""
+    if mask.dtype == torch.bool:
+        mask = (~mask).to(dtype) * -10000.0
+    if mask.dim() == 2:
+        mask = mask[:, None, :]
+    if mask.dim() != 3 or mask.shape[-1] != keys:
+        raise UnsupportedFamily(
+            f"Token suppression / concept guidance got a cross-attention mask of shape {tuple(mask.shape)} for "
+            f"{keys} prompt tokens; expected (B, {keys}) or (B, 1 or queries, {keys}). The suppression was not "
+            f"skipped: pass a mask over the prompt tokens, or none."
+        )
+    return mask.to(dtype)
+
+
 class SuppressionAttnProcessor:
     """Cross-attention processor: standard attention + the active suppression ops; delegates to the
-    layer's original processor when nothing is active."""
+    layer's original processor when nothing is active.
+
+    A caller's attention mask composes with the suppression (both are additive logit biases), so a masked
+    prompt is suppressed like any other: the processor never falls back to unsuppressed attention."""
 
     def __init__(self, controller: "SuppressionProcessors", original):
         self.controller, self.original = controller, original
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         state = self.controller.state
-        if state is None or not state.active or encoder_hidden_states is None or attention_mask is not None:
+        if state is None or not state.active or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        user = None
+        if attention_mask is not None:
+            user = additive_mask(
+                attention_mask.to(hidden_states.device), hidden_states.dtype, encoder_hidden_states.shape[1]
+            )
         if state.token_bias is not None:
             state.calls["bias"] += 1
             if state.nag_context is None:
                 # token suppression alone is an additive (B, 1, T) attention mask: the layer's own processor
-                # (and its optimized kernel) does all the work
+                # (and its optimized kernel) does all the work; the caller's mask is added to it
                 mask = state.token_bias.to(hidden_states.device, hidden_states.dtype)[:, None, :]
+                mask = mask if user is None else mask + user
                 return self.original(attn, hidden_states, encoder_hidden_states, mask, temb, **kwargs)
         q = attn.to_q(hidden_states)
         k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         heads = attn.heads
+        bias = None  # (B, 1, 1 or Lq, T): token bias + the caller's mask, broadcast over heads
         if state.token_bias is not None:
-            out = ts.suppressed_attention(q, k, v, heads, state.token_bias.to(q.device))
-        else:
-            out = ts.attention(q, k, v, heads)
+            bias = ts.bias_mask(state.token_bias.to(q.device), q.dtype)
+        if user is not None:
+            bias = user[:, None] if bias is None else bias + user[:, None]
+        out = ts.attention(q, k, v, heads, bias)
         if state.nag_context is not None:
             state.calls["nag"] += 1
             rows = state.nag_rows.to(q.device)

@@ -2,6 +2,9 @@
 
 Only the JSON header is read (8-byte length + header), never the tensors, so describing a large LoRA
 costs one small read; the SHA-256 streams the bytes once and is cached per (path, size, mtime).
+The header alone also shows an inconsistent file (``problems``: lora_up / lora_down ranks that differ, a
+factor without its partner, layers the metadata lists but the file lacks, metadata that is not JSON).
+Whether the values are finite needs the tensors: ``check_values=True`` reads them (``values_checked``).
 Pure Python: used by the ComfyUI route and usable by any host.
 """
 
@@ -78,9 +81,95 @@ def guess_family(tensors: dict, metadata: dict):
     return None
 
 
-def describe_header(path: str, with_hash: bool = True) -> dict:
-    """Method, concepts, family, size and short hash of an eraser / SPM / LoRA file, from its header."""
+#: (suffix, role) of the low-rank factor spellings: kohya lora_up/lora_down, PEFT lora_B/lora_A
+_FACTORS = (
+    (".lora_up.weight", "up"),
+    (".lora_down.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_A.weight", "down"),
+)
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+
+def _json_object(metadata: dict, key: str, problems: list):
+    """``json.loads(metadata[key])`` or None; text that is not JSON becomes a problem, not a crash."""
+    text = metadata.get(key)
+    if text is None or text == "":
+        return None
+    try:
+        return json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        problems.append(f"metadata {key} is not valid JSON ({str(text)[:40]!r}…): the header is damaged")
+        return None
+
+
+def header_problems(tensors: dict, metadata: dict) -> list:
+    """What makes a file inconsistent, read from its header only (empty list: none found)."""
+    problems = []
+    factors = {}
+    for key, entry in tensors.items():
+        for suffix, role in _FACTORS:
+            if key.endswith(suffix):
+                factors.setdefault(key[: -len(suffix)], {})[role] = (key, entry)
+                break
+        dtype = entry.get("dtype")
+        if dtype and dtype not in _FLOAT_DTYPES and not key.endswith(("alpha", "position_ids")):
+            problems.append(f"{key} is stored as {dtype}, not a float type")
+    for stem, parts in sorted(factors.items()):
+        if set(parts) != {"up", "down"}:
+            have = next(iter(parts.values()))[0]
+            problems.append(f"layer {stem}: {have} has no {'lora_down' if 'up' in parts else 'lora_up'} partner")
+            continue
+        up, down = parts["up"][1], parts["down"][1]
+        if len(up["shape"]) < 2 or len(down["shape"]) < 2:
+            problems.append(f"layer {stem}: factors of shapes {up['shape']} and {down['shape']} are not matrices")
+        elif up["shape"][1] != down["shape"][0]:
+            problems.append(
+                f"layer {stem}: lora_up {up['shape']} has rank {up['shape'][1]} but lora_down {down['shape']} has "
+                f"rank {down['shape'][0]}; they must match"
+            )
+        alpha = tensors.get(f"{stem}.alpha")
+        if alpha is not None and alpha["shape"] not in ([], [1]):
+            problems.append(f"layer {stem}: alpha has shape {alpha['shape']}, expected a single number")
+    if metadata.get("eraser.format_version") is not None:
+        layers = _json_object(metadata, "eraser.layers", problems)
+        if layers is not None and not isinstance(layers, dict):
+            problems.append("metadata eraser.layers is not a JSON object: the header is damaged")
+        elif layers:
+            stems = set(factors) | {k[: -len(".diff")] for k in tensors if k.endswith(".diff")}
+            missing = sorted(set(layers) - stems)
+            extra = sorted(s for s in stems - set(layers))
+            if missing:
+                problems.append(f"metadata lists {len(missing)} layer(s) the file does not hold, e.g. {missing[0]}")
+            if extra:
+                problems.append(f"the file holds {len(extra)} layer(s) its metadata does not list, e.g. {extra[0]}")
+        for key in ("eraser.concepts", "eraser.config"):
+            _json_object(metadata, key, problems)
+    return problems
+
+
+def non_finite_tensors(path: str) -> list:
+    """Names of the floating-point tensors holding NaN or Inf (reads every tensor, one at a time)."""
+    import torch
+    from safetensors import safe_open
+
+    bad = []
+    with safe_open(path, framework="pt") as handle:
+        for key in handle.keys():
+            tensor = handle.get_tensor(key)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad.append(key)
+    return sorted(bad)
+
+
+def describe_header(path, with_hash: bool = True, check_values: bool = False) -> dict:
+    """Method, concepts, family, size and short hash of an eraser / SPM / LoRA file, from its header.
+
+    ``problems`` lists what makes it inconsistent (header only). ``check_values=True`` also reads the
+    tensors and adds a problem per non-finite tensor (``values_checked`` says whether it did)."""
+    path = os.fspath(path)
     tensors, metadata = read_safetensors_header(path)
+    problems = header_problems(tensors, metadata)
     ranks = [
         e["shape"][0]
         for k, e in tensors.items()
@@ -94,9 +183,11 @@ def describe_header(path: str, with_hash: bool = True) -> dict:
         "family": guess_family(tensors, metadata),
         "method": None,
         "concepts": [],
+        "problems": problems,
+        "values_checked": False,
     }
     if metadata.get("eraser.format_version") is not None:
-        layers = json.loads(metadata.get("eraser.layers") or "{}") if metadata.get("eraser.layers") else {}
+        layers = _json_object(metadata, "eraser.layers", [])
         info.update(
             kind="eraser",
             method=metadata.get("eraser.method"),
@@ -116,6 +207,15 @@ def describe_header(path: str, with_hash: bool = True) -> dict:
     else:
         # other erasure LoRAs usually carry no concept metadata; show the trainer's name if any
         info.update(kind="lora", title=metadata.get("modelspec.title") or metadata.get("ss_output_name"))
+    if check_values:
+        try:
+            bad = non_finite_tensors(path)
+        except Exception as exc:  # the header parsed but the data does not (truncated): a problem, not a crash
+            problems.append(f"the tensor data could not be read ({str(exc)[:80]}): the file is truncated or damaged")
+        else:
+            info["values_checked"] = True
+            if bad:
+                problems.append(f"{len(bad)} tensor(s) hold NaN or Inf, e.g. {bad[0]}")
     if with_hash:
         info["sha256"] = sha256_short(path)
     return info
