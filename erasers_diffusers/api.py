@@ -318,7 +318,7 @@ def apply_eraser(pipe, eraser: Eraser, strength: float = 1.0) -> EraserHandle:
             handle.removed = True
             setattr(module, HANDLE_ATTR, None)
             log.warning(
-                "Applying the %s eraser failed; the %d layer(s) written were restored.",
+                "Applying the %s eraser failed; the %d layer(s) touched were restored bit for bit.",
                 eraser.method,
                 len(handle.written),
             )

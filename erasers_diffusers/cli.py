@@ -124,6 +124,8 @@ def build_config(method_name: str, concepts, anchors, preserve, concept_type, ra
 def read_list_file(path: Optional[str]) -> list:
     if not path:
         return []
+    if os.path.isdir(path):
+        raise EraserError(f"'{path}' is a folder; expected a text file with one concept per line.")
     if not os.path.isfile(path):
         raise EraserError(f"No file at '{path}' (expected a text file with one concept per line).")
     try:
