@@ -28,7 +28,7 @@ from erasers.errors import BadEraserFile, EraserError
 log = logging.getLogger(__name__)
 
 #: optional modules that add subcommands (``add_subparsers(subparsers)``); absent ones are skipped
-PLUGINS = ["erasers_dev.shapes.cli", "erasers_dev.demo", ".generate"]
+PLUGINS = ["erasers_dev.shapes.cli", "erasers_dev.world2.cli", "erasers_dev.demo", ".generate"]
 #: benchmark name → "module:function" or callable(argv) -> int
 BENCHES: dict = {
     "closed-form": "erasers_dev.bench.closed_form:main",
