@@ -15,6 +15,7 @@ NODE_MODULES = (
     "spm",
     "lora",
     "suppression",
+    "check",
 )
 
 
