@@ -2,10 +2,11 @@
 runs on the random-weight SD1.5 checkpoint (COMFYUI_PATH set; otherwise skipped by conftest).
 
 The only changes made for the test: the checkpoint name becomes the test checkpoint, latents shrink to
-64x64 and samplers take 2 steps (CPU). Workflows run in name order, so one that saves an eraser file
-(erase_then_save) runs before one that loads it (load_then_sample). The SPM membranes and erasure LoRAs
-the examples name are written first as small random low-rank files for the test UNet's cross-attention
-(SPM files with ``prompts`` metadata = the file's stem; LoRAs without metadata).
+64x64 and samplers take 2 steps (CPU); the Eraser Check renders one seed at 64x64 in 2 steps. Workflows
+run in name order, so one that saves an eraser file (erase_then_save) runs before one that loads it
+(load_then_sample). The SPM membranes and erasure LoRAs the examples name are written first as small
+random low-rank files for the test UNet's cross-attention (SPM files with ``prompts`` metadata = the
+file's stem; LoRAs without metadata).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def for_cpu_test(workflow: dict) -> dict:
             values[0] = values[1] = 64
         elif node["type"] == "KSampler":
             values[2] = 2  # [seed, control_after_generate, steps, cfg, sampler, scheduler, denoise]
+        elif node["type"] == "EraserCheck":
+            # [concepts, extra_prompts, keep, concept_type, seed, control, seeds, steps, cfg, width, height, …]
+            values[6], values[7], values[9], values[10] = 1, 2, 64, 64
     return wf
 
 
