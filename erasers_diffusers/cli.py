@@ -474,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_erase(subparsers)
+    from .check import add_check  # the Eraser Check (#17): python -m erasers check
+
+    add_check(subparsers)
     p = subparsers.add_parser(
         "info",
         help="print an eraser / SPM / LoRA file's metadata and check it",
