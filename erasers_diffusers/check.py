@@ -36,6 +36,7 @@ def is_shapes(pipe) -> bool:
     return hasattr(pipe, "encode_prompts") and hasattr(pipe, "image_size")
 
 
+@torch.no_grad()
 def encode_context(pipe, prompts: Sequence[str]) -> torch.Tensor:
     """(N, T, d) conditioning the denoiser reads for ``prompts``."""
     if is_shapes(pipe):

@@ -46,8 +46,8 @@ def adversarial_context(
 ) -> torch.Tensor:
     """c′ for every row of ``context`` (…, d), float32 on the context's device (solved in float64 on CPU)."""
     check_pairs(current, original, context.shape[-1])
-    gram_cur, gram_cross = weight_grams([w.cpu() for w in current], [w.cpu() for w in original])
-    c_prime = derive_adversarial_embedding(context.cpu(), gram_cur, gram_cross, float(regular_scale))
+    gram_cur, gram_cross = weight_grams([w.detach().cpu() for w in current], [w.detach().cpu() for w in original])
+    c_prime = derive_adversarial_embedding(context.detach().cpu(), gram_cur, gram_cross, float(regular_scale))
     return c_prime.to(device=context.device, dtype=torch.float32)
 
 
@@ -56,7 +56,8 @@ def response_gap(
 ) -> dict:
     """How far the edited projections are from the original response to the concept, with c and with c′:
     Σ‖W_l x − W_l⁰ c‖ / Σ‖W_l⁰ c‖ for x = c (the erasure's own gap) and x = c′ (what the attacker keeps)."""
-    c, cp = context.cpu().double(), c_prime.cpu().double()
+    c, cp = context.detach().cpu().double(), c_prime.detach().cpu().double()
+    current, original = [w.detach() for w in current], [w.detach() for w in original]
     ref = sum(float((c @ w0.double().T).norm()) for w0 in original)
     plain = sum(float((c @ w.double().T - c @ w0.double().T).norm()) for w, w0 in zip(current, original))
     attack = sum(float((cp @ w.double().T - c @ w0.double().T).norm()) for w, w0 in zip(current, original))
