@@ -8,6 +8,7 @@ from ..erasers.lowrank import LowRankDelta
 from ..erasers.membranes.formats._common import TEXT_PREFIX
 from ..erasers.membranes.spm import GATE_FT, GATE_MODES, Gate, Membrane
 from . import spm_runtime
+from .fail_closed import cannot, pass_through_input, rerun_every_queue
 
 log = logging.getLogger(__name__)
 ADAPTER_FOLDERS = ("erasers", "spm", "loras")
@@ -114,6 +115,7 @@ class EraserLoRALoad(io.ComfyNode):
                     optional=True,
                     tooltip="Concepts the gate opens for, comma-separated (default: the file's metadata).",
                 ),
+                pass_through_input(),
             ],
             outputs=[
                 io.Model.Output(),
@@ -121,11 +123,16 @@ class EraserLoRALoad(io.ComfyNode):
                     tooltip="The CLIP with the file's text-encoder keys applied (gate 'always'); unchanged otherwise."
                 ),
             ],
-            hidden=[io.Hidden.prompt],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, file, strength, gate, clip=None, concepts="") -> io.NodeOutput:
+    def fingerprint_inputs(cls, gate=GATE_MODES[0], **inputs):
+        # the gate recognises prompts by the texts in the workflow graph, which ComfyUI's cache key does not see
+        return rerun_every_queue(cls) if gate == GATE_FT else None
+
+    @classmethod
+    def execute(cls, model, file, strength, gate, clip=None, concepts="", allow_pass_through=False) -> io.NodeOutput:
         deltas, report = spm_runtime.convert_for_model(model, full_path(file), clip=clip)
         if strength == 0:
             return io.NodeOutput(model, clip)
@@ -133,15 +140,25 @@ class EraserLoRALoad(io.ComfyNode):
         unet = {k: d for k, d in deltas.items() if not (isinstance(k, str) and k.startswith(TEXT_PREFIX))}
         text = text_patches(deltas)
         out_clip = clip
-        if text and gate != GATE_FT:
+        uid = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        if text and clip is None:
+            cannot(
+                "Load Erasure LoRA",
+                f"{file} also edits {len(text)} text-encoder layer(s) (lora_te…), but no CLIP is connected, so "
+                "that half of the erasure would be lost. Connect the CLIP and use the node's CLIP output.",
+                allow_pass_through,
+                uid,
+            )
+        elif text and gate != GATE_FT:
             out_clip = clip.clone()
             out_clip.add_patches(text, float(strength))
         elif text:
-            log.warning(
-                "%s: the facilitated-transport gate acts on the diffusion model only; its %d text-encoder "
-                "layer(s) are applied with gate 'always' only.",
-                file,
-                len(text),
+            cannot(
+                "Load Erasure LoRA",
+                f"{file} edits {len(text)} text-encoder layer(s), which the facilitated-transport gate cannot "
+                "apply (it gates the diffusion model only). Use gate 'always' for this file.",
+                allow_pass_through,
+                uid,
             )
         if not unet:
             return io.NodeOutput(m, out_clip)
@@ -157,6 +174,12 @@ class EraserLoRALoad(io.ComfyNode):
             or report.concepts
             or [c.strip() for c in report.metadata.get("prompts", "").split(",") if c.strip()]
         )
+        if not names:
+            raise ValueError(
+                f"{file}: the facilitated-transport gate opens for the file's concepts, but it names none in its "
+                "metadata and the node's 'concepts' input is empty. Type the concepts it erases, or use gate "
+                "'always'."
+            )
         mem = Membrane(unet, Gate(GATE_FT, names), float(strength), name=file)
         spm_runtime.attach(
             m, mem, spm_runtime.ComfyTextEncoder(clip), spm_runtime.prompt_texts(cls.hidden.prompt), None

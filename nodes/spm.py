@@ -5,6 +5,7 @@ from comfy_api.latest import io
 from ..erasers.membranes.formats.spm import concepts_from_metadata
 from ..erasers.membranes.spm import COMBINATIONS, GATE_ALWAYS, GATE_FT, Gate, Membrane
 from . import spm_runtime
+from .fail_closed import rerun_every_queue
 from .lora import ADAPTER_FOLDERS, adapter_files, full_path
 
 
@@ -53,12 +54,23 @@ class EraserSPMLoad(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, transport=True, **inputs):
+        # the gate recognises prompts by the texts in the workflow graph, which ComfyUI's cache key does not see
+        return rerun_every_queue(cls) if transport else None
+
+    @classmethod
     def execute(cls, model, clip, membrane, strength, transport, combination, concepts="") -> io.NodeOutput:
         path = full_path(membrane)
         deltas, report = spm_runtime.convert_for_model(model, path, fmt="spm")
         if strength == 0:
             return io.NodeOutput(model)
         names = concepts_from_metadata(report.metadata) or [c.strip() for c in concepts.split(",") if c.strip()]
+        if transport and not names:
+            raise ValueError(
+                f"{membrane}: facilitated transport opens the membrane for its concepts, but the file has no "
+                "'prompts' metadata and the node's 'concepts' input is empty. Type the concepts the membrane "
+                "erases (comma-separated), or turn transport off."
+            )
         gate = Gate(GATE_FT if transport else GATE_ALWAYS, names)
         m = model.clone()
         mem = Membrane(deltas, gate, float(strength), name=membrane)

@@ -13,6 +13,7 @@ registered once under ``WRAPPER_KEY``, read it at sampling time:
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Optional
 
 import torch
@@ -137,11 +138,12 @@ class MembraneSet:
             cpu = cond.detach().float().cpu()[0]
             text = self._match_text(cpu, texts, encoder, known)
             if text is None:
+                # the gate cannot read this prompt, so it cannot know the prompt is harmless: fail closed
                 log.warning(
                     "Facilitated transport: the positive conditioning does not come from a prompt text in "
-                    "this workflow; scoring it by embedding cosine only (no token overlap)."
+                    "this workflow, so the gate cannot score it; the membranes are applied fully open."
                 )
-                rates = self.rates_from_hidden(cpu)
+                rates = self.full_rates()
             else:
                 rates = self.rate_cache().rates([text])[0]
             self._rates[tensor_key(cpu)] = (cpu, rates)
@@ -156,10 +158,9 @@ class MembraneSet:
                 return text
         return None
 
-    def rates_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        cache = self.rate_cache()
-        enc = PromptEncoding(hidden=hidden[None], lengths=torch.tensor([0]), token_ids=[[]])
-        return cache.rates_from_encoding(enc)[0]
+    def full_rates(self) -> torch.Tensor:
+        """Every membrane at its strength (the gate wide open): the rate for a prompt the gate cannot read."""
+        return torch.tensor([m.strength for m in self.membranes], dtype=torch.float32)
 
     def row_rates(self, context: torch.Tensor, cond_or_uncond) -> torch.Tensor:
         """(B, n) rates: each item's positive row decides; its uncond row gets the same rate."""
@@ -187,7 +188,8 @@ class MembraneSet:
             t = ref.shape[0]
             if cpu.shape[0] >= t and torch.allclose(cpu[:t], ref, rtol=1e-3, atol=1e-3):
                 return rates
-        rates = self.rates_from_hidden(cpu)
+        # not prepared before sampling (its text is unknown): fail closed, as in prepare()
+        rates = self.full_rates()
         self._rates[tensor_key(cpu)] = (cpu, rates)
         return rates
 
@@ -201,15 +203,19 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
+_SHAPES = weakref.WeakKeyDictionary()
+
+
 def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
     mset = transformer_options.get(MEMBRANES_KEY)
     if mset is None or not mset.entries or context is None:
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
     model = executor.class_obj
-    shapes = getattr(model, "_erasers_shapes", None)
+    shapes = _SHAPES.get(model)
     if shapes is None:
+        # kept beside the host's model, never set on it
         shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-        model._erasers_shapes = shapes
+        _SHAPES[model] = shapes
     rates = mset.row_rates(context, transformer_options.get("cond_or_uncond"))
     installed = []
     try:

@@ -18,6 +18,7 @@ from ..erasers.text import split_concepts
 from . import prompt_trace
 from . import suppression_clip as sc
 from . import suppression_hooks as hooks
+from .fail_closed import cannot, pass_through_input, rerun_every_queue
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def common_inputs():
             step=0.01,
             tooltip="prompts whose similarity to the concepts is below this are left untouched (0 = off)",
         ),
+        pass_through_input(),
     ]
 
 
@@ -61,9 +63,13 @@ def window(m, config):
     )
 
 
-def register_attention(m, family: str) -> None:
-    """Install the shared dispatchers once; a second suppression node reuses them (methods compose)."""
+def register_attention(m, family: str, node: str, allow_pass_through: bool = False, unique_id=None) -> None:
+    """Install the shared dispatchers once; a second suppression node reuses them (methods compose).
+
+    A block whose attention another node already replaced (not one of ours) cannot be composed with: the
+    suppression would silently not act there, so that is refused unless the user allows pass-through."""
     patches_replace = m.model_options.setdefault("transformer_options", {}).get("patches_replace", {})
+    owned, todo = [], []
     if family in UNET_FAMILIES:
         current = patches_replace.get("attn2", {})
         dispatch = hooks.Attn2Dispatch()
@@ -72,12 +78,9 @@ def register_attention(m, family: str) -> None:
             if isinstance(existing, hooks.Attn2Dispatch):
                 continue
             if existing is not None:
-                log.warning(
-                    "Another node replaced the cross-attention of block %s; suppression skips it.",
-                    (name, number, index),
-                )
+                owned.append((name, number, index))
                 continue
-            m.set_model_attn2_replace(dispatch, name, number, index)
+            todo.append(lambda n=name, k=number, i=index: m.set_model_attn2_replace(dispatch, n, k, i))
     else:
         current = patches_replace.get("dit", {})
         for kind, index in hooks.dit_sites(family, m.model.diffusion_model):
@@ -86,15 +89,28 @@ def register_attention(m, family: str) -> None:
             if isinstance(existing, hooks.DitDispatch):
                 continue
             if existing is not None:
-                log.warning("Another node replaced DiT block %s; suppression skips it.", key)
+                owned.append(key)
                 continue
-            m.set_model_patch_replace(hooks.DitDispatch(family, kind, index), "dit", key[0], key[1])
+            todo.append(
+                lambda k=key, d=hooks.DitDispatch(family, kind, index): m.set_model_patch_replace(d, "dit", k[0], k[1])
+            )
+    if owned:
+        cannot(
+            node,
+            f"another node already replaced the attention of {len(owned)} block(s) ({', '.join(map(str, owned[:3]))}"
+            f"{', …' if len(owned) > 3 else ''}); this node cannot act inside a replacement it does not own. Put "
+            "this node before that one, or remove it.",
+            allow_pass_through,
+            unique_id,
+        )
+    for install in todo:
+        install()
 
 
-def add_wrapper(m, name: str, wrapper) -> None:
+def add_wrapper(m, name: str, wrapper, kind: str = "APPLY_MODEL") -> None:
     import comfy.patcher_extension
 
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, f"{hooks.WRAPPER_KEY}.{name}", wrapper)
+    m.add_wrapper_with_key(getattr(comfy.patcher_extension.WrappersMP, kind), f"{hooks.WRAPPER_KEY}.{name}", wrapper)
 
 
 class EraserSAFREE(io.ComfyNode):
@@ -171,6 +187,7 @@ class EraserSAFREE(io.ComfyNode):
         start_percent,
         end_percent,
         risk_gate,
+        allow_pass_through=False,
     ) -> io.NodeOutput:
         config = safree.SAFREEConfig(
             concepts=split_concepts(concepts),
@@ -188,7 +205,8 @@ class EraserSAFREE(io.ComfyNode):
         m = model.clone()
         if not config.active:
             return io.NodeOutput(m)
-        prompt = prompt.strip() or cls.recover_prompt()
+        uid = _uid(cls)
+        prompt = prompt.strip() or cls.recover_prompt(allow_pass_through)
         if not prompt:
             return io.NodeOutput(m)
         mask_id = sc.T5_PAD if sc.is_t5(family) else safree.CLIP_MASK_ID
@@ -216,6 +234,9 @@ class EraserSAFREE(io.ComfyNode):
             token_range=token_range,
         )
         negative = sc.encode(clip, safree.joined_keywords(config))[0][0] if keywords_as_negative else None
+        # even a prompt SAFREE leaves alone is checked at sampling: the sampler must use the analysed prompt
+        check = hooks.make_prompt_check("SAFREE", prompt_ctx[0], allow_pass_through, uid)
+        add_wrapper(m, "safree_check", check, kind="OUTER_SAMPLE")
         if not result.changed and negative is None:
             return io.NodeOutput(m)
         end = min(config.end_percent, result.filter_fraction) if result.changed else config.end_percent
@@ -224,10 +245,17 @@ class EraserSAFREE(io.ComfyNode):
         return io.NodeOutput(m)
 
     @classmethod
-    def recover_prompt(cls) -> str:
-        """The positive prompt text from the running workflow, or "" with a warning saying why not."""
+    def fingerprint_inputs(cls, prompt="", **inputs):
+        # an empty prompt is read from the workflow graph, which ComfyUI's cache key does not see
+        return rerun_every_queue(cls) if isinstance(prompt, str) and not prompt.strip() else prompt
+
+    @classmethod
+    def recover_prompt(cls, allow_pass_through: bool = False) -> str:
+        """The positive prompt text from the running workflow; if it cannot be found, an error (or "" with
+        a warning on the node when the user allows pass-through)."""
         hidden = getattr(cls, "hidden", None)
-        texts = prompt_trace.positive_prompt_texts(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
+        uid = getattr(hidden, "unique_id", None)
+        texts = prompt_trace.positive_prompt_texts(getattr(hidden, "prompt", None), uid)
         usable = [t.strip() for t in texts if t and t.strip()]
         if len(texts) == 1 and usable:
             log.info(
@@ -242,12 +270,13 @@ class EraserSAFREE(io.ComfyNode):
             reason = "the positive conditioning is built by a node whose text cannot be read"
         else:
             reason = f"{len(texts)} different positive prompts use this model"
-        log.warning(
-            "SAFREE: the node's prompt is empty and the positive prompt could not be recovered (%s). SAFREE "
-            "needs the prompt text for its masked-token test (CONDITIONING carries no text), so the model is "
-            "passed through unchanged. Type the positive prompt into the SAFREE node, or link one String "
-            "node to both it and CLIP Text Encode.",
-            reason,
+        cannot(
+            "SAFREE",
+            f"the node's prompt is empty and the positive prompt could not be recovered ({reason}). SAFREE needs "
+            "the prompt text for its masked-token test (CONDITIONING carries no text): type the positive prompt "
+            "into the SAFREE node, or link one String node to both it and CLIP Text Encode.",
+            allow_pass_through,
+            uid,
         )
         return ""
 
@@ -290,11 +319,21 @@ class EraserSLD(io.ComfyNode):
             ]
             + common_inputs(),
             outputs=[io.Model.Output()],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(
-        cls, model, clip, preset, safety_concept, strength, start_percent, end_percent, risk_gate
+        cls,
+        model,
+        clip,
+        preset,
+        safety_concept,
+        strength,
+        start_percent,
+        end_percent,
+        risk_gate,
+        allow_pass_through=False,
     ) -> io.NodeOutput:
         text = " ".join(safety_concept.split()) or sld.SAFETY_CONCEPT
         config = sld.SLDConfig(
@@ -323,6 +362,8 @@ class EraserSLD(io.ComfyNode):
             s_end,
             safety_hidden,
             skip_first=not sc.is_t5(family),
+            allow_pass_through=allow_pass_through,
+            unique_id=_uid(cls),
         )
         m.set_model_sampler_pre_cfg_function(fn)
         return io.NodeOutput(m)
@@ -378,11 +419,24 @@ class EraserConceptGuidance(io.ComfyNode):
             ]
             + common_inputs(),
             outputs=[io.Model.Output()],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(
-        cls, model, clip, concepts, phi, tau, alpha, sigma_end, strength, start_percent, end_percent, risk_gate
+        cls,
+        model,
+        clip,
+        concepts,
+        phi,
+        tau,
+        alpha,
+        sigma_end,
+        strength,
+        start_percent,
+        end_percent,
+        risk_gate,
+        allow_pass_through=False,
     ) -> io.NodeOutput:
         config = ConceptGuidanceConfig(
             concepts=split_concepts(concepts),
@@ -404,7 +458,7 @@ class EraserConceptGuidance(io.ComfyNode):
         s_start, s_end = window(m, config)
         if family == "sd1" and alpha == 0.25 and ALPHA.get(family):
             log.info("ConceptGuidance: the published SD1.5 workflow uses α = %.2f", ALPHA[family])
-        register_attention(m, family)
+        register_attention(m, family, "Concept guidance", allow_pass_through, _uid(cls))
         if family in UNET_FAMILIES:
             to = m.model_options.setdefault("transformer_options", {})
             patches = to.get("patches", {}).get("attn2_patch", [])
@@ -468,6 +522,7 @@ class EraserTokenSuppress(io.ComfyNode):
             ]
             + common_inputs(),
             outputs=[io.Model.Output()],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -484,6 +539,7 @@ class EraserTokenSuppress(io.ComfyNode):
         start_percent,
         end_percent,
         risk_gate,
+        allow_pass_through=False,
     ) -> io.NodeOutput:
         config = TokenSuppressConfig(
             concepts=split_concepts(concepts),
@@ -511,7 +567,7 @@ class EraserTokenSuppress(io.ComfyNode):
             prompt_ref = sc.encode(clip, tokens)[0][0]
             prompt_length = sc.real_length(ids, family) + sc.token_offset(family)
         s_start, s_end = window(m, config)
-        register_attention(m, family)
+        register_attention(m, family, "Token suppression", allow_pass_through, _uid(cls))
         add_wrapper(
             m,
             "token_suppress",
@@ -528,6 +584,10 @@ class EraserTokenSuppress(io.ComfyNode):
             ),
         )
         return io.NodeOutput(m)
+
+
+def _uid(cls):
+    return getattr(getattr(cls, "hidden", None), "unique_id", None)
 
 
 def torch_stack(rows, like):

@@ -28,9 +28,17 @@ def model_family(model) -> str:
 
     base = model.model
     name = type(base).__name__
-    if isinstance(base, mb.Flux):
+    if type(base) is mb.Flux:
         return "flux"
-    if isinstance(base, mb.SD3):
+    if isinstance(base, (mb.Flux, mb.SD3)) and type(base) is not mb.SD3:
+        # Chroma, Flux.2, LongCat… subclass Flux but their blocks differ (Chroma: no pooled vector input and
+        # no per-block modulation): the Flux hooks would reach internals they lack and fail mid-sampling
+        raise UnsupportedFamily(
+            f"The connected model is {name}, a variant of {type(base).__mro__[1].__name__} whose blocks differ "
+            f"from the ones this node is built for; the suppression nodes do not support {name} yet, so they "
+            "refuse it before sampling. Supported: SD1.x, SD2.x, SDXL, SD3, Flux.1."
+        )
+    if type(base) is mb.SD3:
         return "sd3"
     if isinstance(base, mb.SDXL):
         return "sdxl"

@@ -689,6 +689,30 @@ def make_safree_wrapper(
     return apply_model_wrapper
 
 
+def make_prompt_check(node: str, prompt_ref: torch.Tensor, allow_pass_through: bool, unique_id=None) -> Callable:
+    """OUTER_SAMPLE wrapper run once before the first step: every positive conditioning the sampler got must
+    be the encoding of the prompt the node analysed. Otherwise (the text encoder holds another text, or
+    several prompts are combined) that conditioning would be sampled unguarded — refused before sampling."""
+    from .fail_closed import cannot
+
+    def outer_sample_wrapper(executor, *args, **kwargs):
+        guider = executor.class_obj
+        conds = [c.get("cross_attn") for c in (getattr(guider, "conds", None) or {}).get("positive", []) or []]
+        foreign = [c for c in conds if c is not None and not matches(c[0], prompt_ref)]
+        if foreign:
+            cannot(
+                node,
+                f"{len(foreign)} of the sampler's {len(conds)} positive conditioning(s) is not the encoding of "
+                "the prompt this node analysed, so it would be sampled unguarded. Give the node the same text as "
+                "the CLIP Text Encode node (or leave its prompt empty to read it from the workflow).",
+                allow_pass_through,
+                unique_id,
+            )
+        return executor(*args, **kwargs)
+
+    return outer_sample_wrapper
+
+
 # -- SLD: a pre-CFG function with one extra model pass for the safety concept -------------------------
 
 
@@ -710,6 +734,8 @@ def make_sld_pre_cfg(
     safety_hidden: torch.Tensor,
     skip_first: bool = True,
     calc=None,
+    allow_pass_through: bool = False,
+    unique_id=None,
 ) -> Callable:
     """sampler_pre_cfg_function: ε_p′ = ε_p − 𝟙γ (SLD §2.1) before the host's CFG combines the branches.
 
@@ -722,16 +748,34 @@ def make_sld_pre_cfg(
     gate = GateLog("SLD", config.risk_gate)
     warned = {}
 
+    from .fail_closed import cannot
+
+    def refuse_once(what: str, reason: str) -> None:
+        # the first step: nothing has been denoised yet, so an error here still comes before any image
+        if not warned.get(what):
+            cannot("Safe Latent Diffusion", reason, allow_pass_through, unique_id)
+            warned[what] = True  # only reached with pass-through allowed: warn once, never skip a refusal
+
     def pre_cfg_function(args):
         out = args["conds_out"]
         if len(out) < 2 or out[1] is None:
-            if not warned.get("uncond"):
-                warned["uncond"] = True
-                log.warning("SLD needs the negative (unconditional) branch; it is skipped at cfg 1.")
+            refuse_once(
+                "uncond",
+                "the sampler ran no negative (unconditional) branch — ComfyUI skips it at cfg 1 — and SLD "
+                "guides relative to it. Set cfg above 1.",
+            )
             return out
         x, sigma = args["input"], args["sigma"]
         model_options = args["model_options"]
-        i, total = step_index(sigma, model_options.get("transformer_options", {}).get("sample_sigmas"))
+        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if sample_sigmas is None:
+            refuse_once(
+                "sigmas",
+                "the sampler does not publish its schedule (transformer_options['sample_sigmas']), which SLD's "
+                "warm-up counts steps on. Use a KSampler / SamplerCustom node.",
+            )
+            return out
+        i, total = step_index(sigma, sample_sigmas)
         if i <= 0:
             state.reset()
         if not in_window(sigma, sigma_start, sigma_end):

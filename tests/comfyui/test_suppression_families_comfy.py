@@ -131,7 +131,15 @@ def test_safree_takes_an_empty_prompt_from_the_workflow_or_says_why_not(comfy, p
         hidden = {"hidden_inputs": hidden}  # newer ComfyUI (0.2x) wraps the hidden inputs
     node = nodes.EraserSAFREE.PREPARE_CLASS_CLONE(hidden)
     assert torch.equal(sample(comfy, node.execute(prompt="", **kw).result[0], clip, PROMPT), typed)
+    # no workflow to look in: fail closed — an error before sampling, not an unguarded image
+    with pytest.raises(ValueError, match="could not be recovered .no sampler"):
+        run_node(nodes.EraserSAFREE, prompt="", **kw)
+    # only with the explicit pass-through toggle: the model goes through unerased, with a warning
     with caplog.at_level(logging.WARNING):
-        m = run_node(nodes.EraserSAFREE, prompt="", **kw)  # no workflow to look in
-    assert "could not be recovered" in caplog.text and "no sampler" in caplog.text
+        m = run_node(nodes.EraserSAFREE, prompt="", allow_pass_through=True, **kw)
+    assert "could not be recovered" in caplog.text and "passing the model through unerased" in caplog.text
     assert torch.equal(sample(comfy, m, clip, PROMPT), sample(comfy, model, clip, PROMPT))
+    # a prompt typed into the node that is not the one the sampler encodes: refused before the first step
+    other = run_node(nodes.EraserSAFREE, prompt="a quiet harbour at dawn", **kw)
+    with pytest.raises(ValueError, match="not the encoding of the prompt this node analysed"):
+        sample(comfy, other, clip, PROMPT)
