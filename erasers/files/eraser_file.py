@@ -148,8 +148,9 @@ def check_safetensors(path: str) -> None:
     header_length(path)
 
 
-def read_safetensors(path: str):
+def read_safetensors(path: "str | os.PathLike"):
     """(tensors, metadata) from a .safetensors file, with errors that say what is wrong."""
+    path = os.fspath(path)  # str or os.PathLike
     from safetensors import SafetensorError, safe_open
 
     name = os.path.basename(path)
@@ -219,13 +220,15 @@ def from_state_dict(tensors: dict, metadata: dict, source: Optional[str] = None)
     return eraser
 
 
-def load_eraser(path: str) -> Eraser:
+def load_eraser(path: "str | os.PathLike") -> Eraser:
+    path = os.fspath(path)  # str or os.PathLike
     tensors, metadata = read_safetensors(path)
     return from_state_dict(tensors, metadata, source=path)
 
 
-def describe_file(path: str) -> dict:
+def describe_file(path: "str | os.PathLike") -> dict:
     """Metadata and what the file edits — for `python -m erasers info` and the front end."""
+    path = os.fspath(path)  # str or os.PathLike
     eraser = load_eraser(path)
     return {
         "file": os.path.basename(path),

@@ -26,8 +26,9 @@ def _refuse_pickle(name: str, path: str) -> None:
         )
 
 
-def header_length(path: str) -> int:
+def header_length(path: "str | os.PathLike") -> int:
     """The declared header length, after checking the file can hold it and the JSON starts with '{'."""
+    path = os.fspath(path)  # str or os.PathLike
     name = os.path.basename(path)
     _refuse_pickle(name, path)
     if not os.path.isfile(path):
@@ -50,8 +51,9 @@ def header_length(path: str) -> int:
     return length
 
 
-def read_safetensors_header(path: str):
+def read_safetensors_header(path: "str | os.PathLike"):
     """``({tensor name: {"dtype", "shape"}}, metadata)`` from the header only; metadata values are strings."""
+    path = os.fspath(path)  # str or os.PathLike
     name = os.path.basename(path)
     length = header_length(path)
     try:

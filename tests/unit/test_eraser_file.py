@@ -255,3 +255,20 @@ def test_full_rank_deltas_are_truncated_in_files_unless_exact(tmp_path):
     assert torch.allclose(tensors[f"{name}.diff"].double(), exact, atol=1e-6)
     with safe_open(path, framework="pt") as handle:
         assert json.loads(handle.metadata()["eraser.storage"]) == {"tolerance": None, "truncated": {}}
+
+
+def test_core_readers_take_pathlike(tmp_path):
+    """os.PathLike is a path everywhere in the core (pathlib.Path used to crash on .lower())."""
+    import pathlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from erasers.files.eraser_file import read_safetensors
+    from erasers.files.safetensors_header import read_safetensors_header
+
+    path = pathlib.Path(tmp_path) / "x.safetensors"
+    save_file({"a": torch.ones(2)}, str(path), metadata={"k": "v"})
+    tensors, metadata = read_safetensors(path)
+    assert torch.equal(tensors["a"], torch.ones(2)) and metadata["k"] == "v"
+    assert read_safetensors_header(path)[0]["a"]["shape"] == [2]
