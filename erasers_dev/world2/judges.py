@@ -101,7 +101,9 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 @dataclass
 class JudgeConfig:
-    steps: int = 1200
+    # 400 steps (one thread, measured): clean accuracy artist 100 %, flames 100 %, character 96 %, colour 91 %,
+    # object only 40 % and still climbing (20 → 25 → 29 → 40 % at 100-step intervals): the object axis sets the length
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 2e-3
     width: int = 24
@@ -133,6 +135,9 @@ def train_judges(cfg: JudgeConfig, seed: int = 0, size: int = 32) -> tuple:
             logger.info(
                 "judges step %d/%d loss %.4f (%.2fs/step)", step, cfg.steps, loss.item(), (time.time() - t0) / step
             )
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            acc = judge_report(model, seed=seed + 1000, size=size, n=cfg.eval_n)  # predict() keeps train mode
+            logger.info("judges step %d clean accuracy %s", step, {k: round(v["accuracy"], 3) for k, v in acc.items()})
     model.eval().requires_grad_(False)
     info = {
         **asdict(cfg),
