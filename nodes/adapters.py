@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from ..erasers.config import ConfigError
 from ..erasers.edits.eraser import Eraser, compute_eraser, fingerprint
 from ..erasers.edits.methods import check_family, get_method
-from ..erasers.errors import ConceptTooLong
+from ..erasers.errors import ConceptTooLong, UnknownKeys
 from ..erasers.files.families import Family, detect_family, layer_specs
 from ..erasers.text import PromptEncoding, split_concepts
 
@@ -212,6 +213,7 @@ def delta_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 def apply_eraser(model, eraser: Eraser, strength: float):
     """A clone of ``model`` with ``strength``·ΔW as "diff" patches. Checks first: nothing is patched on error."""
+    strength = check_strength(strength)
     state = canonical_state(model)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     family = detect_family(shapes)
@@ -226,8 +228,20 @@ def apply_eraser(model, eraser: Eraser, strength: float):
     patches = {PREFIX + k: ("diff", (d.dense(delta_dtype(state[k].dtype)),)) for k, d in eraser.deltas.items()}
     applied = m.add_patches(patches, float(strength))
     if len(applied) != len(patches):
-        log.warning("Only %d of %d eraser layers were patched.", len(applied), len(patches))
+        # the clone is dropped, the input model never had a patch: a partial erasure is refused, not logged
+        missing = sorted(set(patches) - set(applied))
+        raise UnknownKeys(
+            f"The model accepted only {len(applied)} of the eraser's {len(patches)} layers; not patched: "
+            f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}. The eraser was made for another model."
+        )
     return m
+
+
+def check_strength(strength) -> float:
+    """A finite number (a linked input can bring NaN or a string past the widget's range check)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise ConfigError(f"strength must be a finite number, found {strength!r}.")
+    return float(strength)
 
 
 # -- the node's work, host-free enough to unit-test ------------------------------------------------

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 
-from comfy_api.latest import io
-
 from ..erasers.errors import EraserError
 
 log = logging.getLogger(__name__)
@@ -26,7 +24,9 @@ class ErasureNotApplied(EraserError):
     """The node cannot apply the erasure the user asked for; nothing was patched."""
 
 
-def pass_through_input() -> io.Boolean.Input:
+def pass_through_input():
+    from comfy_api.latest import io  # here, so the rest of this module is unit-testable without ComfyUI
+
     return io.Boolean.Input(
         "allow_pass_through",
         default=False,
