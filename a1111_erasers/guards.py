@@ -345,16 +345,24 @@ class GuardSession:
         """Per-instance ``forward`` on every cross-attention (``attn2``) module; ``restore`` removes them."""
         if self.token is None and self.nag is None:
             return
-        for name, module in diffusion_model.named_modules():
-            if name.endswith("attn2") and all(hasattr(module, a) for a in ("to_q", "to_k", "to_v", "to_out")):
-                if "forward" in vars(module):
-                    self._warn(
-                        "foreign",
-                        f"{name} already has an instance forward (another extension); the guards leave it alone.",
-                    )
-                    continue
-                module.forward = _Bound(self, module)
-                self.patched.append(module)
+        sites = [
+            (name, module)
+            for name, module in diffusion_model.named_modules()
+            if name.endswith("attn2") and all(hasattr(module, a) for a in ("to_q", "to_k", "to_v", "to_out"))
+        ]
+        foreign = [name for name, module in sites if "forward" in vars(module)]
+        if foreign:
+            # the guards would not act in those blocks: stop before sampling rather than let an unguarded
+            # image through (fail closed); nothing has been patched yet
+            raise core_module("errors").EraserError(
+                f"Concept Erasers: {len(foreign)} cross-attention module(s) ({', '.join(foreign[:3])}"
+                f"{', …' if len(foreign) > 3 else ''}) already have a forward replaced by another extension, so "
+                "token suppression / concept guidance cannot act there. Disable that extension for this "
+                "generation, or switch these guards off."
+            )
+        for _name, module in sites:
+            module.forward = _Bound(self, module)
+            self.patched.append(module)
 
     def restore(self) -> None:
         for module in self.patched:

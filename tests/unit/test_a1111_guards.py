@@ -407,3 +407,19 @@ def test_word_masked_prompts_cover_every_token_of_a_word():
     positions, texts, lengths = guards.word_masked_prompts("a snoopy", tokenize)
     assert positions == [1, 2, 3]
     assert texts == ["! snoopy", "a !", "a !"]
+
+
+def test_attention_replaced_by_another_extension_stops_the_run_not_the_guard():
+    """Fail closed: a guard that would not act in some blocks stops the generation with an error."""
+    sd_model = FakeSDModel()
+    name, foreign = next((n, m) for n, m in sd_model.model.named_modules() if n.endswith("attn2"))
+    foreign.forward = lambda *a, **k: None  # another extension's instance forward
+    c = controller()
+    p = fake_p(sd_model)
+    c.begin(p, ui("token_suppress"))
+    assert c.apply_guards(p) == []
+    assert "Concept Erasers error" in p.extra_generation_params
+    assert name.split("diffusion_model.")[-1] in p.extra_generation_params["Concept Erasers error"]
+    guarded = [m for m in sd_model.model.modules() if isinstance(vars(m).get("forward"), guards._Bound)]
+    assert guarded == [] and guards.ACTIVE is None
+    del foreign.forward
