@@ -196,11 +196,16 @@ class BaseWeights:
 
 
 def patcher_soak(comfy, ckpt: Path, cycles: int, full_every: int, seed: int) -> dict:
-    mm = comfy.model_management
-    cpu = torch.device("cpu")
     model, clip, _ = comfy.sd.load_checkpoint_guess_config(
         str(ckpt), output_vae=True, output_clip=True, embedding_directory=None
     )[:3]
+    return patcher_cycles(comfy, model, clip, cycles, full_every, seed)
+
+
+def patcher_cycles(comfy, model, clip, cycles: int, full_every: int, seed: int) -> dict:
+    """Part (a) on an already loaded (UNet ModelPatcher, CLIP); returns the figures and the failures."""
+    mm = comfy.model_management
+    cpu = torch.device("cpu")
     mm.unload_all_models()
     folder = Path(tempfile.mkdtemp(prefix="ce_soak_loras_"))
     t0 = time.monotonic()
@@ -329,9 +334,21 @@ def eraser_settings(server, examples: list) -> list:
             if node["type"] == "CheckpointLoaderSimple":
                 node["widgets_values"][0] = h.CHECKPOINT_NAME
         prompt = ui_to_api.to_api(workflow, object_info)
+        # the example's own prompt texts (SAFREE takes the prompt as a widget): the soak graph's instead
+        texts = {}
+        for node in prompt.values():
+            if node["class_type"] == "KSampler":
+                for slot, text in (("positive", PROMPT), ("negative", NEGATIVE)):
+                    source = prompt.get(str(node["inputs"][slot][0]), {})
+                    if source.get("class_type") == "CLIPTextEncode":
+                        texts[source["inputs"]["text"]] = text
         for node in prompt.values():
             if node["class_type"] in SAMPLING_ERASERS | WEIGHT_ERASERS:
-                widgets = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
+                widgets = {
+                    k: texts.get(v, v) if isinstance(v, str) else v
+                    for k, v in node["inputs"].items()
+                    if not isinstance(v, list)
+                }
                 found.append((path.stem, node["class_type"], widgets))
     return found
 
