@@ -18,6 +18,7 @@ from ..erasers.check.probes import PHRASINGS
 from ..erasers.check.run import run_check
 from ..erasers.check.score import NEUTRAL_PROMPTS, THRESHOLD, zero_shot_scores
 from . import adapters
+from .fail_closed import rerun_every_queue
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,11 @@ class EraserCheck(io.ComfyNode):
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
             is_output_node=True,
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, concepts="", keep="", **inputs):
+        # empty concepts / keep are read from the erasers in the workflow graph, which the cache key cannot see
+        return rerun_every_queue(cls) if not (lines(concepts) and lines(keep)) else None
 
     @classmethod
     def execute(

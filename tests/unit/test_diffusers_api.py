@@ -14,32 +14,13 @@ from erasers.errors import EraserAlreadyApplied, FamilyMismatch  # noqa: E402
 from erasers.files.families import Family  # noqa: E402
 from erasers.files.keys import canonical_to_diffusers  # noqa: E402
 from erasers_dev.testing import ToyTextEncoder, layer_weights  # noqa: E402
+from erasers_dev.tiny_diffusers import tiny_pipe, tiny_unet  # noqa: E402
 from erasers_diffusers import api as api  # noqa: E402
 from erasers_diffusers.tokenizer import vocab_from_bpe, write_vocab  # noqa: E402
 
 
-def tiny_unet(layers_per_block=2, context=32, dtype=torch.float32):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=context,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    return unet if dtype == torch.float32 else unet.to(dtype)
-
-
 def stub_pipe(layers_per_block=2, dtype=torch.float32):
-    encoder = ToyTextEncoder(dim=32, family="unet", vocab=512)
-    return SimpleNamespace(unet=tiny_unet(layers_per_block, dtype=dtype), text_encoder_adapter=lambda: encoder)
+    return tiny_pipe(layers_per_block, dtype=dtype)
 
 
 def snapshot(module):

@@ -10,6 +10,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from test_diffusers_suppression import tiny_unet  # noqa: E402  (the same tiny UNet)
+
 from erasers.errors import EraserError  # noqa: E402
 from erasers.guards import token_suppress as ts  # noqa: E402
 from erasers_diffusers import suppression as ds  # noqa: E402
@@ -17,19 +19,7 @@ from erasers_diffusers import suppression as ds  # noqa: E402
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
+    return tiny_unet()
 
 
 CTX = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(3))
