@@ -768,17 +768,17 @@ def make_sld_pre_cfg(
         x, sigma = args["input"], args["sigma"]
         model_options = args["model_options"]
         sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        if sample_sigmas is None:
+        i, total = step_index(sigma, sample_sigmas)
+        if i <= 0:
+            state.reset()
+        if not in_window(sigma, sigma_start, sigma_end):
+            return out
+        if sample_sigmas is None:  # only inside the window does SLD need the schedule
             refuse_once(
                 "sigmas",
                 "the sampler does not publish its schedule (transformer_options['sample_sigmas']), which SLD's "
                 "warm-up counts steps on. Use a KSampler / SamplerCustom node.",
             )
-            return out
-        i, total = step_index(sigma, sample_sigmas)
-        if i <= 0:
-            state.reset()
-        if not in_window(sigma, sigma_start, sigma_end):
             return out
         ctx = _positive_context(args.get("conds"))
         if ctx is not None and not gate(ctx, safety_hidden, skip_first):
