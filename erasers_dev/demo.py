@@ -23,6 +23,8 @@ from typing import List
 
 import torch
 
+from erasers.files.writing import atomic_write, atomic_write_text
+
 DEFAULT_METHODS = ("uce", "rece", "speed", "mace")
 
 
@@ -168,11 +170,12 @@ def run_demo(
     report["grid_rows"] = [es.prompts[i] for i in rows]
     report["total_seconds"] = time.perf_counter() - started
     os.makedirs(out, exist_ok=True)
-    ev.labelled_grid(columns, report["grid_rows"]).save(os.path.join(out, "grid.png"))
-    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=1)
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as handle:
-        handle.write(report_markdown(report))
+    # atomic: an interrupted demo leaves the previous report whole. These three names are the demo's own
+    # outputs (the folder is the demo's, see --out), so a re-run replaces them.
+    grid = ev.labelled_grid(columns, report["grid_rows"])
+    atomic_write(os.path.join(out, "grid.png"), lambda tmp: grid.save(tmp, format="PNG"), overwrite=True)
+    atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1), overwrite=True)
+    atomic_write_text(os.path.join(out, "report.md"), report_markdown(report), overwrite=True)
     return report
 
 
@@ -239,7 +242,11 @@ def add_subparsers(subparsers) -> None:
         help="erase 'circle' from the bundled shapes model and show before/after",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--out", default="erasers_demo", help="output folder (default ./erasers_demo)")
+    p.add_argument(
+        "--out",
+        default="erasers_demo",
+        help="output folder (default ./erasers_demo); its grid.png, report.md and report.json are replaced",
+    )
     p.add_argument("--concept", default="circle", help="a shape or colour of the shapes world (default circle)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated closed-form methods")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")

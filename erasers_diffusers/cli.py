@@ -36,6 +36,7 @@ BENCHES: dict = {
     "suppression": "erasers_dev.bench.suppression:main",
     "shapes": "erasers_dev.bench.shapes:main",
     "soak": "erasers_dev.bench.soak:main",
+    "soak-comfy": "erasers_dev.bench.soak_comfy:main",
 }
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..edits.eraser import Eraser
-from ..errors import BadEraserFile, UnknownKeys
+from ..errors import BadEraserFile, EraserError, UnknownKeys
 from ..lowrank import LowRankDelta, truncate
 from .families import Family, parse_family
 from .keys import kohya_name
@@ -125,6 +125,12 @@ def save_eraser(
     existing file is replaced only with ``overwrite=True``, never when it is one of ``inputs`` (the model
     files the eraser was computed from), and the write is atomic (erasers/files/writing.py).
     """
+    if not exact and not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
+        # NaN compares false everywhere, so a NaN tolerance would store any truncation as "within tolerance"
+        raise EraserError(
+            f"tolerance is a relative error per layer in [0, 1) (default {FILE_TOLERANCE:g}), found {tolerance!r}."
+        )
+    eraser.check_factors()  # never write a file that could not be applied
     path = output_file(path, eraser)
     tensors, metadata = to_state_dict(eraser, dtype, None if exact else tolerance)
     truncated = json.loads(metadata["eraser.storage"])["truncated"]
@@ -217,6 +223,8 @@ def from_state_dict(tensors: dict, metadata: dict, source: Optional[str] = None)
         metadata.get("eraser.pack_version", "?"),
         source=source,
     )
+    # refuse a damaged file where it is read, so every host (nodes, A1111, API) gets the same error
+    eraser.check_factors()
     return eraser
 
 

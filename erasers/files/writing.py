@@ -10,6 +10,7 @@ Windows when both are on one volume).
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from typing import Callable, Iterable, Optional
 
@@ -43,6 +44,16 @@ def check_output_path(path: str, inputs: Iterable[Optional[str]] = (), overwrite
         )
 
 
+def _mode_for(path: str) -> int:
+    """The replaced file's permission bits, else 0666 less the process umask (what ``open(path, "w")`` gives)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)  # the only portable way to read it
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(
     path: str, write: Callable[[str], None], inputs: Iterable[Optional[str]] = (), overwrite: bool = False
 ) -> str:
@@ -57,6 +68,9 @@ def atomic_write(
     os.close(handle)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); the result must get the mode any new file gets here
+        # (or the replaced file's), or a ComfyUI/A1111 running as another user could not read it
+        os.chmod(tmp, _mode_for(path))
         with open(tmp, "rb+") as flushed:
             os.fsync(flushed.fileno())
         # re-checked just before the move: another process may have created the file meanwhile

@@ -75,7 +75,7 @@ def sd15_checkpoint(comfy, sd15_unet_config, tmp_path_factory):
     else:
         path = tmp_path_factory.mktemp("ckpt") / "ce_test_sd15.safetensors"
     t0 = time.monotonic()
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")  # two test processes never share a temp file
     write_random_sd15_checkpoint(comfy, tmp, unet_config=sd15_unet_config)
     os.replace(tmp, path)
     log.info("random SD1.5 checkpoint written in %.1f s", time.monotonic() - t0)

@@ -56,3 +56,23 @@ def test_a_write_that_fails_midway_changes_nothing(tmp_path, exc):
 def test_a_folder_is_not_a_file_name(tmp_path):
     with pytest.raises(RefusedPath, match="is a folder"):
         atomic_write_text(str(tmp_path), "x", overwrite=True)
+
+
+def test_atomic_write_gives_the_mode_a_plain_open_would_and_keeps_a_replaced_files_mode(tmp_path):
+    """mkstemp's private 0600 must not leak into the result: a host running as another user reads it."""
+    import os
+    import stat
+
+    from erasers.files.writing import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        fresh = atomic_write_text(str(tmp_path / "new.json"), "{}")
+        assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o644
+        kept = tmp_path / "kept.json"
+        kept.write_text("old")
+        os.chmod(kept, 0o640)
+        atomic_write_text(str(kept), "new", overwrite=True)
+        assert stat.S_IMODE(os.stat(kept).st_mode) == 0o640 and kept.read_text() == "new"
+    finally:
+        os.umask(old)

@@ -272,3 +272,34 @@ def test_core_readers_take_pathlike(tmp_path):
     tensors, metadata = read_safetensors(path)
     assert torch.equal(tensors["a"], torch.ones(2)) and metadata["k"] == "v"
     assert read_safetensors_header(path)[0]["a"]["shape"] == [2]
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), -1.0, 1.0, float("inf"), "0.1"])
+def test_core_save_refuses_a_tolerance_outside_0_1_and_writes_nothing(tmp_path, sd1_eraser, tolerance):
+    from erasers.errors import EraserError
+
+    with pytest.raises(EraserError, match="tolerance"):
+        save_eraser(sd1_eraser, str(tmp_path / "e.safetensors"), tolerance=tolerance)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_core_reader_refuses_factor_ranks_that_differ_naming_the_layer(tmp_path, sd1_eraser):
+    """The core reader (used by the ComfyUI nodes and A1111, not only the API) checks the factors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = save_eraser(sd1_eraser, str(tmp_path / "good.safetensors"))
+    tensors = load_file(path)
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    key = sorted(k for k in tensors if k.endswith(".lora_down.weight"))[0]
+    tensors[key] = tensors[key][:-1].contiguous()  # one rank fewer than its lora_up
+    damaged = str(tmp_path / "damaged.safetensors")
+    save_file(tensors, damaged, metadata=metadata)
+    with pytest.raises(BadEraserFile, match="rank .* must match"):
+        load_eraser(damaged)
+    tensors = load_file(path)
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, damaged, metadata=metadata)
+    with pytest.raises(BadEraserFile, match="non-finite"):
+        load_eraser(damaged)
