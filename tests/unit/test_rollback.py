@@ -179,10 +179,20 @@ def test_damaged_file_with_mismatched_ranks_is_refused(pipe, eraser, tmp_path):
             call()
         message = str(info.value)
         assert "damaged.safetensors" in message and layers[stem] in message and "rank" in message
-    # an eraser built in memory from the file without the check still cannot be applied
-    from erasers.files.eraser_file import load_eraser as raw_load
+    # the core reader refuses it too (the ComfyUI nodes and A1111 read through it)
+    from erasers.files.eraser_file import load_eraser as core_load
 
-    unchecked = raw_load(str(damaged))
+    with pytest.raises(BadEraserFile, match="rank"):
+        core_load(str(damaged))
+    # an eraser damaged in memory, never checked, still cannot be applied
+    import copy
+
+    from erasers.lowrank import LowRankDelta
+
+    unchecked = copy.copy(eraser)
+    unchecked.deltas = dict(eraser.deltas)
+    broken = unchecked.deltas[layers[stem]]
+    unchecked.deltas[layers[stem]] = LowRankDelta(broken.up[:, :-1].contiguous(), broken.down)
     with pytest.raises(BadEraserFile, match="rank"):
         api.apply_eraser(pipe, unchecked)
     assert state_hash(pipe.unet) == before
