@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -35,6 +35,8 @@ class SuppressionState:
 
     token_bias: (B, T) additive logit bias per batch row (0 = untouched; build with ``ts.logit_bias``).
     nag_context: (1, Tn, D) concept embeddings for the negative branch; nag_rows: positive batch rows.
+    probe: optional ``probe(kind, **tensors)`` called by every processor call (``kind`` "bias" or "nag"),
+        for measurements (erasers_dev/bench/guard_diagnostics.py); it must not change the tensors.
     """
 
     token_bias: Optional[torch.Tensor] = None
@@ -44,6 +46,7 @@ class SuppressionState:
     tau: float = 2.5
     alpha: float = 0.25
     calls: dict = field(default_factory=lambda: {"bias": 0, "nag": 0})
+    probe: Optional[Callable] = None
 
     @property
     def active(self) -> bool:
@@ -90,6 +93,10 @@ class SuppressionAttnProcessor:
             )
         if state.token_bias is not None:
             state.calls["bias"] += 1
+            if state.probe is not None:
+                state.probe(
+                    "bias", attn=attn, hidden=hidden_states, context=encoder_hidden_states, bias=state.token_bias
+                )
             if state.nag_context is None:
                 # token suppression alone is an additive (B, 1, T) attention mask: the layer's own processor
                 # (and its optimized kernel) does all the work; the caller's mask is added to it
@@ -110,8 +117,11 @@ class SuppressionAttnProcessor:
             rows = state.nag_rows.to(q.device)
             neg = state.nag_context.to(q.device, q.dtype).expand(len(rows), -1, -1)
             z_neg = ts.attention(q[rows], attn.to_k(neg), attn.to_v(neg), heads)
+            z_pos = out[rows]
             out = out.clone()
-            out[rows] = cg.nag(out[rows], z_neg, state.phi, state.tau, state.alpha)
+            out[rows] = cg.nag(z_pos, z_neg, state.phi, state.tau, state.alpha)
+            if state.probe is not None:
+                state.probe("nag", z_pos=z_pos, z_neg=z_neg, z_out=out[rows], phi=state.phi, tau=state.tau)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if attn.residual_connection:

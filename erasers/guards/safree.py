@@ -9,7 +9,10 @@ suppression.md §1. Steps, each a small function named after the paper's symbols
    optionally the EOS/padding positions too (CLIP is causal: they carry the concept; the reference
    leaves them alone)
 4. self-validating filter: β = 1 − mean_i cos(ẽ_i, e_i), t′ = round(γ·sigmoid(2k(10β − t₀))); the
-   projected embeddings are used for steps i ≤ t′ of the reference 50 (§1.5)
+   projected embeddings are used for steps i ≤ t′ of the reference 50 (§1.5). That window assumes the
+   model commits to the concept early (SD's layout is set at high σ); ``svf_window="whole"`` keeps t′ as
+   the per-prompt switch but projects over the whole schedule, for models that decide late (measured on
+   the shapes world by erasers_dev/bench/guard_diagnostics.py: the shape is set in the last 10–20 %)
 
 Host adapters provide encodings (``PromptEncoding``-like tensors); nothing here encodes text. A prompt
 with no flagged token comes back as the *same tensor* (bit-identical conditioning).
@@ -36,6 +39,11 @@ log = logging.getLogger(__name__)
 
 #: SVF sigmoid constants per preset (suppression.md §1.5: f_beta): (k, t0)
 SVF_CONSTANTS = {"nudity": (2.5, 5.333), "artists": (3.5, 5.5)}
+#: svf_window values and what they mean (SAFREEConfig.svf_window)
+SVF_WINDOWS = {
+    "paper": "the projection for steps i ≤ t′ of the 50 reference steps, from the start (§1.5)",
+    "whole": "t′ as a switch: the projection for the whole schedule when t′ ≥ 1, none when t′ = 0",
+}
 #: CLIP id 0 is "!" — the reference's mask token for the masked-prompt test
 CLIP_MASK_ID = 0
 #: context segments (start, end) per family; SDXL's 2048 = CLIP-L 768 ⊕ CLIP-G 1280
@@ -54,6 +62,10 @@ class SAFREEConfig(SuppressionConfig):
     include_eos: bool = True
     #: self-validating filtering: use the projection only for the first t′ of 50 reference steps
     self_validating: bool = True
+    #: where the self-validated projection acts (``SVF_WINDOWS``): "paper" = steps i ≤ t′ of the 50 reference
+    #: steps (at most 22 % of the schedule, from its start); "whole" = t′ as a switch — the whole schedule
+    #: when t′ ≥ 1, nothing when t′ = 0 — for models that decide the concept late in the schedule
+    svf_window: str = "paper"
     gamma: float = 10.0
     svf_k: Optional[float] = None
     svf_t0: Optional[float] = None
@@ -69,6 +81,8 @@ class SAFREEConfig(SuppressionConfig):
         self._check_number("gamma", self.gamma, 0.0, None)
         if int(self.reference_steps) < 1:
             raise ConfigError(f"safree: reference_steps must be ≥ 1, found {self.reference_steps}.")
+        if self.svf_window not in SVF_WINDOWS:
+            raise ConfigError(f"safree: svf_window must be one of {list(SVF_WINDOWS)}, found '{self.svf_window}'.")
         k_default, t0_default = SVF_CONSTANTS.get(self.preset, SVF_CONSTANTS["nudity"])
         if self.svf_k is None:
             self.svf_k = k_default
@@ -283,7 +297,15 @@ def analyse(
         full_proj[:, a:b] = project_tokens(seg, p_c, p_m, torch.ones(L, dtype=torch.bool))
     beta = svf_beta(prompt_tok, full_proj, valid)
     t_prime = svf_t_prime(beta, config.gamma, config.svf_k, config.svf_t0)
-    if config.self_validating:
+    if config.self_validating and config.svf_window == "whole":
+        if t_prime < 1:
+            # the switch is off: the projection would barely change this prompt (β low), leave it alone
+            log.info("SAFREE: β=%.3f gives t′=0: the self-validation switch is off; conditioning unchanged", beta)
+            result.beta, result.t_prime = beta, t_prime
+            result.info = {"flagged_positions": [p for p, f in zip(positions, flagged.tolist()) if f], "svf": "off"}
+            return result
+        fraction = 1.0
+    elif config.self_validating:
         fraction = min(1.0, (t_prime + 1) / float(config.reference_steps))
     else:
         fraction = 1.0
