@@ -12,7 +12,7 @@ Per method, with the methods' published defaults (family "unet"):
 * concept guidance — NAG with the concept's context as the negative branch, while σ ≥ σ_end;
 * SAFREE — the masked-token test and projection per prompt, used for the self-validated part of the
   schedule;
-* SLD — a third UNet branch conditioned on the concept, combined with ``sld.sld_combine``.
+* SLD — a third UNet branch conditioned on the concept, combined as ``sld.sld_combine`` does.
 """
 
 from __future__ import annotations
@@ -38,14 +38,28 @@ def sigma_of(alphas_cumprod: torch.Tensor, t) -> float:
     return ((1 - a) / a) ** 0.5
 
 
+def percent_to_sigma(alphas_cumprod: torch.Tensor, percent: float) -> float:
+    """ComfyUI's ``percent_to_sigma`` for this schedule: percent p ↔ timestep (1 − p)·(T − 1); 0 → ∞, 1 → 0
+    (so the window ends are inclusive of the first and last step)."""
+    if percent <= 0.0:
+        return float("inf")
+    if percent >= 1.0:
+        return 0.0
+    return sigma_of(alphas_cumprod, round((1.0 - percent) * (len(alphas_cumprod) - 1)))
+
+
 class ShapesSuppression:
     """``sample(prompts, steps, guidance, seed, prompt_embeds)`` with one suppression method active."""
 
-    def __init__(self, pipe, method: str, concepts: Sequence[str]):
+    def __init__(self, pipe, method: str, concepts: Sequence[str], config=None, probe=None):
+        """``config``: the method's config (default: its defaults for ``concepts``); ``probe(kind, **values)``
+        is called with the per-step quantities (guard_diagnostics.py), never changing them."""
         if method not in METHODS:
             raise ValueError(f"Unknown suppression method '{method}'; expected one of {METHODS}.")
         self.pipe, self.method, self.concepts = pipe, method, list(concepts)
-        if method == "token":
+        if config is not None:
+            self.config = config
+        elif method == "token":
             self.config = ts.TokenSuppressConfig(concepts=self.concepts)
         elif method == "guidance":
             self.config = ConceptGuidanceConfig(concepts=self.concepts)
@@ -53,6 +67,9 @@ class ShapesSuppression:
             self.config = safree.SAFREEConfig(concepts=self.concepts)
         else:
             self.config = sld.SLDConfig(concepts=self.concepts)
+        self.probe = probe
+        #: per-prompt SAFREE analyses of the last ``sample`` (diagnostics)
+        self.safree_results: list = []
         self.processors = SuppressionProcessors(pipe.unet)
 
     # -- per-method preparation -------------------------------------------------------------------
@@ -88,6 +105,7 @@ class ShapesSuppression:
         tok = self.pipe.tokenizer
         concept_hidden, concept_len = self._encode_ids([tok.ids(c) for c in self.concepts])
         out, fractions = cond.clone().cpu(), []
+        self.safree_results = []
         for i, prompt in enumerate(prompts):
             ids = tok.ids(prompt)
             # the shapes tokenizer's padding id stands in for CLIP's mask token
@@ -107,6 +125,7 @@ class ShapesSuppression:
                 concept_len,
             )
             out[i] = result.hidden
+            self.safree_results.append(result)
             fractions.append(result.filter_fraction if result.changed else 0.0)
         return out, torch.tensor(fractions)
 
@@ -125,7 +144,10 @@ class ShapesSuppression:
         prompts = list(prompts)
         cond = prompt_embeds.to(pipe.device) if prompt_embeds is not None else pipe.encode_prompts(prompts)
         n = cond.shape[0]
-        uncond = pipe.encode_prompts([""] * n)
+        negative = ""
+        if self.method == "safree" and self.config.keywords_as_negative:
+            negative = safree.joined_keywords(self.config)  # the reference's negative prompt (§1.4)
+        uncond = pipe.encode_prompts([negative] * n)
         gen = torch.Generator().manual_seed(int(seed))
         size = pipe.image_size
         x = torch.randn(n, 3, size, size, generator=gen).to(pipe.device)  # as ShapesPipeline.__call__
@@ -136,7 +158,7 @@ class ShapesSuppression:
         safe_cond, fractions, sld_state, safety = None, None, None, None
         if self.method == "token":
             bias = torch.cat([torch.zeros(n, cond.shape[1]), self.token_bias(prompts, cond)])
-            state = SuppressionState(token_bias=bias)
+            state = SuppressionState(token_bias=bias, probe=self.probe)
         elif self.method == "guidance":
             ctx = pipe.encode_prompts([", ".join(self.concepts)])
             state = SuppressionState(
@@ -145,6 +167,7 @@ class ShapesSuppression:
                 phi=self.config.phi,
                 tau=self.config.tau,
                 alpha=self.config.effective_alpha,
+                probe=self.probe,
             )
             sigma_end = self.config.sigma_end_for("unet")
         elif self.method == "safree":
@@ -154,22 +177,33 @@ class ShapesSuppression:
             sld_state = sld.SLDState()
             safety = pipe.encode_prompts([self.config.safety_concept] * n)
             warmup = self.config.warmup_for(steps)
+        # the config's start/end percent, as the ComfyUI nodes read them (σ window, both ends inclusive)
+        s_start = percent_to_sigma(alphas, self.config.start_percent)
+        s_stop = percent_to_sigma(alphas, self.config.end_percent)
         self.processors.install()
         try:
             for i, t in enumerate(scheduler.timesteps):
+                sigma = sigma_of(alphas, t)
+                inside = s_stop <= sigma <= s_start
+                if self.probe is not None:  # before the UNet call: the attention probes of step i follow
+                    self.probe("step", step=i, sigma=sigma, steps=steps)
                 if self.method == "guidance":
-                    self.processors.state = state if sigma_of(alphas, t) >= sigma_end else None
+                    self.processors.state = state if (inside and sigma >= sigma_end) else None
                 else:
-                    self.processors.state = state
+                    self.processors.state = state if inside else None
                 c = cond
                 if safe_cond is not None:
-                    use = (i / max(1, steps)) < fractions.to(pipe.device)
+                    use = ((i / max(1, steps)) < fractions.to(pipe.device)) & inside
                     c = torch.where(use[:, None, None], safe_cond, cond)
                 if self.method == "sld":
                     eps_u, eps_p, eps_s = pipe.unet(
                         torch.cat([x, x, x]), t, encoder_hidden_states=torch.cat([uncond, c, safety])
                     ).sample.chunk(3)
-                    eps = sld.sld_combine(eps_u, eps_p, eps_s, guidance, sld_state, self.config, warmup)
+                    gamma = sld.sld_gamma(eps_u, eps_p, eps_s, sld_state, self.config, warmup)
+                    gamma = gamma if inside else torch.zeros_like(gamma)
+                    eps = eps_u + guidance * ((eps_p - eps_u) - gamma)
+                    if self.probe is not None:
+                        self.probe("sld", step=i, eps_u=eps_u, eps_p=eps_p, eps_s=eps_s, gamma=gamma, cfg=guidance)
                 else:
                     eps_u, eps_c = pipe.unet(
                         torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, c])
