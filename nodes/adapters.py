@@ -18,10 +18,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..erasers import families as family_table
 from ..erasers.config import ConfigError
 from ..erasers.edits.eraser import Eraser, compute_eraser, fingerprint
 from ..erasers.edits.methods import check_family, get_method
-from ..erasers.errors import ConceptTooLong, UnknownKeys
+from ..erasers.errors import ConceptTooLong, FamilyMismatch, UnknownKeys, UnsupportedFamily
+from ..erasers.families.key_map import KeyMapEncoder, build_key_map, map_width, pre_keys
 from ..erasers.files.families import Family, detect_family, layer_specs
 from ..erasers.text import PromptEncoding, split_concepts
 
@@ -51,10 +53,17 @@ class ComfyCLIPEncoder:
 
     def __init__(self, clip):
         self.clip = clip
-        self.keys = tuple(sorted(clip.tokenize("", disable_weights=True)))
+        self.keys = tuple(sorted(self._host_tokenize("")))
         family, width = TOKEN_KEY_FAMILIES.get(self.keys, (None, None))
         self.family = family.value if family is not None else type(clip.cond_stage_model).__name__
         self._context_dim = width
+        # any other layout (Chroma's T5 alone, Qwen/Mistral/Gemma chat encoders, UMT5): one prompt per host
+        # call, exactly as CLIPTextEncode encodes it (see ``_encode_generic``)
+        self.generic = family is None
+        if self.generic:
+            self.t5, self.t5_length, self.context_length = False, None, 10**9
+            self._empty = None
+            return
         # T5 has no start token and no 77-token chunking: its section length is the tokenizer's minimum
         self.t5 = "t5xxl" in self.keys
         self.t5_length = self._t5_length() if self.t5 else None
@@ -70,6 +79,14 @@ class ComfyCLIPEncoder:
     @property
     def needs_pooled(self) -> bool:
         return self.t5  # Flux/SD3 have a pooled-text input projection; UNet families do not
+
+    def _host_tokenize(self, prompt: str) -> dict:
+        """Weights syntax off (concepts are literal) where the tokenizer lets the caller choose: the chat
+        tokenizers (Qwen-Image, Flux.2, Z-Image) set ``disable_weights`` themselves and refuse it twice."""
+        try:
+            return self.clip.tokenize(prompt, disable_weights=True)
+        except TypeError:
+            return self.clip.tokenize(prompt)
 
     def _sub_tokenizer(self, key: str):
         tok = self.clip.tokenizer
@@ -121,6 +138,8 @@ class ComfyCLIPEncoder:
 
     def encode(self, prompts: Sequence[str]) -> PromptEncoding:
         prompts = list(prompts)
+        if self.generic:
+            return self._encode_generic(prompts)
         per_prompt = [self._tokenize(p) for p in prompts]
         tokens = {key: [pp[key] for pp in per_prompt] for key in self.keys}
         cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
@@ -147,6 +166,90 @@ class ComfyCLIPEncoder:
             has_bos=id_key != "t5xxl",
         )
 
+    # -- layouts without a fixed chunk: T5 alone, chat-template LLM encoders, UMT5 -----------------------
+
+    def _flat_ids(self, tokens: dict) -> list:
+        if len(tokens) != 1:
+            raise FamilyMismatch(
+                f"The text encoder ({self.family}) tokenizes into {sorted(tokens)}; the pack encodes concepts for "
+                "one text encoder per model unless the family table names the layout."
+            )
+        (sections,) = tokens.values()
+        if len(sections) != 1:
+            raise ConceptTooLong(f"A concept must fit in one section of the {self.family} tokenizer.")
+        return [t[0] for t in sections[0]]
+
+    def _pad_id(self) -> Optional[int]:
+        (key,) = self.keys
+        pad = getattr(self._sub_tokenizer(key), "pad_token", None)
+        return None if pad is None else int(pad)
+
+    def _strip_pad(self, ids: list) -> list:
+        pad = self._pad_id()
+        end = len(ids)
+        while pad is not None and end > 0 and ids[end - 1] == pad:
+            end -= 1
+        return ids[:end]
+
+    def _template(self) -> tuple:
+        """(P, S): how many tokens the host puts before and after every prompt (chat-template prefix and
+        suffix, a closing </s>; padding stripped), from the empty prompt against a one-word probe."""
+        if self._empty is None:
+            empty = self._strip_pad(self._flat_ids(self._host_tokenize("")))
+            probe = self._strip_pad(self._flat_ids(self._host_tokenize("x")))
+            head = 0
+            while head < min(len(empty), len(probe)) and empty[head] == probe[head]:
+                head += 1
+            tail = 0
+            while tail < min(len(empty), len(probe)) - head and empty[-1 - tail] == probe[-1 - tail]:
+                tail += 1
+            self._empty = (head, tail)
+        return self._empty
+
+    def _prompt_span(self, ids: list) -> tuple:
+        """(start, stop) of the prompt's own tokens in the host's token list."""
+        head, tail = self._template()
+        return head, max(len(self._strip_pad(ids)) - tail, head)
+
+    def _encode_generic(self, prompts: list) -> PromptEncoding:
+        """Each prompt as the host encodes it (template, what the encoder drops, padding and mask), one call
+        each: rows of a bidirectional T5 depend on padding, so prompts are never padded into a batch.
+
+        The host may drop a template prefix (Qwen-Image keeps only what follows 'user\\n'); the rows kept
+        are the *last* ones, so the prompt's last token sits at stop − 1 − (tokens − rows).
+        """
+        rows, lengths, token_ids, before = [], [], [], []
+        for prompt in prompts:
+            tokens = self._host_tokenize(prompt)
+            ids = self._flat_ids(tokens)
+            cond = self.clip.encode_from_tokens(tokens)
+            hidden = cond[0].float().cpu()
+            dropped = len(ids) - hidden.shape[0]
+            if dropped < 0:
+                raise FamilyMismatch(
+                    f"The text encoder ({self.family}) returned {hidden.shape[0]} rows for {len(ids)} tokens; the "
+                    "pack cannot tell which row holds which token. This encoder is not supported yet."
+                )
+            start, stop = self._prompt_span(ids)
+            last = max(stop - 1 - dropped, 0)
+            rows.append(hidden)
+            # lengths − 2 = the last word (PromptEncoding.last_subject_index): the row after it is the closing
+            # token (</s>, <|im_end|>) the way EOS follows the last word in CLIP
+            lengths.append(last + 2 if stop > start else min(2, hidden.shape[0]))
+            # row i ↔ token_ids[i], as for CLIP (MACE aligns prompts by these ids): the ids of the rows kept
+            token_ids.append(self._strip_pad(ids)[dropped:])
+            before.append(start - dropped)
+        width = max(r.shape[0] for r in rows)
+        hidden = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
+        return PromptEncoding(
+            hidden=hidden,
+            lengths=torch.tensor(lengths, dtype=torch.long),
+            token_ids=token_ids,
+            pooled=None,
+            # rows before the prompt (BOS, a kept template prefix) play the role of CLIP's start token
+            has_bos=min(before) > 0,
+        )
+
     def _pooled_each(self, per_prompt: list) -> torch.Tensor:
         # encode_token_weights returns only the first section's pooled vector, so pooled vectors of a
         # batch need one call per prompt (only Flux/SD3, whose pooled-text layer a method may edit)
@@ -166,8 +269,62 @@ def canonical_state(model) -> dict:
     return {k[len(PREFIX) :]: v for k, v in sd.items() if k.startswith(PREFIX)}
 
 
-def model_family(model) -> Family:
-    return detect_family({k: tuple(v.shape) for k, v in canonical_state(model).items()})
+def model_record(model):
+    """The family-table record of a ModelPatcher's model class (``type(model.model)`` and its
+    ``model_config`` class), refused by name when the table does not know it; None for stand-ins without
+    a ``model`` (unit-test fakes), whose family comes from the keys."""
+    base = getattr(model, "model", None)
+    if base is None:
+        return None
+    config = getattr(base, "model_config", None)
+    return family_table.lookup(type(base).__name__, type(config).__name__ if config is not None else "")
+
+
+def model_family(model, shapes: Optional[dict] = None) -> Family:
+    """The family from the model's class; legacy UNet classes (one class, several widths) by their keys."""
+    record = model_record(model)
+    if record is not None and not record.sniff:
+        return record.family
+    if shapes is None:
+        shapes = {k: tuple(v.shape) for k, v in canonical_state(model).items()}
+    return detect_family(shapes)
+
+
+def live_eps(model, module_path: str) -> Optional[float]:
+    """ε of the host's norm module (the record names it); None where the module keeps none (dtype ε)."""
+    module = getattr(getattr(model, "model", None), "diffusion_model", None)
+    for part in module_path.split("."):
+        if module is None:
+            return None
+        module = module[int(part)] if part.isdigit() else getattr(module, part, None)
+    eps = getattr(module, "eps", None)
+    return None if eps is None else float(eps)
+
+
+def text_entry_encoder(model, record, encoder, shapes: dict, family: Family):
+    """The encoder the closed form reads: the host CLIP's embeddings, pushed through whatever the family
+    puts in front of the edited Linear (txt_norm, cap_embedder's RMSNorm, Wan's text_embedding). A CLIP of
+    the wrong width is refused here, naming the family, before anything is solved."""
+    if record is None or record.sniff or not record.context_key:
+        return encoder
+    expected = int(shapes[record.context_key][1])
+    width = int(encoder.context_dim)
+    if width != expected:
+        raise FamilyMismatch(
+            f"The model is {record.label} ({record.host_class}); its {record.context_key.rsplit('.', 1)[0]} reads "
+            f"{expected}-wide text embeddings, but the CLIP input ({encoder.family}) produces {width}-wide ones. "
+            f"Connect the text encoder loaded with this model ({record.text_encoder.split(';')[0]})."
+        )
+    keys = [k for k in pre_keys(record.pre) if k in shapes]
+    if not keys:
+        return encoder
+    weights = canonical_base_weights(model, keys)
+    eps = live_eps(model, record.pre.module) if hasattr(record.pre, "module") else None
+    key_map = build_key_map(record.pre, weights, eps)
+    if key_map is None:
+        return encoder
+    edited = [s for s in layer_specs(shapes, family)]
+    return KeyMapEncoder(encoder, key_map, map_width(record.pre, weights), edited[0].in_features, record.label)
 
 
 def host_calculate_weight(patches: list, weight: torch.Tensor, key: str) -> torch.Tensor:
@@ -216,7 +373,7 @@ def apply_eraser(model, eraser: Eraser, strength: float):
     strength = check_strength(strength)
     state = canonical_state(model)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    family = detect_family(shapes)
+    family = model_family(model, shapes)
     known = all(k in shapes for k in eraser.deltas)
     fp = None
     if known and eraser.source and eraser.base_fingerprint:
@@ -309,9 +466,15 @@ def compute_on_model(model, clip, config, progress: Optional[Callable] = None) -
     """Solve ``config`` on the model's current weights with embeddings from its own CLIP."""
     state = canonical_state(model)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    family = detect_family(shapes)
+    record = model_record(model)  # an unknown class is refused here, before the CLIP encodes anything
+    family = model_family(model, shapes)
     method = get_method(config.method)
     check_family(method, family)
+    if record is not None and not record.sniff and method.name not in record.methods:
+        raise UnsupportedFamily(
+            f"{method.title} does not apply to {record.label}; the family supports {', '.join(record.methods)}."
+        )
     keys = [s.key for s in layer_specs(shapes, family) if s.kind in method.kinds]
     weights = canonical_base_weights(model, keys)
-    return compute_eraser(config, ComfyCLIPEncoder(clip), weights, family=family, progress=progress)
+    encoder = text_entry_encoder(model, record, ComfyCLIPEncoder(clip), shapes, family)
+    return compute_eraser(config, encoder, weights, family=family, progress=progress)

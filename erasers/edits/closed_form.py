@@ -19,6 +19,18 @@ from typing import Optional
 import torch
 
 
+def same_length(a: torch.Tensor, b: torch.Tensor):
+    """Two (N, T, d) row sets padded with zero rows to one T, for position-by-position alignment.
+
+    CLIP and Flux's T5 give every prompt the same number of rows; chat-template encoders (Qwen-Image,
+    Z-Image, Flux.2) give each batch its own length. A zero key adds nothing to any gram KᵀK or C*ᵀC, so
+    the padding changes no solve.
+    """
+    t = max(a.shape[1], b.shape[1])
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, t - x.shape[1])) if x.shape[1] < t else x  # noqa: E731
+    return pad(a), pad(b)
+
+
 def gram(keys: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Σ_j ω k_j k_jᵀ = ω KᵀK for the rows of ``keys`` (float64)."""
     keys = keys.to(torch.float64)

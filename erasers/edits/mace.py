@@ -32,6 +32,7 @@ import torch
 from ..config import ConfigError, EraserConfig
 from ..lowrank import LowRankDelta, compress
 from ..text import TextEncoder, encode_batched
+from .closed_form import same_length
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +264,13 @@ def erase_grams(config: MACEConfig, encoder: TextEncoder, progress=None):
         if mapping not in mapped_cache:  # one mapping usually serves every concept
             mapped_cache[mapping] = encode_batched(encoder, new_prompts)
         enc_old, enc_new = encode_batched(encoder, old_prompts), mapped_cache[mapping]
-        length = enc_old.hidden.shape[1]
+        old_hidden, new_hidden = same_length(enc_old.hidden, enc_new.hidden)
+        length = old_hidden.shape[1]
         keys, targets = [], []
         for j in range(len(old_prompts)):
             old_idx, new_idx = find_matching_indices(enc_old.token_ids[j], enc_new.token_ids[j], length)
-            keys.append(enc_old.hidden[j, old_idx])
-            targets.append(enc_new.hidden[j, new_idx])
+            keys.append(old_hidden[j, old_idx])
+            targets.append(new_hidden[j, new_idx])
         add("tokens", torch.cat(keys), torch.cat(targets))
         if enc_old.pooled is not None:
             add("pooled", enc_old.pooled, enc_new.pooled)

@@ -29,7 +29,7 @@ from ..config import ConfigError, EraserConfig
 from ..lowrank import LowRankDelta, compress
 from ..text import PromptEncoding, TextEncoder, encode_batched
 from . import uce
-from .closed_form import shared_factors
+from .closed_form import same_length, shared_factors
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +243,8 @@ def stream_delta(config: RECEConfig, uce_cfg, encodings: dict, weights0: list, p
     # S₀ = Σ W⁰ᵀW⁰ once; float32 products summed in float64 (a sum of squares of weights: well scaled)
     stacked = torch.cat([w.to(torch.float32) for w in weights0])
     s0 = (stacked.T @ stacked).to(torch.float64)
-    c = stream_rows(enc_c, pooled).reshape(-1, d)
-    c_star = stream_rows(enc_a, pooled).reshape(-1, d)  # aligned by position
+    c, c_star = same_length(stream_rows(enc_c, pooled), stream_rows(enc_a, pooled))
+    c, c_star = c.reshape(-1, d), c_star.reshape(-1, d)  # aligned by position
     p = stream_rows(enc_p, pooled).reshape(-1, d).to(torch.float64)
     if c.shape[0] < d:  # the rows themselves are used; the concept grams are not needed
         c, c_star = c.to(torch.float64), c_star.to(torch.float64)

@@ -24,7 +24,7 @@ import torch
 from ..config import ConfigError, EraserConfig
 from ..lowrank import LowRankDelta, compress
 from ..text import PromptEncoding, TextEncoder, encode_batched
-from .closed_form import shared_factors
+from .closed_form import same_length, shared_factors
 
 ART_TEMPLATES = ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}")
 OBJECT_TEMPLATES = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
@@ -85,13 +85,14 @@ def last_token_rows(enc: PromptEncoding) -> torch.Tensor:
 def aligned_token_rows(concepts: PromptEncoding, guides: PromptEncoding):
     """2023 token-range alignment (§3.2): rows [k_old : T − (F − k_old)] ↔ guide rows [k_new : T − (F − k_new)]."""
     keys, targets = [], []
-    length = concepts.hidden.shape[1]
+    c_hidden, g_hidden = same_length(concepts.hidden, guides.hidden)
+    length = c_hidden.shape[1]
     for i in range(len(concepts)):
         k_old = int(concepts.last_subject_index[i])
         k_new = int(guides.last_subject_index[i])
         far = max(k_old, k_new)
-        keys.append(concepts.hidden[i, k_old : length - (far - k_old)])
-        targets.append(guides.hidden[i, k_new : length - (far - k_new)])
+        keys.append(c_hidden[i, k_old : length - (far - k_old)])
+        targets.append(g_hidden[i, k_new : length - (far - k_new)])
     return torch.cat(keys), torch.cat(targets)
 
 

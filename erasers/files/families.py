@@ -21,12 +21,22 @@ class Family(str, enum.Enum):
     SDXL = "sdxl"
     SD3 = "sd3"
     FLUX = "flux"
+    # families read from the host's model class (erasers/families/): their keys alone are ambiguous
+    # (Chroma and Flux.2 carry Flux's txt_in/double_blocks) or carry no attn2
+    CHROMA = "chroma"
+    FLUX2 = "flux2"
+    QWEN_IMAGE = "qwen_image"
+    LUMINA2 = "lumina2"
+    ZIMAGE = "zimage"
+    WAN = "wan"
     #: any other UNet with cross-attention (e.g. the pack's shapes-world model); context dim in the config
     UNET = "unet"
 
     @property
     def is_dit(self) -> bool:
-        return self in (Family.SD3, Family.FLUX)
+        """A text-input projection (not per-block attn2 K/V) is where text enters: Flux/SD3 and the newer
+        MMDiTs. Wan has real cross-attention K/V and is not one."""
+        return self in (Family.SD3, Family.FLUX) or self in TEXT_ENTRY_LAYERS and self is not Family.WAN
 
     @property
     def label(self) -> str:
@@ -40,6 +50,12 @@ FAMILY_LABELS = {
     Family.SD3: "SD3/SD3.5",
     Family.FLUX: "Flux",
     Family.UNET: "cross-attention UNet",
+    Family.CHROMA: "Chroma",
+    Family.FLUX2: "Flux.2",
+    Family.QWEN_IMAGE: "Qwen-Image",
+    Family.LUMINA2: "Lumina 2",
+    Family.ZIMAGE: "Z-Image",
+    Family.WAN: "Wan 2.1/2.2",
 }
 
 #: width of the per-token text context each family's projections read
@@ -53,6 +69,25 @@ DIT_TEXT_LAYERS = {
     Family.SD3: {"context_embedder.weight": "tokens", "y_embedder.mlp.0.weight": "pooled"},
 }
 
+#: the edited Linear(s) of the families erasers/families/ describes (canonical key regex → layer kind); the
+#: records there say what sits in front of them (txt_norm, cap_embedder's RMSNorm, Wan's text_embedding)
+TEXT_ENTRY_LAYERS = {
+    Family.CHROMA: {r"^txt_in\.weight$": "text_in"},
+    Family.FLUX2: {r"^txt_in\.weight$": "text_in"},
+    Family.QWEN_IMAGE: {r"^txt_in\.weight$": "text_in"},
+    Family.LUMINA2: {r"^cap_embedder\.1\.weight$": "text_in"},
+    Family.ZIMAGE: {r"^cap_embedder\.1\.weight$": "text_in"},
+    Family.WAN: {r"^blocks\.\d+\.cross_attn\.k\.weight$": "k", r"^blocks\.\d+\.cross_attn\.v\.weight$": "v"},
+}
+
+
+TEXT_ENTRY_RE = {f: [(re.compile(p), kind) for p, kind in layers.items()] for f, layers in TEXT_ENTRY_LAYERS.items()}
+
+
+def _natural(key: str):
+    # blocks.2 before blocks.10, so specs follow the model's block order
+    return [int(part) if part.isdigit() else part for part in key.split(".")]
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -65,9 +100,23 @@ class LayerSpec:
 
 
 def detect_family(shapes: Mapping[str, Sequence[int]]) -> Family:
-    """Family from canonical keys and shapes alone (like ComfyUI's own detection, no file names)."""
+    """Family from canonical keys and shapes alone (like ComfyUI's own detection, no file names).
+
+    For files and diffusers; a host that has the model's class reads the family from it instead
+    (erasers/families/). The marker keys are the ones ComfyUI's model_detection tests for.
+    """
     if "txt_in.weight" in shapes and any(k.startswith("double_blocks.") for k in shapes):
+        if any(k.startswith("distilled_guidance_layer.") for k in shapes):
+            return Family.CHROMA
+        if "double_stream_modulation_img.lin.weight" in shapes:
+            return Family.FLUX2
         return Family.FLUX
+    if "txt_in.weight" in shapes and "txt_norm.weight" in shapes and "img_in.weight" in shapes:
+        return Family.QWEN_IMAGE
+    if "cap_embedder.1.weight" in shapes:
+        return Family.ZIMAGE if tuple(shapes["cap_embedder.1.weight"])[0] == 3840 else Family.LUMINA2
+    if "text_embedding.0.weight" in shapes and any(TEXT_ENTRY_RE[Family.WAN][0][0].match(k) for k in shapes):
+        return Family.WAN
     if "context_embedder.weight" in shapes and any(k.startswith("joint_blocks.") for k in shapes):
         return Family.SD3
     dims = {tuple(s)[1] for k, s in shapes.items() if ATTN2_KV.search(k)}
@@ -93,6 +142,12 @@ def detect_family(shapes: Mapping[str, Sequence[int]]) -> Family:
 def layer_specs(shapes: Mapping[str, Sequence[int]], family: Family) -> list:
     """Every text projection of the model, in canonical order (sorted by key)."""
     specs = []
+    if family in TEXT_ENTRY_RE:
+        for pattern, kind in TEXT_ENTRY_RE[family]:
+            for key in sorted((k for k in shapes if pattern.match(k)), key=_natural):
+                out_f, in_f = shapes[key][:2]
+                specs.append(LayerSpec(key, kind, out_f, in_f))
+        return sorted(specs, key=lambda s: _natural(s.key))
     if family.is_dit:
         for key, reads in DIT_TEXT_LAYERS[family].items():
             if key in shapes:

@@ -1,0 +1,23 @@
+"""ComfyUI's cross-attention UNets: one class serves several families, told apart by the keys' widths.
+
+BaseModel is SD1.x and SD2.x (context 768 / 1024); SDXL's class also holds SDXL-derived finetunes. The
+edit points are every ``attn2.to_k`` / ``to_v`` (comfyui_host.md §2.4).
+"""
+
+from .record import FamilyRecord
+
+UNET_TEXT = "cross-attention: every transformer block's attn2 reads the whole text context as K/V"
+CLIP_TEXT = "CLIP (77-token chunks with start/end tokens)"
+
+RECORDS = tuple(
+    FamilyRecord(name, label, sniff=True, text_encoder=CLIP_TEXT, text_tokens=UNET_TEXT)
+    for name, label in (
+        ("BaseModel", "SD1.x / SD2.x UNet"),
+        ("SD21UNCLIP", "SD2.1 unCLIP"),
+        ("SDXL", "SDXL"),
+        ("SDXLRefiner", "SDXL refiner"),
+        ("SD15_instructpix2pix", "SD1.5 InstructPix2Pix"),
+        ("SDXL_instructpix2pix", "SDXL InstructPix2Pix"),
+        ("SD_X4Upscaler", "SD x4 upscaler"),
+    )
+)
