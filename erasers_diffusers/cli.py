@@ -37,6 +37,7 @@ BENCHES: dict = {
     "shapes": "erasers_dev.bench.shapes:main",
     "soak": "erasers_dev.bench.soak:main",
     "soak-comfy": "erasers_dev.bench.soak_comfy:main",
+    "world2": "erasers_dev.bench.world2:main",
 }
 
 

@@ -33,6 +33,8 @@ from .tokenizer import World2Tokenizer
 
 FORMAT_T2I = "concept-erasers/world2-t2i"
 T2I_NAME = "world2_t2i.safetensors"
+#: the shipped world: text-to-image, contrastive encoder and judges (``python -m erasers world2 train``)
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_GUIDANCE = 4.0
 
 _D, _CD, _CU, _U = "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
