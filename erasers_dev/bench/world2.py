@@ -508,13 +508,14 @@ def world2_adapter_config(pipe, artist: str, kind: str, **overrides):
     return SPMTrainConfig(**{**base, **overrides})
 
 
-def train_adapters(pipe, artist: str, out_dir: Path) -> List[str]:
-    """Train the SPM membrane and the ESD-x LoRA of the one-artist task into ``out_dir``."""
+def train_adapters(pipe, artist: str, out_dir: Path, **overrides) -> List[str]:
+    """Train the SPM membrane and the ESD-x LoRA of the one-artist task into ``out_dir`` (``overrides``:
+    SPMTrainConfig fields, e.g. fewer iterations in tests)."""
     from ..spm_train import save, train
 
     written = []
     for kind, name in (("spm", "spm"), ("esd-x", "lora-esd")):
-        config = world2_adapter_config(pipe, artist, kind)
+        config = world2_adapter_config(pipe, artist, kind, **overrides)
         started = time.perf_counter()
         adapters = train(pipe.clone() if hasattr(pipe, "clone") else pipe, config)
         path = save(adapters, config, str(out_dir / TRAINED_FILES[name].format(concept=artist.lower())))

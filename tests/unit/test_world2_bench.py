@@ -63,3 +63,31 @@ def test_misses_name_the_target_and_the_value():
     assert bench.misses(row) == ["exact 50% > 5%", "related 50% < 90%", "attack 40% > 30%"]
     row = {"efficacy": {"exact": 0.0}, "relative": {"unrelated": 0.99}}
     assert bench.misses(row) == []
+
+
+def test_trained_adapter_rows_read_the_files_trained_on_world2(tiny_world, tmp_path):
+    """--train-adapters writes an SPM membrane and an ESD-x LoRA that the rows then load and run."""
+    import argparse
+
+    from erasers_dev.world2 import world
+    from erasers_dev.world2.judges import load_judges
+    from erasers_dev.world2.model import load_pipeline
+
+    pipe = load_pipeline(tiny_world / "world2_t2i.safetensors")
+    judges = load_judges(tiny_world / "world2_judges.safetensors")
+    artist = world.ARTISTS[1]
+    written = bench.train_adapters(pipe, artist, tmp_path, iterations=2, rollout_steps=2, batch_size=1)
+    assert len(written) == 2
+    task = [t for t in bench.build_tasks(reps=1) if t.name == "one-artist"][0]
+    assert task.concepts == [artist]
+    args = argparse.Namespace(steps=2, guidance=4.0, seed=0, attack_steps=-1, lam_r=0.1, attack_lr=0.05)
+    original = bench.weights_dir
+    bench.weights_dir = lambda: tmp_path
+    try:
+        results = bench.run(pipe, judges, list(bench.TRAINED), [task], args)
+    finally:
+        bench.weights_dir = original
+    for name in bench.TRAINED:
+        row = results["rows"]["one-artist"][name]
+        assert "skipped" not in row, row
+        assert row["note"].endswith("layers") and 0 <= row["efficacy"]["exact"] <= 1
