@@ -91,6 +91,7 @@ def test_pack_loads_as_a_custom_node(comfy, pack, erasers_dir):
         "EraserSLD",
         "EraserConceptGuidance",
         "EraserTokenSuppress",
+        "EraserCheck",
     }
     for cls, schema in zip(node_list, schemas):
         inputs = cls.INPUT_TYPES()  # the /object_info view
