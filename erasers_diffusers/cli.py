@@ -348,6 +348,20 @@ def cmd_info(args) -> int:
         print(f"family:      {header.get('family') or '(unknown)'}")
         print(f"concepts:    {', '.join(header.get('concepts') or []) or '(not recorded)'}")
         print(f"tensors:     {header['tensors']}, rank {header.get('rank') or '–'}")
+        if header.get("format"):
+            print(f"format:      {header['format']} ({header['format_title']})")
+        elif header.get("note"):
+            print(f"format:      (not recognised) {header['note']}")
+        if "unet_layers" in header:  # adapters other than the pack's eraser files (file_info.adapter_layout)
+            ranks = header.get("ranks") or []
+            print(
+                f"layers:      {header['layers']} ({header['unet_layers']} UNet/transformer, "
+                f"{header['text_encoder_layers']} text encoder)" + (f"; ranks {ranks}" if len(ranks) > 1 else "")
+            )
+            encoders = ", ".join(header.get("text_encoders") or []) or "none"
+            print(f"text keys:   {encoders}")
+            modules = ", ".join(f"{m} ×{n}" for m, n in (header.get("modules") or {}).items()) or "–"
+            print(f"modules:     {modules}")
         if problems:
             for problem in problems:
                 print(f"PROBLEM:     {problem}")

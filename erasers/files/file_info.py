@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 
 from .safetensors_header import read_safetensors_header  # noqa: F401  (re-exported for hosts)
@@ -162,6 +163,109 @@ def non_finite_tensors(path: str) -> list:
     return sorted(bad)
 
 
+#: the module a low-rank layer adapts, read off the end of its stem (kohya ``_`` or diffusers ``.`` spelling)
+_MODULE = re.compile(
+    r"(attn[12][._]to_(q|k|v|out[._]0)|proj_in|proj_out|"
+    r"ff[._]net[._]0[._]proj|ff[._]net[._]2|self_attn[._](q|k|v|out)_proj|mlp[._]fc[12]|"
+    r"(img|txt)_attn[._](qkv|proj)|attn[._]to_(q|k|v|out[._]0)|attn[._]add_(q|k|v)_proj|attn[._]to_add_out|"
+    r"proj_mlp|ff[._]net[._]\d[._]proj|norm1?[._]linear|to_(k|v))$"
+)
+#: which text encoder a text-encoder stem belongs to, by its prefix
+_TEXT_ENCODERS = (
+    ("lora_te1_", "te1"),
+    ("lora_te2_", "te2"),
+    ("lora_te3_", "te3"),
+    ("lora_te_", "te"),
+    ("text_encoder_2.", "text_encoder_2"),
+    ("text_encoder.", "text_encoder"),
+    ("cond_stage_model.", "cond_stage_model"),
+    ("conditioner.", "conditioner"),
+)
+_WEIGHT_FORMATS = ("uce_weights", "esd")
+
+
+#: module names whose own underscores stay (everything else in a kohya stem is a path separator)
+_JOINED = (
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "self_attn",
+    "proj_in",
+    "proj_out",
+    "proj_mlp",
+    "img_attn",
+    "txt_attn",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+)
+
+
+def module_name(stem: str) -> str:
+    """``…_transformer_blocks_0_attn2_to_k`` / ``….attn2.to_k`` → ``attn2.to_k`` (``other`` when unknown)."""
+    match = _MODULE.search(stem)
+    if not match:
+        return "other"
+    name = match.group(0).replace("_", ".")
+    for joined in _JOINED:
+        name = name.replace(joined.replace("_", "."), joined)
+    return name
+
+
+def text_encoder_of(stem: str):
+    return next((name for prefix, name in _TEXT_ENCODERS if stem.startswith(prefix)), None)
+
+
+def adapter_layout(tensors: dict, metadata: dict) -> dict:
+    """Format, layers, modules, ranks and text-encoder keys of an adapter that is not one of the pack's own
+    eraser files: the loaders' own recognisers (``erasers/membranes/formats``) run on shape stand-ins of the
+    header entries, so ``info`` names exactly the format a loader would read the file as."""
+    from types import SimpleNamespace
+
+    from ..errors import UnknownFormat
+    from ..membranes.formats import FORMATS, detect_format
+    from ..membranes.formats._common import group_factors, strip_weight_prefix
+
+    stand_ins = {k: SimpleNamespace(shape=tuple(e["shape"])) for k, e in tensors.items()}
+    try:
+        fmt = detect_format(stand_ins, metadata)
+    except UnknownFormat:
+        fmt = None
+    groups, rest = group_factors(stand_ins)
+    if fmt is not None and fmt.NAME in _WEIGHT_FORMATS:  # whole replacement weights: one layer per weight
+        stems = [k[: -len(".weight")] for k in rest if k.endswith(".weight")]
+    else:
+        stems = list(groups) + [k[: -len(".diff")] for k in rest if k.endswith(".diff")]
+    text = [s for s in stems if text_encoder_of(s)]
+    unet = [s for s in stems if not text_encoder_of(s)]
+    ranks = sorted({int(p["down"].shape[0]) for p in groups.values() if "down" in p and p["down"].shape})
+    modules: dict = {}
+    for stem in unet:
+        name = module_name(strip_weight_prefix(stem))
+        modules[name] = modules.get(name, 0) + 1
+    out = {
+        "format": fmt.NAME if fmt is not None else None,
+        "format_title": fmt.TITLE if fmt is not None else None,
+        "layers": len(stems),
+        "unet_layers": len(unet),
+        "text_encoder_layers": len(text),
+        "text_encoders": sorted({text_encoder_of(s) for s in text}),
+        "modules": dict(sorted(modules.items())),
+        "ranks": ranks,
+    }
+    if fmt is None:
+        out["note"] = (
+            "no loader of the pack recognises this layout; tried: " + "; ".join(f.TITLE for f in FORMATS) + "."
+        )
+    return out
+
+
 def describe_header(path, with_hash: bool = True, check_values: bool = False) -> dict:
     """Method, concepts, family, size and short hash of an eraser / SPM / LoRA file, from its header.
 
@@ -199,14 +303,20 @@ def describe_header(path, with_hash: bool = True, check_values: bool = False) ->
             pack_version=metadata.get("eraser.pack_version"),
             base_fingerprint=metadata.get("eraser.base_fingerprint"),
         )
-    elif metadata.get("prompts"):
-        # SPM membranes (Con6924/SPM): comma-joined targets in `prompts` (spm.md §3.1)
-        info.update(
-            kind="spm", method="spm", concepts=[p.strip() for p in metadata["prompts"].split(",") if p.strip()]
-        )
     else:
-        # other erasure LoRAs usually carry no concept metadata; show the trainer's name if any
-        info.update(kind="lora", title=metadata.get("modelspec.title") or metadata.get("ss_output_name"))
+        layout = adapter_layout(tensors, metadata)
+        if layout["ranks"]:
+            info["rank"] = max(layout["ranks"])
+        if layout["format"] == "eraseanything" and info["family"] is None:
+            info["family"] = "flux"  # its stems are Flux transformer blocks (the loader's recogniser)
+        info.update(layout)
+        if metadata.get("prompts") or layout["format"] == "spm":
+            # SPM membranes (Con6924/SPM): comma-joined targets in `prompts` (spm.md §3.1)
+            prompts = metadata.get("prompts") or ""
+            info.update(kind="spm", method="spm", concepts=[p.strip() for p in prompts.split(",") if p.strip()])
+        else:
+            # other erasure LoRAs usually carry no concept metadata; show the trainer's name if any
+            info.update(kind="lora", title=metadata.get("modelspec.title") or metadata.get("ss_output_name"))
     if check_values:
         try:
             bad = non_finite_tensors(path)

@@ -24,11 +24,21 @@ export function infoRows(info) {
   const rows = [["file", info.file || ""]];
   rows.push(["kind", info.kind || "?"]);
   if (info.method) rows.push(["method", info.method]);
+  // adapters other than the pack's eraser files: the format a loader reads them as (file_info.adapter_layout)
+  if (info.format) rows.push(["format", info.format_title || info.format]);
+  else if (info.note) rows.push(["format", "not recognised by any loader of the pack"]);
   rows.push(["concepts", Array.isArray(info.concepts) && info.concepts.length ? info.concepts.join(", ") : "none recorded"]);
   if (Array.isArray(info.anchors) && info.anchors.length) rows.push(["anchors", info.anchors.join(", ")]);
   if (Array.isArray(info.preserve) && info.preserve.length) rows.push(["preserve", info.preserve.join(", ")]);
   rows.push(["family", familyLabel(info.family)]);
   if (typeof info.layers === "number") rows.push(["layers", String(info.layers)]);
+  if (typeof info.text_encoder_layers === "number") {
+    const encoders = Array.isArray(info.text_encoders) && info.text_encoders.length ? ` (${info.text_encoders.join(", ")})` : "";
+    rows.push(["text encoder", `${info.text_encoder_layers} layer(s)${encoders}`]);
+  }
+  if (info.modules && typeof info.modules === "object" && Object.keys(info.modules).length) {
+    rows.push(["modules", Object.entries(info.modules).map(([m, n]) => `${m} ×${n}`).join(", ")]);
+  }
   if (info.rank) rows.push(["rank", String(info.rank)]);
   rows.push(["size", formatBytes(info.size_bytes)]);
   if (info.sha256) rows.push(["sha256", info.sha256]);
