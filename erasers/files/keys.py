@@ -242,3 +242,173 @@ def flux_diffusers_to_canonical(module: str, hidden: int = 3072):
     if module in _FLUX_TOP:
         return f"{_FLUX_TOP[module]}.weight", None
     return None
+
+
+# --- the LoRA module names ComfyUI resolves for the newer DiT families ----------------------------------
+# ComfyUI's LoRA loader (comfy/lora.py model_lora_keys_unet) builds, per model class, a table from every
+# module name a LoRA file may use to the weight it patches; a name outside that table is skipped with a
+# "lora key not loaded" warning. The pack must read the same names and write names from it, so the table is
+# re-derived here from the model's canonical keys alone (host-free). Targets are canonical weight keys, or
+# (key, (dim, start, length)) where a diffusers name addresses rows of a fused matrix. Only ".weight"
+# targets are listed: erasure LoRAs patch weight matrices.
+
+#: extra diffusers ↔ canonical names of Flux-style blocks that ComfyUI's Flux table reads besides the
+#: EraseAnything ones above (LyCORIS LoKr spellings, q/k norms, Flux.2's fused single-block projections)
+_FLUX_DOUBLE_EXTRA = {
+    "ff.linear_in": "img_mlp.0",
+    "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0",
+    "ff_context.linear_out": "txt_mlp.2",
+    "attn.norm_q": "img_attn.norm.query_norm",
+    "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm",
+    "attn.norm_added_k": "txt_attn.norm.key_norm",
+}
+_FLUX_SINGLE_EXTRA = {
+    "attn.norm_q": "norm.query_norm",
+    "attn.norm_k": "norm.key_norm",
+    "attn.to_qkv_mlp_proj": "linear1",  # Flux.2
+    "attn.to_out": "linear2",  # Flux.2
+}
+#: Flux top-level layers beyond ``_FLUX_TOP`` (ControlNet's input embedder)
+_FLUX_TOP_EXTRA = {"controlnet_x_embedder": "pos_embed_input"}
+
+# Lumina 2 / Z-Image: diffusers (ZImageTransformer2DModel) ↔ canonical (comfy/ldm/lumina) inside one block
+_ZIMAGE_BLOCK = {
+    "attention.norm_q": "attention.q_norm",
+    "attention.norm_k": "attention.k_norm",
+    "attention.to_out.0": "attention.out",
+    "attention_norm1": "attention_norm1",
+    "attention_norm2": "attention_norm2",
+    "feed_forward.w1": "feed_forward.w1",
+    "feed_forward.w2": "feed_forward.w2",
+    "feed_forward.w3": "feed_forward.w3",
+    "ffn_norm1": "ffn_norm1",
+    "ffn_norm2": "ffn_norm2",
+    "adaLN_modulation.0": "adaLN_modulation.0",
+}
+_ZIMAGE_TOP = {
+    "all_final_layer.2-1.linear": "final_layer.linear",
+    "all_final_layer.2-1.adaLN_modulation.1": "final_layer.adaLN_modulation.1",
+    "all_x_embedder.2-1": "x_embedder",
+    "cap_embedder.0": "cap_embedder.0",
+    "cap_embedder.1": "cap_embedder.1",
+    "t_embedder.mlp.0": "t_embedder.mlp.0",
+    "t_embedder.mlp.2": "t_embedder.mlp.2",
+}
+
+#: families whose LoRA names come from ``comfy_lora_names`` (by their ``Family`` value)
+DIT_LORA_FAMILIES = ("chroma", "flux2", "qwen_image", "lumina2", "zimage", "wan")
+
+
+def _stem(key: str) -> str:
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def _count(shapes, prefix: str) -> int:
+    """Number of numbered blocks ``prefix.<i>.`` among the keys (0 without any)."""
+    found = [int(k[len(prefix) + 1 :].split(".", 1)[0]) for k in shapes if k.startswith(prefix + ".")]
+    return max(found) + 1 if found else 0
+
+
+def flux_diffusers_names(shapes) -> dict:
+    """Every diffusers module name ComfyUI's Flux table maps (Flux, Chroma, Flux.2) → target, for this model.
+
+    H is the model's hidden size (``img_in`` output width): ComfyUI slices fused q/k/v (and the single
+    blocks' q/k/v/MLP input) at multiples of it; the MLP input takes the rows after 3H that linear1 has.
+    The final ``norm_out.linear`` is left out: ComfyUI reorders its rows (shift/scale) with a function the
+    pack's patches cannot carry, so a LoRA on it is reported unmatched instead of being applied wrongly.
+    """
+    img_in = shapes.get("img_in.weight")
+    hidden = int(img_in[0]) if img_in else 0
+    names = {}
+    for i in range(_count(shapes, "double_blocks")):
+        for module in list(_FLUX_DOUBLE) + list(_FLUX_DOUBLE_EXTRA):
+            if module in _FLUX_DOUBLE:
+                target, start, length = _FLUX_DOUBLE[module]
+            else:
+                target, start, length = _FLUX_DOUBLE_EXTRA[module], None, None
+            key = f"double_blocks.{i}.{target}.weight"
+            names[f"transformer_blocks.{i}.{module}"] = (
+                key if start is None else (key, (0, start * hidden, length * hidden))
+            )
+    for i in range(_count(shapes, "single_blocks")):
+        for module in list(_FLUX_SINGLE) + list(_FLUX_SINGLE_EXTRA):
+            if module in _FLUX_SINGLE:
+                target, start, length = _FLUX_SINGLE[module]
+            else:
+                target, start, length = _FLUX_SINGLE_EXTRA[module], None, None
+            key = f"single_blocks.{i}.{target}.weight"
+            if start is not None:
+                start, length = start * hidden, length * hidden
+                if module == "proj_mlp" and key in shapes:
+                    # the MLP input is every row after q/k/v: 4H only at mlp_ratio 4 (Flux.1, Chroma).
+                    # ComfyUI slices 4H always, which overruns linear1 at other ratios; the pack uses the rows
+                    # the model has (deliberately different from the host there, see the ComfyUI test)
+                    length = int(shapes[key][0]) - start
+            names[f"single_transformer_blocks.{i}.{module}"] = key if start is None else (key, (0, start, length))
+    for module, target in {**_FLUX_TOP, **_FLUX_TOP_EXTRA}.items():
+        names[module] = f"{target}.weight"
+    return names
+
+
+def zimage_diffusers_names(shapes) -> dict:
+    """Every diffusers module name ComfyUI's Lumina 2 / Z-Image table maps → target, for this model.
+
+    q/k/v address rows [0, H), [H, 2H), [2H, 3H) of the fused ``attention.qkv`` with H the model width
+    (the host slices them so, also for grouped K/V heads).
+    """
+    qkv = next((v for k, v in shapes.items() if k.endswith("attention.qkv.weight")), None)
+    hidden = int(qkv[1]) if qkv else 0
+    names = {}
+    for group in ("layers", "context_refiner", "noise_refiner"):
+        for i in range(_count(shapes, group)):
+            block = f"{group}.{i}"
+            for j, proj in enumerate(("to_q", "to_k", "to_v")):
+                names[f"{block}.attention.{proj}"] = (f"{block}.attention.qkv.weight", (0, j * hidden, hidden))
+            for diff, canon in _ZIMAGE_BLOCK.items():
+                names[f"{block}.{diff}"] = f"{block}.{canon}.weight"
+    for diff, canon in _ZIMAGE_TOP.items():
+        names[diff] = f"{canon}.weight"
+    return names
+
+
+def comfy_lora_names(shapes, family: str) -> dict:
+    """LoRA module name → target (canonical weight key, or (key, offset)) as ComfyUI resolves it.
+
+    ``family`` is a ``Family`` value in ``DIT_LORA_FAMILIES``. Every model gets ComfyUI's two generic
+    spellings of its own keys (``lora_unet_<key with _>``, ``diffusion_model.<key>``); then per family:
+    Flux-style (Chroma, Flux.2): diffusers names as ``transformer.<d>``, ``lycoris_<d_>``,
+    ``lora_transformer_<d_>`` and bare ``<d>`` (DiffSynth), plus ``diffusion_model.single_blocks.<i>.linear1_qkv``
+    (rows [0, 3H) of linear1); Qwen-Image: its own (diffusers-like) keys bare, as ``transformer.<k>`` and
+    ``lycoris_<k_>``; Lumina 2 / Z-Image: diffusers names as ``diffusion_model.<d>``, ``transformer.<d>``,
+    ``lycoris_<d_>`` and bare; Wan: the generic spellings only. Targets the model lacks are dropped.
+    """
+    family = getattr(family, "value", family)
+    if family not in DIT_LORA_FAMILIES:
+        raise ValueError(f"comfy_lora_names covers {', '.join(DIT_LORA_FAMILIES)}; found family '{family}'.")
+    weights = sorted(k for k in shapes if k.endswith(".weight"))
+    names = {}
+    for key in weights:
+        names[kohya_name(key)] = key
+        names[f"diffusion_model.{_stem(key)}"] = key
+    if family in ("chroma", "flux2"):
+        for d, target in flux_diffusers_names(shapes).items():
+            flat = d.replace(".", "_")
+            for name in (f"transformer.{d}", f"lycoris_{flat}", f"lora_transformer_{flat}", d):
+                names[name] = target
+        hidden = int(shapes["img_in.weight"][0]) if "img_in.weight" in shapes else 0
+        for key in weights:
+            if ".linear1." in key:
+                names["diffusion_model." + key.replace(".linear1.weight", ".linear1_qkv")] = (key, (0, 0, 3 * hidden))
+    elif family == "qwen_image":
+        for key in weights:
+            stem = _stem(key)
+            names[stem] = key
+            names[f"transformer.{stem}"] = key
+            names[f"lycoris_{stem.replace('.', '_')}"] = key
+    elif family in ("lumina2", "zimage"):
+        for d, target in zimage_diffusers_names(shapes).items():
+            for name in (f"diffusion_model.{d}", f"transformer.{d}", f"lycoris_{d.replace('.', '_')}", d):
+                names[name] = target
+    return {n: t for n, t in names.items() if (t[0] if isinstance(t, tuple) else t) in shapes}
