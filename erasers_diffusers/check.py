@@ -4,13 +4,18 @@ Renders the probes of ``erasers.check`` (the concept, other phrasings, your prom
 unrelated prompts, and the c′ probe of a weight edit) with the same seeds before and after applying the
 eraser, and writes ``check.png`` (the labelled grid) and ``check.json`` (the report) into ``--out``.
 
-``--model`` is a diffusers folder or hub id, a single-file SD checkpoint, or ``shapes`` (the pack's
-shapes world, whose classifier then scores every image). Elsewhere no score is computed (the report
-says so); the grid shows what was rendered.
+``--eraser`` is any file the diffusers path applies: an eraser file made by this pack (a weight edit:
+applied to the weights, with the c′ probe), an SPM membrane or an erasure LoRA (kohya, PEFT, ESD, UCE
+weights, EraseAnything: applied as removable forward hooks, gated per prompt as ``generate --spm /
+--lora`` does; no c′ probe, since K/V weights do not change). The kind is read from the file, as
+``info`` does. ``--model`` is a diffusers folder or hub id, a single-file SD checkpoint, or ``shapes`` (the
+pack's shapes world, whose classifier then scores every image; it takes the pack's eraser files only).
+Elsewhere no score is computed (the report says so); the grid shows what was rendered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -92,8 +97,60 @@ class PipelineRenderer:
     def __call__(self, side: str, probes, seed: int) -> torch.Tensor:
         if side == "before":
             return self.sample(side, probes, seed)
+        if isinstance(self.eraser, MembraneFile):  # hooks gated by this call's prompts, removed afterwards
+            with self.eraser.applied(self.pipe, [p.prompt for p in probes]):
+                return self.sample(side, probes, seed)
         with api.erased(self.pipe, self.eraser, self.strength):
             return self.sample(side, probes, seed)
+
+
+# -- SPM membranes and erasure LoRAs ---------------------------------------------------------------------
+
+
+class MembraneFile:
+    """An SPM membrane or an erasure LoRA as the check's "after" side: the hooks of ``erasers_diffusers.apply``
+    (UNet and text encoder), installed around each render and gated by that render's prompts — facilitated
+    transport for SPM, always open for a LoRA, as ``generate --spm / --lora`` apply them by default."""
+
+    def __init__(self, pipe, path: str, kind: str, strength: float = 1.0, concepts: Sequence[str] = ()):
+        from .apply import membrane_from_file
+
+        if kind not in ("spm", "lora"):
+            raise EraserError(f"MembraneFile kind must be 'spm' or 'lora', found {kind!r}.")
+        self.kind, self.method, self.source = kind, kind, path
+        self.membrane, self.report = membrane_from_file(
+            pipe.unet, path, strength, kind == "spm", list(concepts) or None, kind=kind, pipe=pipe
+        )
+        self.concepts = list(concepts) or list(self.membrane.gate.concepts) or list(self.report.concepts)
+        self.config = {"preserve": []}
+
+    @contextlib.contextmanager
+    def applied(self, pipe, prompts: Sequence[str]):
+        from .apply import DiffusersMembranes, HFTextEncoder
+
+        membranes, loras = ([self.membrane], []) if self.kind == "spm" else ([], [self.membrane])
+        encoder = HFTextEncoder(pipe.tokenizer, pipe.text_encoder)
+        with DiffusersMembranes(pipe, membranes, encoder=encoder, loras=loras) as handle:
+            handle.set_prompts(list(prompts))
+            yield handle
+
+
+def eraser_file_kind(path: str) -> str:
+    """'eraser', 'spm' or 'lora', read from the file's header as ``info`` does; a layout no loader reads is
+    refused, naming what ``check`` takes."""
+    from erasers.errors import UnknownFormat
+    from erasers.files.file_info import describe_header
+
+    header = describe_header(path, with_hash=False)
+    if header.get("kind") == "eraser":
+        return "eraser"
+    if header.get("format") is None:
+        raise UnknownFormat(
+            f"--eraser {os.path.basename(path)}: no loader of the pack reads this file. check takes an eraser "
+            f"file made by this pack, an SPM membrane or an erasure LoRA (kohya, PEFT, ESD, UCE weights, "
+            f"EraseAnything); `python -m erasers info {path}` shows what the file holds."
+        )
+    return "spm" if header["kind"] == "spm" else "lora"
 
 
 # -- the c′ probe ----------------------------------------------------------------------------------------
@@ -184,15 +241,36 @@ def check_pipeline(
     probe_options: Optional[dict] = None,
     progress=None,
 ):
-    """Run the check of ``eraser`` (a loaded pack eraser) on ``pipe``; returns an ``erasers.check.CheckResult``."""
+    """Run the check of ``eraser`` (a loaded pack eraser, or a ``MembraneFile``) on ``pipe``; returns an
+    ``erasers.check.CheckResult``. Only a weight edit gets the c′ probe."""
+    weight_edit = not isinstance(eraser, MembraneFile)
     concepts = list(concepts) or eraser.concepts
+    if not concepts:
+        raise EraserError(
+            f"{os.path.basename(eraser.source or 'the eraser')} records no concepts: name the concept(s) to "
+            f"look for with --concept."
+        )
     neighbours = list(neighbours) or list(eraser.config.get("preserve", []))[:3]
     options = dict(probe_options or {})
     probes = build_probes(
-        concepts, concept_type=concept_type, extra=extra, neighbours=neighbours, weight_edit=True, **options
+        concepts, concept_type=concept_type, extra=extra, neighbours=neighbours, weight_edit=weight_edit, **options
     )
-    api.check_pipeline(pipe, eraser)  # family and layers, before anything is rendered
-    embeds, gaps = adversarial_embeds(pipe, eraser, concepts, strength)
+    notes = []
+    if weight_edit:
+        api.check_pipeline(pipe, eraser)  # family and layers, before anything is rendered
+        embeds, gaps = adversarial_embeds(pipe, eraser, concepts, strength)
+    else:
+        if is_shapes(pipe):
+            raise EraserError(
+                "--model shapes takes the pack's eraser files only: its denoiser is not a diffusers UNet, so "
+                "SPM membranes and erasure LoRAs cannot be hooked into it."
+            )
+        embeds, gaps = {}, {}
+        what = "an SPM membrane" if eraser.kind == "spm" else "an erasure LoRA"
+        notes.append(
+            f"no c' probe: {what} acts through forward hooks and leaves the K/V weights unchanged, "
+            f"so there is no closed-form attack to derive ({eraser.report.summary()})"
+        )
     render = PipelineRenderer(pipe, eraser, steps, cfg, size, embeds, strength)
     settings = {
         "steps": steps,
@@ -210,8 +288,14 @@ def check_pipeline(
         concepts,
         scorer=scorer,
         settings={**settings, "strength": strength},
-        eraser=eraser_summary([eraser.method], source=os.path.basename(eraser.source or "")),
+        # a LoRA is a weight patch in ComfyUI but forward hooks here: K/V weights stay, as for a membrane
+        eraser=eraser_summary(
+            [eraser.method],
+            source=os.path.basename(eraser.source or ""),
+            **({} if weight_edit else {"kind": "membrane"}),
+        ),
         adversarial=gaps,
+        notes=notes,
         upscale=upscale,
         progress=progress,
         no_score_reason="no score was computed: the diffusers check has no image scorer yet "
@@ -242,9 +326,19 @@ def cmd_check(args) -> int:
     seeds = [int(s) for s in str(args.seeds).replace(" ", "").split(",") if s]
     if not seeds:
         raise EraserError(f"--seeds: expected comma-separated whole numbers, found '{args.seeds}'.")
+    kind = eraser_file_kind(args.eraser)
     pipe = load_model(args.model, device)
-    eraser = api.load_eraser(args.eraser, pipe)
     shapes = is_shapes(pipe)
+    if kind == "eraser":
+        eraser = api.load_eraser(args.eraser, pipe)
+    elif shapes:
+        raise EraserError(
+            f"--eraser {os.path.basename(args.eraser)} is an {'SPM membrane' if kind == 'spm' else 'erasure LoRA'}; "
+            "--model shapes takes the pack's eraser files only (its denoiser is not a diffusers UNet)."
+        )
+    else:
+        eraser = MembraneFile(pipe, args.eraser, kind, args.strength, args.concept or ())
+        print(f"{os.path.basename(args.eraser)}: {eraser.report.summary()}")
     result = check_pipeline(
         pipe,
         eraser,
@@ -278,7 +372,12 @@ def add_check(subparsers) -> None:
         "check", help="before/after grid and report of an eraser on a model", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--model", required=True, help="diffusers folder or hub id, single .safetensors file, or 'shapes'")
-    p.add_argument("--eraser", required=True, metavar="FILE", help="an eraser file made by this pack")
+    p.add_argument(
+        "--eraser",
+        required=True,
+        metavar="FILE",
+        help="an eraser file made by this pack, an SPM membrane or an erasure LoRA (kind read from the file)",
+    )
     p.add_argument("--concept", action="append", metavar="TEXT", help="concept to look for (default: the eraser's)")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="an extra prompt to probe (repeatable)")
     p.add_argument("--keep", action="append", metavar="TEXT", help="a neighbour that must survive (default: preserve)")
