@@ -1,0 +1,35 @@
+"""The README's support table for the newer families cannot drift from the family table: every record of
+erasers/families/ beyond the legacy UNets has a row, supported records are ✓ for the closed form, refused
+ones "refused by name", and the diffusers column refuses what erasers_diffusers/api.py refuses."""
+
+from pathlib import Path
+
+import pytest
+
+from erasers.families import RECORDS
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+HEADING = "### Newer families (#16)"
+
+
+def rows() -> list:
+    text = README.read_text(encoding="utf-8")
+    assert HEADING in text, "the README lost its support table"
+    section = text.split(HEADING, 1)[1].split("\n#", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| family")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+@pytest.mark.parametrize("record", [r for r in RECORDS if not r.sniff and r.host_class not in ("Flux", "SD3")])
+def test_every_new_record_has_a_row_saying_what_the_code_does(record):
+    mine = [r for r in rows() if f"`{record.host_class}`" in r[0] and record.label.split(" ")[0] in r[0]]
+    assert mine, f"no README row for {record.label} ({record.host_class})"
+    closed = mine[0][1]
+    assert closed.startswith("refused by name") if record.refused else closed.startswith("✓"), (record.label, closed)
+
+
+def test_the_diffusers_column_matches_the_api():
+    api = pytest.importorskip("erasers_diffusers.api")
+    for label in api.NOT_YET_IN_DIFFUSERS.values():
+        mine = [r for r in rows() if r[0].startswith(label.split(" ")[0])]
+        assert mine and mine[0][5] == "refused by name", label
