@@ -265,9 +265,10 @@ def train(pipe, config: SPMTrainConfig, progress=None) -> Adapters:
     return adapters
 
 
-def save(adapters: Adapters, config: SPMTrainConfig, path: str) -> str:
-    """The adapters as a kohya/SPM-layout file; membranes carry the SPM ``prompts``/``rank``/``alpha`` header."""
-    from safetensors.torch import save_file
+def save(adapters: Adapters, config: SPMTrainConfig, path: str, overwrite: bool = False) -> str:
+    """The adapters as a kohya/SPM-layout file; membranes carry the SPM ``prompts``/``rank``/``alpha`` header.
+    Written atomically; an existing file is replaced only with ``overwrite``."""
+    from erasers.files.writing import save_safetensors_atomic
 
     metadata = {"erasers.train_config": config.to_json(), "ss_network_module": "networks.lora"}
     if config.action == "erase_with_la" or config.layers == "spm":
@@ -278,9 +279,7 @@ def save(adapters: Adapters, config: SPMTrainConfig, path: str) -> str:
                 "alpha": str(config.alpha),
             }
         )
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    save_file(adapters.state_dict(), path, metadata=metadata)
-    return path
+    return save_safetensors_atomic(adapters.state_dict(), path, metadata=metadata, overwrite=overwrite)
 
 
 def shapes_config(concept: str, kind: str = "spm", **overrides) -> SPMTrainConfig:

@@ -518,7 +518,9 @@ def train_adapters(pipe, artist: str, out_dir: Path, **overrides) -> List[str]:
         config = world2_adapter_config(pipe, artist, kind, **overrides)
         started = time.perf_counter()
         adapters = train(pipe.clone() if hasattr(pipe, "clone") else pipe, config)
-        path = save(adapters, config, str(out_dir / TRAINED_FILES[name].format(concept=artist.lower())))
+        # --train-adapters is the request to (re)make exactly these files
+        target = str(out_dir / TRAINED_FILES[name].format(concept=artist.lower()))
+        path = save(adapters, config, target, overwrite=True)
         log.info("trained %s in %.0f s", path, time.perf_counter() - started)
         written.append(path)
     return written
