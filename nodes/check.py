@@ -109,6 +109,15 @@ class ClipVisionScorer:
                 "connect an SDXL CLIP with a ViT-bigG CLIP_VISION, or leave clip_vision empty"
             )
         self.neutral = self.text(list(NEUTRAL_PROMPTS))
+        # fail before rendering, not at the first score: one blank image gives the vision embedding's width
+        size = int(getattr(clip_vision, "image_size", 224) or 224)
+        width = clip_vision.encode_image(torch.zeros(1, size, size, 3)).image_embeds.shape[-1]
+        if width != self.neutral.shape[-1]:
+            raise ValueError(
+                f"no score was computed: the CLIP_VISION model embeds images {width} wide but this CLIP's text "
+                f"projection gives {self.neutral.shape[-1]}, so they are not one embedding space; connect the "
+                f"CLIP vision model that belongs to this text tower (ViT-L: 768, ViT-H: 1024, ViT-bigG: 1280)"
+            )
 
     def text(self, texts) -> torch.Tensor:
         return torch.cat([self.clip.encode_from_tokens(self.clip.tokenize(t), return_pooled=True)[1] for t in texts])
