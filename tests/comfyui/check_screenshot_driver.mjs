@@ -39,19 +39,36 @@ try {
   await page.evaluate(async (id) => {
     const api = window.comfyAPI.api.api;
     window.__ceExecuted = [];
+    window.__ceError = null;
     api.addEventListener("executed", (e) => {
       if (String(e.detail?.node) === String(id)) window.__ceExecuted.push(e.detail.prompt_id);
+    });
+    api.addEventListener("execution_error", (e) => {
+      window.__ceError = `${e.detail?.node_type ?? "?"}: ${e.detail?.exception_message ?? JSON.stringify(e.detail)}`;
     });
     await window.comfyAPI.app.app.queuePrompt(0, 1);
   }, config.checkNodeId);
 
-  // the node shows its image when the frontend has loaded the preview it returned
+  // first the server finishes the prompt, then the node shows the image it returned
   const checkId = config.checkNodeId;
-  await page.waitForFunction((id) => {
-    const node = window.comfyAPI.app.app.graph.getNodeById(id);
-    window.comfyAPI.app.app.canvas.setDirty(true, true);
-    return node?.imgs?.length > 0 && node.imgs.every((im) => im.complete && im.naturalWidth > 0);
-  }, checkId, { timeout: config.timeoutMs, polling: 1000 });
+  await page.waitForFunction(() => window.__ceExecuted.length > 0 || window.__ceError, null,
+    { timeout: config.timeoutMs, polling: 1000 });
+  const failed = await page.evaluate(() => window.__ceError);
+  if (failed) throw new Error(`the prompt failed on the server: ${failed}`);
+  try {
+    await page.waitForFunction((id) => {
+      const node = window.comfyAPI.app.app.graph.getNodeById(id);
+      window.comfyAPI.app.app.canvas.setDirty(true, true);
+      return node?.imgs?.length > 0 && node.imgs.every((im) => im.complete && im.naturalWidth > 0);
+    }, checkId, { timeout: 60000, polling: 500 });
+  } catch (e) {
+    out.nodeState = await page.evaluate((id) => {
+      const node = window.comfyAPI.app.app.graph.getNodeById(id);
+      return { keys: Object.keys(node), imgs: node.imgs?.length ?? null,
+        outputs: JSON.stringify(window.comfyAPI.app.app.nodeOutputs?.[String(id)] ?? null).slice(0, 400) };
+    }, checkId);
+    throw new Error(`the node did not show its image: ${JSON.stringify(out.nodeState)}`);
+  }
 
   // frame the two nodes, let the canvas redraw, then screenshot their region only
   const clip = await page.evaluate(({ ids, margin }) => {
