@@ -80,22 +80,11 @@ def test_sld_term_is_zero_above_threshold_and_during_warmup():
 
 
 def test_nag_moves_attention_only_at_guided_rows():
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from erasers_diffusers import suppression as ds
+    from tests.unit.test_diffusers_suppression import tiny_unet
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
+    unet = tiny_unet()  # the suppression tests' tiny UNet, same seed
     ctx = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(3)).repeat(3, 1, 1)
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     seen = []
