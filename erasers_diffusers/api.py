@@ -378,15 +378,14 @@ def save_eraser(eraser: Eraser, path, **options) -> str:
     """``erasers.files.eraser_file.save_eraser`` with the arguments checked (``path``: str or os.PathLike)."""
     if not isinstance(eraser, Eraser):
         raise ArgumentTypeError(f"eraser must be an Eraser, found {type(eraser).__name__}.")
-    eraser.check_factors()  # never write a file that could not be applied
     return _save_file(eraser, check_path("path", path), **options)
 
 
 def load_eraser(path, pipe=None) -> Eraser:
     """Read an eraser file (str or os.PathLike); refuse a damaged one (factor ranks that differ, NaN/Inf),
-    naming the file and layer; with ``pipe``, also check its family, layers and shapes against the pipeline."""
+    naming the file and layer (the core reader checks the factors); with ``pipe``, also check its family,
+    layers and shapes against the pipeline."""
     eraser = _load_file(check_path("path", path))
-    eraser.check_factors()
     if pipe is not None:
         check_pipeline(pipe, eraser)
     return eraser
