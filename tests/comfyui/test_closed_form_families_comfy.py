@@ -249,18 +249,11 @@ FAMILIES = {
 
 @pytest.fixture(scope="module")
 def pack(comfy):
-    import importlib.util
-    import sys
+    import importlib
 
-    from test_closed_form_nodes import PACK, ROOT  # the pack imported as ComfyUI imports a custom node
+    from test_closed_form_nodes import PACK, import_pack  # the pack imported as ComfyUI imports a custom node
 
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
+    import_pack()
     return importlib.import_module(f"{PACK}.nodes.closed_form"), importlib.import_module(f"{PACK}.nodes.adapters")
 
 

@@ -25,9 +25,8 @@ PREFIX = "diffusion_model."
 PROMPT = "a painting by Van Gogh"
 
 
-@pytest.fixture(scope="session")
-def pack(comfy):
-    """The repository root imported as a package, the way ComfyUI imports a custom-node folder."""
+def import_pack():
+    """The repository root imported as a package, the way ComfyUI imports a custom-node folder (once)."""
     if PACK not in sys.modules:
         spec = importlib.util.spec_from_file_location(
             PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
@@ -39,6 +38,11 @@ def pack(comfy):
         # first imported by the unit tests before ComfyUI was importable: run the entry point again
         importlib.reload(sys.modules[PACK])
     return sys.modules[PACK]
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    return import_pack()
 
 
 @pytest.fixture(scope="session")

@@ -26,18 +26,11 @@ PREFIX = "diffusion_model."
 
 @pytest.fixture(scope="module")
 def pack(comfy):
-    import importlib.util
-    import sys
+    import importlib
 
-    from test_closed_form_nodes import PACK, ROOT
+    from test_closed_form_nodes import PACK, import_pack
 
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
+    import_pack()
     mod = lambda name: importlib.import_module(f"{PACK}.{name}")  # noqa: E731
     return dict(
         closed_form=mod("nodes.closed_form"),
