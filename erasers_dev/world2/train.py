@@ -15,6 +15,12 @@ Reproducibility: every generator is seeded from ``seed``; ``torch.use_determinis
 is on for the whole run; one thread by default, because CPU reductions split across threads sum in
 another order (the shapes world measured the drift). Outputs go to ``out_dir`` (default
 ``./world2_world``), never into the package.
+
+Stage reuse (``reuse_dir``, ``--reuse DIR``): each stage seeds its own generators (CLIP from ``seed``,
+the UNet from ``seed + 1 … + 4``, the judges from ``seed``), so a stage's output depends only on its own
+config and the seed. A CLIP or judges file in ``reuse_dir`` whose recorded config and seed equal this
+run's is loaded instead of retrained — the weights are the ones the stage would produce — and copied to
+``out_dir``. Anything that differs (steps, widths, seed, the text encoder's architecture) is retrained.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .clip import ClipConfig, save_clip, train_clip
-from .judges import JUDGES_NAME, JudgeConfig, save_judges, train_judges
+from .clip import ClipConfig, load_clip, save_clip, train_clip
+from .judges import JUDGES_NAME, JudgeConfig, load_judges, save_judges, train_judges
 from .model import T2I_NAME, World2Pipeline, build_pipeline, default_config, save_pipeline, tiny_config
 from .tokenizer import World2Tokenizer
 
@@ -200,11 +206,47 @@ def train_unet(pipe: World2Pipeline, cfg: UNetTrainConfig, seed: int, image_size
     }
 
 
+_RUN_ONLY_KEYS = ("log_every", "eval_every")  # logging cadence: does not change the weights
+
+
+def _same_stage(recorded: dict, cfg, seed: int) -> bool:
+    """True iff a file's recorded stage settings equal ``cfg`` and ``seed`` (logging cadence aside)."""
+    wanted = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY_KEYS}
+    return recorded.get("seed") == seed and all(recorded.get(k) == v for k, v in wanted.items())
+
+
+def _reusable_clip(reuse_dir: Optional[Path], cfg: "TrainConfig", text_config):
+    path = reuse_dir / CLIP_NAME if reuse_dir else None
+    if path is None or not path.is_file():
+        return None
+    model = load_clip(path)
+    recorded = {**model.extra.get("train", {}), "seed": model.extra.get("seed")}
+    if model.text_encoder.config.to_dict() != text_config.to_dict() or not _same_stage(recorded, cfg.clip, cfg.seed):
+        logger.info("world2: %s was trained with other settings; training the encoder", path)
+        return None
+    logger.info("world2: reusing %s (same CLIP settings and seed)", path)
+    return model, model.extra["train"]
+
+
+def _reusable_judges(reuse_dir: Optional[Path], cfg: "TrainConfig"):
+    path = reuse_dir / JUDGES_NAME if reuse_dir else None
+    if path is None or not path.is_file():
+        return None
+    judges = load_judges(path)
+    recorded = judges.extra.get("train", {})
+    if judges.width != cfg.judges.width or not _same_stage(recorded, cfg.judges, cfg.seed):
+        logger.info("world2: %s was trained with other settings; training the judges", path)
+        return None
+    logger.info("world2: reusing %s (same judge settings and seed)", path)
+    return judges, recorded
+
+
 def train_all(
     cfg: TrainConfig,
     out_dir: Path = Path("world2_world"),
     threads: Optional[int] = 1,
     skip_eval: bool = False,
+    reuse_dir: Optional[Path] = None,
 ) -> dict:
     """``python -m erasers world2 train``: all stages, files in ``out_dir``; returns what was done and how long."""
     out_dir = Path(out_dir)
@@ -218,8 +260,15 @@ def train_all(
         tokenizer = World2Tokenizer.default()
         model_cfg = cfg.model_config(tokenizer)
 
+        reuse_dir = Path(reuse_dir) if reuse_dir else None
+        result["reused"] = []
         t = time.time()
-        clip_model, clip_info = train_clip(cfg.clip, model_cfg.text_encoder, tokenizer, cfg.seed, cfg.image_size)
+        reused = _reusable_clip(reuse_dir, cfg, model_cfg.text_encoder)
+        if reused:
+            clip_model, clip_info = reused
+            result["reused"].append(CLIP_NAME)
+        else:
+            clip_model, clip_info = train_clip(cfg.clip, model_cfg.text_encoder, tokenizer, cfg.seed, cfg.image_size)
         save_clip(clip_model, out_dir / CLIP_NAME, extra={"train": clip_info, "seed": cfg.seed})
         result["seconds"]["clip"] = round(time.time() - t, 1)
         result["clip_retrieval"] = clip_info["retrieval"]
@@ -231,7 +280,12 @@ def train_all(
         result["seconds"]["unet"] = round(time.time() - t, 1)
 
         t = time.time()
-        judges, judge_info = train_judges(cfg.judges, seed=cfg.seed, size=cfg.image_size)
+        reused = _reusable_judges(reuse_dir, cfg)
+        if reused:
+            judges, judge_info = reused
+            result["reused"].append(JUDGES_NAME)
+        else:
+            judges, judge_info = train_judges(cfg.judges, seed=cfg.seed, size=cfg.image_size)
         save_judges(judges, out_dir / JUDGES_NAME, extra={"train": judge_info})
         result["seconds"]["judges"] = round(time.time() - t, 1)
         result["judge_accuracy"] = {k: v["accuracy"] for k, v in judge_info["clean"].items()}

@@ -219,6 +219,33 @@ def test_tiny_train_is_reproducible_bit_for_bit(tmp_path):
             assert tensor.numpy().tobytes() == runs[1][name][key].numpy().tobytes(), (name, key)
 
 
+def test_reused_stages_give_the_weights_training_gives(tmp_path):
+    """--reuse loads CLIP/judges only when their recorded settings match, and the UNet trained on a reused
+    encoder is bit-equal to the one of a full run (each stage is seeded on its own)."""
+    from safetensors.torch import load_file
+
+    from erasers_dev.world2.train import TrainConfig, train_all
+
+    full = train_all(TrainConfig.tiny(seed=1), out_dir=tmp_path / "full", threads=1, skip_eval=True)
+    assert full["reused"] == []
+    again = train_all(
+        TrainConfig.tiny(seed=1), out_dir=tmp_path / "again", threads=1, skip_eval=True, reuse_dir=tmp_path / "full"
+    )
+    assert again["reused"] == ["world2_clip.safetensors", "world2_judges.safetensors"]
+    for name in ("world2_clip.safetensors", "world2_t2i.safetensors", "world2_judges.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "again" / name))
+        assert a.keys() == b.keys()
+        assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a), name
+
+    other = TrainConfig.tiny(seed=1)
+    other.clip.steps += 1  # another CLIP: retrained, judges still reused
+    changed = train_all(other, out_dir=tmp_path / "other", threads=1, skip_eval=True, reuse_dir=tmp_path / "full")
+    assert changed["reused"] == ["world2_judges.safetensors"]
+    seed2 = train_all(TrainConfig.tiny(seed=2), out_dir=tmp_path / "seed2", threads=1, skip_eval=True,
+                      reuse_dir=tmp_path / "full")
+    assert seed2["reused"] == []
+
+
 def test_refuses_to_train_into_the_package():
     from erasers_dev.world2.train import PACKAGE_DIR, TrainConfig, train_all
 
