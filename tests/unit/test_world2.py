@@ -241,8 +241,9 @@ def test_reused_stages_give_the_weights_training_gives(tmp_path):
     other.clip.steps += 1  # another CLIP: retrained, judges still reused
     changed = train_all(other, out_dir=tmp_path / "other", threads=1, skip_eval=True, reuse_dir=tmp_path / "full")
     assert changed["reused"] == ["world2_judges.safetensors"]
-    seed2 = train_all(TrainConfig.tiny(seed=2), out_dir=tmp_path / "seed2", threads=1, skip_eval=True,
-                      reuse_dir=tmp_path / "full")
+    seed2 = train_all(
+        TrainConfig.tiny(seed=2), out_dir=tmp_path / "seed2", threads=1, skip_eval=True, reuse_dir=tmp_path / "full"
+    )
     assert seed2["reused"] == []
 
 
