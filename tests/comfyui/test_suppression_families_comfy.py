@@ -143,3 +143,54 @@ def test_safree_takes_an_empty_prompt_from_the_workflow_or_says_why_not(comfy, p
     other = run_node(nodes.EraserSAFREE, prompt="a quiet harbour at dawn", **kw)
     with pytest.raises(ValueError, match="not the encoding of the prompt this node analysed"):
         sample(comfy, other, clip, PROMPT)
+
+
+def test_safree_svf_window_whole_projects_every_step_when_the_switch_is_on(comfy, pack, sdxl, counts, monkeypatch):
+    """svf_window 'paper': the projection on the first (t′ + 1)/50 of the schedule; 'whole': t′ only switches it
+    on or off, and when on every step samples with the projected conditioning (issue #14). The benign-leaning
+    prompt gets t′ = 0 (switch off), the concept-only one t′ ≥ 1 (on): both branches are exercised."""
+    nodes, _ = pack
+    model, clip = sdxl
+    seen = []
+    analyse = nodes.safree.analyse
+
+    def spy(config, *a, **k):
+        result = analyse(config, *a, **k)
+        seen.append((config.svf_window, result))
+        return result
+
+    monkeypatch.setattr(nodes.safree, "analyse", spy)
+    steps, branches = 10, set()
+    for prompt in (PROMPT, "nude naked nude"):
+        seen.clear()
+        swaps = {}
+        for window in ("paper", "whole"):
+            before = counts["safree_swap"]
+            m = run_node(
+                nodes.EraserSAFREE,
+                model=model,
+                clip=clip,
+                prompt=prompt,
+                concepts="nude",
+                preset="nudity",
+                alpha=0.01,
+                include_eos=True,
+                self_validating=True,
+                keywords_as_negative=False,
+                svf_window=window,
+                **COMMON,
+            )
+            sample(comfy, m, clip, prompt, steps=steps)
+            swaps[window] = counts["safree_swap"] - before
+        (w_paper, paper), (w_whole, whole) = seen
+        assert (w_paper, w_whole) == ("paper", "whole")  # the widget reaches the core config
+        assert paper.t_prime == whole.t_prime and bool(paper.flagged.any()), prompt
+        if whole.t_prime >= 1:
+            branches.add("on")
+            assert whole.changed and whole.filter_fraction == 1.0
+            assert swaps["whole"] == steps, (prompt, swaps)
+            assert swaps["paper"] < swaps["whole"], (prompt, swaps)  # (t′ + 1)/50 ≤ 22 % of the schedule
+        else:  # the switch is off: the prompt keeps its conditioning on every step
+            branches.add("off")
+            assert not whole.changed and swaps["whole"] == 0, (prompt, swaps)
+    assert branches == {"on", "off"}, branches
