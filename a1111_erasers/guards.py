@@ -38,7 +38,13 @@ ACTIVE: Optional["GuardSession"] = None
 #: UI preset → per-guard parameters. SLD has the paper's presets; the others scale their own knob.
 TOKEN_FACTOR = {"weak": 0.5, "medium": 0.2, "strong": 0.05, "max": 0.0}
 NAG_PHI = {"weak": 3.0, "medium": 5.0, "strong": 7.0, "max": 10.0}
-SAFREE_SELF_VALIDATING = {"weak": True, "medium": True, "strong": False, "max": False}
+#: SAFREE's svf_window per preset (self-validation stays on in all four). weak/medium = "paper": the projection
+#: on the first t′ of 50 steps (the paper's window, ≤ 22 % of the schedule); strong/max = "whole": t′ only
+#: switches the projection on or off per prompt, and when on it acts on every step. Measured on the shapes
+#: world (erasers_dev/bench/results/guards/DIAGNOSTICS.md): whole cuts 'circle' from 83 % to 33 % (exact) at
+#: full fidelity on the other shapes, and erases as much as projecting on every step without the switch
+#: (40 % / 40 %) while keeping benign prompts better (90 % vs 77 %), so max gets no stronger SAFREE setting.
+SAFREE_SVF_WINDOW = {"weak": "paper", "medium": "paper", "strong": "whole", "max": "whole"}
 
 
 # -- configs from the accordion ---------------------------------------------------------------------
@@ -52,7 +58,7 @@ def guard_configs(settings) -> dict:
             out[name] = core_module("guards.sld").SLDConfig(concepts=list(concepts), preset=preset)
         elif name == "safree":
             out[name] = core_module("guards.safree").SAFREEConfig(
-                concepts=list(concepts), self_validating=SAFREE_SELF_VALIDATING[preset]
+                concepts=list(concepts), self_validating=True, svf_window=SAFREE_SVF_WINDOW[preset]
             )
         elif name == "token_suppress":
             out[name] = core_module("guards.token_suppress").TokenSuppressConfig(
@@ -72,7 +78,9 @@ def label(name: str, config) -> str:
         return f"TokenSuppress(c={config.effective_factor:g})"
     if name == "concept_guidance":
         return f"ConceptGuidance(φ={config.phi:g})"
-    return "SAFREE"
+    if name == "safree":
+        return f"SAFREE(svf_window={config.svf_window})" if config.self_validating else "SAFREE(every step)"
+    return name
 
 
 # -- helpers ---------------------------------------------------------------------------------------

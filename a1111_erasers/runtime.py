@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 STATE_ATTR = "concept_erasers_state"
 ERROR_KEY = "Concept Erasers error"
+#: infotext entry: what each guard of the run resolved to (a preset's meaning can change between versions)
+GUARDS_KEY = "Concept Erasers guards"
 CACHE_SIZE = 8
 
 
@@ -261,6 +263,7 @@ class Controller:
             return []
         if labels:
             log.info("Concept Erasers guards: %s", ", ".join(labels))
+            p.extra_generation_params[GUARDS_KEY] = ", ".join(labels)
         return labels
 
     def finish(self, p) -> None:

@@ -319,6 +319,54 @@ def test_safree_projects_the_prompt_rows_of_text_cond(monkeypatch):
     assert torch.equal(conds[0][0], result.hidden)  # the webui's text_cond now holds the projection
 
 
+@pytest.mark.parametrize("preset", list(settings.GUARD_PRESETS))
+def test_safree_presets_keep_self_validation_and_pick_the_measured_window(preset):
+    """weak/medium = the paper's window; strong/max = 'whole' (issue #14, measured on the shapes world)."""
+    (config,) = guards.guard_configs(ui("safree", preset=preset)).values()
+    assert config.self_validating is True
+    assert config.svf_window == ("whole" if preset in ("strong", "max") else "paper")
+    assert guards.label("safree", config) == f"SAFREE(svf_window={config.svf_window})"
+
+
+@pytest.mark.parametrize("preset", ["medium", "strong"])
+def test_safree_window_on_the_webui_and_in_the_infotext(monkeypatch, preset):
+    """strong ('whole'): every step samples with the projection; medium ('paper'): only the first t′ + 1 of
+    50 (here: of the 3 steps, the first). The resolved setting is written into the infotext."""
+    safree = core_module("guards.safree")
+    seen = []
+    real = safree.analyse
+
+    def spy(config, *args, **kwargs):
+        result = real(config, *args, **kwargs)
+        seen.append(result)
+        return result
+
+    monkeypatch.setattr(safree, "analyse", spy)
+    sd_model = FakeSDModel()
+    prompt_cond = sd_model.get_learned_conditioning([PROMPT])[0]
+    conds = []
+    real_cb = guards.GuardSession.on_cfg_denoiser
+
+    def record(self, params):
+        real_cb(self, params)
+        conds.append(params.text_cond[0].clone())
+
+    monkeypatch.setattr(guards.GuardSession, "on_cfg_denoiser", record)
+    labels, _, p = run_with(sd_model, ui("safree", preset=preset))
+    ((result,),) = [seen]
+    assert result.t_prime >= 1 and result.changed, "the concept prompt must switch the projection on"
+    projected = [torch.equal(c, result.hidden) for c in conds]
+    if preset == "strong":
+        assert result.filter_fraction == 1.0 and all(projected), projected
+    else:
+        on = int(result.filter_fraction * len(conds) + 1e-9)  # steps with step/total ≤ (t′ + 1)/50
+        assert projected == [i <= on for i in range(len(conds))], (result.filter_fraction, projected)
+        assert not all(projected) and all(torch.equal(c, prompt_cond) for c, hit in zip(conds, projected) if not hit)
+    window = "whole" if preset == "strong" else "paper"
+    assert labels == [f"SAFREE(svf_window={window})"]
+    assert p.extra_generation_params[runtime.GUARDS_KEY] == f"SAFREE(svf_window={window})"
+
+
 def test_token_suppression_biases_the_concept_columns_of_positive_rows_only(monkeypatch):
     ts = core_module("guards.token_suppress")
     calls = []
