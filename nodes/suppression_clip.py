@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Optional
 
 import torch
 
+from ..erasers import families
 from ..erasers.errors import UnsupportedFamily
+from ..erasers.guards import joint
+from ..erasers.guards.token_suppress import match_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -22,22 +26,46 @@ T5_PAD = 0
 SD3_CLIP_POSITIONS = 77
 
 
-def model_family(model) -> str:
-    """'sd1', 'sd2', 'sdxl', 'sd3' or 'flux' from the ModelPatcher's model class; anything else is refused."""
+#: families whose guards are found through the family table (erasers/families/): their prompt sits in a
+#: chat template or padding that the CLIP/T5 helpers below (written for SD1.x–SDXL, SD3, Flux.1) do not know
+TABLE_FAMILIES = ("chroma", "flux2", "qwen_image", "lumina2", "zimage", "wan")
+
+
+def host_classes(model) -> tuple:
+    """(model class name, model_config class name or '') of a ModelPatcher's model."""
+    base = model.model
+    config = getattr(base, "model_config", None)
+    return type(base).__name__, (type(config).__name__ if config is not None else "")
+
+
+def model_family(model, guard: Optional[str] = None) -> str:
+    """The family a guard acts on: 'sd1', 'sd2', 'sdxl', 'sd3', 'flux' (the legacy helpers below) or one of
+    ``TABLE_FAMILIES`` (the family table's record). With ``guard`` (a name of erasers.families.GUARDS), a
+    family that guard does not serve is refused by name with the reason, before anything is sampled."""
+    name, config = host_classes(model)
+    legacy = _legacy_family(model.model)
+    if guard is not None:
+        record = families.lookup_guard(name, config, guard)
+    elif legacy is None:
+        record = families.lookup(name, config)
+    if legacy is not None:
+        return legacy
+    family = getattr(record.family, "value", None)
+    if family not in TABLE_FAMILIES:
+        raise UnsupportedFamily(
+            f"The connected model is {record.label} ({name}); the guards' family test does not serve this class "
+            f"(its width-sniffed UNet family is read for SD1.x/SD2.x/SDXL only). Guards serve: "
+            f"{', '.join(families.guard_classes(guard or 'token_suppression'))}."
+        )
+    return family
+
+
+def _legacy_family(base) -> Optional[str]:
+    """'sd1', 'sd2', 'sdxl', 'sd3' or 'flux' for the classes the legacy helpers were written for; else None."""
     import comfy.model_base as mb
 
-    base = model.model
-    name = type(base).__name__
     if type(base) is mb.Flux:
         return "flux"
-    if isinstance(base, (mb.Flux, mb.SD3)) and type(base) is not mb.SD3:
-        # Chroma, Flux.2, LongCat… subclass Flux but their blocks differ (Chroma: no pooled vector input and
-        # no per-block modulation): the Flux hooks would reach internals they lack and fail mid-sampling
-        raise UnsupportedFamily(
-            f"The connected model is {name}, a variant of {type(base).__mro__[1].__name__} whose blocks differ "
-            f"from the ones this node is built for; the suppression nodes do not support {name} yet, so they "
-            "refuse it before sampling. Supported: SD1.x, SD2.x, SDXL, SD3, Flux.1."
-        )
     if type(base) is mb.SD3:
         return "sd3"
     if isinstance(base, mb.SDXL):
@@ -48,15 +76,19 @@ def model_family(model) -> str:
             return "sd1"
         if ctx == 1024:
             return "sd2"
-    raise UnsupportedFamily(
-        f"This node serves SD1.x, SD2.x, SDXL, SD3 and Flux models; the connected model is {name}, whose text "
-        f"conditioning layout it does not know. Connect one of the supported models."
-    )
+        raise UnsupportedFamily(
+            f"The connected model is a {type(base).__name__} UNet with a {ctx}-wide context; the guards serve "
+            "SD1.x (768) and SD2.x (1024) UNets of this class. Connect one of the supported models."
+        )
+    return None
 
 
-def refuse(method: str, family: str, families: dict) -> None:
-    """Refuse a family by name with the reason (``families``: family → None if served, else the reason)."""
-    reason = families.get(family, "its conditioning layout is not supported")
+def refuse(method: str, family: str, families_: dict) -> None:
+    """Refuse a family by name with the reason (``families_``: family → None if served, else the reason).
+    A family the dict does not name is one of ``TABLE_FAMILIES``, already checked by ``model_family``."""
+    if family in TABLE_FAMILIES and family not in families_:
+        return
+    reason = families_.get(family, "its conditioning layout is not supported")
     if reason is not None:
         raise UnsupportedFamily(f"{method} cannot serve {family} models: {reason}")
 
@@ -82,7 +114,8 @@ def token_offset(family: str) -> int:
 
 
 def is_t5(family: str) -> bool:
-    return family in ("flux", "sd3")
+    """A T5-style encoder: no start token, so nothing to skip at position 0 (Chroma's T5, Wan's UMT5 too)."""
+    return family in ("flux", "sd3", "chroma", "wan")
 
 
 def ids_of(tokens: dict, key: str) -> list:
@@ -163,3 +196,75 @@ def masked_token_dicts(clip, prompt: str, family: str, mask_id: int, max_tokens:
         log.warning("The prompt is longer than one 75-token chunk; only the first chunk is analysed.")
     off = token_offset(family)
     return tokens, [p + off for p in positions], copies, n_real
+
+
+# -- the family-table families: the user's words inside the host's template, padding and dropped head -------
+
+
+def text_tokens(clip, text: str) -> tuple:
+    """(tokens, ids, start, end) of a text as the host tokenizes it: [start, end) are the text's own tokens,
+    found against the host's tokenization of the empty text (erasers.guards.joint.word_span: the template
+    head and tail and the padding are what both share). The newer families' CLIPs have one tokenizer key."""
+    tokens = clip.tokenize(text)
+    key = next(iter(tokens))
+    ids = ids_of(tokens, key)
+    start, end = joint.word_span(ids, ids_of(clip.tokenize(""), key))
+    return tokens, ids, start, end
+
+
+def concept_words(clip, concepts, family: str) -> tuple:
+    """(concept contexts (K, T, D) for the risk gate, the concepts' word-token states (N, D) for the
+    similarity test, the concepts' word-id sequences for exact matches in a prompt).
+
+    SD1.x–Flux.1: the CLIP/T5 helpers (BOS/EOS/padding by id). The family-table families: each concept's own
+    tokens inside the host's template (``text_tokens``), mapped to context rows past any head the encoder
+    drops (Qwen-Image). A BPE tokenizer spells a word differently after a space, so both spellings are kept
+    for the exact match."""
+    if family not in TABLE_FAMILIES:
+        concept_ctx, _, lengths, concept_ids = encode_many(clip, concepts)
+        first = 0 if is_t5(family) else 1
+        words = [row[first : real_length(row, family) - 1] for row in concept_ids]
+        return concept_ctx, concept_token_states(concept_ctx, lengths, family), words
+    contexts, states, words = [], [], []
+    for concept in concepts:
+        tokens, ids, start, end = text_tokens(clip, concept)
+        ctx = encode(clip, tokens)[0][0]
+        drop = joint.dropped_head(len(ids), ctx.shape[0])
+        contexts.append(ctx)
+        states.append(ctx[max(start - drop, 0) : max(end - drop, 0)])
+        for spelling in (concept, " " + concept):
+            _, sp_ids, sp_start, sp_end = text_tokens(clip, spelling)
+            seq = sp_ids[sp_start:sp_end]
+            if seq and seq not in words:
+                words.append(seq)
+    length = min(c.shape[0] for c in contexts)
+    concept_ctx = torch.stack([c[:length] for c in contexts])
+    rows = torch.cat(states) if states else concept_ctx.new_zeros(0, concept_ctx.shape[-1])
+    if rows.shape[0] == 0:
+        raise ValueError(
+            f"None of the concepts {list(concepts)!r} adds a token of its own to the {family} tokenizer's template; "
+            "give concepts as words."
+        )
+    return concept_ctx, rows, words
+
+
+def prompt_positions(clip, prompt: str, words, family: str) -> tuple:
+    """(prompt encoding (T, D), the concept's context positions in it, the prompt length for EOS/padding)
+    for a prompt typed into the node; (None, [], None) when it is empty.
+
+    The length is one past the last position the EOS rule keeps: positions from ``length − 1`` on (EOS and
+    padding; on the templated families the template tail and padding after the user's words) are
+    suppressed with ``include_eos`` once a concept token is found."""
+    if not prompt.strip():
+        return None, [], None
+    if family not in TABLE_FAMILIES:
+        tokens = clip.tokenize(prompt)
+        ids = ids_of(tokens, context_key(family))
+        positions = [p + token_offset(family) for p in match_token_ids(ids, words)]
+        prompt_ref = encode(clip, tokens)[0][0]
+        return prompt_ref, positions, real_length(ids, family) + token_offset(family)
+    tokens, ids, start, end = text_tokens(clip, prompt)
+    prompt_ref = encode(clip, tokens)[0][0]
+    drop = joint.dropped_head(len(ids), prompt_ref.shape[0])
+    positions = [start + p - drop for p in match_token_ids(ids[start:end], words) if start + p - drop >= 0]
+    return prompt_ref, positions, end - drop + 1

@@ -25,6 +25,7 @@ import torch
 
 from ..erasers.guards import attention_lse as lse
 from ..erasers.guards import concept_guidance as cg
+from ..erasers.guards import joint
 from ..erasers.guards import token_suppress as ts
 from ..erasers.guards.base import in_window, log_gate, risk_score
 from .caches import BoundedCache, tensor_key
@@ -71,6 +72,21 @@ def matches(row: torch.Tensor, reference: torch.Tensor) -> bool:
         return False
     head = row[: reference.shape[0]].float()
     return bool(torch.allclose(head, reference.to(head.device, head.dtype), rtol=1e-3, atol=1e-3))
+
+
+def locate(row: torch.Tensor, reference: Optional[torch.Tensor]) -> Optional[int]:
+    """Where the reference encoding (T₀, D) starts in a conditioning row (T, D): 0 when the row is it (or it
+    tiled, ``matches``), T − T₀ when the model left-padded it (Flux.2 pads the context to 512 on the left,
+    model_base.Flux2.extra_conds), None when the row is another prompt."""
+    if matches(row, reference):
+        return 0
+    if reference is None or row.shape[-1] != reference.shape[-1] or row.shape[0] <= reference.shape[0]:
+        return None
+    offset = row.shape[0] - reference.shape[0]
+    tail, pad = row[offset:].float(), row[:offset]
+    if bool((pad == 0).all()) and torch.allclose(tail, reference.to(tail.device, tail.dtype), rtol=1e-3, atol=1e-3):
+        return offset
+    return None
 
 
 def tile_to(tensor: torch.Tensor, length: int) -> torch.Tensor:
@@ -129,7 +145,15 @@ def token_mask_for_row(
     if skip_first:
         valid[0] = False  # the start token is the same for every prompt
     hit = ts.similar_tokens(row, concept_tokens.to(row.device), similarity, valid).cpu()
-    known = prompt_ref is not None and matches(row, prompt_ref)
+    offset = locate(row, prompt_ref) if prompt_ref is not None else None
+    if offset:  # the model left-padded the prompt's rows: no tiling, positions shifted
+        for p in prompt_positions:
+            hit[offset + p] = True
+        if include_eos and bool(hit.any()):
+            tail = offset + (prompt_length - 1 if prompt_length is not None else int(hit.nonzero().max()) + 1 - offset)
+            hit[tail:] = True
+        return hit
+    known = offset == 0
     if known:
         period = prompt_ref.shape[0]
         for rep in range(T // period):
@@ -156,10 +180,17 @@ def make_token_wrapper(
     prompt_positions=(),
     prompt_length=None,
     skip_first: bool = True,
+    family: Optional[str] = None,
 ) -> Callable:
-    """APPLY_MODEL wrapper: per call, the (B, T) logit bias of the suppressed columns (positive rows only)."""
+    """APPLY_MODEL wrapper: per call, the (B, T) logit bias of the suppressed columns (positive rows only).
+
+    On the family-table families (``TABLE_FAMILIES``) it also checks, after the call, that the bias reached
+    at least one of the model's text attentions; if none matched the layout the pack expects, it raises
+    before any step has been taken, instead of sampling unguarded. Lumina 2 / Z-Image have no per-block
+    replace hook: their joint layers are reached through a model-wide attention override set here."""
     factor = config.effective_factor
     gate = GateLog("TokenSuppress", config.risk_gate)
+    checked = family in TABLE_FAMILIES
 
     def apply_model_wrapper(
         executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs
@@ -185,13 +216,29 @@ def make_token_wrapper(
             bias[r] = ts.logit_bias(mask, factor)
         if not bool(bias.any()):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        acted = [0]
         to = with_state(
             transformer_options,
             token_bias=bias.to(c_crossattn.device),
             txt_len=c_crossattn.shape[1],
             model=getattr(executor, "class_obj", None),
+            acted=acted,
         )
-        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+        if family in MODEL_LEVEL_FAMILIES:
+            dm = to[STATE_KEY]["model"].diffusion_model
+            caption, joint_len = lumina_lengths(dm, x, c_crossattn.shape[1])
+            to["optimized_attention_override"] = ModelLevelJoint(
+                joint_len, caption, to[STATE_KEY], to.get("optimized_attention_override")
+            )
+        out = executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+        if checked and acted[0] == 0:
+            raise RuntimeError(
+                f"Token suppression found none of the {family} model's text attentions in the layout it was "
+                f"built for ({LAYOUTS.get(family, '?')}), so the concept would not be suppressed; it stops here, "
+                "before the first step is taken. This ComfyUI may lay the model out differently (or the model "
+                "has extra inputs, e.g. reference images): report it with the ComfyUI version."
+            )
+        return out
 
     return apply_model_wrapper
 
@@ -374,6 +421,8 @@ class DitDispatch:
         state = to.get(STATE_KEY)
         if not state:
             return extra["original_block"](args)
+        if self.family == "wan":
+            return self.cross_attention_block(args, extra, to, state)
         img = args["img"]
         if self.kind == "double":
             txt_len = args["txt"].shape[1]
@@ -385,6 +434,10 @@ class DitDispatch:
 
         def attention_override(func, q, k, v, heads, *rest, mask=None, skip_reshape=False, **kw):
             length = q.shape[2] if skip_reshape else q.shape[1]
+            if self.family in TABLE_FAMILIES:
+                return self.table_joint(
+                    func, q, k, v, heads, rest, mask, skip_reshape, kw, state, txt_len, joint, previous
+                )
             if length != joint or rest:
                 if previous is not None:
                     return previous(func, q, k, v, heads, *rest, mask=mask, skip_reshape=skip_reshape, **kw)
@@ -394,6 +447,48 @@ class DitDispatch:
         to2 = dict(to)
         to2["optimized_attention_override"] = attention_override
         return extra["original_block"](dict(args, transformer_options=to2))
+
+    def table_joint(self, func, q, k, v, heads, rest, mask, skip_reshape, kw, state, txt_len, joint_len, previous):
+        """Token suppression in a family-table model's joint attention (text first, ``txt_len`` text keys);
+        Qwen-Image passes its text mask positionally. Anything else (another length) runs unchanged."""
+        return table_joint_attention(
+            func, q, k, v, heads, rest, mask, skip_reshape, kw, state, 0, txt_len, joint_len, previous
+        )
+
+    def cross_attention_block(self, args, extra, to, state):
+        """Wan: a block runs self-attention, then cross-attention to the text (WanAttentionBlock.forward);
+        the second attention call is the cross-attention, whose keys are the text's ``txt`` rows. Every
+        query — every frame's tokens — gets the bias there."""
+        txt_len = args["txt"].shape[1]
+        previous = to.get("optimized_attention_override")
+        calls = [0]
+
+        def attention_override(func, q, k, v, heads, *rest, mask=None, skip_reshape=False, **kw):
+            calls[0] += 1
+            bias = state.get("token_bias")
+            if calls[0] != 2 or bias is None:
+                return _host_call(previous, func, q, k, v, heads, rest, mask, skip_reshape, kw)
+            keys = k.shape[2] if skip_reshape else k.shape[1]
+            if keys != txt_len or bias.shape[1] != txt_len or rest or mask is not None or skip_reshape:
+                raise RuntimeError(
+                    f"Token suppression expected Wan block {self.index}'s second attention to be its cross-attention "
+                    f"to the {txt_len} text rows (keys (B, {txt_len}, H·D), no mask); it got keys of length {keys}"
+                    f"{' with a mask' if mask is not None else ''}. This ComfyUI lays Wan out differently: stopped "
+                    "before the first step rather than sampling unguarded."
+                )
+            state["acted"][0] += 1
+            return ts.suppressed_attention(
+                q,
+                k,
+                v,
+                heads,
+                bias.to(q.device),
+                lambda q_, k_, v_, h, mask=None: func(q_, k_, v_, h, mask=mask, **kw),
+            )
+
+        return extra["original_block"](
+            dict(args, transformer_options=dict(to, optimized_attention_override=attention_override))
+        )
 
     #: compute the image-key attention once and share it between NAG's two branches (attention_lse.py).
     #: False → the model's own attention gives Z⁺ and Z⁻ repeats the image-key part: the reference path
@@ -620,8 +715,115 @@ class DitDispatch:
         raise RuntimeError(f"concept guidance has no DiT branch for '{self.family}'")
 
 
+def _host_call(previous, func, q, k, v, heads, rest, mask, skip_reshape, kw):
+    """The attention call as the model made it (through any override installed before ours); a mask the
+    model passed positionally is in ``rest``."""
+    kw = dict(kw, skip_reshape=skip_reshape) if rest else dict(kw, mask=mask, skip_reshape=skip_reshape)
+    if previous is not None:
+        return previous(func, q, k, v, heads, *rest, **kw)
+    return func(q, k, v, heads, *rest, **kw)
+
+
+def table_joint_attention(
+    func, q, k, v, heads, rest, mask, skip_reshape, kw, state, text_start, image_start, joint_len, previous
+):
+    """A family-table model's joint attention [text ‖ image] of ``joint_len`` positions: the image queries
+    [image_start, L) get the context's column bias at [text_start, text_start + T); a call of another length
+    (a text-only refiner, an image-only one) runs unchanged. A mask the model passes positionally (Qwen-Image,
+    Lumina 2) is kept and added to."""
+    host_rest, host_mask = rest, mask
+    if rest and mask is None:
+        mask, rest = rest[0], rest[1:]
+    length = q.shape[2] if skip_reshape else q.shape[1]
+    bias = state.get("token_bias")
+    if length != joint_len or rest or bias is None:
+        return _host_call(previous, func, q, k, v, heads, host_rest, host_mask, skip_reshape, kw)
+    state["acted"][0] += 1
+    columns = joint.joint_column_bias(bias.to(q.device), length, text_start)
+    seq = 2 if skip_reshape else 1
+    out_seq = 2 if kw.get("skip_output_reshape") else 1
+    return joint.joint_suppressed_attention(
+        q,
+        k,
+        v,
+        heads,
+        columns,
+        image_start,
+        lambda q_, k_, v_, h, mask=None: func(q_, k_, v_, h, mask=mask, skip_reshape=skip_reshape, **kw),
+        seq,
+        out_seq,
+        mask,
+    )
+
+
+#: families whose guards come from the family table (nodes/suppression_clip.py)
+TABLE_FAMILIES = ("chroma", "flux2", "qwen_image", "lumina2", "zimage", "wan")
+#: families whose joint layers have no per-block replace hook: reached through a model-wide override
+MODEL_LEVEL_FAMILIES = ("lumina2", "zimage")
+LAYOUTS = {
+    "chroma": "Flux double/single blocks, text first",
+    "flux2": "Flux double/single blocks, text first (context left-padded to 512)",
+    "qwen_image": "joint blocks, text first, text mask",
+    "lumina2": "joint layers [caption ‖ image] after the caption and noise refiners",
+    "zimage": "joint layers [caption padded to 32 ‖ image padded to 32] after the refiners",
+    "wan": "per-block cross-attention to the 512 text rows",
+}
+
+
+def lumina_lengths(dm, x: torch.Tensor, context_len: int) -> tuple:
+    """(caption length, joint length) of NextDiT's main layers (comfy/ldm/lumina/model.py): the caption
+    rows, padded to ``pad_tokens_multiple`` with ``cap_pad_token`` (Z-Image), then the image patches,
+    padded likewise."""
+    multiple = getattr(dm, "pad_tokens_multiple", None)
+    p = int(dm.patch_size)
+    h, w = x.shape[-2], x.shape[-1]
+    caption, image = context_len, (-(-h // p)) * (-(-w // p))
+    if multiple:
+        caption += (-caption) % multiple
+        image += (-image) % multiple
+    return caption, caption + image
+
+
+class ModelLevelJoint:
+    """``optimized_attention_override`` for one Lumina 2 / Z-Image model call: acts only in the attentions
+    of the joint length (the main layers; the caption and noise refiners are shorter), where the caption
+    sits first: text keys [0, T), its padding up to ``image_start``, then the image."""
+
+    def __init__(self, joint_len: int, image_start: int, state: dict, previous=None):
+        self.joint_len, self.image_start, self.state, self.previous = joint_len, image_start, state, previous
+
+    def __call__(self, func, q, k, v, heads, *rest, mask=None, skip_reshape=False, **kw):
+        return table_joint_attention(
+            func,
+            q,
+            k,
+            v,
+            heads,
+            rest,
+            mask,
+            skip_reshape,
+            kw,
+            self.state,
+            0,
+            self.image_start,
+            self.joint_len,
+            self.previous,
+        )
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def dit_sites(family: str, diffusion_model) -> list:
-    """(kind, index) of every joint-attention block: Flux double + single blocks, SD3 joint blocks."""
+    """(kind, index) of every joint-attention block: Flux double + single blocks (Chroma and Flux.2 too),
+    SD3 joint blocks, Qwen-Image's transformer blocks and Wan's blocks (both replaced as "double_block").
+    Lumina 2 / Z-Image have none: their token suppression is a model-wide override (``ModelLevelJoint``)."""
+    if family in ("chroma", "flux2"):
+        family = "flux"
+    if family == "qwen_image":
+        return [("double", i) for i in range(len(diffusion_model.transformer_blocks))]
+    if family == "wan":
+        return [("double", i) for i in range(len(diffusion_model.blocks))]
     if family == "flux":
         return [("double", i) for i in range(len(diffusion_model.double_blocks))] + [
             ("single", i) for i in range(len(diffusion_model.single_blocks))

@@ -11,20 +11,24 @@ from __future__ import annotations
 from ..errors import UnsupportedFamily
 from . import flux, mmdit, unet, wan
 from .key_map import KeyMapEncoder, build_key_map, gelu_mlp, rms_norm
-from .record import CLOSED_FORM, FamilyRecord, PreMLP, PreNorm
+from .record import CLOSED_FORM, GUARD_LABELS, GUARDS, FamilyRecord, PreMLP, PreNorm
 
 RECORDS = unet.RECORDS + flux.RECORDS + mmdit.RECORDS + wan.RECORDS
 
 __all__ = [
     "CLOSED_FORM",
     "FamilyRecord",
+    "GUARDS",
+    "GUARD_LABELS",
     "KeyMapEncoder",
     "PreMLP",
     "PreNorm",
     "RECORDS",
     "build_key_map",
     "gelu_mlp",
+    "guard_classes",
     "lookup",
+    "lookup_guard",
     "rms_norm",
     "supported_classes",
 ]
@@ -58,6 +62,35 @@ def lookup(host_class: str, config_class: str = "") -> FamilyRecord:
         needs = f" ({'; '.join(record.notes)})" if record.notes else ""
         raise UnsupportedFamily(
             f"{record.label} ({host_class}) is refused by name: {record.refused}{needs}. Nothing was changed."
+        )
+    return record
+
+
+def guard_classes(guard: str) -> list:
+    """'label (Class)' of every record a guard serves, for the refusal messages."""
+    return [f"{r.label} ({r.host_class})" for r in RECORDS if r.guard_reason(guard) is None]
+
+
+def lookup_guard(host_class: str, config_class: str, guard: str) -> FamilyRecord:
+    """The record of a host model class if ``guard`` serves it, else ``UnsupportedFamily`` naming the class,
+    the guard, the reason and the classes it does serve. Nothing has been sampled when this raises."""
+    what = GUARD_LABELS.get(guard, guard)
+    known = [r for r in RECORDS if r.host_class == host_class]
+    if not known:
+        raise UnsupportedFamily(
+            f"The model class {host_class}{_config(config_class)} is not in the pack's family table "
+            f"(erasers/families/), so {what} does not know where its text tokens sit and refuses it before "
+            f"sampling. {what} serves: {', '.join(guard_classes(guard))}."
+        )
+    try:
+        record = lookup(host_class, config_class)
+    except UnsupportedFamily as exc:  # a refused record or a config variant: the table's own reason
+        raise UnsupportedFamily(f"{what} refuses it before sampling: {exc}") from None
+    reason = record.guard_reason(guard)
+    if reason is not None:
+        raise UnsupportedFamily(
+            f"{what} cannot serve {record.label} ({host_class}{_config(config_class)}): {reason}. It refuses the "
+            f"model before sampling (nothing was changed). {what} serves: {', '.join(guard_classes(guard))}."
         )
     return record
 

@@ -5,9 +5,22 @@ but their text encoders and blocks differ, which is why the family is the class 
 """
 
 from ..files.families import Family
-from .record import FamilyRecord, PreNorm
+from .record import GUARDS, FamilyRecord, PreNorm
 
 JOINT_TEXT_FIRST = "joint attention; text tokens first (img = cat(txt, img)), double then single blocks"
+
+NO_NAG = (
+    "concept guidance needs the concept's text stream carried through every block of the model (its own text "
+    "modulation and per-block text projections); the pack carries it through Flux.1's and SD3's blocks only"
+)
+
+
+def distilled(label: str, instead: str) -> str:
+    return (
+        f"{label} is guidance-distilled: the sampler runs no unconditional branch, and SLD guides relative to it "
+        f"(true CFG). Use {instead} instead"
+    )
+
 
 RECORDS = (
     FamilyRecord(
@@ -18,6 +31,9 @@ RECORDS = (
         context_widths=(4096,),
         text_encoder="CLIP-L (pooled → vector_in) + T5-XXL (tokens → txt_in), T5 padded to ≥ 256",
         text_tokens=JOINT_TEXT_FIRST,
+        guards=tuple(g for g in GUARDS if g != "sld"),
+        guard_refusals=(("sld", distilled("Flux.1", "concept guidance or token suppression")),),
+        guard_layout="joint_text_first",
     ),
     FamilyRecord(
         "Chroma",
@@ -28,6 +44,17 @@ RECORDS = (
         text_encoder="T5-XXL alone (PixArt tokenizer: no start token, ends with </s>, no padding); no pooled "
         "vector, so no vector_in",
         text_tokens=JOINT_TEXT_FIRST + "; no per-block modulation (distilled_guidance_layer)",
+        guards=("token_suppression", "sld"),
+        guard_refusals=(
+            (
+                "safree",
+                "SAFREE's masked-token test and projection have been checked only on CLIP and on T5 padded to a "
+                "fixed length with a pooled vector (SD3, Flux.1); Chroma's T5 context is unpadded and has no pooled "
+                "vector",
+            ),
+            ("concept_guidance", NO_NAG),
+        ),
+        guard_layout="joint_text_first",
     ),
     FamilyRecord(
         "Flux2",
@@ -42,6 +69,18 @@ RECORDS = (
         "an empty <think> block); hidden states of three layers stacked per token; the template is kept; the "
         "model left-pads the context to 512 with zeros",
         text_tokens=JOINT_TEXT_FIRST + "; global modulation",
+        guards=("token_suppression",),
+        guard_refusals=(
+            ("sld", distilled("Flux.2", "token suppression")),
+            (
+                "safree",
+                "SAFREE masks prompt words one at a time and swaps the whole context; Flux.2's prompt sits inside "
+                "a chat template and the model pads the context to 512 on the left, which SAFREE's token "
+                "positions and prompt check do not account for yet",
+            ),
+            ("concept_guidance", NO_NAG),
+        ),
+        guard_layout="joint_text_first",
     ),
     FamilyRecord(
         "LongCatImage",

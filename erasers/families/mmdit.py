@@ -4,7 +4,20 @@ comfyui_host.md §3.2–3.3; the layer names are ComfyUI's (comfy/ldm/{qwen_imag
 """
 
 from ..files.families import Family
-from .record import FamilyRecord, PreNorm
+from .record import GUARDS, FamilyRecord, PreNorm
+
+NO_NAG = (
+    "concept guidance needs the concept's text stream carried through every block of the model (its own text "
+    "projections, norms and modulation); the pack carries it through Flux.1's and SD3's blocks only"
+)
+
+
+def templated(label: str, how: str) -> str:
+    return (
+        f"SAFREE masks prompt words one at a time and swaps the whole context; {label}'s prompt sits inside {how}, "
+        "which SAFREE's token positions and prompt check do not account for yet"
+    )
+
 
 RECORDS = (
     FamilyRecord(
@@ -15,6 +28,8 @@ RECORDS = (
         context_widths=(4096,),
         text_encoder="CLIP-L ⊕ CLIP-G (77 positions, zero-padded to 4096) then T5-XXL; pooled (2048)",
         text_tokens="joint attention; text tokens first (cat(context, x))",
+        guards=GUARDS,
+        guard_layout="joint_text_first",
     ),
     FamilyRecord(
         "QwenImage",
@@ -29,6 +44,12 @@ RECORDS = (
         "<|im_end|>\\n<|im_start|>assistant\\n); the host drops everything up to 'user\\n' and keeps the "
         "closing tokens; no padding for one prompt",
         text_tokens="joint attention over separate text/image projections (add_q/k/v_proj); text first",
+        guards=("token_suppression", "sld"),
+        guard_refusals=(
+            ("safree", templated("Qwen-Image", "a chat template whose prefix the host drops")),
+            ("concept_guidance", NO_NAG),
+        ),
+        guard_layout="joint_text_first",
     ),
     FamilyRecord(
         "Lumina2",
@@ -41,6 +62,12 @@ RECORDS = (
         pre=PreNorm("cap_embedder.0.weight", "cap_embedder.0", 1e-5),
         text_encoder="Gemma-2-2B, second-to-last layer, BOS kept, no template, attention mask",
         text_tokens="cap_embedder → context_refiner (text only) → joint layers, text first",
+        guards=("token_suppression", "sld"),
+        guard_refusals=(
+            ("safree", templated("Lumina 2", "Gemma's encoding with a start token and an attention mask")),
+            ("concept_guidance", NO_NAG),
+        ),
+        guard_layout="joint_model_level",
     ),
     FamilyRecord(
         "Lumina2",
@@ -54,6 +81,12 @@ RECORDS = (
         "assistant\\n kept whole; attention mask",
         text_tokens="cap_embedder → context_refiner (text only) → joint layers; text padded to a multiple of 32 "
         "with cap_pad_token",
+        guards=("token_suppression", "sld"),
+        guard_refusals=(
+            ("safree", templated("Z-Image", "a chat template and the model pads it to a multiple of 32")),
+            ("concept_guidance", NO_NAG),
+        ),
+        guard_layout="joint_model_level",
     ),
     FamilyRecord(
         "HiDream",

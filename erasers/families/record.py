@@ -16,6 +16,17 @@ from ..files.families import Family
 
 CLOSED_FORM = ("uce", "rece", "speed", "mace")
 
+#: the sampling-time guards (erasers/guards/), by the name a record's ``guards`` uses
+GUARDS = ("token_suppression", "sld", "safree", "concept_guidance")
+GUARD_LABELS = {
+    "token_suppression": "Token suppression",
+    "sld": "Safe Latent Diffusion",
+    "safree": "SAFREE",
+    "concept_guidance": "Concept guidance",
+}
+#: where a guard acts on a family's text tokens (documentation of ``FamilyRecord.guard_layout``)
+GUARD_LAYOUTS = ("cross_attention", "joint_text_first", "joint_model_level", "cross_attention_blocks")
+
 
 @dataclass(frozen=True)
 class PreNorm:
@@ -62,7 +73,30 @@ class FamilyRecord:
     refused: str = ""
     #: what the methods that the family has no support for would need (shown with the refusal)
     notes: tuple = field(default_factory=tuple)
+    #: the sampling-time guards that serve this class (names from ``GUARDS``)
+    guards: tuple = ()
+    #: (guard, reason) for each guard that refuses this class; a guard in neither tuple is refused as
+    #: "not checked on this family"
+    guard_refusals: tuple = ()
+    #: how the guards reach the text tokens (``GUARD_LAYOUTS``): "cross_attention" (UNet attn2),
+    #: "joint_text_first" (a joint attention per patches_replace["dit"] block, text keys first),
+    #: "joint_model_level" (joint layers reached only through the model-wide attention override, text
+    #: first and padded), "cross_attention_blocks" (per-block cross-attention to the text, Wan)
+    guard_layout: str = ""
 
     @property
     def supported(self) -> bool:
         return self.family is not None or self.sniff
+
+    def guard_reason(self, guard: str) -> Optional[str]:
+        """None when ``guard`` serves this class, else why it refuses it (for the error message)."""
+        if guard not in GUARDS:
+            raise ValueError(f"unknown guard {guard!r}; the guards are {', '.join(GUARDS)}")
+        if self.refused:
+            return self.refused
+        if guard in self.guards:
+            return None
+        for name, reason in self.guard_refusals:
+            if name == guard:
+                return reason
+        return "it has not been checked with this guard yet"

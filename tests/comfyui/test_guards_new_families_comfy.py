@@ -1,0 +1,298 @@
+"""Sampling-time guards on the newer families, on tiny instances of ComfyUI 0.29's own model classes.
+
+The models and text encoders are the closed-form family tests' (test_closed_form_families_comfy.py: reduced
+random-weight Chroma, Flux.2, Qwen-Image, Lumina 2, Z-Image and Wan 2.1 t2v built from ComfyUI's config
+classes, ComfyUI's shipped tokenizers behind a stand-in encoder), sampled for two steps by ComfyUI's own
+sampler. Checked per family:
+
+* token suppression: which family table record the node acts on; the columns it suppresses are exactly the
+  concept's tokens of the prompt as the host tokenizes and encodes it (template head dropped by Qwen-Image,
+  template kept by Flux.2 / Z-Image, padding to 512 of Flux.2-klein and Wan); it reaches the host's joint
+  attention (or, on Wan, each block's cross-attention to the text, for every frame of a short clip); the
+  output changes only when the concept is in the prompt; strength 0 and benign prompts are bit-identical;
+* SLD (Chroma, Qwen-Image, Lumina 2, Z-Image, Wan): its extra pass runs and changes the output; strength 0
+  is bit-identical;
+* refusals by name before sampling: SLD on Flux.2, SAFREE and concept guidance on every new family, a class
+  the table does not know, a variant config.
+
+Skipped without COMFYUI_PATH (or on a ComfyUI without these classes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from suppression_models import COMMON, comfy, pack, run_node  # noqa: F401  (comfy, pack are fixtures)
+from test_closed_form_families_comfy import FAMILIES, LUMINA, WAN, StandInCLIP, build, built, config_of
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("COMFYUI_PATH", "").strip(), reason="COMFYUI_PATH is not set: real-ComfyUI tests skipped"
+)
+
+PROMPT = "a photo of a nude person on a beach"
+BENIGN = "a photo of a dog on a beach"
+#: latent (channels, [frames,] height, width) per family (Wan: a 3-latent-frame clip)
+LATENT = {
+    "chroma": (16, 8, 8),
+    "flux2": (16, 8, 8),
+    "qwen_image": (16, 1, 8, 8),  # Qwen-Image's latent is Wan's (one frame)
+    "lumina2": (16, 8, 8),
+    "zimage": (16, 8, 8),
+    "wan": (16, 3, 8, 8),
+}
+SLD_FAMILIES = ("chroma", "qwen_image", "lumina2", "zimage", "wan")
+
+
+class GuardCLIP(StandInCLIP):
+    """The closed-form tests' stand-in CLIP plus the scheduled encode the samplers' conditioning needs."""
+
+    def encode_from_tokens_scheduled(self, tokens, **kwargs):
+        return [[self.encode_from_tokens(tokens), {}]]
+
+
+def guard_clip(clip: StandInCLIP) -> GuardCLIP:
+    return GuardCLIP(clip.tokenizer, clip.width, causal=clip.causal, drop=clip.drop, seed=clip.seed)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, comfy):
+    import comfy.model_base as mb
+
+    host = FAMILIES[request.param][0]
+    if not hasattr(mb, host):
+        pytest.skip(f"this ComfyUI has no {host} class")
+    patcher, clip, _ = build(comfy, request.param)
+    if request.param == "zimage":  # as ComfyUI detects a real Z-Image (model_detection, dim 3840): the text
+        # and image blocks padded to multiples of 32 with learned pad tokens (its modulation needs dim ≥ 256)
+        import comfy.supported_models as sm
+
+        padded = dict(LUMINA, pad_tokens_multiple=32, time_scale=1000.0)
+        patcher = built(comfy, config_of(comfy, padded, sm.ZImage), 14)
+        assert patcher.model.diffusion_model.pad_tokens_multiple == 32
+    return request.param, patcher, guard_clip(clip)
+
+
+def sample(comfy, model, clip, prompt, name, negative="", cfg=4.0, steps=2):
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
+    latent = torch.zeros((1,) + LATENT[name])
+    noise = comfy.sample.prepare_noise(latent, 42)
+    with torch.no_grad():
+        return comfy.sample.sample(
+            model, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=42, disable_pbar=True
+        )
+
+
+def tokens_node(nodes, model, clip, strength=1.0, include_eos=False, prompt=PROMPT):
+    return run_node(
+        nodes.EraserTokenSuppress,
+        model=model,
+        clip=clip,
+        concepts="nude",
+        factor=0.0,
+        include_eos=include_eos,
+        similarity=0.999,
+        prompt=prompt,
+        **dict(COMMON, strength=strength),
+    )
+
+
+def sld_node(nodes, model, clip, strength=1.0):
+    return run_node(
+        nodes.EraserSLD, model=model, clip=clip, preset="max", safety_concept="nude", **dict(COMMON, strength=strength)
+    )
+
+
+def token_texts(clip, prompt) -> list:
+    """The host tokenizer's own spelling of each token of ``prompt`` (its vocabulary, not the pack's code);
+    Wan's stand-in tokenizer hashes words, so its 'spelling' is the word whose hash the id is."""
+    tokens = clip.tokenize(prompt)
+    (key,) = tokens
+    ids = [int(t[0]) for t in tokens[key][0]]
+    if hasattr(clip.tokenizer, "untokenize"):
+        pairs = clip.tokenizer.untokenize(tokens[key][0])
+        return ids, [str(word).replace("Ġ", " ").replace("▁", " ").strip().lower() for _, word in pairs]
+    words = {clip.tokenizer.tokenize_with_weights(w)[key][0][0][0]: w for w in prompt.split()}
+    return ids, [words.get(i, "") for i in ids]
+
+
+def spelled(texts, word) -> set:
+    """Positions of the runs of tokens that spell ``word`` (a word may be several tokens: 'nu', 'de')."""
+    found = set()
+    for start in range(len(texts)):
+        text, end = "", start
+        while end < len(texts) and len(text) < len(word):
+            text, end = text + texts[end], end + 1
+        if text == word and texts[start]:
+            found.update(range(start, end))
+    return found
+
+
+@pytest.fixture
+def spy(pack, monkeypatch):
+    """Records what the token wrapper computed (per positive row: the suppressed context columns) and what
+    reached the host's attention (joint: the column bias and where the image queries start; Wan: the
+    cross-attention's query/key lengths)."""
+    _, hooks = pack
+    seen = {"masks": [], "joint": [], "cross": []}
+    mask_fn, joint_fn = hooks.token_mask_for_row, hooks.joint.joint_suppressed_attention
+    cross_fn = hooks.ts.suppressed_attention
+
+    def masks(*a, **k):
+        out = mask_fn(*a, **k)
+        seen["masks"].append(out.clone())
+        return out
+
+    def joint_attention(q, k, v, heads, columns, image_start, fn, seq, out_seq, mask=None):
+        seen["joint"].append((columns.clone(), image_start, q.shape[seq]))
+        return joint_fn(q, k, v, heads, columns, image_start, fn, seq, out_seq, mask)
+
+    def cross(q, k, v, heads, bias, fn=None):
+        seen["cross"].append((q.shape[1], k.shape[1], bias.clone()))
+        return cross_fn(q, k, v, heads, bias, fn)
+
+    monkeypatch.setattr(hooks, "token_mask_for_row", masks)
+    monkeypatch.setattr(hooks.joint, "joint_suppressed_attention", joint_attention)
+    monkeypatch.setattr(hooks.ts, "suppressed_attention", cross)
+    return seen
+
+
+def test_the_guards_family_comes_from_the_table(pack, family):
+    nodes, _ = pack
+    name, patcher, _ = family
+    assert nodes.sc.model_family(patcher, "token_suppression") == name
+    if name in SLD_FAMILIES:
+        assert nodes.sc.model_family(patcher, "sld") == name
+
+
+def test_token_suppression_acts_on_the_concepts_own_columns_only_when_it_is_in_the_prompt(comfy, pack, family, spy):
+    nodes, _ = pack
+    name, model, clip = family
+    base = sample(comfy, model, clip, PROMPT, name)
+    benign = sample(comfy, model, clip, BENIGN, name)
+    m = tokens_node(nodes, model, clip)
+    assert model.patches == {} and model.model_options.get("transformer_options", {}).get("patches_replace") is None
+
+    assert torch.equal(sample(comfy, m, clip, BENIGN, name), benign), "a prompt without the concept changed"
+    assert not spy["masks"] or not any(bool(mk.any()) for mk in spy["masks"])
+    assert not spy["joint"] and not spy["cross"], "the attention was biased for a prompt without the concept"
+
+    on = sample(comfy, m, clip, PROMPT, name)
+    assert torch.isfinite(on).all() and not torch.equal(on, base), f"{name}: token suppression had no effect"
+
+    # the suppressed context columns are the concept's tokens of the prompt as the host encodes it
+    ids, texts = token_texts(clip, PROMPT)
+    context = clip.encode_from_tokens(clip.tokenize(PROMPT))[0]
+    drop = len(ids) - context.shape[0]  # Qwen-Image's encoder drops the template head
+    expected = spelled(texts[drop:], "nude")
+    assert expected, f"the test could not find the concept in {name}'s tokens: {texts[:40]}"
+    hits = [set(torch.nonzero(mk).flatten().tolist()) for mk in spy["masks"] if bool(mk.any())]
+    assert hits and all(h == expected for h in hits), (name, hits[:1], expected)
+
+    if name == "wan":  # every block's cross-attention to the 512 text rows, every frame's queries
+        frames, h, w = LATENT[name][1:]
+        assert spy["cross"] and {c[:2] for c in spy["cross"]} == {(frames * (h // 2) * (w // 2), 512)}
+        assert len(spy["cross"]) % len(model.model.diffusion_model.blocks) == 0
+        for _, _, bias in spy["cross"]:
+            assert set(torch.nonzero((bias < 0).any(0)).flatten().tolist()) == expected
+        return
+    assert spy["joint"], f"{name}: the bias never reached the joint attention"
+    for columns, image_start, length in spy["joint"]:
+        # text first: the concept's columns are the context's, the image queries start after the text block
+        assert set(torch.nonzero((columns < 0).any(0)).flatten().tolist()) == expected
+        assert image_start >= context.shape[0] and length > image_start
+    if name == "zimage":  # the caption block is padded to a multiple of 32 before the image
+        assert {j[1] for j in spy["joint"]} == {32 * -(-context.shape[0] // 32)}
+    if name in ("lumina2", "zimage"):  # the main layers only, not the caption / noise refiners
+        calls = len(spy["joint"]) / 2  # two steps, the positive row batched with the negative
+        assert calls % len(model.model.diffusion_model.layers) == 0
+
+
+def test_token_suppression_strength_zero_is_bit_identical(comfy, pack, family, spy):
+    nodes, _ = pack
+    name, model, clip = family
+    off = tokens_node(nodes, model, clip, strength=0.0)
+    assert torch.equal(sample(comfy, off, clip, PROMPT, name), sample(comfy, model, clip, PROMPT, name))
+    assert not spy["masks"] and not spy["joint"] and not spy["cross"]
+
+
+def test_token_suppression_with_eos_suppresses_more_of_the_text(comfy, pack, family, spy):
+    """include_eos on the templated encoders: the positions after the concept's words (template tail,
+    end token, padding) are dropped too, never the ones before it."""
+    nodes, _ = pack
+    name, model, clip = family
+    sample(comfy, tokens_node(nodes, model, clip, include_eos=True), clip, PROMPT, name)
+    hits = [torch.nonzero(mk).flatten().tolist() for mk in spy["masks"] if bool(mk.any())]
+    context = clip.encode_from_tokens(clip.tokenize(PROMPT))[0]
+    assert hits and all(h[-1] == context.shape[0] - 1 for h in hits)  # through the last row
+    first = min(hits[0])
+    assert all(min(h) == first for h in hits) and first > 0
+
+
+def test_sld_runs_its_extra_pass_where_the_sampler_has_an_uncond_branch(comfy, pack, family, monkeypatch):
+    nodes, hooks = pack
+    name, model, clip = family
+    if name not in SLD_FAMILIES:
+        pytest.skip(f"SLD refuses {name} (test_refusals)")
+    passes = []
+    original = hooks._comfy_calc
+    monkeypatch.setattr(hooks, "_comfy_calc", lambda *a, **k: passes.append(1) or original(*a, **k))
+    base = sample(comfy, model, clip, PROMPT, name)
+    assert torch.equal(sample(comfy, sld_node(nodes, model, clip, 0.0), clip, PROMPT, name), base) and not passes
+    on = sample(comfy, sld_node(nodes, model, clip), clip, PROMPT, name)
+    assert passes and torch.isfinite(on).all() and not torch.equal(on, base), f"{name}: SLD had no effect"
+
+
+def test_refusals_name_the_family_before_sampling(pack, family):
+    nodes, _ = pack
+    name, model, clip = family
+    label = {"chroma": "Chroma", "flux2": "Flux.2", "qwen_image": "Qwen-Image", "lumina2": "Lumina 2"}
+    label.update(zimage="Z-Image", wan="Wan 2.1 text-to-video")
+    calls = clip.calls
+    with pytest.raises(ValueError, match=rf"SAFREE cannot serve {label[name]} \({FAMILIES[name][0]}"):
+        run_node(
+            nodes.EraserSAFREE,
+            model=model,
+            clip=clip,
+            prompt=PROMPT,
+            concepts="nude",
+            preset="nudity",
+            alpha=0.01,
+            include_eos=True,
+            self_validating=False,
+            keywords_as_negative=False,
+            **COMMON,
+        )
+    with pytest.raises(ValueError, match=rf"Concept guidance cannot serve {label[name]} .*the concept's text"):
+        run_node(
+            nodes.EraserConceptGuidance,
+            model=model,
+            clip=clip,
+            concepts="nude",
+            phi=5.0,
+            tau=2.5,
+            alpha=0.25,
+            sigma_end=0.0,
+            **COMMON,
+        )
+    if name not in SLD_FAMILIES:
+        with pytest.raises(ValueError, match=r"Safe Latent Diffusion cannot serve Flux.2 \(Flux2.*guidance-distilled"):
+            sld_node(nodes, model, clip)
+    assert clip.calls == calls, "a refused guard encoded text first"
+
+
+def test_an_unknown_class_and_a_variant_config_are_refused_by_name(comfy, pack):
+    import comfy.model_base as mb
+    import comfy.supported_models as sm
+
+    nodes, _ = pack
+    patcher, clip, _ = build(comfy, "qwen_image")
+    patcher.model.__class__ = type("MysteryDiT", (mb.QwenImage,), {})
+    with pytest.raises(ValueError, match="MysteryDiT.*not in the pack's family table.*Token suppression"):
+        tokens_node(nodes, patcher, guard_clip(clip))
+    wan, wan_clip, _ = build(comfy, "wan")
+    wan.model.model_config = sm.WAN21_I2V(dict(WAN, model_type="i2v"))
+    with pytest.raises(ValueError, match="WAN21 is loaded with the config WAN21_I2V"):
+        tokens_node(nodes, wan, guard_clip(wan_clip))
