@@ -173,20 +173,23 @@ class EraserSAFREE(io.ComfyNode):
                     tooltip="also use the joined keywords as the negative prompt (the reference always does)",
                 ),
             ]
-            + common_inputs()
-            # last (after risk_gate), so a workflow saved before this input loads its values unshifted
+            + [i for i in common_inputs() if i.id != "allow_pass_through"]
+            # after risk_gate and optional: a UI workflow saved before this input loads its widget values
+            # unshifted, and an API prompt without it runs as before (the paper window)
             + [
                 io.Combo.Input(
                     "svf_window",
                     options=list(safree.SVF_WINDOWS),
                     default="paper",
+                    optional=True,
                     tooltip="where the self-validated projection acts. paper: steps ≤ t′ of 50 from the start "
                     "(≤ 22 % of the schedule, the paper's window). whole: t′ as an on/off switch per prompt, "
                     "the projection over the whole schedule when on, for models that decide the concept late. "
                     "Measured on the shapes world, paper → whole: 'circle' exact 83 % → 33 %, paraphrases 100 % → "
                     "53 %; held-out 'square' 94 % → 59 %, 100 % → 75 %; other shapes kept (100 %). On a colour "
                     "('red') not selective: related prompts 102 % → 51 %. Ignored when self_validating is off.",
-                )
+                ),
+                pass_through_input(),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],

@@ -151,6 +151,12 @@ def test_safree_svf_window_whole_projects_every_step_when_the_switch_is_on(comfy
     prompt gets t′ = 0 (switch off), the concept-only one t′ ≥ 1 (on): both branches are exercised."""
     nodes, _ = pack
     model, clip = sdxl
+    # widget order as the frontend stores it (required, then optional): svf_window after every older widget,
+    # and optional, so older UI workflows load unshifted and older API prompts validate (paper window)
+    info = nodes.EraserSAFREE.INPUT_TYPES()
+    assert list(info["required"])[-1] == "risk_gate"
+    assert list(info["optional"]) == ["svf_window", "allow_pass_through"]
+    assert info["optional"]["svf_window"][1]["default"] == "paper"
     seen = []
     analyse = nodes.safree.analyse
 
