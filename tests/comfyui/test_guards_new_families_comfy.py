@@ -296,3 +296,55 @@ def test_an_unknown_class_and_a_variant_config_are_refused_by_name(comfy, pack):
     wan.model.model_config = sm.WAN21_I2V(dict(WAN, model_type="i2v"))
     with pytest.raises(ValueError, match="WAN21 is loaded with the config WAN21_I2V"):
         tokens_node(nodes, wan, guard_clip(wan_clip))
+
+
+class UnpaddedTokenizer:
+    """Flux.2-dev's Mistral tokenizer pads nothing (min_length 1; its tekken data ships in the checkpoint):
+    the Klein tokenizer with its padding taken off, so that ComfyUI's Flux2.extra_conds left-pads the
+    context to 512 with zeros at sampling."""
+
+    def __init__(self, inner, pad=151643):
+        self.inner, self.pad = inner, pad
+
+    def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        tokens = self.inner.tokenize_with_weights(text, return_word_ids, **kwargs)
+        ((key, sections),) = tokens.items()
+        row = list(sections[0])
+        while row and row[-1][0] == self.pad:
+            row.pop()
+        return {key: [row]}
+
+    def untokenize(self, pairs):
+        return self.inner.untokenize(pairs)
+
+
+def test_flux2_left_padded_context_is_located_at_sampling(comfy, pack, spy):
+    nodes, _ = pack
+    model, clip, _ = build(comfy, "flux2")
+    clip = GuardCLIP(UnpaddedTokenizer(clip.tokenizer), clip.width, causal=clip.causal)
+    ids, texts = token_texts(clip, PROMPT)
+    assert len(ids) < 512
+    base = sample(comfy, model, clip, PROMPT, "flux2")
+    m = tokens_node(nodes, model, clip)
+    assert torch.equal(sample(comfy, m, clip, BENIGN, "flux2"), sample(comfy, model, clip, BENIGN, "flux2"))
+    assert not torch.equal(sample(comfy, m, clip, PROMPT, "flux2"), base)
+    pad = 512 - len(ids)
+    expected = {pad + j for j in spelled(texts, "nude")}
+    hits = [set(torch.nonzero(mk).flatten().tolist()) for mk in spy["masks"] if bool(mk.any())]
+    assert hits and all(h == expected for h in hits), (hits[:1], expected)
+    assert spy["joint"] and all(
+        set(torch.nonzero((c < 0).any(0)).flatten().tolist()) == expected for c, _, _ in spy["joint"]
+    )
+
+
+def test_a_layout_the_suppression_does_not_find_stops_before_the_first_step(comfy, pack, monkeypatch):
+    """Fail closed: if no attention of the model has the length the pack computes for its joint layers
+    (another ComfyUI's layout, extra reference tokens), sampling stops instead of running unguarded."""
+    nodes, hooks = pack
+    model, clip, _ = build(comfy, "lumina2")
+    clip = guard_clip(clip)
+    original = hooks.lumina_lengths
+    monkeypatch.setattr(hooks, "lumina_lengths", lambda dm, x, n: tuple(v + 1 for v in original(dm, x, n)))
+    m = tokens_node(nodes, model, clip)
+    with pytest.raises(RuntimeError, match="found none of the lumina2 model's text attentions"):
+        sample(comfy, m, clip, PROMPT, "lumina2")

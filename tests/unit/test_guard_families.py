@@ -1,0 +1,274 @@
+"""Token suppression in the newer families' layouts, on tiny tensors (no host), and the family table's guard
+statements.
+
+Attention probabilities are read off directly: with one head and v = the identity over the keys, the
+attention output of a query *is* its row of softmax probabilities, so "the concept's attention mass" is a
+sum of output entries.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from pack_import import pack_module
+
+from erasers import families
+from erasers.errors import UnsupportedFamily
+from erasers.guards import joint
+from erasers.guards import token_suppress as ts
+
+hooks = pack_module("nodes.suppression_hooks")
+
+# -- the user's words inside the host's tokenization ------------------------------------------------------
+
+T5_EOS, PAD = 1, 0
+HEAD, TAIL = [151644, 872, 198], [151645, 198, 151644, 77091, 198]  # Qwen-style chat template ids
+QWEN_PAD = 151643
+
+
+@pytest.mark.parametrize(
+    "ids, empty, span",
+    [
+        ([10, 11, 12, T5_EOS], [T5_EOS], (0, 3)),  # Chroma's T5: no padding, </s> at the end
+        ([10, 11, T5_EOS] + [PAD] * 509, [T5_EOS] + [PAD] * 511, (0, 2)),  # Wan's UMT5, padded to 512
+        (HEAD + [10, 11] + TAIL, HEAD + TAIL, (3, 5)),  # Qwen-Image / Z-Image: template kept
+        (HEAD + [10] + TAIL + [QWEN_PAD] * 100, HEAD + TAIL + [QWEN_PAD] * 101, (3, 4)),  # Flux.2-klein: padded
+        ([2, 10, 11, 12], [2], (1, 4)),  # Lumina 2's Gemma: BOS only, nothing after
+        (HEAD + TAIL, HEAD + TAIL, (8, 8)),  # the empty prompt has no words of its own
+    ],
+)
+def test_word_span_is_what_the_text_adds_to_the_hosts_template(ids, empty, span):
+    assert joint.word_span(ids, empty) == span
+    assert joint.word_ids(ids, empty) == ids[span[0] : span[1]]
+
+
+def test_a_word_equal_to_a_template_token_is_still_the_texts():
+    # the text's last word is the template's closing id: the span still covers it (suffix matched from the end)
+    assert joint.word_span(HEAD + [10, 151645] + TAIL, HEAD + TAIL) == (3, 5)
+
+
+def test_dropped_head_is_what_the_encoder_removed_in_front():
+    assert joint.dropped_head(20, 17) == 3 and joint.dropped_head(17, 17) == 0 and joint.dropped_head(5, 9) == 0
+
+
+# -- joint attention: image queries lose the concept's text-key columns, nothing else changes --------------
+
+
+def probs_fn(q, k, v, heads, mask=None):
+    """Single-head attention on (B, L, D) tensors through SDPA, with the (B, 1, 1|Lq, Lk) additive mask."""
+    out = torch.nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask)
+    return out[:, 0]
+
+
+def joint_case(seed=0, txt=6, img=10, d=8, batch=2):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, txt + img, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, txt + img, d, generator=gen, dtype=torch.float64)
+    v = torch.eye(txt + img, dtype=torch.float64).expand(batch, -1, -1)  # output row = its probabilities
+    return q, k, v
+
+
+def run_joint(q, k, v, bias, text_start, image_start, mask=None):
+    columns = joint.joint_column_bias(bias, q.shape[1], text_start)
+    return joint.joint_suppressed_attention(q, k, v, 1, columns, image_start, probs_fn, 1, 1, mask)
+
+
+@pytest.mark.parametrize("text_start, context, image_start", [(0, 6, 6), (0, 4, 6), (2, 4, 6)])
+def test_image_queries_lose_the_concepts_columns_and_keep_the_rest_in_proportion(text_start, context, image_start):
+    """text_start 0 / context = text block: Chroma, Flux.2, Qwen-Image; context shorter than the block, at its
+    start: Lumina 2 / Z-Image (caption padding after it); at its end: SD3's registers in front."""
+    q, k, v = joint_case()
+    plain = probs_fn(q, k, v, 1)
+    concept = [1, 2]
+    bias = ts.logit_bias(torch.tensor([i in concept for i in range(context)]), 0.0)[None].expand(2, -1)
+    out = run_joint(q, k, v, bias, text_start, image_start)
+    cols = [text_start + c for c in concept]
+    rest = [j for j in range(q.shape[1]) if j not in cols]
+    img = slice(image_start, None)
+    assert out[:, img][..., cols].abs().max() < 1e-12, "the image queries still attend to the concept"
+    # every other column keeps its share, renormalised: p′_j = p_j / (1 − mass of the concept)
+    renorm = plain[:, img][..., rest] / (1 - plain[:, img][..., cols].sum(-1, keepdim=True))
+    torch.testing.assert_close(out[:, img][..., rest], renorm, rtol=1e-9, atol=1e-12)
+    # text queries are untouched: the same attention call on the same rows
+    assert torch.equal(out[:, :image_start], probs_fn(q[:, :image_start], k, v, 1))
+    torch.testing.assert_close(out[:, :image_start], plain[:, :image_start], rtol=0, atol=1e-12)
+
+
+def test_a_factor_scales_the_odds_of_the_concepts_columns_by_exactly_c():
+    q, k, v = joint_case(1)
+    plain = probs_fn(q, k, v, 1)
+    c = 0.25
+    bias = ts.logit_bias(torch.tensor([False, False, True, False, False, False]), c)[None].expand(2, -1)
+    out = run_joint(q, k, v, bias, 0, 6)
+    odds = lambda p: p[:, 6:, 2] / p[:, 6:, 0]  # noqa: E731  (concept column vs a kept text column)
+    torch.testing.assert_close(odds(out), c * odds(plain), rtol=1e-6, atol=0)  # log c is float32
+
+
+def test_zero_bias_is_bit_identical_and_per_row_bias_leaves_other_rows_alone():
+    q, k, v = joint_case(2)
+    zero = torch.zeros(2, 6)
+    out = run_joint(q, k, v, zero, 0, 6)
+    assert torch.equal(out[:, 6:], probs_fn(q[:, 6:], k, v, 1, mask=torch.zeros(2, 1, 1, 16, dtype=q.dtype)))
+    torch.testing.assert_close(out, probs_fn(q, k, v, 1), rtol=0, atol=1e-12)
+    # the bias on row 0 only (the positive branch): row 1 (the negative) attends as before
+    bias = torch.zeros(2, 6)
+    bias[0, 3] = ts.DROP_BIAS
+    out = run_joint(q, k, v, bias, 0, 6)
+    torch.testing.assert_close(out[1], probs_fn(q, k, v, 1)[1], rtol=0, atol=1e-12)
+    assert out[0, 6:, 3].abs().max() < 1e-12 and out[0, :6, 3].abs().min() > 0
+
+
+def test_the_models_own_mask_is_kept_for_every_query():
+    """Qwen-Image passes an additive text mask (B, 1, L); a bool mask (True = attend) works the same."""
+    q, k, v = joint_case(3)
+    host = torch.zeros(2, 1, 16, dtype=q.dtype)
+    host[:, 0, 5] = float("-inf")  # the model masks text column 5 (padding)
+    bias = ts.logit_bias(torch.tensor([False, True, False, False, False, False]), 0.0)[None].expand(2, -1)
+    for mask in (host, host == 0):
+        out = run_joint(q, k, v, bias, 0, 6, mask)
+        assert out[..., 5].abs().max() == 0, "the model's masked column came back"
+        assert out[:, 6:, 1].abs().max() < 1e-12 and out[:, :6, 1].abs().min() > 0
+        torch.testing.assert_close(out[:, :6], probs_fn(q[:, :6], k, v, 1, joint.additive_mask(host, q.dtype)))
+
+
+def test_the_text_block_must_fit_the_joint_sequence():
+    with pytest.raises(ValueError, match="does not fit a joint sequence of 8"):
+        joint.joint_column_bias(torch.zeros(1, 6), 8, 4)
+
+
+def test_wan_cross_attention_every_frames_queries_lose_the_concept():
+    """Wan: the keys are the 512 text rows (here 12), the queries every token of every latent frame."""
+    frames, per_frame, text, d = 3, 4, 12, 8
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, frames * per_frame, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, text, d, generator=gen, dtype=torch.float64)
+    v = torch.eye(text, dtype=torch.float64)[None]
+    mask = torch.zeros(text, dtype=torch.bool)
+    mask[[2, 3]] = True
+    plain = probs_fn(q, k, v, 1)
+    out = ts.suppressed_attention(q, k, v, 1, ts.logit_bias(mask, 0.0)[None], lambda *a, mask=None: probs_fn(*a, mask))
+    assert out[0, :, [2, 3]].abs().max() < 1e-12  # every frame
+    keep = [j for j in range(text) if j not in (2, 3)]
+    torch.testing.assert_close(out[0][:, keep], plain[0][:, keep] / plain[0][:, keep].sum(-1, keepdim=True))
+
+
+# -- the host glue's layout pieces (fake tensors, no ComfyUI) --------------------------------------------
+
+
+def test_a_left_padded_prompt_is_located_and_its_positions_shifted():
+    gen = torch.Generator().manual_seed(5)
+    ref = torch.randn(5, 4, generator=gen)
+    row = torch.cat([torch.zeros(7, 4), ref])  # Flux.2 pads the context to its length on the left
+    assert hooks.locate(ref, ref) == 0 and hooks.locate(row, ref) == 7
+    assert hooks.locate(torch.cat([torch.ones(7, 4), ref]), ref) is None  # not padding: another prompt
+    concept = torch.randn(1, 4, generator=gen)
+    hit = hooks.token_mask_for_row(row, concept, 0.999, False, ref, [2], 5, skip_first=True)
+    assert torch.nonzero(hit).flatten().tolist() == [9]
+    hit = hooks.token_mask_for_row(row, concept, 0.999, True, ref, [2], 4, skip_first=True)
+    assert torch.nonzero(hit).flatten().tolist() == [9, 10, 11]  # EOS rule: from the prompt's end on
+
+
+class Spy:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, q, k, v, heads, *rest, mask=None, skip_reshape=False, **kw):
+        self.calls.append((q.shape[2], rest, mask))
+        b, h, length, d = q.shape
+        m = rest[0] if rest else mask
+        if m is not None and m.ndim == 3:
+            m = m[:, None]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        return out.transpose(1, 2).reshape(b, length, h * d)
+
+
+def test_the_model_level_override_acts_only_at_the_joint_length_and_keeps_a_positional_mask():
+    """Lumina 2 / Z-Image: the caption refiner (text only) and the noise refiner (image only) pass through;
+    the main layers (caption padded to 8 ‖ image) get the bias; the mask they pass positionally is kept."""
+    state = {"token_bias": torch.tensor([[0.0, ts.DROP_BIAS, 0.0]]), "acted": [0]}
+    override = hooks.ModelLevelJoint(joint_len=8 + 6, image_start=8, state=state)
+    spy = Spy()
+    gen = torch.Generator().manual_seed(6)
+    for length in (8, 6):  # the refiners
+        q = torch.randn(1, 2, length, 4, generator=gen)
+        assert torch.equal(
+            override(spy, q, q, q, 2, None, skip_reshape=True), spy(q, q, q, 2, None, skip_reshape=True)
+        )
+    assert state["acted"] == [0]
+    q = torch.randn(1, 2, 14, 4, generator=gen)
+    host_mask = torch.zeros(1, 1, 14)
+    out = override(spy, q, q, q, 2, host_mask, skip_reshape=True)
+    assert state["acted"] == [1] and out.shape == (1, 14, 8)
+    text_call, image_call = spy.calls[-2:]
+    assert text_call[0] == 8 and image_call[0] == 6  # text queries, then image queries
+    assert image_call[2][0, 0, 0, 1] == ts.DROP_BIAS and image_call[2][0, 0, 0, [0, 2, 3]].abs().max() == 0
+    assert text_call[2].shape[-1] == 14 and text_call[2].abs().max() == 0  # the model's mask, no bias
+
+
+def test_lumina_lengths_follow_the_hosts_padding():
+    class Lumina:
+        patch_size, pad_tokens_multiple = 2, None
+
+    class ZImage(Lumina):
+        pad_tokens_multiple = 32
+
+    x = torch.zeros(1, 16, 10, 12)  # 5 × 6 patches
+    assert hooks.lumina_lengths(Lumina, x, 17) == (17, 17 + 30)
+    assert hooks.lumina_lengths(ZImage, x, 17) == (32, 32 + 32)
+
+
+# -- the family table's guard statements --------------------------------------------------------------------
+
+NEW = ("Chroma", "Flux2", "QwenImage", "Lumina2", "WAN21", "WAN22")
+
+
+@pytest.mark.parametrize("record", [r for r in families.RECORDS if r.host_class in NEW])
+def test_every_new_family_states_every_guard(record):
+    stated = set(record.guards) | {g for g, _ in record.guard_refusals}
+    assert stated == set(families.GUARDS), f"{record.label}: no statement for {set(families.GUARDS) - stated}"
+    assert not set(record.guards) & {g for g, _ in record.guard_refusals}
+    assert "token_suppression" in record.guards and record.guard_layout in families.record.GUARD_LAYOUTS
+
+
+@pytest.mark.parametrize(
+    "host, config, guard, needle",
+    [
+        ("Flux2", "Flux2", "sld", "Safe Latent Diffusion cannot serve Flux.2 (Flux2.*guidance-distilled"),
+        ("Flux", "Flux", "sld", "cannot serve Flux.1 (Flux.*guidance-distilled"),
+        ("Chroma", "Chroma", "safree", "SAFREE cannot serve Chroma (Chroma.*unpadded"),
+        ("QwenImage", "QwenImage", "concept_guidance", "Concept guidance cannot serve Qwen-Image.*text stream"),
+        ("WAN21", "WAN21_I2V", "token_suppression", "WAN21 is loaded with the config WAN21_I2V"),
+        ("HiDream", "HiDream", "sld", "HiDream-I1 .HiDream. is refused by name"),
+        ("SDXLRefiner", "SDXLRefiner", "sld", "cannot serve SDXL refiner .SDXLRefiner"),
+        ("CosmosPredict2", "X", "token_suppression", "CosmosPredict2 .config X. is not in the pack's family table"),
+    ],
+)
+def test_a_guard_refuses_by_name_with_the_reason(host, config, guard, needle):
+    with pytest.raises(UnsupportedFamily, match=needle.replace("(", r"\(") if "(" in needle else needle):
+        families.lookup_guard(host, config, guard)
+
+
+def test_the_served_families_are_the_ones_the_record_says():
+    for host, config in (
+        ("Chroma", "Chroma"),
+        ("QwenImage", "QwenImage"),
+        ("Lumina2", "ZImage"),
+        ("WAN22", "WAN22_T2V"),
+    ):
+        assert families.lookup_guard(host, config, "sld").host_class == host
+    assert families.lookup_guard("Flux2", "Flux2", "token_suppression").family.value == "flux2"
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_the_readme_guards_column_says_what_the_table_says():
+    section = README.read_text(encoding="utf-8").split("### Newer families (#16)", 1)[1].split("\n#", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| ")]
+    for record in (r for r in families.RECORDS if r.host_class in NEW):
+        row = next(r for r in rows if f"`{record.host_class}`" in r[0] and record.label.split(" ")[0] in r[0])
+        cell = row[4]
+        for guard in families.GUARDS:
+            label = families.GUARD_LABELS[guard]
+            served = record.guard_reason(guard) is None
+            assert (f"{label} ✓" in cell) == served, (record.label, guard, cell)
