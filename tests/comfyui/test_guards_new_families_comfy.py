@@ -49,7 +49,8 @@ class GuardCLIP(StandInCLIP):
     """The closed-form tests' stand-in CLIP plus the scheduled encode the samplers' conditioning needs."""
 
     def encode_from_tokens_scheduled(self, tokens, **kwargs):
-        return [[self.encode_from_tokens(tokens), {}]]
+        # comfy.sd.CLIP always sets pooled_output (None for encoders without one); 0.3.64's Flux reads it
+        return [[self.encode_from_tokens(tokens), {"pooled_output": None}]]
 
 
 def guard_clip(clip: StandInCLIP) -> GuardCLIP:
@@ -319,7 +320,11 @@ class UnpaddedTokenizer:
 
 
 def test_flux2_left_padded_context_is_located_at_sampling(comfy, pack, spy):
+    import comfy.model_base as mb
+
     nodes, _ = pack
+    if not hasattr(mb, "Flux2"):
+        pytest.skip("this ComfyUI has no Flux2 class")
     model, clip, _ = build(comfy, "flux2")
     clip = GuardCLIP(UnpaddedTokenizer(clip.tokenizer), clip.width, causal=clip.causal)
     ids, texts = token_texts(clip, PROMPT)
