@@ -106,7 +106,7 @@ def parameterisation(model) -> str:
 
 def context_key(family: str) -> str:
     """The tokenizer key whose ids are the context positions the detectors work on."""
-    return {"flux": "t5xxl", "sd3": "t5xxl"}.get(family, "l")
+    return {"flux": "t5xxl", "sd3": "t5xxl", "chroma": "t5xxl", "wan": "umt5xxl"}.get(family, "l")
 
 
 def token_offset(family: str) -> int:

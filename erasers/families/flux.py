@@ -44,16 +44,9 @@ RECORDS = (
         text_encoder="T5-XXL alone (PixArt tokenizer: no start token, ends with </s>, no padding); no pooled "
         "vector, so no vector_in",
         text_tokens=JOINT_TEXT_FIRST + "; no per-block modulation (distilled_guidance_layer)",
-        guards=("token_suppression", "sld"),
-        guard_refusals=(
-            (
-                "safree",
-                "SAFREE's masked-token test and projection have been checked only on CLIP and on T5 padded to a "
-                "fixed length with a pooled vector (SD3, Flux.1); Chroma's T5 context is unpadded and has no pooled "
-                "vector",
-            ),
-            ("concept_guidance", NO_NAG),
-        ),
+        # SAFREE: T5's layout (no start token, ends with </s>), masked with T5's pad id; no pooled vector to project
+        guards=("token_suppression", "sld", "safree"),
+        guard_refusals=(("concept_guidance", NO_NAG),),
         guard_layout="joint_text_first",
     ),
     FamilyRecord(

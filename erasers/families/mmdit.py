@@ -64,7 +64,12 @@ RECORDS = (
         text_tokens="cap_embedder → context_refiner (text only) → joint layers, text first",
         guards=("token_suppression", "sld"),
         guard_refusals=(
-            ("safree", templated("Lumina 2", "Gemma's encoding with a start token and an attention mask")),
+            (
+                "safree",
+                "SAFREE pools the prompt at CLIP's end token or over T5's tokens up to </s> and finds the words by "
+                "those ids; Lumina 2's Gemma encoding has a start token and no end token, which it does not "
+                "handle yet",
+            ),
             ("concept_guidance", NO_NAG),
         ),
         guard_layout="joint_model_level",

@@ -19,13 +19,9 @@ _T2V = dict(
     pre=PreMLP("text_embedding.0", "text_embedding.2"),
     text_encoder=UMT5,
     text_tokens=WAN_TEXT,
-    guards=("token_suppression", "sld"),
+    # SAFREE: UMT5's T5 layout; the projection is linear, so the zeroed padding rows stay zero
+    guards=("token_suppression", "sld", "safree"),
     guard_refusals=(
-        (
-            "safree",
-            "SAFREE's masked-token test and projection have been checked only on CLIP and on T5 with a pooled "
-            "vector (SD3, Flux.1); Wan's UMT5 context (512 positions, padded rows zeroed, no pooled vector) has not",
-        ),
         (
             "concept_guidance",
             "concept guidance needs the concept's text carried through every block's text_embedding and "

@@ -12,8 +12,11 @@ sampler. Checked per family:
   output changes only when the concept is in the prompt; strength 0 and benign prompts are bit-identical;
 * SLD (Chroma, Qwen-Image, Lumina 2, Z-Image, Wan): its extra pass runs and changes the output; strength 0
   is bit-identical;
-* refusals by name before sampling: SLD on Flux.2, SAFREE and concept guidance on every new family, a class
-  the table does not know, a variant config.
+* SAFREE (Chroma, Wan: T5 layouts): the projected context replaces the prompt's, Wan's zeroed padding rows
+  stay zero, strength 0 is bit-identical, a prompt the sampler does not use is refused before the first step;
+* refusals by name before sampling: SLD on Flux.2, SAFREE on the templated families (Flux.2, Qwen-Image,
+  Lumina 2, Z-Image), concept guidance on every new family, a class the table does not know, a variant
+  config.
 
 Skipped without COMFYUI_PATH (or on a ComfyUI without these classes).
 """
@@ -43,6 +46,7 @@ LATENT = {
     "wan": (16, 3, 8, 8),
 }
 SLD_FAMILIES = ("chroma", "qwen_image", "lumina2", "zimage", "wan")
+SAFREE_FAMILIES = ("chroma", "wan")
 
 
 class GuardCLIP(StandInCLIP):
@@ -103,6 +107,22 @@ def tokens_node(nodes, model, clip, strength=1.0, include_eos=False, prompt=PROM
 def sld_node(nodes, model, clip, strength=1.0):
     return run_node(
         nodes.EraserSLD, model=model, clip=clip, preset="max", safety_concept="nude", **dict(COMMON, strength=strength)
+    )
+
+
+def safree_node(nodes, model, clip, strength=1.0, prompt=PROMPT):
+    return run_node(
+        nodes.EraserSAFREE,
+        model=model,
+        clip=clip,
+        prompt=prompt,
+        concepts="nude",
+        preset="nudity",
+        alpha=0.01,
+        include_eos=True,
+        self_validating=False,
+        keywords_as_negative=False,
+        **dict(COMMON, strength=strength),
     )
 
 
@@ -246,26 +266,54 @@ def test_sld_runs_its_extra_pass_where_the_sampler_has_an_uncond_branch(comfy, p
     assert passes and torch.isfinite(on).all() and not torch.equal(on, base), f"{name}: SLD had no effect"
 
 
+class ZeroPadCLIP(GuardCLIP):
+    """Wan's UMT5 as ComfyUI runs it (zero_out_masked): the rows after </s> are zero."""
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        cond = super().encode_from_tokens(tokens)
+        ((_, sections),) = tokens.items()
+        ids = [t[0] for t in sections[0]]
+        cond = cond.clone()
+        cond[:, ids.index(1) + 1 :] = 0
+        return (cond, None) if return_pooled else cond
+
+
+def test_safree_projects_the_prompt_on_the_t5_families(comfy, pack, family, monkeypatch):
+    nodes, hooks = pack
+    name, model, clip = family
+    if name not in SAFREE_FAMILIES:
+        pytest.skip(f"SAFREE refuses {name} (test_refusals)")
+    if name == "wan":
+        clip = ZeroPadCLIP(clip.tokenizer, clip.width, causal=clip.causal, seed=clip.seed)
+    swapped = []
+    tile_to = hooks.tile_to
+    monkeypatch.setattr(hooks, "tile_to", lambda t, n: swapped.append(t.clone()) or tile_to(t, n))
+    base = sample(comfy, model, clip, PROMPT, name)
+    assert torch.equal(sample(comfy, safree_node(nodes, model, clip, 0.0), clip, PROMPT, name), base)
+    assert not swapped
+    on = sample(comfy, safree_node(nodes, model, clip), clip, PROMPT, name)
+    assert swapped and torch.isfinite(on).all() and not torch.equal(on, base), f"{name}: SAFREE had no effect"
+    prompt = clip.encode_from_tokens(clip.tokenize(PROMPT))[0]
+    assert swapped[0].shape == prompt.shape and not torch.equal(swapped[0].float(), prompt.float())
+    if name == "wan":
+        zero = (prompt == 0).all(-1)
+        assert zero.sum() > 400 and (swapped[0][zero] == 0).all(), "the projection moved Wan's zeroed padding"
+    other = safree_node(nodes, model, clip, prompt="a quiet harbour at dawn")
+    with pytest.raises(ValueError, match="not the encoding of the prompt this node analysed"):
+        sample(comfy, other, clip, PROMPT, name)
+
+
 def test_refusals_name_the_family_before_sampling(pack, family):
     nodes, _ = pack
     name, model, clip = family
     label = {"chroma": "Chroma", "flux2": "Flux.2", "qwen_image": "Qwen-Image", "lumina2": "Lumina 2"}
     label.update(zimage="Z-Image", wan="Wan 2.1 text-to-video")
     calls = clip.calls
-    with pytest.raises(ValueError, match=rf"SAFREE cannot serve {label[name]} \({FAMILIES[name][0]}"):
-        run_node(
-            nodes.EraserSAFREE,
-            model=model,
-            clip=clip,
-            prompt=PROMPT,
-            concepts="nude",
-            preset="nudity",
-            alpha=0.01,
-            include_eos=True,
-            self_validating=False,
-            keywords_as_negative=False,
-            **COMMON,
-        )
+    if name not in SAFREE_FAMILIES:
+        with pytest.raises(
+            ValueError, match=rf"SAFREE cannot serve {label[name]} \({FAMILIES[name][0]}.*(template|end token)"
+        ):
+            safree_node(nodes, model, clip)
     with pytest.raises(ValueError, match=rf"Concept guidance cannot serve {label[name]} .*the concept's text"):
         run_node(
             nodes.EraserConceptGuidance,

@@ -235,7 +235,8 @@ def test_every_new_family_states_every_guard(record):
     [
         ("Flux2", "Flux2", "sld", "Safe Latent Diffusion cannot serve Flux.2 (Flux2.*guidance-distilled"),
         ("Flux", "Flux", "sld", "cannot serve Flux.1 (Flux.*guidance-distilled"),
-        ("Chroma", "Chroma", "safree", "SAFREE cannot serve Chroma (Chroma.*unpadded"),
+        ("Lumina2", "Lumina2", "safree", "SAFREE cannot serve Lumina 2 (Lumina2.*no end token"),
+        ("Flux2", "Flux2", "safree", "SAFREE cannot serve Flux.2 (Flux2.*chat template"),
         ("QwenImage", "QwenImage", "concept_guidance", "Concept guidance cannot serve Qwen-Image.*text stream"),
         ("WAN21", "WAN21_I2V", "token_suppression", "WAN21 is loaded with the config WAN21_I2V"),
         ("HiDream", "HiDream", "sld", "HiDream-I1 .HiDream. is refused by name"),
@@ -257,6 +258,8 @@ def test_the_served_families_are_the_ones_the_record_says():
     ):
         assert families.lookup_guard(host, config, "sld").host_class == host
     assert families.lookup_guard("Flux2", "Flux2", "token_suppression").family.value == "flux2"
+    assert families.lookup_guard("Chroma", "Chroma", "safree").family.value == "chroma"
+    assert families.lookup_guard("WAN21", "WAN21_T2V", "safree").family.value == "wan"
 
 
 README = Path(__file__).resolve().parents[2] / "README.md"
