@@ -126,8 +126,8 @@ class EraserSAFREE(io.ComfyNode):
             "'whole' (recommended for models that decide late) keeps self-validation as an on/off switch and "
             "projects over the whole schedule. Shapes world (decides late), 'circle' 94 % base: paper 83 % "
             "exact / 100 % paraphrases, whole 33 % / 53 % at full fidelity on other shapes; held-out 'square' "
-            "100 % → 59 % / 75 %. Halves what it stops, does not erase; not selective on colours ('red': "
-            "related shapes 51 %). erasers_dev/bench/results/guards/DIAGNOSTICS.md.",
+            "100 % → 59 % / 75 %. It about halves the rate and does not erase; not selective on colours ('red': "
+            "the other colours kept 51 %). erasers_dev/bench/results/guards/DIAGNOSTICS.md.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."),
                 io.Clip.Input(
@@ -187,7 +187,7 @@ class EraserSAFREE(io.ComfyNode):
                     "the projection over the whole schedule when on, for models that decide the concept late. "
                     "Measured on the shapes world, paper → whole: 'circle' exact 83 % → 33 %, paraphrases 100 % → "
                     "53 %; held-out 'square' 94 % → 59 %, 100 % → 75 %; other shapes kept (100 %). On a colour "
-                    "('red') not selective: related prompts 102 % → 51 %. Ignored when self_validating is off.",
+                    "('red') not selective: the other colours 102 % → 51 %. Ignored when self_validating is off.",
                 ),
                 pass_through_input(),
             ],
