@@ -28,14 +28,34 @@ try {
     null, { timeout: 120000 });
   out.frontendVersion = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
 
-  await page.evaluate(async (wf) => {
-    const app = window.comfyAPI.app.app;
-    await app.loadGraphData(wf, true, true, null, { showMissingNodesDialog: false, showMissingModelsDialog: false });
-  }, config.workflow);
-  await page.waitForTimeout(500);
+  // The app object and its graph exist before the node definitions are registered (frontend 1.47 fetches
+  // them after the canvas is up): a workflow loaded in between comes back as placeholder nodes with no
+  // comfyClass, which the server refuses as "missing_node_type". Load until every node is a real one.
+  const deadline = Date.now() + 120000;
+  for (;;) {
+    // the canvas may still be coming up as well ("getCanvas: canvas is null"): that is also a retry
+    out.loadError = await page.evaluate(async (wf) => {
+      const app = window.comfyAPI.app.app;
+      if (!app.canvas) return "no canvas yet";
+      try {
+        await app.loadGraphData(wf, true, true, null, { showMissingNodesDialog: false, showMissingModelsDialog: false });
+        return null;
+      } catch (e) { return String(e); }
+    }, config.workflow);
+    await page.waitForTimeout(500);
+    out.loadedNodes = await page.evaluate(() => window.comfyAPI.app.app.graph.nodes.map((n) =>
+      ({ id: n.id, type: n.type, comfyClass: n.comfyClass ?? null, mode: n.mode })));
+    if (!out.loadError && out.loadedNodes.length && out.loadedNodes.every((n) => n.comfyClass)) break;
+    if (Date.now() > deadline) throw new Error(`the workflow never loaded as real nodes: ${out.loadError ?? ""} ${JSON.stringify(out.loadedNodes)}`);
+    await page.waitForTimeout(1000);
+  }
 
   // queue exactly as the Queue button does; the server's "executed" message names the prompt id, which
-  // the test uses to read the server's history
+  // the test uses to read the server's history. A prompt the server refuses (400: validation) raises no
+  // execution_error event — newer frontends only mark the nodes — so the POST's answer is read too, and
+  // a refusal fails at once with the server's node errors instead of waiting out the timeout.
+  const posted = page.waitForResponse((r) => r.url().endsWith("/prompt") && r.request().method() === "POST",
+    { timeout: 120000 });
   await page.evaluate(async (id) => {
     const api = window.comfyAPI.api.api;
     window.__ceExecuted = [];
@@ -48,6 +68,9 @@ try {
     });
     await window.comfyAPI.app.app.queuePrompt(0, 1);
   }, config.checkNodeId);
+  const answer = await posted;
+  out.promptStatus = answer.status();
+  if (!answer.ok()) throw new Error(`the server refused the prompt (${answer.status()}) for the loaded nodes ${JSON.stringify(out.loadedNodes)}: ${(await answer.text()).slice(0, 2000)}`);
 
   // first the server finishes the prompt, then the node shows the image it returned
   const checkId = config.checkNodeId;
