@@ -457,38 +457,67 @@ class DitDispatch:
 
     def cross_attention_block(self, args, extra, to, state):
         """Wan: a block runs self-attention, then cross-attention to the text (WanAttentionBlock.forward);
-        the second attention call is the cross-attention, whose keys are the text's ``txt`` rows. Every
-        query — every frame's tokens — gets the bias there."""
-        txt_len = args["txt"].shape[1]
+        the second attention call is the cross-attention, whose keys are the block's own projections of
+        ``txt``. Every query — every frame's tokens — gets the token bias there.
+
+        Concept guidance: each NAG op's concept context, through the model's own ``text_embedding`` (once per
+        model call), is appended to ``txt``, so the block's own k/v (and RMSNorm on k, per row) project it;
+        the cross-attention is split again: Z⁺ on the prompt's rows (biased), Z⁻ on the concept's, NAG on the
+        guided rows — what the UNet attn2 dispatch does (``Attn2Dispatch``)."""
+        txt = args["txt"]
+        txt_len = txt.shape[1]
+        ops = state.get("nag") or []
+        slices, parts, start = [], [txt], txt_len
+        for op in ops:
+            stream = op["stream"]
+            if "txt" not in stream:
+                dm = state["model"].diffusion_model
+                stream["txt"] = dm.text_embedding(op["neg"].to(txt.device, txt.dtype))
+            neg = stream["txt"].to(txt.dtype).expand(txt.shape[0], -1, -1)
+            slices.append((start, neg.shape[1]))
+            start += neg.shape[1]
+            parts.append(neg)
         previous = to.get("optimized_attention_override")
         calls = [0]
+        bias = state.get("token_bias")
 
         def attention_override(func, q, k, v, heads, *rest, mask=None, skip_reshape=False, **kw):
             calls[0] += 1
-            bias = state.get("token_bias")
-            if calls[0] != 2 or bias is None:
+            if calls[0] != 2 or (bias is None and not ops):
                 return _host_call(previous, func, q, k, v, heads, rest, mask, skip_reshape, kw)
             keys = k.shape[2] if skip_reshape else k.shape[1]
-            if keys != txt_len or bias.shape[1] != txt_len or rest or mask is not None or skip_reshape:
+            if keys != start or (bias is not None and bias.shape[1] != txt_len) or rest or mask is not None:
                 raise RuntimeError(
-                    f"Token suppression expected Wan block {self.index}'s second attention to be its cross-attention "
-                    f"to the {txt_len} text rows (keys (B, {txt_len}, H·D), no mask); it got keys of length {keys}"
+                    f"The guards expected Wan block {self.index}'s second attention to be its cross-attention to "
+                    f"the {start} text rows (keys (B, {start}, H·D), no mask); it got keys of length {keys}"
                     f"{' with a mask' if mask is not None else ''}. This ComfyUI lays Wan out differently: stopped "
                     "before the first step rather than sampling unguarded."
                 )
-            state["acted"][0] += 1
-            return ts.suppressed_attention(
-                q,
-                k,
-                v,
-                heads,
-                bias.to(q.device),
-                lambda q_, k_, v_, h, mask=None: func(q_, k_, v_, h, mask=mask, **kw),
-            )
+            host = lambda q_, k_, v_, h, mask=None: func(q_, k_, v_, h, mask=mask, **kw)  # noqa: E731
+            k_pos, v_pos = k[:, :txt_len], v[:, :txt_len]
+            if bias is not None:
+                state["acted"][0] += 1
+                out = ts.suppressed_attention(q, k_pos, v_pos, heads, bias.to(q.device), host)
+            else:
+                out = host(q, k_pos, v_pos, heads)
+            for op, (first, length) in zip(ops, slices):
+                rows = op["rows"].to(q.device)
+                z_neg = host(q[rows], k[rows, first : first + length], v[rows, first : first + length], heads)
+                out = out.clone()
+                out[rows] = cg.nag(out[rows], z_neg, op["phi"], op["tau"], op["alpha"])
+            return out
 
-        return extra["original_block"](
-            dict(args, transformer_options=dict(to, optimized_attention_override=attention_override))
-        )
+        block_args = dict(args, transformer_options=dict(to, optimized_attention_override=attention_override))
+        if len(parts) > 1:
+            block_args["txt"] = torch.cat(parts, dim=1)
+        out = extra["original_block"](block_args)
+        if calls[0] < 2 and (bias is not None or ops):
+            raise RuntimeError(
+                f"The guards found no cross-attention in Wan block {self.index} ({calls[0]} attention call(s), "
+                "expected self-attention then cross-attention): stopped before the first step rather than sampling "
+                "unguarded."
+            )
+        return out
 
     #: compute the image-key attention once and share it between NAG's two branches (attention_lse.py).
     #: False → the model's own attention gives Z⁺ and Z⁻ repeats the image-key part: the reference path

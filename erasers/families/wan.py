@@ -19,15 +19,9 @@ _T2V = dict(
     pre=PreMLP("text_embedding.0", "text_embedding.2"),
     text_encoder=UMT5,
     text_tokens=WAN_TEXT,
-    # SAFREE: UMT5's T5 layout; the projection is linear, so the zeroed padding rows stay zero
-    guards=("token_suppression", "sld", "safree"),
-    guard_refusals=(
-        (
-            "concept_guidance",
-            "concept guidance needs the concept's text carried through every block's text_embedding and "
-            "cross-attention K/V as a second context; the pack does that for UNet cross-attention only",
-        ),
-    ),
+    # SAFREE: UMT5's T5 layout; the projection is linear, so the zeroed padding rows stay zero. Concept
+    # guidance: real cross-attention, so the concept context goes through each block's own k/v (as on UNets)
+    guards=("token_suppression", "sld", "safree", "concept_guidance"),
     guard_layout="cross_attention_blocks",
 )
 

@@ -23,6 +23,8 @@ from .base import SuppressionConfig
 
 #: published σ cut-offs: NAG acts while σ ≥ σ_end (README guidance and shipped workflows, §5.4 / §7.1)
 SIGMA_END = {"sd1": 4.0, "sd2": 4.0, "sdxl": 4.0, "unet": 4.0, "sd3": 0.75, "flux": 0.75}
+#: Wan: no published NAG cut-off in this form; the pack's flow-model value (SD3/Flux) is used
+SIGMA_END["wan"] = SIGMA_END["flux"]
 #: shipped α per family where it differs from 0.25 (SD1.5 workflow: 0.38)
 ALPHA = {"sd1": 0.38}
 

@@ -126,6 +126,20 @@ def safree_node(nodes, model, clip, strength=1.0, prompt=PROMPT):
     )
 
 
+def guidance_node(nodes, model, clip, strength=1.0):
+    return run_node(
+        nodes.EraserConceptGuidance,
+        model=model,
+        clip=clip,
+        concepts="nude",
+        phi=5.0,
+        tau=2.5,
+        alpha=0.25,
+        sigma_end=0.0,
+        **dict(COMMON, strength=strength),
+    )
+
+
 def token_texts(clip, prompt) -> list:
     """The host tokenizer's own spelling of each token of ``prompt`` (its vocabulary, not the pack's code);
     Wan's stand-in tokenizer hashes words, so its 'spelling' is the word whose hash the id is."""
@@ -314,18 +328,9 @@ def test_refusals_name_the_family_before_sampling(pack, family):
             ValueError, match=rf"SAFREE cannot serve {label[name]} \({FAMILIES[name][0]}.*(template|end token)"
         ):
             safree_node(nodes, model, clip)
-    with pytest.raises(ValueError, match=rf"Concept guidance cannot serve {label[name]} .*the concept's text"):
-        run_node(
-            nodes.EraserConceptGuidance,
-            model=model,
-            clip=clip,
-            concepts="nude",
-            phi=5.0,
-            tau=2.5,
-            alpha=0.25,
-            sigma_end=0.0,
-            **COMMON,
-        )
+    if name != "wan":
+        with pytest.raises(ValueError, match=rf"Concept guidance cannot serve {label[name]} .*the concept's text"):
+            guidance_node(nodes, model, clip)
     if name not in SLD_FAMILIES:
         with pytest.raises(ValueError, match=r"Safe Latent Diffusion cannot serve Flux.2 \(Flux2.*guidance-distilled"):
             sld_node(nodes, model, clip)
@@ -401,3 +406,39 @@ def test_a_layout_the_suppression_does_not_find_stops_before_the_first_step(comf
     m = tokens_node(nodes, model, clip)
     with pytest.raises(RuntimeError, match="found none of the lumina2 model's text attentions"):
         sample(comfy, m, clip, PROMPT, "lumina2")
+
+
+def test_concept_guidance_on_wan_guides_every_blocks_cross_attention(comfy, pack, spy, monkeypatch):
+    """NAG on Wan: the concept context goes through the model's own text_embedding and each block's k/v
+    (appended to the block's text, split off again in its cross-attention); Z⁻ is the attention to it,
+    NAG mixes it into the guided rows. Composes with token suppression in the same cross-attention."""
+    nodes, hooks = pack
+    model, clip, _ = build(comfy, "wan")
+    clip = guard_clip(clip)
+    blocks = len(model.model.diffusion_model.blocks)
+    seen = []
+    nag = hooks.cg.nag
+    monkeypatch.setattr(hooks.cg, "nag", lambda z, zn, *a: seen.append((z.shape, zn.shape)) or nag(z, zn, *a))
+    embedded = []
+    text_embedding = model.model.diffusion_model.text_embedding
+    hook = text_embedding.register_forward_hook(lambda mod, i, o: embedded.append(o.shape))
+    try:
+        base = sample(comfy, model, clip, PROMPT, "wan")
+        assert torch.equal(sample(comfy, guidance_node(nodes, model, clip, 0.0), clip, PROMPT, "wan"), base)
+        assert not seen
+        calls_before = len(embedded)
+        on = sample(comfy, guidance_node(nodes, model, clip), clip, PROMPT, "wan")
+    finally:
+        hook.remove()
+    assert torch.isfinite(on).all() and not torch.equal(on, base), "concept guidance had no effect on Wan"
+    frames, h, w = LATENT["wan"][1:]
+    queries = frames * (h // 2) * (w // 2)
+    assert seen and len(seen) % blocks == 0
+    assert all(z[-2] == queries and zn == z for z, zn in seen)  # every frame's queries, Z⁻ shaped as Z⁺
+    # the host's text_embedding ran once more per model call: for the concept context, shared by the blocks
+    model_calls = len(embedded) - calls_before
+    assert model_calls == 2 * 2  # 2 steps × (the prompt's batch, the concept's)
+    both = tokens_node(nodes, guidance_node(nodes, model, clip), clip)
+    seen.clear()
+    out = sample(comfy, both, clip, PROMPT, "wan")
+    assert seen and spy["cross"] and not torch.equal(out, on), "token suppression and NAG did not compose"

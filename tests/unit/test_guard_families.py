@@ -260,6 +260,7 @@ def test_the_served_families_are_the_ones_the_record_says():
     assert families.lookup_guard("Flux2", "Flux2", "token_suppression").family.value == "flux2"
     assert families.lookup_guard("Chroma", "Chroma", "safree").family.value == "chroma"
     assert families.lookup_guard("WAN21", "WAN21_T2V", "safree").family.value == "wan"
+    assert families.lookup_guard("WAN22", "WAN22_T2V", "concept_guidance").family.value == "wan"
 
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -275,3 +276,70 @@ def test_the_readme_guards_column_says_what_the_table_says():
             label = families.GUARD_LABELS[guard]
             served = record.guard_reason(guard) is None
             assert (f"{label} ✓" in cell) == served, (record.label, guard, cell)
+
+
+class FakeWanBlock:
+    """A Wan block's attention calls as WanAttentionBlock makes them: self-attention on x, then cross-attention
+    of x to its own projection of ``txt`` (here k = v = txt), both through the transformer_options override."""
+
+    def __init__(self, calls=2):
+        self.calls, self.seen_txt = calls, None
+
+    def __call__(self, args):
+        to, x, txt = args["transformer_options"], args["img"], args["txt"]
+        self.seen_txt = txt
+        override = to.get("optimized_attention_override")
+
+        def attention(q, k, v, heads, mask=None, **kw):
+            return ts.attention(q, k, v, heads, mask)
+
+        def call(q, k, v):
+            return override(attention, q, k, v, heads=2) if override else attention(q, k, v, 2)
+
+        out = call(x, x, x)
+        if self.calls > 1:
+            out = out + call(x, txt, txt)
+        return {"img": out}
+
+
+class FakeWanModel:
+    class diffusion_model:  # noqa: N801
+        text_embedding = staticmethod(lambda ctx: ctx * 2.0)
+
+
+def test_wan_dispatch_appends_the_concept_and_splits_it_off_in_the_cross_attention():
+    gen = torch.Generator().manual_seed(7)
+    x, txt, neg = (torch.randn(2, n, 8, generator=gen) for n in (6, 5, 4))
+    bias = torch.zeros(2, 5)
+    bias[0, 1] = ts.DROP_BIAS
+    op = {"neg": neg[:1], "rows": torch.tensor([0]), "phi": 5.0, "tau": 2.5, "alpha": 0.25, "stream": {}}
+    state = {"token_bias": bias, "nag": [op], "model": FakeWanModel, "acted": [0]}
+    block = FakeWanBlock()
+    dispatch = hooks.DitDispatch("wan", "double", 0)
+    out = dispatch({"img": x, "txt": txt, "transformer_options": {hooks.STATE_KEY: state}}, {"original_block": block})
+    assert block.seen_txt.shape == (2, 9, 8)  # the prompt's 5 rows, then text_embedding(concept)'s 4
+    torch.testing.assert_close(block.seen_txt[:, 5:], (neg[:1] * 2.0).expand(2, -1, -1))
+    z_pos = ts.suppressed_attention(x, txt, txt, 2, bias)
+    z_neg = ts.attention(x[:1], neg[:1] * 2.0, neg[:1] * 2.0, 2)
+    expected = ts.attention(x, x, x, 2) + z_pos
+    expected[0] = ts.attention(x[:1], x[:1], x[:1], 2)[0] + hooks.cg.nag(z_pos[:1], z_neg, 5.0, 2.5, 0.25)[0]
+    torch.testing.assert_close(out["img"], expected)
+    assert state["acted"] == [1]
+    # no state: the block as the host runs it
+    plain = dispatch({"img": x, "txt": txt, "transformer_options": {}}, {"original_block": FakeWanBlock()})
+    assert torch.equal(plain["img"], FakeWanBlock()({"img": x, "txt": txt, "transformer_options": {}})["img"])
+
+
+def test_wan_dispatch_stops_when_the_block_has_no_cross_attention_it_recognises():
+    x, txt = torch.randn(1, 6, 8), torch.randn(1, 5, 8)
+    state = {"token_bias": torch.full((1, 5), ts.DROP_BIAS), "acted": [0]}
+    to = {hooks.STATE_KEY: state}
+    with pytest.raises(RuntimeError, match="found no cross-attention in Wan block 3"):
+        hooks.DitDispatch("wan", "double", 3)(
+            {"img": x, "txt": txt, "transformer_options": to}, {"original_block": FakeWanBlock(1)}
+        )
+    wrong = {"token_bias": torch.full((1, 7), ts.DROP_BIAS), "acted": [0]}
+    with pytest.raises(RuntimeError, match="second attention to be its cross-attention"):
+        hooks.DitDispatch("wan", "double", 0)(
+            {"img": x, "txt": txt, "transformer_options": {hooks.STATE_KEY: wrong}}, {"original_block": FakeWanBlock()}
+        )
