@@ -256,6 +256,15 @@ def prompt_positions(clip, prompt: str, words, family: str) -> tuple:
     padding; on the templated families the template tail and padding after the user's words) are
     suppressed with ``include_eos`` once a concept token is found."""
     if not prompt.strip():
+        if family in TABLE_FAMILIES and not is_t5(family):
+            log.warning(
+                "Token suppression on %s: no prompt was typed into the node, so the concept's tokens are found only "
+                "by their similarity to the concept encoded alone. %s's decoder-LLM encoder gives a word a "
+                "different state in every context, so that test can miss the concept; type the positive prompt "
+                "into the node for exact token matches.",
+                family,
+                family,
+            )
         return None, [], None
     if family not in TABLE_FAMILIES:
         tokens = clip.tokenize(prompt)

@@ -442,3 +442,14 @@ def test_concept_guidance_on_wan_guides_every_blocks_cross_attention(comfy, pack
     seen.clear()
     out = sample(comfy, both, clip, PROMPT, "wan")
     assert seen and spy["cross"] and not torch.equal(out, on), "token suppression and NAG did not compose"
+
+
+def test_without_a_prompt_the_decoder_llm_families_warn_that_only_similarity_is_left(pack, family, caplog):
+    import logging
+
+    nodes, _ = pack
+    name, model, clip = family
+    with caplog.at_level(logging.WARNING):
+        tokens_node(nodes, model, clip, prompt="")
+    warned = "type the positive prompt into the node" in caplog.text
+    assert warned == (name in ("flux2", "qwen_image", "lumina2", "zimage")), (name, caplog.text)
