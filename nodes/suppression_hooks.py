@@ -150,7 +150,8 @@ def token_mask_for_row(
         for p in prompt_positions:
             hit[offset + p] = True
         if include_eos and bool(hit.any()):
-            tail = offset + (prompt_length - 1 if prompt_length is not None else int(hit.nonzero().max()) + 1 - offset)
+            # from the prompt's EOS (its length is known) or past the last hit on to the end
+            tail = offset + prompt_length - 1 if prompt_length is not None else int(hit.nonzero().max()) + 1
             hit[tail:] = True
         return hit
     known = offset == 0
@@ -234,9 +235,9 @@ def make_token_wrapper(
         if checked and acted[0] == 0:
             raise RuntimeError(
                 f"Token suppression found none of the {family} model's text attentions in the layout it was "
-                f"built for ({LAYOUTS.get(family, '?')}), so the concept would not be suppressed; it stops here, "
-                "before the first step is taken. This ComfyUI may lay the model out differently (or the model "
-                "has extra inputs, e.g. reference images): report it with the ComfyUI version."
+                f"built for ({LAYOUTS.get(family, '?')}), so the concept would not be suppressed; it stops at this "
+                "first model call, before any step is completed. This ComfyUI may lay the model out differently (or "
+                "the model has extra inputs, e.g. reference images): report it with the ComfyUI version."
             )
         return out
 
