@@ -29,6 +29,7 @@ from ..erasers.guards import joint
 from ..erasers.guards import token_suppress as ts
 from ..erasers.guards.base import in_window, log_gate, risk_score
 from .caches import BoundedCache, tensor_key
+from .suppression_clip import TABLE_FAMILIES  # the families whose guards come from the family table
 
 log = logging.getLogger(__name__)
 
@@ -786,8 +787,6 @@ def table_joint_attention(
     )
 
 
-#: families whose guards come from the family table (nodes/suppression_clip.py)
-TABLE_FAMILIES = ("chroma", "flux2", "qwen_image", "lumina2", "zimage", "wan")
 #: families whose joint layers have no per-block replace hook: reached through a model-wide override
 MODEL_LEVEL_FAMILIES = ("lumina2", "zimage")
 LAYOUTS = {
