@@ -6,7 +6,9 @@
     save_eraser(eraser, "vangogh.safetensors")
 
 Works on any object with a denoiser (``.unet`` — a diffusers ``UNet2DConditionModel`` — or
-``.transformer`` for Flux / SD3) and either CLIP towers (``.text_encoder``/``.tokenizer`` and optionally
+``.transformer`` for Flux / SD3, and for Chroma, Flux.2, Qwen-Image, Z-Image, Lumina 2 and Wan text-to-video
+through ``families.py``: the family table's edit points under diffusers' names, concepts encoded by the
+pipeline's own ``encode_prompt``) and either CLIP towers (``.text_encoder``/``.tokenizer`` and optionally
 ``.text_encoder_2``/``.tokenizer_2``), a ``text_encoder_adapter()`` method returning an
 ``erasers.text.TextEncoder``, or (Flux/SD3) an ``encode_prompt`` method. diffusers itself is never
 imported here: the pipeline object brings its modules.
@@ -29,10 +31,11 @@ from erasers.edits.eraser import Eraser, compute_eraser, fingerprint
 from erasers.errors import EraserAlreadyApplied, NonFiniteResult, UnsupportedFamily
 from erasers.files.eraser_file import load_eraser as _load_file
 from erasers.files.eraser_file import save_eraser as _save_file
-from erasers.files.families import ATTN2_KV, Family, detect_family
+from erasers.files.families import ATTN2_KV, Family, detect_family, layer_specs
 from erasers.files.keys import DIT_DIFFUSERS_TO_CANONICAL, SD3_DIFFUSERS_TO_CANONICAL, diffusers_to_canonical
 from erasers.text import PromptEncoding
 
+from . import families as new_families
 from .clip_text import ClipTextEncoder, Tower
 
 log = logging.getLogger(__name__)
@@ -70,34 +73,37 @@ def denoiser(pipe) -> torch.nn.Module:
     )
 
 
-#: diffusers 0.42 denoisers of the newer families (#16): the pack edits them in ComfyUI, not yet through
-#: diffusers (their text enters through txt_norm/txt_in, cap_embedder or Wan's attn2 after text_embedding,
-#: which this API does not map), so they are refused by name instead of being mistaken for a UNet
-NOT_YET_IN_DIFFUSERS = {
-    "ChromaTransformer2DModel": "Chroma",
-    "Flux2Transformer2DModel": "Flux.2",
-    "QwenImageTransformer2DModel": "Qwen-Image",
-    "ZImageTransformer2DModel": "Z-Image",
-    "Lumina2Transformer2DModel": "Lumina 2",
-    "WanTransformer3DModel": "Wan 2.1/2.2",
-    "HiDreamImageTransformer2DModel": "HiDream-I1",
-}
-
-
 def dit_family(module) -> Optional[Family]:
-    label = NOT_YET_IN_DIFFUSERS.get(type(module).__name__)
-    if label is not None:
-        raise UnsupportedFamily(
-            f"{label} ({type(module).__name__}) is not supported through the diffusers API yet: the pack's "
-            f"closed forms reach {label} only in ComfyUI (Erase Concepts node), where the family table knows its "
-            "text entry point. Nothing was changed."
-        )
+    """Flux / SD3 by name; the newer families (#16: Chroma, Flux.2, Qwen-Image, Z-Image, Lumina 2, Wan t2v)
+    from the family table through ``families.DIFFUSERS_FAMILIES``; HiDream and unchecked variants are
+    refused there by name. None for UNets."""
+    entry = new_families.lookup(module)
+    if entry is not None:
+        return entry.record.family
     name = type(module).__name__.lower()
     if "flux" in name:
         return Family.FLUX
     if "sd3" in name:
         return Family.SD3
     return None
+
+
+def new_family_params(pipe, module, entry) -> dict:
+    """canonical key → (diffusers name, Parameter) of the edited Linear(s) of a newer-family transformer."""
+    record = entry.record
+    if record.family == Family.WAN:
+        new_families.refuse_second_expert(pipe, record.label)
+    named = dict(module.named_parameters())
+    names = entry.names(list(named))
+    shapes = {k: tuple(named[n].shape) for k, n in names.items()}
+    out = {s.key: (names[s.key], named[names[s.key]]) for s in layer_specs(shapes, record.family)}
+    if not out:
+        raise UnsupportedFamily(
+            f"The {type(module).__name__} ({record.label}) has none of the text-input layers the family table "
+            f"names ({record.context_key or 'its text entry'} in ComfyUI's keys); expected the diffusers layout "
+            "of diffusers 0.42. Nothing was changed."
+        )
+    return out
 
 
 def layers_per_block(unet) -> int:
@@ -115,6 +121,9 @@ def layers_per_block(unet) -> int:
 def projection_params(pipe) -> dict:
     """canonical key → (diffusers parameter name, Parameter) for every text projection (+ markers)."""
     module = denoiser(pipe)
+    entry = new_families.lookup(module)
+    if entry is not None:
+        return new_family_params(pipe, module, entry)
     named = dict(module.named_parameters())
     out = {}
     family = dit_family(module)
@@ -203,6 +212,12 @@ def DiffusersTextEncoder(pipe):
     denoiser sees: SD1/SD2 last hidden state; SDXL both penultimate layers → 2048 + pooled)."""
     if hasattr(pipe, "text_encoder_adapter"):
         return pipe.text_encoder_adapter()
+    module = denoiser(pipe)
+    entry = new_families.lookup(module)
+    if entry is not None:
+        names = {k: n for k, (n, _) in projection_params(pipe).items()}
+        names.update(entry.names([n for n, _ in module.named_parameters()]))
+        return new_families.text_entry_encoder(pipe, module, entry, names)
     family = pipeline_family(pipe)
     if family.is_dit:
         if not hasattr(pipe, "encode_prompt"):
