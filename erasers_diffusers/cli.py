@@ -430,7 +430,12 @@ def add_erase(subparsers) -> None:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="FILE", help="single-file SD1.x/SD2.x/SDXL .safetensors checkpoint")
-    src.add_argument("--diffusers", metavar="DIR", help="diffusers model folder (with model_index.json)")
+    src.add_argument(
+        "--diffusers",
+        metavar="DIR",
+        help="diffusers model folder (with model_index.json): SD1.x/SD2.x/SDXL/SD3/Flux, and Chroma, Flux.2, "
+        "Qwen-Image, Z-Image, Lumina 2, Wan text-to-video (HiDream is refused)",
+    )
     p.add_argument("--method", default="uce", choices=sorted(METHODS), help="closed-form method (default uce)")
     p.add_argument("--concept", action="append", metavar="TEXT", help="a concept to erase (repeatable)")
     p.add_argument("--concepts-file", metavar="FILE", help="more concepts, one per line")

@@ -459,3 +459,43 @@ def test_every_front_module_of_the_records_is_found_under_diffusers_names(family
         assert front == ["txt_norm.weight"] and "txt_norm.weight" not in names
     else:
         assert front and all(k in names for k in front), (name, front, names)
+
+
+def test_the_cli_erases_on_a_saved_pipeline_folder_of_a_new_family(tmp_path, capsys):
+    # `python -m erasers erase --diffusers DIR`: DiffusionPipeline.from_pretrained picks ZImagePipeline from
+    # model_index.json, and the family comes from its transformer class. (Wan / Chroma folders need
+    # `accelerate` to load UMT5 / T5, which keep layers in float32; it is not installed here.)
+    from erasers_diffusers.cli import main
+
+    pipe = build("zimage")
+    pipe.register_modules(
+        vae=diffusers.AutoencoderKL(
+            block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+            latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        )
+    )  # fmt: skip
+    pipe.save_pretrained(tmp_path / "zimage")
+    out = tmp_path / "z.safetensors"
+    assert (
+        main(
+            [
+                "erase",
+                "--diffusers",
+                str(tmp_path / "zimage"),
+                "--concept",
+                "cat",
+                "--anchor",
+                "dog",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "uce eraser for Z-Image" in capsys.readouterr().out
+    eraser = api.load_eraser(out, pipe)
+    assert eraser.family == Family.ZIMAGE and sorted(eraser.deltas) == ["cap_embedder.1.weight"]
+    before = state(pipe)
+    with api.erased(pipe, eraser):
+        assert not torch.equal(before["cap_embedder.1.weight"], pipe.transformer.state_dict()["cap_embedder.1.weight"])
+    assert same(before, state(pipe))
