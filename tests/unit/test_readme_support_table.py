@@ -1,6 +1,7 @@
 """The README's support table for the newer families cannot drift from the family table: every record of
 erasers/families/ beyond the legacy UNets has a row, supported records are ✓ for the closed form, refused
-ones "refused by name", and the diffusers column refuses what erasers_diffusers/api.py refuses."""
+ones "refused by name", and the diffusers column says ✓ for what erasers_diffusers/families.py maps and
+refuses the rest by name."""
 
 from pathlib import Path
 
@@ -29,7 +30,12 @@ def test_every_new_record_has_a_row_saying_what_the_code_does(record):
 
 
 def test_the_diffusers_column_matches_the_api():
-    api = pytest.importorskip("erasers_diffusers.api")
-    for label in api.NOT_YET_IN_DIFFUSERS.values():
+    # ✓ for every family erasers_diffusers/families.py maps, "refused by name" for the ones it refuses
+    families = pytest.importorskip("erasers_diffusers.families")
+    served = {e.record.label for e in families.DIFFUSERS_FAMILIES.values()}
+    refused = {r.label for r in RECORDS if r.host_class in {c for c, _ in families.REFUSED.values()}}
+    for label in sorted(served | refused):
         mine = [r for r in rows() if r[0].startswith(label.split(" ")[0])]
-        assert mine and mine[0][5] == "refused by name", label
+        assert mine, label
+        column = mine[0][5]
+        assert column.startswith("✓") if label in served else column.startswith("refused by name"), (label, column)
