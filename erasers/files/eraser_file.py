@@ -65,6 +65,10 @@ def to_state_dict(eraser: Eraser, dtype: torch.dtype = torch.float32, tolerance:
             continue
         if delta is not exact:
             truncated[name] = (delta.rank, error)
+        if delta.rank == 0:
+            # a layer the edit left unchanged (ΔW = 0): rank-0 factors would make every LoRA reader
+            # (ComfyUI's, A1111's, ours) divide alpha by a zero rank, so it is stored as rank-1 zeros
+            delta = LowRankDelta(delta.up.new_zeros(delta.shape[0], 1), delta.down.new_zeros(1, delta.shape[1]))
         tensors[f"{name}.lora_up.weight"] = delta.up.to(dtype, copy=True).contiguous()
         tensors[f"{name}.lora_down.weight"] = delta.down.to(dtype, copy=True).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(delta.rank))
@@ -205,7 +209,8 @@ def from_state_dict(tensors: dict, metadata: dict, source: Optional[str] = None)
             unknown.append(stem)
             continue
         alpha = tensors.get(f"{stem}.alpha")
-        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        # a rank-0 pair (ΔW = 0, from another writer) has no alpha/rank scale: 1 keeps it exactly zero
+        scale = float(alpha) / down.shape[0] if alpha is not None and down.shape[0] else 1.0
         deltas[layers[stem]] = LowRankDelta(up.float() * scale, down.float())
     if unknown:
         raise UnknownKeys(

@@ -303,3 +303,34 @@ def test_core_reader_refuses_factor_ranks_that_differ_naming_the_layer(tmp_path,
     save_file(tensors, damaged, metadata=metadata)
     with pytest.raises(BadEraserFile, match="non-finite"):
         load_eraser(damaged)
+
+
+def test_a_layer_the_edit_left_unchanged_round_trips_as_zero(tmp_path, sd1_eraser):
+    """A rank-0 delta (ΔW = 0) is written as rank-1 zeros (alpha / rank must not divide by 0 in any LoRA
+    reader) and read back as exactly zero; a rank-0 pair written by another tool also reads as zero."""
+    from dataclasses import replace
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    key = sorted(sd1_eraser.deltas)[0]
+    out_f, in_f = sd1_eraser.deltas[key].shape
+    zero = LowRankDelta(torch.zeros(out_f, 0), torch.zeros(0, in_f))
+    eraser = replace(sd1_eraser, deltas={**sd1_eraser.deltas, key: zero})
+    path = save_eraser(eraser, str(tmp_path / "zero.safetensors"))
+    tensors = load_file(path)
+    stem = kohya_name(key)
+    assert tensors[f"{stem}.lora_down.weight"].shape == (1, in_f) and float(tensors[f"{stem}.alpha"]) == 1.0
+    back = load_eraser(path)
+    assert torch.equal(back.deltas[key].dense(), torch.zeros(out_f, in_f))
+    other = sorted(k for k in sd1_eraser.deltas if k != key)[0]
+    assert torch.equal(back.deltas[other].dense(), sd1_eraser.deltas[other].dense())
+
+    tensors[f"{stem}.lora_up.weight"] = torch.zeros(out_f, 0)
+    tensors[f"{stem}.lora_down.weight"] = torch.zeros(0, in_f)
+    tensors[f"{stem}.alpha"] = torch.tensor(0.0)
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    foreign = str(tmp_path / "rank0.safetensors")
+    save_file(tensors, foreign, metadata=metadata)
+    assert torch.equal(load_eraser(foreign).deltas[key].dense(), torch.zeros(out_f, in_f))
