@@ -214,24 +214,26 @@ PROMPT = "a photo of a nude person on a beach"
 COMMON = {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "risk_gate": 0.0}
 
 
+#: the SAFREE node's settings in these tests (self-validation off: the projection acts in its whole window)
+SAFREE_ARGS = dict(
+    concepts="nude", preset="nudity", alpha=0.01, include_eos=True, self_validating=False, keywords_as_negative=False
+)
+
+
 def run_node(node, **kw):
     return node.execute(**kw).result[0]
 
 
-def makers(nodes, model, clip, safety_concept="nude"):
-    """Each suppression node on ``model`` as a function of its strength (the tests' default settings)."""
+def makers(nodes, model, clip, safety_concept="nude", prompt=PROMPT):
+    """Each suppression node on ``model`` as a function of its strength (the tests' default settings);
+    ``prompt`` is the one SAFREE analyses and token suppression locates the concept in."""
     return {
         "safree": lambda s: run_node(
             nodes.EraserSAFREE,
             model=model,
             clip=clip,
-            prompt=PROMPT,
-            concepts="nude",
-            preset="nudity",
-            alpha=0.01,
-            include_eos=True,
-            self_validating=False,
-            keywords_as_negative=False,
+            prompt=prompt,
+            **SAFREE_ARGS,
             **dict(COMMON, strength=s),
         ),
         "sld": lambda s: run_node(
@@ -261,7 +263,7 @@ def makers(nodes, model, clip, safety_concept="nude"):
             factor=0.0,
             include_eos=True,
             similarity=0.99,
-            prompt=PROMPT,
+            prompt=prompt,
             **dict(COMMON, strength=s),
         ),
     }

@@ -27,7 +27,7 @@ import os
 
 import pytest
 import torch
-from suppression_models import COMMON, comfy, pack, run_node  # noqa: F401  (comfy, pack are fixtures)
+from suppression_models import COMMON, comfy, makers, pack, run_node  # noqa: F401  (comfy, pack are fixtures)
 from test_closed_form_families_comfy import FAMILIES, LUMINA, WAN, StandInCLIP, build, built, config_of
 
 pytestmark = pytest.mark.skipif(
@@ -105,39 +105,15 @@ def tokens_node(nodes, model, clip, strength=1.0, include_eos=False, prompt=PROM
 
 
 def sld_node(nodes, model, clip, strength=1.0):
-    return run_node(
-        nodes.EraserSLD, model=model, clip=clip, preset="max", safety_concept="nude", **dict(COMMON, strength=strength)
-    )
+    return makers(nodes, model, clip)["sld"](strength)
 
 
 def safree_node(nodes, model, clip, strength=1.0, prompt=PROMPT):
-    return run_node(
-        nodes.EraserSAFREE,
-        model=model,
-        clip=clip,
-        prompt=prompt,
-        concepts="nude",
-        preset="nudity",
-        alpha=0.01,
-        include_eos=True,
-        self_validating=False,
-        keywords_as_negative=False,
-        **dict(COMMON, strength=strength),
-    )
+    return makers(nodes, model, clip, prompt=prompt)["safree"](strength)
 
 
 def guidance_node(nodes, model, clip, strength=1.0):
-    return run_node(
-        nodes.EraserConceptGuidance,
-        model=model,
-        clip=clip,
-        concepts="nude",
-        phi=5.0,
-        tau=2.5,
-        alpha=0.25,
-        sigma_end=0.0,
-        **dict(COMMON, strength=strength),
-    )
+    return makers(nodes, model, clip)["guidance"](strength)
 
 
 def token_texts(clip, prompt) -> list:

@@ -163,19 +163,7 @@ def test_flux_concept_guidance_and_token_suppression(comfy, pack, flux, counts, 
 def test_flux_safree_projects_t5_and_sld_is_refused(comfy, pack, flux):
     nodes, _ = pack
     model, clip = flux
-    m = run_node(
-        nodes.EraserSAFREE,
-        model=model,
-        clip=clip,
-        prompt=PROMPT,
-        concepts="nude",
-        preset="nudity",
-        alpha=0.01,
-        include_eos=True,
-        self_validating=False,
-        keywords_as_negative=False,
-        **COMMON,
-    )
+    m = makers(nodes, model, clip)["safree"](1.0)
     out = sample(comfy, m, clip, PROMPT, cfg=1.0, channels=16)
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="Flux"):

@@ -16,6 +16,7 @@ import torch
 from suppression_models import (  # noqa: F401  (comfy, pack, counts, sdxl, sd3 are fixtures)
     COMMON,
     PROMPT,
+    SAFREE_ARGS,
     comfy,
     counts,
     makers,
@@ -107,17 +108,7 @@ def test_unserved_families_are_refused_by_name(pack):
 def test_safree_takes_an_empty_prompt_from_the_workflow_or_says_why_not(comfy, pack, sdxl, caplog):
     nodes, _ = pack
     model, clip = sdxl
-    kw = dict(
-        model=model,
-        clip=clip,
-        concepts="nude",
-        preset="nudity",
-        alpha=0.01,
-        include_eos=True,
-        self_validating=False,
-        keywords_as_negative=False,
-        **COMMON,
-    )
+    kw = dict(model=model, clip=clip, **SAFREE_ARGS, **COMMON)
     typed = sample(comfy, run_node(nodes.EraserSAFREE, prompt=PROMPT, **kw), clip, PROMPT)
     assert not torch.equal(typed, sample(comfy, model, clip, PROMPT))
     # the API-format workflow ComfyUI hands over as the hidden PROMPT input
@@ -177,12 +168,7 @@ def test_safree_svf_window_whole_projects_every_step_when_the_switch_is_on(comfy
                 model=model,
                 clip=clip,
                 prompt=prompt,
-                concepts="nude",
-                preset="nudity",
-                alpha=0.01,
-                include_eos=True,
-                self_validating=True,
-                keywords_as_negative=False,
+                **dict(SAFREE_ARGS, self_validating=True),
                 svf_window=window,
                 **COMMON,
             )
