@@ -41,7 +41,10 @@ def test_legacy_unet_classes_take_the_family_from_their_keys():
 @pytest.mark.parametrize(
     "host, config, message",
     [
-        ("HunyuanVideo15", "HunyuanVideo15", "HunyuanVideo15 .*not in the pack's family table"),
+        ("HunyuanDiT", "HunyuanDiT", "HunyuanDiT .*not in the pack's family table"),
+        ("HunyuanVideo15", "HunyuanVideo15", "HunyuanVideo 1.5 \\(HunyuanVideo15\\) is refused by name: .*byt5_in"),
+        ("PixArt", "PixArtSigma", "PixArt-α / PixArt-Σ \\(PixArt\\) is refused by name: .*kv_linear"),
+        ("Kandinsky5", "Kandinsky5", "Kandinsky 5 video \\(Kandinsky5\\) is refused by name: .*timestep"),
         ("LongCatImage", "LongCatImage", "LongCat-Image \\(LongCatImage\\) is refused by name"),
         ("HiDream", "HiDream", "HiDream-I1 \\(HiDream\\) is refused by name: .*Llama"),
         ("WAN21", "WAN21_I2V", "WAN21 is loaded with the config WAN21_I2V"),
