@@ -42,6 +42,7 @@ def add_subparsers(subparsers) -> argparse.ArgumentParser:
         help="load the CLIP / judges files from DIR when they were trained with this run's settings and seed "
         "(each stage is seeded on its own, so they are the weights training would give); retrain the rest",
     )
+    train.add_argument("--overwrite", action="store_true", help="replace world-2 files already in --out")
     train.add_argument("--skip-eval", action="store_true", help="do not measure base fidelity")
     train.set_defaults(func=_train)
     return world2
@@ -58,7 +59,14 @@ def _train(args) -> int:
     if args.judge_steps is not None:
         cfg.judges.steps = args.judge_steps
     t0 = time.time()
-    result = train_all(cfg, out_dir=args.out, threads=args.threads, skip_eval=args.skip_eval, reuse_dir=args.reuse)
+    result = train_all(
+        cfg,
+        out_dir=args.out,
+        threads=args.threads,
+        skip_eval=args.skip_eval,
+        reuse_dir=args.reuse,
+        overwrite=args.overwrite,
+    )
     print(json.dumps(result, indent=2))
     print(f"wall time: {time.time() - t0:.1f} s ({(time.time() - t0) / 60:.1f} min) on {result['threads']} thread(s)")
     return 0

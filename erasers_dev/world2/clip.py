@@ -172,12 +172,12 @@ def retrieval_accuracy(model: ContrastiveModel, tokenizer, seed: int, image_size
     }
 
 
-def save_clip(model: ContrastiveModel, path, extra: Optional[dict] = None) -> None:
-    """Both towers (for SAFREE-like methods and the bench's image-text checks), float32."""
+def save_clip(model: ContrastiveModel, path, extra: Optional[dict] = None, overwrite: bool = False) -> None:
+    """Both towers (for SAFREE-like methods and the bench's image-text checks), float32; written atomically,
+    an existing file only replaced with ``overwrite``."""
     import json
-    from pathlib import Path
 
-    from safetensors.torch import save_file
+    from erasers.files.writing import save_safetensors_atomic
 
     meta = {
         "format": "concept-erasers/world2-clip",
@@ -186,8 +186,8 @@ def save_clip(model: ContrastiveModel, path, extra: Optional[dict] = None) -> No
         "embed": str(model.image_encoder.embed),
         "extra": json.dumps(extra or {}),
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_safetensors_atomic(tensors, str(path), metadata=meta, overwrite=overwrite)
 
 
 def load_clip(path) -> ContrastiveModel:

@@ -176,8 +176,10 @@ def judge_report(
     return out
 
 
-def save_judges(model: Judges, path: Union[str, Path], extra: Optional[dict] = None) -> None:
-    from safetensors.torch import save_file
+def save_judges(model: Judges, path: Union[str, Path], extra: Optional[dict] = None, overwrite: bool = False) -> None:
+    """The judges and their confusion tables; written atomically, an existing file only replaced with
+    ``overwrite``."""
+    from erasers.files.writing import save_safetensors_atomic
 
     meta = {
         "format": FORMAT_JUDGES,
@@ -185,8 +187,8 @@ def save_judges(model: Judges, path: Union[str, Path], extra: Optional[dict] = N
         "axes": json.dumps(model.axes),
         "extra": json.dumps(extra or {}),
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_safetensors_atomic(tensors, str(path), metadata=meta, overwrite=overwrite)
 
 
 def load_judges(path: Union[str, Path]) -> Judges:

@@ -122,10 +122,15 @@ def read_metadata(path: Union[str, Path], expected_format: str) -> dict:
 
 
 def save_pipeline(
-    pipe: World2Pipeline, path: Union[str, Path], extra: Optional[dict] = None, dtype: torch.dtype = torch.float16
+    pipe: World2Pipeline,
+    path: Union[str, Path],
+    extra: Optional[dict] = None,
+    dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
 ) -> None:
-    """One safetensors file (tensors as ``dtype``) with the configs in its metadata."""
-    from safetensors.torch import save_file
+    """One safetensors file (tensors as ``dtype``) with the configs in its metadata; written atomically,
+    an existing file only replaced with ``overwrite``."""
+    from erasers.files.writing import save_safetensors_atomic
 
     tensors = {f"unet.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in pipe.unet.state_dict().items()}
     tensors.update(
@@ -142,8 +147,7 @@ def save_pipeline(
         "tokenizer": json.dumps(pipe.tokenizer.to_config()),
         "extra": json.dumps(extra or {}),
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    save_safetensors_atomic(tensors, str(path), metadata=meta, overwrite=overwrite)
 
 
 def load_pipeline(path: Union[str, Path], device: str = "cpu") -> World2Pipeline:

@@ -247,11 +247,17 @@ def train_all(
     threads: Optional[int] = 1,
     skip_eval: bool = False,
     reuse_dir: Optional[Path] = None,
+    overwrite: bool = False,
 ) -> dict:
-    """``python -m erasers world2 train``: all stages, files in ``out_dir``; returns what was done and how long."""
+    """``python -m erasers world2 train``: all stages, files in ``out_dir``; returns what was done and how long.
+    Files already in ``out_dir`` are refused before anything trains, unless ``overwrite``."""
+    from erasers.files.writing import check_output_path
+
     out_dir = Path(out_dir)
     if PACKAGE_DIR == out_dir.resolve() or PACKAGE_DIR in out_dir.resolve().parents:
         raise ValueError(f"{out_dir} is inside the package ({PACKAGE_DIR}); train into another folder and compare.")
+    for name in (CLIP_NAME, T2I_NAME, JUDGES_NAME):  # an hour of training must not end in a refusal
+        check_output_path(str(out_dir / name), overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     result: dict = {"config": cfg.to_dict(), "seconds": {}}
@@ -269,7 +275,7 @@ def train_all(
             result["reused"].append(CLIP_NAME)
         else:
             clip_model, clip_info = train_clip(cfg.clip, model_cfg.text_encoder, tokenizer, cfg.seed, cfg.image_size)
-        save_clip(clip_model, out_dir / CLIP_NAME, extra={"train": clip_info, "seed": cfg.seed})
+        save_clip(clip_model, out_dir / CLIP_NAME, extra={"train": clip_info, "seed": cfg.seed}, overwrite=overwrite)
         result["seconds"]["clip"] = round(time.time() - t, 1)
         result["clip_retrieval"] = clip_info["retrieval"]
 
@@ -286,7 +292,7 @@ def train_all(
             result["reused"].append(JUDGES_NAME)
         else:
             judges, judge_info = train_judges(cfg.judges, seed=cfg.seed, size=cfg.image_size)
-        save_judges(judges, out_dir / JUDGES_NAME, extra={"train": judge_info})
+        save_judges(judges, out_dir / JUDGES_NAME, extra={"train": judge_info}, overwrite=overwrite)
         result["seconds"]["judges"] = round(time.time() - t, 1)
         result["judge_accuracy"] = {k: v["accuracy"] for k, v in judge_info["clean"].items()}
 
@@ -300,7 +306,7 @@ def train_all(
             result["fidelity"] = {k: v["rate"] for k, v in fidelity["sets"].items()}
             result["seconds"]["eval"] = round(time.time() - t, 1)
             logger.info("base fidelity:\n%s", fidelity["markdown"])
-        save_pipeline(pipe, out_dir / T2I_NAME, extra=extra)
+        save_pipeline(pipe, out_dir / T2I_NAME, extra=extra, overwrite=overwrite)
     result["files"] = [str(out_dir / name) for name in (CLIP_NAME, T2I_NAME, JUDGES_NAME)]
     result["seconds"]["total"] = round(time.time() - t_start, 1)
     return result

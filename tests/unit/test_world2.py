@@ -247,6 +247,21 @@ def test_reused_stages_give_the_weights_training_gives(tmp_path):
     assert seed2["reused"] == []
 
 
+def test_files_already_there_are_refused_before_training_unless_asked(tmp_path):
+    from erasers.errors import RefusedPath
+    from erasers_dev.world2.train import TrainConfig, train_all
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "world2_t2i.safetensors").write_bytes(b"the user's file")
+    with pytest.raises(RefusedPath, match="already exists"):
+        train_all(TrainConfig.tiny(seed=1), out_dir=out, threads=1, skip_eval=True)
+    assert (out / "world2_t2i.safetensors").read_bytes() == b"the user's file"
+    assert not (out / "world2_clip.safetensors").exists()  # refused before the first stage wrote anything
+    train_all(TrainConfig.tiny(seed=1), out_dir=out, threads=1, skip_eval=True, overwrite=True)
+    assert (out / "world2_t2i.safetensors").read_bytes() != b"the user's file"
+
+
 def test_refuses_to_train_into_the_package():
     from erasers_dev.world2.train import PACKAGE_DIR, TrainConfig, train_all
 
