@@ -42,6 +42,21 @@ class PromptEncoding:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
+    @classmethod
+    def from_rows(cls, rows: list, lengths: list, token_ids: list, before: list) -> "PromptEncoding":
+        """Per-prompt (T_i, d) rows zero-padded to one batch, for encoders without a pooled vector;
+        ``before`` = per prompt, the rows ahead of its first word (a start token or a kept template
+        prefix), which play the role of CLIP's start token (``has_bos``)."""
+        width = max(r.shape[0] for r in rows)
+        hidden = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
+        return cls(
+            hidden=hidden,
+            lengths=torch.tensor(lengths, dtype=torch.long),
+            token_ids=token_ids,
+            pooled=None,
+            has_bos=min(before) > 0,
+        )
+
 
 @runtime_checkable
 class TextEncoder(Protocol):

@@ -340,15 +340,7 @@ class TemplatedPipelineEncoder:
                 before.append(row_pos.index(real[start]) if start < len(real) and real[start] in row_pos else 0)
             rows.append(hidden)
             token_ids.append(row_ids)
-        width = max(r.shape[0] for r in rows)
-        hidden = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
-        return PromptEncoding(
-            hidden=hidden,
-            lengths=torch.tensor(lengths, dtype=torch.long),
-            token_ids=token_ids,
-            pooled=None,
-            has_bos=min(before) > 0,
-        )
+        return PromptEncoding.from_rows(rows, lengths, token_ids, before)
 
 
 def live_eps(module, path: str) -> Optional[float]:

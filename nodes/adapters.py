@@ -239,16 +239,8 @@ class ComfyCLIPEncoder:
             # row i ↔ token_ids[i], as for CLIP (MACE aligns prompts by these ids): the ids of the rows kept
             token_ids.append(self._strip_pad(ids)[dropped:])
             before.append(start - dropped)
-        width = max(r.shape[0] for r in rows)
-        hidden = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
-        return PromptEncoding(
-            hidden=hidden,
-            lengths=torch.tensor(lengths, dtype=torch.long),
-            token_ids=token_ids,
-            pooled=None,
-            # rows before the prompt (BOS, a kept template prefix) play the role of CLIP's start token
-            has_bos=min(before) > 0,
-        )
+        # rows before the prompt (BOS, a kept template prefix) play the role of CLIP's start token
+        return PromptEncoding.from_rows(rows, lengths, token_ids, before)
 
     def _pooled_each(self, per_prompt: list) -> torch.Tensor:
         # encode_token_weights returns only the first section's pooled vector, so pooled vectors of a
