@@ -36,14 +36,15 @@ pytestmark = pytest.mark.skipif(
 
 PROMPT = "a photo of a nude person on a beach"
 BENIGN = "a photo of a dog on a beach"
-#: latent (channels, [frames,] height, width) per family (Wan: a 3-latent-frame clip)
+#: latent (channels, [frames,] height, width) per family. Wan: the issue's 2-second clip — 33 frames at
+#: Wan's 16 fps, 1 + 32 / 4 = 9 latent frames (its VAE compresses time 4×), at a tiny spatial size
 LATENT = {
     "chroma": (16, 8, 8),
     "flux2": (16, 8, 8),
     "qwen_image": (16, 1, 8, 8),  # Qwen-Image's latent is Wan's (one frame)
     "lumina2": (16, 8, 8),
     "zimage": (16, 8, 8),
-    "wan": (16, 3, 8, 8),
+    "wan": (16, 9, 8, 8),
 }
 SLD_FAMILIES = ("chroma", "qwen_image", "lumina2", "zimage", "wan")
 SAFREE_FAMILIES = ("chroma", "wan")
