@@ -58,6 +58,19 @@ class PromptEncoding:
         )
 
 
+def shared_head_tail(a: Sequence[int], b: Sequence[int]) -> tuple:
+    """(head, tail): the lengths of the common prefix and of the common suffix of two token lists, the
+    suffix not overlapping the prefix — a host template's tokens, found by tokenizing two texts."""
+    limit = min(len(a), len(b))
+    head = 0
+    while head < limit and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < limit - head and a[len(a) - 1 - tail] == b[len(b) - 1 - tail]:
+        tail += 1
+    return head, tail
+
+
 @runtime_checkable
 class TextEncoder(Protocol):
     """What the core needs from a host text encoder."""

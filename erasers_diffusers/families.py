@@ -39,7 +39,7 @@ from erasers import families as family_table
 from erasers.errors import ConceptTooLong, FamilyMismatch, UnsupportedFamily
 from erasers.families.key_map import KeyMapEncoder, build_key_map, map_width, pre_keys
 from erasers.files.families import layer_specs
-from erasers.text import PromptEncoding
+from erasers.text import PromptEncoding, shared_head_tail
 
 __all__ = ["DIFFUSERS_FAMILIES", "DiffusersFamily", "TemplatedPipelineEncoder", "lookup", "refuse_variant"]
 
@@ -305,12 +305,7 @@ class TemplatedPipelineEncoder:
         if self._template is None:
             empty = self._row("")[3]
             probe = self._row("x")[3]
-            head = 0
-            while head < min(len(empty), len(probe)) and empty[head] == probe[head]:
-                head += 1
-            tail = 0
-            while tail < min(len(empty), len(probe)) - head and empty[-1 - tail] == probe[-1 - tail]:
-                tail += 1
+            head, tail = shared_head_tail(empty, probe)
             self._template = (head, tail, empty[len(empty) - tail :])
         return self._template
 

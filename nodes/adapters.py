@@ -25,7 +25,7 @@ from ..erasers.edits.methods import check_family, get_method
 from ..erasers.errors import ConceptTooLong, FamilyMismatch, UnknownKeys, UnsupportedFamily
 from ..erasers.families.key_map import KeyMapEncoder, build_key_map, map_width, pre_keys
 from ..erasers.files.families import Family, detect_family, layer_specs
-from ..erasers.text import PromptEncoding, split_concepts
+from ..erasers.text import PromptEncoding, shared_head_tail, split_concepts
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +197,7 @@ class ComfyCLIPEncoder:
         if self._empty is None:
             empty = self._strip_pad(self._flat_ids(self._host_tokenize("")))
             probe = self._strip_pad(self._flat_ids(self._host_tokenize("x")))
-            head = 0
-            while head < min(len(empty), len(probe)) and empty[head] == probe[head]:
-                head += 1
-            tail = 0
-            while tail < min(len(empty), len(probe)) - head and empty[-1 - tail] == probe[-1 - tail]:
-                tail += 1
-            self._empty = (head, tail)
+            self._empty = shared_head_tail(empty, probe)
         return self._empty
 
     def _prompt_span(self, ids: list) -> tuple:

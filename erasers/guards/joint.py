@@ -24,6 +24,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..text import shared_head_tail
+
 
 def _strip_run(ids: list, token: int) -> list:
     """``ids`` without its trailing run of ``token`` (padding)."""
@@ -48,13 +50,7 @@ def word_span(ids: Sequence[int], empty_ids: Sequence[int]) -> tuple:
         # a run of two or more is padding; a single shared last token is the template's end and stays
         if len(ids) - len(stripped) > 1 or len(empty) - len(empty_stripped) > 1:
             ids, empty = stripped, empty_stripped
-    limit = min(len(ids), len(empty))
-    head = 0
-    while head < limit and ids[head] == empty[head]:
-        head += 1
-    tail = 0
-    while tail < limit - head and ids[len(ids) - 1 - tail] == empty[len(empty) - 1 - tail]:
-        tail += 1
+    head, tail = shared_head_tail(ids, empty)
     return head, len(ids) - tail
 
 
