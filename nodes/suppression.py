@@ -499,7 +499,14 @@ class EraserConceptGuidance(io.ComfyNode):
             m,
             "concept_guidance",
             hooks.make_nag_wrapper(
-                config, neg, concept_ctx, s_start, s_end, config.sigma_end_for(family), skip_first=not sc.is_t5(family)
+                config,
+                neg,
+                concept_ctx,
+                s_start,
+                s_end,
+                config.sigma_end_for(family),
+                skip_first=not sc.is_t5(family),
+                text_mask_refusal=family if family in hooks.HOST_BLOCK_NAG else None,
             ),
         )
         return io.NodeOutput(m)

@@ -256,8 +256,11 @@ def make_nag_wrapper(
     sigma_end: float,
     nag_sigma_end: float,
     skip_first: bool = True,
+    text_mask_refusal: Optional[str] = None,
 ) -> Callable:
-    """APPLY_MODEL wrapper: enables NAG for the positive rows while σ is in the window and σ ≥ σ_end."""
+    """APPLY_MODEL wrapper: enables NAG for the positive rows while σ is in the window and σ ≥ σ_end.
+    ``text_mask_refusal`` (a family label): a model call with a text attention mask is refused (the families
+    whose concept stream runs through the host's blocks, ``HOST_BLOCK_NAG``)."""
     gate = GateLog("ConceptGuidance", config.risk_gate)
     params = {"phi": float(config.phi), "tau": float(config.tau), "alpha": float(config.effective_alpha)}
 
@@ -273,9 +276,20 @@ def make_nag_wrapper(
         )
         if rows.numel() == 0:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if text_mask_refusal and kwargs.get("attention_mask") is not None:
+            raise RuntimeError(
+                f"Concept guidance on {text_mask_refusal} runs the concept's text through the model's blocks, and "
+                "this prompt came with a text attention mask (a batch of prompts of different lengths), which "
+                "the host's blocks apply to the prompt's length only. Encode one prompt per conditioning; "
+                "stopped at the first step rather than sampling unguarded."
+            )
         op = dict(params, neg=neg_context, rows=rows.to(c_crossattn.device), stream={})
         to = with_state(
-            transformer_options, nag=op, txt_len=c_crossattn.shape[1], model=getattr(executor, "class_obj", None)
+            transformer_options,
+            nag=op,
+            txt_len=c_crossattn.shape[1],
+            model=getattr(executor, "class_obj", None),
+            latent_shape=tuple(x.shape),
         )
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
@@ -425,6 +439,8 @@ class DitDispatch:
             return extra["original_block"](args)
         if self.family == "wan":
             return self.cross_attention_block(args, extra, to, state)
+        if self.family in HOST_BLOCK_NAG and state.get("nag"):
+            return self.host_block_guidance(args, extra, to, state)
         img = args["img"]
         if self.kind == "double":
             txt_len = args["txt"].shape[1]
@@ -518,6 +534,99 @@ class DitDispatch:
                 f"The guards found no cross-attention in Wan block {self.index} ({calls[0]} attention call(s), "
                 "expected self-attention then cross-attention): stopped before the first step rather than sampling "
                 "unguarded."
+            )
+        return out
+
+    def host_block_guidance(self, args, extra, to, state):
+        """NAG on Chroma / Flux.2 / Qwen-Image through the host's own block, twice (§5.4).
+
+        Z⁻ needs the concept's text stream carried through every block by that block's own projections, norms
+        and modulation. Rather than re-implement three families' blocks, the block runs once more for the
+        guided rows with [concept stream ‖ the same image stream] (the concept's rotary positions computed as
+        the model computes a prompt's): its attention output on the image queries is Z⁻ (the image queries
+        and keys are the positive pass's: same image input, same modulation), and its text output is the
+        concept stream the next block reads. Then the block runs for the batch as usual, and in its joint
+        attention NAG mixes Z⁻ into the guided rows' image part (token suppression's bias composes there).
+        Exact, at the price of the guided rows' image work in the extra pass (the cost table in
+        docs/suppression.md)."""
+        img = args["img"]
+        single = self.kind == "single"
+        txt_len = int(state.get("txt_len", 0)) if single else args["txt"].shape[1]
+        joint_len = img.shape[1] if single else txt_len + img.shape[1]
+        previous = to.get("optimized_attention_override")
+        dm = state["model"].diffusion_model
+        if args.get("attn_mask") is not None:
+            raise RuntimeError(
+                f"Concept guidance on {self.family} runs the concept's text through the model's blocks, and this "
+                "model call brought an attention mask laid out for the prompt's text length (a regional mask?), "
+                "which cannot be applied to the concept's: stopped at the first step rather than sampling unguarded."
+            )
+        z_negs = []
+        for op in state["nag"]:
+            rows = op["rows"].to(img.device)
+            stream = op["stream"]
+            if "txt" not in stream:
+                stream["txt"] = concept_text_stream(self.family, dm, op["neg"].to(img.device, img.dtype))
+            if "pe" not in stream:
+                stream["pe"] = concept_rotary(self.family, dm, args["pe"], txt_len, stream["txt"].shape[1], state)
+            concept = stream["txt"].to(img.dtype).expand(len(rows), -1, -1)
+            n_concept = concept.shape[1]
+            captured = []
+
+            def capture(func, q, k, v, heads, *rest, mask=None, skip_reshape=False, **kw):
+                out = _host_call(previous, func, q, k, v, heads, rest, mask, skip_reshape, kw)
+                captured.append(_image_part(out, n_concept, kw))
+                return out
+
+            neg_args = dict(
+                args,
+                vec=take_rows(args["vec"], rows, img.shape[0]),
+                pe=take_rows(stream["pe"], rows, img.shape[0]),
+                transformer_options=dict(to, optimized_attention_override=capture, **{STATE_KEY: None}),
+            )
+            if single:
+                if n_concept != txt_len and to.get("reference_image_num_tokens"):
+                    raise RuntimeError(
+                        "Concept guidance on Flux-type single blocks with reference images needs the concept as "
+                        f"long as the prompt ({n_concept} vs {txt_len} tokens): the host's modulation ranges follow "
+                        "the prompt's length. Stopped at the first step rather than sampling unguarded."
+                    )
+                neg_args["transformer_options"]["img_slice"] = [n_concept, n_concept + img.shape[1] - txt_len]
+                neg_args["img"] = torch.cat((concept, img[rows, txt_len:]), dim=1)
+            else:
+                neg_args.update(img=img[rows], txt=concept)
+            out = extra["original_block"](neg_args)
+            if len(captured) != 1:
+                raise RuntimeError(
+                    f"Concept guidance expected one joint attention in {self.family} {self.kind} block {self.index} "
+                    f"and saw {len(captured)}: this ComfyUI lays the block out differently; stopped at the first "
+                    "step rather than sampling unguarded."
+                )
+            stream["txt"] = out["img"][:, :n_concept] if single else out["txt"]
+            z_negs.append((op, captured[0]))
+        acted = [0]
+
+        def guided(func, q, k, v, heads, *rest, mask=None, skip_reshape=False, **kw):
+            out = table_joint_attention(
+                func, q, k, v, heads, rest, mask, skip_reshape, kw, state, 0, txt_len, joint_len, previous
+            )
+            if (q.shape[2] if skip_reshape else q.shape[1]) != joint_len:
+                return out
+            acted[0] += 1
+            z = out
+            for op, z_neg in z_negs:
+                rows = op["rows"].to(out.device)
+                z_pos = _image_part(z, txt_len, kw)[rows]
+                mixed = cg.nag(z_pos, z_neg.to(z_pos.device), op["phi"], op["tau"], op["alpha"])
+                z = _with_image_part(z, rows, mixed, txt_len, kw)
+            return z
+
+        out = extra["original_block"](dict(args, transformer_options=dict(to, optimized_attention_override=guided)))
+        if acted[0] != 1:
+            raise RuntimeError(
+                f"Concept guidance found no joint attention of length {joint_len} in {self.family} {self.kind} block "
+                f"{self.index}: this ComfyUI lays the block out differently; stopped at the first step rather than "
+                "sampling unguarded."
             )
         return out
 
@@ -744,6 +853,92 @@ class DitDispatch:
             # the last joint block is context pre-only (no ``inter``): nothing reads its stream
             return tq, tk, tv, (carry if inter is not None else None)
         raise RuntimeError(f"concept guidance has no DiT branch for '{self.family}'")
+
+
+#: the families whose concept guidance runs through the host's own blocks (``DitDispatch.host_block_guidance``)
+HOST_BLOCK_NAG = ("chroma", "flux2", "qwen_image")
+#: Flux.2's context length at sampling: model_base.Flux2.extra_conds left-pads the context to 512 with zeros
+FLUX2_TEXT_LEN = 512
+
+
+def concept_text_stream(family: str, dm, context: torch.Tensor) -> torch.Tensor:
+    """The text stream the first block reads for ``context`` (1, T, D), made as the model makes a prompt's:
+    Flux.2 left-pads it to 512 (extra_conds), then txt_norm where the model has one (Flux.2 with the norm,
+    Qwen-Image), then txt_in (Flux.forward_orig, Chroma.forward_orig, QwenImageTransformer2DModel._forward)."""
+    if family == "flux2" and context.shape[1] < FLUX2_TEXT_LEN:
+        context = torch.nn.functional.pad(context, (0, 0, FLUX2_TEXT_LEN - context.shape[1], 0))
+    norm = getattr(dm, "txt_norm", None)
+    if norm is not None:
+        context = norm(context)
+    return dm.txt_in(context)
+
+
+def text_position_ids(family: str, dm, length: int, latent_shape) -> torch.Tensor:
+    """(1, length, 3) rotary position ids of a text of ``length`` tokens, as the model assigns them: Chroma
+    all zeros; Flux.2 zeros but ``params.txt_ids_dims`` counting 0…T−1 (Flux.forward); Qwen-Image every axis
+    counting from txt_start, which follows from the latent's size (QwenImageTransformer2DModel._forward)."""
+    if family == "qwen_image":
+        p = int(dm.patch_size)
+        h, w = int(latent_shape[-2]), int(latent_shape[-1])
+        start = round(max(((w + (p // 2)) // p) // 2, ((h + (p // 2)) // p) // 2))
+        return torch.arange(start, start + length, dtype=torch.float32).reshape(1, -1, 1).repeat(1, 1, 3)
+    axes = len(dm.pe_embedder.axes_dim)
+    ids = torch.zeros((1, length, axes), dtype=torch.float32)
+    if family == "flux2":
+        for i in getattr(dm.params, "txt_ids_dims", []) or []:
+            ids[:, :, i] = torch.arange(length, dtype=torch.float32)
+    return ids
+
+
+def concept_rotary(family: str, dm, pe: torch.Tensor, txt_len: int, n_concept: int, state: dict) -> torch.Tensor:
+    """The block's rotary table with the prompt's T text rows replaced by the concept's: the image rows are
+    the prompt's, the concept's text rows are computed by the model's own pe_embedder. Fails closed when the
+    text rows this computes for the prompt are not the ones the model passed (another ComfyUI's layout)."""
+    device = pe.device
+    mine = dm.pe_embedder(text_position_ids(family, dm, txt_len, state.get("latent_shape")).to(device))
+    prompt_rows = pe[:1, :, :txt_len].float()
+    same = mine.shape[2] == txt_len and torch.allclose(mine.to(pe.dtype).float(), prompt_rows, atol=1e-4)
+    if not same:
+        raise RuntimeError(
+            f"Concept guidance could not reproduce the {family} model's rotary positions of its {txt_len} text "
+            "tokens (this ComfyUI assigns them differently), so the concept's cannot be made: stopped at the first "
+            "step rather than sampling unguarded."
+        )
+    text = dm.pe_embedder(text_position_ids(family, dm, n_concept, state.get("latent_shape")).to(device))
+    return torch.cat((text.to(pe.dtype).expand(pe.shape[0], *text.shape[1:]), pe[:, :, txt_len:]), dim=2)
+
+
+def take_rows(obj, rows: torch.Tensor, batch: int):
+    """``obj`` restricted to the batch ``rows``: tensors whose first axis is the batch are indexed, tuples,
+    lists and dataclasses (Chroma's / Flux.2's modulation records) are mapped; a batch-1 table is kept."""
+    import dataclasses
+
+    if torch.is_tensor(obj):
+        return obj[rows.to(obj.device)] if obj.ndim and obj.shape[0] == batch and batch > 1 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(take_rows(o, rows, batch) for o in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(
+            obj, **{f.name: take_rows(getattr(obj, f.name), rows, batch) for f in dataclasses.fields(obj)}
+        )
+    return obj
+
+
+def _image_part(out: torch.Tensor, txt_len: int, kw: dict) -> torch.Tensor:
+    """The image queries' rows of a joint attention output, as (B, N, H·D)."""
+    if kw.get("skip_output_reshape"):  # (B, H, L, D)
+        return _to_seq(out[:, :, txt_len:], True)
+    return out[:, txt_len:]
+
+
+def _with_image_part(out: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, txt_len: int, kw: dict) -> torch.Tensor:
+    """A copy of ``out`` whose ``rows`` have the image part ``z`` (R, N, H·D)."""
+    out = out.clone()
+    if kw.get("skip_output_reshape"):
+        out[rows, :, txt_len:] = _heads(z, out.shape[1], False).to(out.dtype)
+    else:
+        out[rows, txt_len:] = z.to(out.dtype)
+    return out
 
 
 def _host_call(previous, func, q, k, v, heads, rest, mask, skip_reshape, kw):

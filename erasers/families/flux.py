@@ -9,11 +9,6 @@ from .record import GUARDS, FamilyRecord, PreNorm
 
 JOINT_TEXT_FIRST = "joint attention; text tokens first (img = cat(txt, img)), double then single blocks"
 
-NO_NAG = (
-    "concept guidance needs the concept's text stream carried through every block of the model (its own text "
-    "modulation and per-block text projections); the pack carries it through Flux.1's and SD3's blocks only"
-)
-
 
 def distilled(label: str, instead: str) -> str:
     return (
@@ -45,8 +40,8 @@ RECORDS = (
         "vector, so no vector_in",
         text_tokens=JOINT_TEXT_FIRST + "; no per-block modulation (distilled_guidance_layer)",
         # SAFREE: T5's layout (no start token, ends with </s>), masked with T5's pad id; no pooled vector to project
-        guards=("token_suppression", "sld", "safree"),
-        guard_refusals=(("concept_guidance", NO_NAG),),
+        # concept guidance: the concept's text stream through the host's own blocks (DitDispatch.host_block_guidance)
+        guards=("token_suppression", "sld", "safree", "concept_guidance"),
         guard_layout="joint_text_first",
     ),
     FamilyRecord(
@@ -62,7 +57,7 @@ RECORDS = (
         "an empty <think> block); hidden states of three layers stacked per token; the template is kept; the "
         "model left-pads the context to 512 with zeros",
         text_tokens=JOINT_TEXT_FIRST + "; global modulation",
-        guards=("token_suppression",),
+        guards=("token_suppression", "concept_guidance"),
         guard_refusals=(
             ("sld", distilled("Flux.2", "token suppression")),
             (
@@ -71,7 +66,6 @@ RECORDS = (
                 "a chat template and the model pads the context to 512 on the left, which SAFREE's token "
                 "positions and prompt check do not account for yet",
             ),
-            ("concept_guidance", NO_NAG),
         ),
         guard_layout="joint_text_first",
     ),

@@ -7,8 +7,9 @@ from ..files.families import Family
 from .record import GUARDS, FamilyRecord, PreNorm
 
 NO_NAG = (
-    "concept guidance needs the concept's text stream carried through every block of the model (its own text "
-    "projections, norms and modulation); the pack carries it through Flux.1's and SD3's blocks only"
+    "concept guidance carries the concept's text stream through the model's own blocks, which it reaches through "
+    "the per-block replace hook (patches_replace['dit']); this model's joint layers have none (the guards reach "
+    "them only through the model-wide attention override), so the stream cannot be carried"
 )
 
 
@@ -44,11 +45,8 @@ RECORDS = (
         "<|im_end|>\\n<|im_start|>assistant\\n); the host drops everything up to 'user\\n' and keeps the "
         "closing tokens; no padding for one prompt",
         text_tokens="joint attention over separate text/image projections (add_q/k/v_proj); text first",
-        guards=("token_suppression", "sld"),
-        guard_refusals=(
-            ("safree", templated("Qwen-Image", "a chat template whose prefix the host drops")),
-            ("concept_guidance", NO_NAG),
-        ),
+        guards=("token_suppression", "sld", "concept_guidance"),
+        guard_refusals=(("safree", templated("Qwen-Image", "a chat template whose prefix the host drops")),),
         guard_layout="joint_text_first",
     ),
     FamilyRecord(

@@ -25,6 +25,8 @@ from .base import SuppressionConfig
 SIGMA_END = {"sd1": 4.0, "sd2": 4.0, "sdxl": 4.0, "unet": 4.0, "sd3": 0.75, "flux": 0.75}
 #: Wan: no published NAG cut-off in this form; the pack's flow-model value (SD3/Flux) is used
 SIGMA_END["wan"] = SIGMA_END["flux"]
+#: Chroma, Flux.2, Qwen-Image: flow models like Flux.1 (NAG's Flux cut-off; none published for them)
+SIGMA_END.update(chroma=SIGMA_END["flux"], flux2=SIGMA_END["flux"], qwen_image=SIGMA_END["flux"])
 #: shipped α per family where it differs from 0.25 (SD1.5 workflow: 0.38)
 ALPHA = {"sd1": 0.38}
 
