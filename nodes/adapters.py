@@ -450,9 +450,9 @@ def build_config(
 
 def compute_on_model(model, clip, config, progress: Optional[Callable] = None) -> Eraser:
     """Solve ``config`` on the model's current weights with embeddings from its own CLIP."""
+    record = model_record(model)  # an unknown class is refused here, before its weights or the CLIP are read
     state = canonical_state(model)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    record = model_record(model)  # an unknown class is refused here, before the CLIP encodes anything
     family = model_family(model, shapes)
     method = get_method(config.method)
     check_family(method, family)

@@ -176,6 +176,8 @@ def masked_token_dicts(clip, prompt: str, family: str, mask_id: int, max_tokens:
     in every CLIP key (SD1/SD2/SDXL) or in the T5 key (SD3/Flux)."""
     tokens = clip.tokenize(prompt)
     key = context_key(family)
+    if key not in tokens:  # SD2.x: ComfyUI's SD2 tokenizer keys its one CLIP (OpenCLIP-H) as "h"
+        key = next(k for k in tokens if k != "t5xxl")
     ids = ids_of(tokens, key)
     n_real = real_length(ids, family)
     first = 0 if is_t5(family) else 1
