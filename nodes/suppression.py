@@ -10,6 +10,7 @@ import logging
 
 from comfy_api.latest import io
 
+from ..erasers.errors import UnsupportedFamily
 from ..erasers.guards import safree, sld
 from ..erasers.guards.base import preset_names, sigma_window
 from ..erasers.guards.concept_guidance import ALPHA, ConceptGuidanceConfig
@@ -235,6 +236,24 @@ class EraserSAFREE(io.ComfyNode):
         prompt = prompt.strip() or cls.recover_prompt(allow_pass_through)
         if not prompt:
             return io.NodeOutput(m)
+        if family in sc.LLM_FAMILIES:
+            prompt_ctx, result = cls.analyse_chat(config, clip, prompt, family, keywords_as_negative)
+        else:
+            prompt_ctx, result = cls.analyse_clip_t5(config, clip, prompt, family)
+        negative = sc.encode(clip, safree.joined_keywords(config))[0][0] if keywords_as_negative else None
+        # even a prompt SAFREE leaves alone is checked at sampling: the sampler must use the analysed prompt
+        check = hooks.make_prompt_check("SAFREE", prompt_ctx[0], allow_pass_through, uid)
+        add_wrapper(m, "safree_check", check, kind="OUTER_SAMPLE")
+        if not result.changed and negative is None:
+            return io.NodeOutput(m)
+        end = min(config.end_percent, result.filter_fraction) if result.changed else config.end_percent
+        s_start, s_end = sigma_window(m.get_model_object("model_sampling").percent_to_sigma, config.start_percent, end)
+        add_wrapper(m, "safree", hooks.make_safree_wrapper(result, prompt_ctx[0], s_start, s_end, negative))
+        return io.NodeOutput(m)
+
+    @staticmethod
+    def analyse_clip_t5(config, clip, prompt, family) -> tuple:
+        """SD1.x–SDXL (CLIP), SD3 / Flux.1 / Chroma / Wan (T5): (prompt context (1, T, D), SafreeResult)."""
         mask_id = sc.T5_PAD if sc.is_t5(family) else safree.CLIP_MASK_ID
         tokens, positions, copies, n_real = sc.masked_token_dicts(clip, prompt, family, mask_id)
         prompt_ctx, prompt_pooled = sc.encode(clip, tokens)
@@ -259,16 +278,38 @@ class EraserSAFREE(io.ComfyNode):
             concept_pooled=concept_pooled if t5 else None,
             token_range=token_range,
         )
-        negative = sc.encode(clip, safree.joined_keywords(config))[0][0] if keywords_as_negative else None
-        # even a prompt SAFREE leaves alone is checked at sampling: the sampler must use the analysed prompt
-        check = hooks.make_prompt_check("SAFREE", prompt_ctx[0], allow_pass_through, uid)
-        add_wrapper(m, "safree_check", check, kind="OUTER_SAMPLE")
-        if not result.changed and negative is None:
-            return io.NodeOutput(m)
-        end = min(config.end_percent, result.filter_fraction) if result.changed else config.end_percent
-        s_start, s_end = sigma_window(m.get_model_object("model_sampling").percent_to_sigma, config.start_percent, end)
-        add_wrapper(m, "safree", hooks.make_safree_wrapper(result, prompt_ctx[0], s_start, s_end, negative))
-        return io.NodeOutput(m)
+        return prompt_ctx, result
+
+    @staticmethod
+    def analyse_chat(config, clip, prompt, family, keywords_as_negative) -> tuple:
+        """Flux.2, Qwen-Image, Lumina 2, Z-Image (decoder LLMs behind a chat template or a start token; the
+        pack's port, erasers/guards/safree.py): the prompt's own rows are found inside the host's template and
+        checked before anything is patched; masked copies replace one own token each with the host's id for
+        "!"; pooled vectors are means over own rows; only own rows are projected."""
+        if keywords_as_negative:
+            raise UnsupportedFamily(
+                f"SAFREE on {family}: keywords_as_negative cannot be applied: this family's conditionings are not "
+                "batched to one length, so the keyword encoding cannot replace the negative rows. Type the keywords "
+                "into the negative prompt's CLIP Text Encode instead and turn keywords_as_negative off."
+            )
+        layout = sc.chat_layout(clip, family)
+        text = sc.chat_text(clip, layout, prompt)
+        positions, masked_ctx = sc.chat_masked_copies(clip, layout, text)
+        concept_rows, concept_lengths = sc.chat_concepts(clip, layout, config.concepts)
+        lo, hi = text.rows
+        result = safree.analyse(
+            config,
+            text.context,
+            hi - lo,
+            positions,
+            masked_ctx,
+            torch_full(len(positions), hi - lo),
+            concept_rows,
+            concept_lengths,
+            encoder="llm",
+            token_range=(lo, hi),
+        )
+        return text.context[None], result
 
     @classmethod
     def fingerprint_inputs(cls, prompt="", **inputs):

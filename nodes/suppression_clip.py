@@ -7,15 +7,17 @@ and ``model_sampling``); nothing is imported from ComfyUI at module level.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from typing import Optional
 
 import torch
 
 from ..erasers import families
-from ..erasers.errors import UnsupportedFamily
+from ..erasers.errors import FamilyMismatch, UnsupportedFamily
 from ..erasers.guards import joint
 from ..erasers.guards.token_suppress import match_token_ids
+from ..erasers.text import shared_head_tail
 
 log = logging.getLogger(__name__)
 
@@ -279,3 +281,196 @@ def prompt_positions(clip, prompt: str, words, family: str) -> tuple:
     drop = joint.dropped_head(len(ids), prompt_ref.shape[0])
     positions = [start + p - drop for p in match_token_ids(ids[start:end], words) if start + p - drop >= 0]
     return prompt_ref, positions, end - drop + 1
+
+
+# -- SAFREE on the decoder-LLM families: the prompt's own rows inside the host's chat template ---------------
+
+#: the families whose text encoder is a decoder LLM behind a chat template or a start token (SAFREE's "llm" port)
+LLM_FAMILIES = ("flux2", "qwen_image", "lumina2", "zimage")
+#: of those, the ones whose host encoder drops leading template rows (QwenImageTEModel keeps what follows the
+#: 2nd <|im_start|> and 'user\n'); the others return one row per token
+DROPS_HEAD = ("qwen_image",)
+#: the text whose single token masks a word in SAFREE's masked-prompt test: the reference masks with CLIP's
+#: id 0, "!"; here the host tokenizer's own id for "!" (Qwen's vocabulary also gives it id 0)
+MASK_TEXT = "!"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatLayout:
+    """How the host tokenizes any prompt for one decoder-LLM family, found from the empty prompt and a
+    one-word probe (``erasers.text.shared_head_tail``): template ids before and after the words, the pad id
+    (stripped from either end: Flux.2-klein pads to 512 on the right, Mistral pads on the left) and the id
+    that masks a word."""
+
+    family: str
+    key: str
+    head: tuple
+    tail: tuple
+    pad: Optional[int]
+    mask_id: int
+
+
+@dataclasses.dataclass
+class ChatText:
+    """One text as the host encodes it: ``context`` (T, D) with the text's own tokens at token positions
+    [start, end) and at context rows [start − drop, end − drop) (``rows``)."""
+
+    tokens: dict
+    ids: list
+    start: int
+    end: int
+    drop: int
+    context: torch.Tensor
+
+    @property
+    def rows(self) -> tuple:
+        return self.start - self.drop, self.end - self.drop
+
+
+def _layout_error(family: str, what: str) -> FamilyMismatch:
+    return FamilyMismatch(
+        f"SAFREE on {family}: {what} SAFREE must know which context rows hold the prompt's own words, so it "
+        "stops before sampling. Connect the text encoder loaded with this model and type plain text (no chat "
+        "template of your own), or use token suppression."
+    )
+
+
+def _single_section(tokens: dict, family: str, what: str) -> tuple:
+    if len(tokens) != 1:
+        raise _layout_error(family, f"the text encoder tokenizes {what} into {sorted(tokens)}, expected one key.")
+    ((key, sections),) = tokens.items()
+    if len(sections) != 1:
+        raise _layout_error(family, f"{what} came back in {len(sections)} sections, expected one.")
+    ids = [t[0] for t in sections[0]]
+    if not all(isinstance(i, int) for i in ids):
+        raise _layout_error(family, f"{what} holds embeddings (an image or a textual-inversion embedding).")
+    return key, [int(i) for i in ids]
+
+
+def _pad_id(clip, key: str) -> Optional[int]:
+    tok = clip.tokenizer
+    sub = getattr(tok, f"clip_{key}", None) or getattr(tok, key, None)
+    pad = getattr(sub, "pad_token", None)
+    return None if pad is None else int(pad)
+
+
+def _unpad(ids: list, pad: Optional[int]) -> tuple:
+    """(left, right): how many pad ids the host put before and after the tokens."""
+    if pad is None:
+        return 0, 0
+    left = 0
+    while left < len(ids) and ids[left] == pad:
+        left += 1
+    right = 0
+    while right < len(ids) - left and ids[len(ids) - 1 - right] == pad:
+        right += 1
+    return left, right
+
+
+def chat_layout(clip, family: str) -> ChatLayout:
+    """The host's template for ``family``, from its tokenization of "" and of a one-word probe."""
+    key, empty = _single_section(clip.tokenize(""), family, "the empty prompt")
+    _, probe = _single_section(clip.tokenize("x"), family, "a one-word prompt")
+    pad = _pad_id(clip, key)
+    el, er = _unpad(empty, pad)
+    pl, pr = _unpad(probe, pad)
+    empty, probe = empty[el : len(empty) - er], probe[pl : len(probe) - pr]
+    head, tail = shared_head_tail(empty, probe)
+    if head + tail != len(empty) or len(probe) <= head + tail:
+        raise _layout_error(
+            family,
+            f"its tokenizer's template was not found: the empty prompt gives {len(empty)} tokens, a one-word prompt "
+            f"{len(probe)}, sharing {head} in front and {tail} behind (expected the empty prompt to be exactly the "
+            "shared template and the word to add tokens).",
+        )
+    _, masked = _single_section(clip.tokenize(MASK_TEXT), family, f"the mask text {MASK_TEXT!r}")
+    ml, mr = _unpad(masked, pad)
+    masked = masked[ml : len(masked) - mr]
+    own = masked[head : len(masked) - tail]
+    if len(masked) != head + tail + 1 or masked[:head] != empty[:head] or own[0] in (pad, *empty):
+        raise _layout_error(
+            family,
+            f"its tokenizer does not spell {MASK_TEXT!r} as one ordinary token inside the template (found "
+            f"{masked[head : len(masked) - tail]}), so there is no mask token for the masked-prompt test.",
+        )
+    return ChatLayout(family, key, tuple(empty[:head]), tuple(empty[head:]), pad, own[0])
+
+
+def chat_text(clip, layout: ChatLayout, text: str, tokens: Optional[dict] = None) -> ChatText:
+    """``text`` (or its ``tokens``, e.g. a masked copy) tokenized and encoded as the host does, with its own
+    tokens located and the layout checked: the template intact around them, padding only at the ends, the
+    encoder returning one row per token past the head it drops (Qwen-Image) and none otherwise."""
+    family = layout.family
+    tokens = clip.tokenize(text) if tokens is None else tokens
+    key, ids = _single_section(tokens, family, "the prompt")
+    left, right = _unpad(ids, layout.pad)
+    core = ids[left : len(ids) - right]
+    head, tail = len(layout.head), len(layout.tail)
+    if tuple(core[:head]) != layout.head or tuple(core[len(core) - tail :]) != layout.tail or len(core) <= head + tail:
+        raise _layout_error(
+            family,
+            f"the host tokenized {text[:60]!r} as {len(core)} tokens that do not sit inside its template "
+            f"({head} template tokens in front, {tail} behind, the text's own in between); a prompt that brings its "
+            "own template (Qwen-Image skips its template for text starting with '<|im_start|>') is not supported.",
+        )
+    start, end = left + head, left + len(core) - tail
+    context = encode(clip, tokens)[0][0]
+    drop = len(ids) - context.shape[0]
+    expected = "drops part of the template head" if family in DROPS_HEAD else "returns one row per token"
+    if (family in DROPS_HEAD and not 0 < drop <= start) or (family not in DROPS_HEAD and drop != 0):
+        raise _layout_error(
+            family,
+            f"the text encoder returned {context.shape[0]} rows for {len(ids)} tokens (the text's own at "
+            f"{start}–{end}); expected an encoder that {expected}.",
+        )
+    return ChatText(tokens, ids, start, end, drop, context)
+
+
+def chat_masked_copies(clip, layout: ChatLayout, prompt: ChatText, max_tokens: int = 75) -> tuple:
+    """(context rows of the masked words, masked contexts (n, T, D)): copy i has the prompt's own token i
+    replaced by the layout's mask id; the template and padding stay as the host produced them, and every copy
+    must come back with the prompt's rows at the same place."""
+    positions = list(range(prompt.start, min(prompt.end, prompt.start + max_tokens)))
+    if prompt.end - prompt.start > max_tokens:
+        log.warning("SAFREE: the prompt has %d tokens; the first %d are tested", prompt.end - prompt.start, max_tokens)
+    contexts = []
+    for pos in positions:
+        t = copy.deepcopy(prompt.tokens)
+        section = list(t[layout.key][0])
+        entry = list(section[pos])
+        entry[0] = layout.mask_id
+        section[pos] = tuple(entry)
+        t[layout.key][0] = section
+        masked = chat_text(clip, layout, "(masked prompt)", tokens=t)
+        if masked.rows != prompt.rows or masked.context.shape != prompt.context.shape:
+            raise _layout_error(
+                layout.family,
+                f"masking token {pos} moved the prompt's rows from {prompt.rows} to {masked.rows} (context "
+                f"{tuple(prompt.context.shape)} → {tuple(masked.context.shape)}).",
+            )
+        contexts.append(masked.context)
+    shape = (0,) + tuple(prompt.context.shape)
+    return [p - prompt.drop for p in positions], (torch.stack(contexts) if contexts else torch.zeros(shape))
+
+
+def chat_concepts(clip, layout: ChatLayout, concepts) -> tuple:
+    """(the keywords' own rows (K', L, D) zero-padded to the longest, their row counts (K',)): each keyword
+    encoded alone inside the template, as the host encodes a prompt. A BPE tokenizer spells a word differently
+    at the start of the text and after a space ("nude" vs "Ġnude"), and inside a prompt a keyword mostly
+    follows a space, so each keyword gives one subspace column per distinct spelling (as token suppression
+    matches both)."""
+    own, spellings = [], set()
+    for concept in concepts:
+        for spelling in (concept, " " + concept):
+            text = chat_text(clip, layout, spelling)
+            key = tuple(text.ids[text.start : text.end])
+            if key in spellings:
+                continue
+            spellings.add(key)
+            lo, hi = text.rows
+            own.append(text.context[lo:hi])
+    length = max(r.shape[0] for r in own)
+    padded = torch.zeros(len(own), length, own[0].shape[-1])
+    for k, r in enumerate(own):
+        padded[k, : r.shape[0]] = r
+    return padded, torch.tensor([r.shape[0] for r in own])

@@ -1070,7 +1070,9 @@ def make_safree_wrapper(
 ) -> Callable:
     """APPLY_MODEL wrapper: rows of the positive branch whose context is the analysed prompt's encoding
     get the projected context (and pooled ``y`` on DiTs); with ``negative_ref`` (keywords as negative) the
-    negative rows get the keyword encoding. Other prompts pass through unchanged."""
+    negative rows get the keyword encoding. Other prompts pass through unchanged. A context the model
+    left-padded (Flux.2 pads it to 512 with zero rows in front, ``locate``) gets the projection behind its
+    padding, the padding rows untouched."""
     projected = result.hidden
     warned = {}
 
@@ -1084,17 +1086,21 @@ def make_safree_wrapper(
         new_ctx, new_y, changed = None, None, False
         for r in range(c_crossattn.shape[0]):
             row = c_crossattn[r]
-            if r in rows and result.changed and matches(row, prompt_ref):
+            offset = locate(row, prompt_ref) if r in rows else None
+            if offset is not None and result.changed:
                 if new_ctx is None:
                     new_ctx = c_crossattn.clone()
-                new_ctx[r] = tile_to(projected.to(row.device, row.dtype), row.shape[0])
+                if offset:
+                    new_ctx[r, offset:] = projected.to(row.device, row.dtype)
+                else:
+                    new_ctx[r] = tile_to(projected.to(row.device, row.dtype), row.shape[0])
                 y = kwargs.get("y")
                 if result.pooled is not None and y is not None:
                     new_y = y.clone() if new_y is None else new_y
                     width = result.pooled.shape[-1]
                     new_y[r, :width] = result.pooled.to(y.device, y.dtype)
                 changed = True
-            elif r in rows and not matches(row, prompt_ref) and not warned.get("prompt"):
+            elif r in rows and offset is None and not warned.get("prompt"):
                 warned["prompt"] = True
                 log.warning(
                     "SAFREE: the positive conditioning is not the prompt given to the SAFREE node; that "

@@ -57,16 +57,9 @@ RECORDS = (
         "an empty <think> block); hidden states of three layers stacked per token; the template is kept; the "
         "model left-pads the context to 512 with zeros",
         text_tokens=JOINT_TEXT_FIRST + "; global modulation",
-        guards=("token_suppression", "concept_guidance"),
-        guard_refusals=(
-            ("sld", distilled("Flux.2", "token suppression")),
-            (
-                "safree",
-                "SAFREE masks prompt words one at a time and swaps the whole context; Flux.2's prompt sits inside "
-                "a chat template and the model pads the context to 512 on the left, which SAFREE's token "
-                "positions and prompt check do not account for yet",
-            ),
-        ),
+        # SAFREE: the pack's decoder-LLM port (the prompt's own rows inside the host's template, suppression_clip)
+        guards=("token_suppression", "safree", "concept_guidance"),
+        guard_refusals=(("sld", distilled("Flux.2", "token suppression")),),
         guard_layout="joint_text_first",
     ),
     FamilyRecord(

@@ -13,13 +13,6 @@ NO_NAG = (
 )
 
 
-def templated(label: str, how: str) -> str:
-    return (
-        f"SAFREE masks prompt words one at a time and swaps the whole context; {label}'s prompt sits inside {how}, "
-        "which SAFREE's token positions and prompt check do not account for yet"
-    )
-
-
 RECORDS = (
     FamilyRecord(
         "SD3",
@@ -45,8 +38,8 @@ RECORDS = (
         "<|im_end|>\\n<|im_start|>assistant\\n); the host drops everything up to 'user\\n' and keeps the "
         "closing tokens; no padding for one prompt",
         text_tokens="joint attention over separate text/image projections (add_q/k/v_proj); text first",
-        guards=("token_suppression", "sld", "concept_guidance"),
-        guard_refusals=(("safree", templated("Qwen-Image", "a chat template whose prefix the host drops")),),
+        # SAFREE: the pack's decoder-LLM port (the prompt's own rows inside the host's template, suppression_clip)
+        guards=("token_suppression", "sld", "safree", "concept_guidance"),
         guard_layout="joint_text_first",
     ),
     FamilyRecord(
@@ -60,16 +53,9 @@ RECORDS = (
         pre=PreNorm("cap_embedder.0.weight", "cap_embedder.0", 1e-5),
         text_encoder="Gemma-2-2B, second-to-last layer, BOS kept, no template, attention mask",
         text_tokens="cap_embedder → context_refiner (text only) → joint layers, text first",
-        guards=("token_suppression", "sld"),
-        guard_refusals=(
-            (
-                "safree",
-                "SAFREE pools the prompt at CLIP's end token or over T5's tokens up to </s> and finds the words by "
-                "those ids; Lumina 2's Gemma encoding has a start token and no end token, which it does not "
-                "handle yet",
-            ),
-            ("concept_guidance", NO_NAG),
-        ),
+        # SAFREE: the pack's decoder-LLM port (the prompt's own rows inside the host's template, suppression_clip)
+        guards=("token_suppression", "sld", "safree"),
+        guard_refusals=(("concept_guidance", NO_NAG),),
         guard_layout="joint_model_level",
     ),
     FamilyRecord(
@@ -84,11 +70,9 @@ RECORDS = (
         "assistant\\n kept whole; attention mask",
         text_tokens="cap_embedder → context_refiner (text only) → joint layers; text padded to a multiple of 32 "
         "with cap_pad_token",
-        guards=("token_suppression", "sld"),
-        guard_refusals=(
-            ("safree", templated("Z-Image", "a chat template and the model pads it to a multiple of 32")),
-            ("concept_guidance", NO_NAG),
-        ),
+        # SAFREE: the pack's decoder-LLM port (the prompt's own rows inside the host's template, suppression_clip)
+        guards=("token_suppression", "sld", "safree"),
+        guard_refusals=(("concept_guidance", NO_NAG),),
         guard_layout="joint_model_level",
     ),
     FamilyRecord(

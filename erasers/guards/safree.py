@@ -21,6 +21,16 @@ Families: CLIP contexts (SD1/SD2: one 768/1024 segment; SDXL: the 2048-d context
 subspace per encoder; pooled = the EOS-position hidden state of the same space). T5 contexts (SD3/Flux):
 the concept basis is the mean over real tokens, every T5 token is projected ((I − P_C) e, §5.3) and the
 pooled CLIP vector gets a norm-preserving projection.
+
+Decoder-LLM contexts (``encoder="llm"``: Qwen-Image's Qwen2.5-VL, Z-Image's and Flux.2-klein's Qwen3,
+Flux.2-dev's Mistral, Lumina 2's Gemma) are the pack's port; the paper has none. Their prompt sits inside a
+chat template (or after a start token) and they have no CLS/EOS state that sums the sentence up, so:
+* the pooled vector of a prompt, a masked copy or a keyword is the **mean over its own token rows** — the
+  rows of the words the user typed, never the template's rows or padding — at unit norm (``llm_pool``);
+* only the prompt's own rows are projected, with (I − P_C) (no P_M, as in the T5 port): the flagged rows,
+  and with ``include_eos`` every later row of the prompt too (causal: a word's state reaches the rows after
+  it, never the ones before). The template rows and padding are left as the host encoded them (their
+  causal states still carry the concept, as CLIP's EOS does in the reference).
 """
 
 from __future__ import annotations
@@ -175,6 +185,19 @@ def masked_copies(
     return positions, copies
 
 
+def llm_pool(rows: torch.Tensor) -> torch.Tensor:
+    """The pooled vector of a decoder-LLM encoding (the pack's port, no CLS/EOS state): the mean over the
+    text's own token rows (L, D) → (D,), scaled to unit norm. The caller passes only those rows (template and
+    padding cut off). Unit norm: CLIP's pooled vector is layer-normed, so the paper's distance
+    d = ‖(I − P_C) p‖ is in effect the sine of p's angle to the concept subspace; an LLM's hidden states (a
+    second-to-last layer, no final norm) are not normed, and without it d would follow the masked copy's
+    norm rather than its direction."""
+    if rows.shape[0] == 0:
+        raise ConfigError("safree: a text with no token rows of its own has no pooled vector.")
+    mean = rows.double().mean(0)
+    return (mean / mean.norm().clamp_min(1e-12)).float()
+
+
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, mode: str) -> torch.Tensor:
     """Pooled vectors from per-token states: "eos" = state at the last real position (CLIP's pooled
     output, before projection); "mean" = mean over real positions (T5, as in the Flux port §1.7)."""
@@ -227,24 +250,37 @@ def analyse(
     prompt_hidden (T, D) — the context the denoiser sees; masked_hidden (n, T, D) — the prompt with token
     ``positions[i]`` masked; concept_hidden (K, T, D) — each keyword alone. ``encoder`` "clip" pools at the
     EOS and projects flagged tokens with P_M; "t5" mean-pools and projects every token of ``token_range``
-    ((start, end) token slice; SD3's T5 part starts after the 77 CLIP positions). ``segments`` splits the
+    ((start, end) token slice; SD3's T5 part starts after the 77 CLIP positions); "llm" (decoder-LLM chat
+    encoders, the pack's port) needs ``token_range`` = the prompt's own rows (``prompt_length`` = their
+    count, the masked copies share them), takes concept_hidden as each keyword's own rows (K, L, D) zero-padded
+    to a common L with ``concept_lengths`` rows each, pools with ``llm_pool`` and projects only rows of
+    ``token_range``: the flagged ones and, with ``include_eos``, the later ones. ``segments`` splits the
     feature dimension into independently projected blocks (SDXL 768 | 1280). ``prompt_pooled`` /
     ``concept_pooled`` (DiTs): the pooled CLIP vector, projected norm-preservingly when anything is flagged.
     """
     T, D = prompt_hidden.shape
     segments = list(segments or [(0, D)])
+    if encoder not in ("clip", "t5", "llm"):
+        raise ConfigError(f"safree: encoder must be 'clip', 't5' or 'llm', found '{encoder}'.")
     mode = "eos" if encoder == "clip" else "mean"
     if token_range is not None:
         lo, hi = token_range
         sl = slice(lo, hi)
-        prompt_tok, masked_tok, concept_tok = prompt_hidden[sl], masked_hidden[:, sl], concept_hidden[:, sl]
+        prompt_tok, masked_tok = prompt_hidden[sl], masked_hidden[:, sl]
+        concept_tok = concept_hidden if encoder == "llm" else concept_hidden[:, sl]
     else:
         lo, hi = 0, T
         prompt_tok, masked_tok, concept_tok = prompt_hidden, masked_hidden, concept_hidden
-    length = torch.tensor([prompt_length])
-    p_full = pool(prompt_tok[None].float(), length, mode)[0]
-    p_masked = pool(masked_tok.float(), masked_lengths, mode)
-    c_pooled = pool(concept_tok.float(), concept_lengths, mode)
+    if encoder == "llm":
+        _check_llm_rows(token_range, T, prompt_length, positions, masked_lengths)
+        p_full = llm_pool(prompt_tok)
+        p_masked = torch.stack([llm_pool(m) for m in masked_tok]) if len(positions) else prompt_tok.new_zeros(0, D)
+        c_pooled = torch.stack([llm_pool(c[: int(n)]) for c, n in zip(concept_tok, concept_lengths)])
+    else:
+        length = torch.tensor([prompt_length])
+        p_full = pool(prompt_tok[None].float(), length, mode)[0]
+        p_masked = pool(masked_tok.float(), masked_lengths, mode)
+        c_pooled = pool(concept_tok.float(), concept_lengths, mode)
 
     risk = risk_score(prompt_tok, concept_tok, skip_first=(encoder == "clip"))
     n = len(positions)
@@ -284,6 +320,13 @@ def analyse(
                 rows[pos - lo] = True
         if config.include_eos:
             rows[max(prompt_length - 1, 0) :] = True  # EOS and all padding: causal CLIP carries the concept there
+    elif encoder == "llm":
+        # the prompt's own rows only: the flagged ones, and with include_eos every later one (a causal decoder
+        # carries a word into the rows after it); the template rows and padding are outside [lo, hi)
+        marked = [pos - lo for pos, f in zip(positions, flagged.tolist()) if f]
+        rows[marked] = True
+        if config.include_eos:
+            rows[min(marked) :] = True
     else:
         rows[:] = True  # T5 is bidirectional: every token carries the concept (§5.3)
     valid = torch.zeros(L, dtype=torch.bool)
@@ -331,6 +374,27 @@ def analyse(
         100 * fraction,
     )
     return result
+
+
+def _check_llm_rows(token_range, rows: int, prompt_length: int, positions, masked_lengths) -> None:
+    """The "llm" layout the adapter promised: the prompt's own rows inside the context, every masked position
+    one of them, every masked copy with the same rows (a masked word must not move the template)."""
+    if token_range is None:
+        raise ConfigError("safree: the 'llm' encoder needs token_range, the context rows of the prompt's own tokens.")
+    lo, hi = token_range
+    if not (0 <= lo < hi <= rows) or prompt_length != hi - lo:
+        raise ConfigError(
+            f"safree: the prompt's own rows [{lo}, {hi}) with length {prompt_length} do not fit a context of {rows} "
+            "rows; expected 0 ≤ start < end ≤ rows and length = end − start."
+        )
+    outside = [p for p in positions if not lo <= p < hi]
+    if outside:
+        raise ConfigError(f"safree: masked positions {outside} are outside the prompt's own rows [{lo}, {hi}).")
+    if any(int(n) != hi - lo for n in masked_lengths):
+        raise ConfigError(
+            f"safree: every masked copy must keep the prompt's {hi - lo} rows, found "
+            f"{[int(n) for n in masked_lengths]}."
+        )
 
 
 def joined_keywords(config: SAFREEConfig) -> str:

@@ -14,8 +14,12 @@ sampler. Checked per family:
   is bit-identical;
 * SAFREE (Chroma, Wan: T5 layouts): the projected context replaces the prompt's, Wan's zeroed padding rows
   stay zero, strength 0 is bit-identical, a prompt the sampler does not use is refused before the first step;
-* refusals by name before sampling: SLD on Flux.2, SAFREE on the templated families (Flux.2, Qwen-Image,
-  Lumina 2, Z-Image), concept guidance on Lumina 2 / Z-Image (the other families:
+* SAFREE (Flux.2, Qwen-Image, Lumina 2, Z-Image: the decoder-LLM port): the concept's token is flagged and
+  the benign word in its place is not; only the prompt's own rows (found here from the host tokenizer's own
+  spelling of the words) are projected, the template rows and padding stay bit-identical; the output changes;
+  a benign prompt the analysis leaves alone samples bit-identically; Flux.2's left padding to 512 is located;
+  layouts and options it cannot serve are refused before sampling;
+* refusals by name before sampling: SLD on Flux.2, concept guidance on Lumina 2 / Z-Image (the other families:
   test_guidance_joint_families_comfy.py), a class the table does not know, a variant
   config.
 
@@ -28,7 +32,7 @@ import os
 
 import pytest
 import torch
-from suppression_models import COMMON, comfy, makers, pack, run_node  # noqa: F401  (comfy, pack are fixtures)
+from suppression_models import COMMON, SAFREE_ARGS, comfy, makers, pack, run_node  # noqa: F401  (comfy, pack are fixtures)
 from test_closed_form_families_comfy import FAMILIES, LUMINA, WAN, StandInCLIP, build, built, config_of
 
 pytestmark = pytest.mark.skipif(
@@ -48,7 +52,8 @@ LATENT = {
     "wan": (16, 9, 8, 8),
 }
 SLD_FAMILIES = ("chroma", "qwen_image", "lumina2", "zimage", "wan")
-SAFREE_FAMILIES = ("chroma", "wan")
+T5_SAFREE = ("chroma", "wan")
+CHAT_SAFREE = ("flux2", "qwen_image", "lumina2", "zimage")
 
 
 class GuardCLIP(StandInCLIP):
@@ -273,8 +278,8 @@ class ZeroPadCLIP(GuardCLIP):
 def test_safree_projects_the_prompt_on_the_t5_families(comfy, pack, family, monkeypatch):
     nodes, hooks = pack
     name, model, clip = family
-    if name not in SAFREE_FAMILIES:
-        pytest.skip(f"SAFREE refuses {name} (test_refusals)")
+    if name not in T5_SAFREE:
+        pytest.skip(f"{name} is a decoder-LLM family (test_safree_on_the_chat_families_*)")
     if name == "wan":
         clip = ZeroPadCLIP(clip.tokenizer, clip.width, causal=clip.causal, seed=clip.seed)
     swapped = []
@@ -295,17 +300,144 @@ def test_safree_projects_the_prompt_on_the_t5_families(comfy, pack, family, monk
         sample(comfy, other, clip, PROMPT, name)
 
 
+def own_rows(clip, prompt) -> set:
+    """The context rows of the prompt's own tokens, found without the pack: the run of tokens that the host
+    tokenizer's own spelling (its vocabulary) joins into the prompt's words, past the head the encoder drops."""
+    ids, texts = token_texts(clip, prompt)
+    drop = len(ids) - clip.encode_from_tokens(clip.tokenize(prompt))[0].shape[0]
+    rows = {p - drop for p in spelled(texts, "".join(prompt.split()))}
+    assert rows and min(rows) >= 0, (texts, prompt)
+    return rows
+
+
+def concept_rows(clip, prompt, word) -> set:
+    ids, texts = token_texts(clip, prompt)
+    drop = len(ids) - clip.encode_from_tokens(clip.tokenize(prompt))[0].shape[0]
+    return {p - drop for p in spelled(texts, word) if p >= drop}
+
+
+@pytest.fixture
+def analysed(pack, monkeypatch):
+    """Every SafreeResult the node computed, with the prompt context it analysed."""
+    nodes, _ = pack
+    seen = []
+    analyse = nodes.safree.analyse
+    monkeypatch.setattr(
+        nodes.safree,
+        "analyse",
+        lambda cfg, ctx, *a, **k: seen.append((analyse(cfg, ctx, *a, **k), ctx)) or seen[-1][0],
+    )
+    return seen
+
+
+def chat_safree(nodes, model, clip, prompt=PROMPT, strength=1.0, **settings):
+    args = dict(SAFREE_ARGS, **settings)
+    return run_node(
+        nodes.EraserSAFREE, model=model, clip=clip, prompt=prompt, **args, **dict(COMMON, strength=strength)
+    )
+
+
+def test_safree_on_the_chat_families_flags_the_concept_and_projects_only_the_prompts_own_rows(
+    comfy, pack, family, analysed
+):
+    nodes, _ = pack
+    name, model, clip = family
+    if name not in CHAT_SAFREE:
+        pytest.skip(f"{name} is a T5 family (test_safree_projects_the_prompt_on_the_t5_families)")
+    assert nodes.sc.model_family(model, "safree") == name
+    base = sample(comfy, model, clip, PROMPT, name)
+    assert torch.equal(sample(comfy, chat_safree(nodes, model, clip, strength=0.0), clip, PROMPT, name), base)
+    assert not analysed, "strength 0 analysed the prompt"
+
+    m = chat_safree(nodes, model, clip)
+    ((res, ctx),) = analysed
+    own, nude = own_rows(clip, PROMPT), concept_rows(clip, PROMPT, "nude")
+    assert nude and nude <= own and res.positions == sorted(own), (res.positions, own)
+    flagged = set(res.info["flagged_positions"])
+    assert nude <= flagged, f"{name}: the concept's token {nude} is not flagged ({flagged})"
+    # projected: the flagged rows and (include_eos) every later row of the prompt; never a template row
+    changed = set(torch.nonzero((res.hidden != ctx).any(-1)).flatten().tolist())
+    assert changed == set(range(min(flagged), max(own) + 1)), (changed, flagged, own)
+    outside = [r for r in range(ctx.shape[0]) if r not in own]
+    assert torch.equal(res.hidden[outside], ctx[outside]), "a template or padding row was projected"
+    on = sample(comfy, m, clip, PROMPT, name)
+    assert torch.isfinite(on).all() and not torch.equal(on, base), f"{name}: SAFREE had no effect"
+    # the unpatched model is untouched: nothing patched on it, it samples as before
+    assert model.patches == {} and not model.model_options.get("transformer_options", {}).get("wrappers")
+    assert torch.equal(sample(comfy, model, clip, PROMPT, name), base)
+
+    # the benign word in the concept's place is not flagged (paper α = 0.01)
+    analysed.clear()
+    chat_safree(nodes, model, clip, prompt=BENIGN)
+    ((res_b, _),) = analysed
+    dog = concept_rows(clip, BENIGN, "dog")
+    assert dog and not dog & set(res_b.info.get("flagged_positions", [])), (dog, res_b.info)
+    # on these stand-in encoders (random token vectors, no semantics) α = 0.01 also flags a few other words of
+    # either prompt; where the test flags nothing (α = 0.2 here) the benign prompt samples bit-identically
+    analysed.clear()
+    quiet = chat_safree(nodes, model, clip, prompt=BENIGN, alpha=0.2)
+    ((res_q, _),) = analysed
+    assert not res_q.flagged.any() and not res_q.changed
+    assert torch.equal(sample(comfy, quiet, clip, BENIGN, name), sample(comfy, model, clip, BENIGN, name))
+
+    other = chat_safree(nodes, model, clip, prompt="a quiet harbour at dawn")
+    with pytest.raises(ValueError, match="not the encoding of the prompt this node analysed"):
+        sample(comfy, other, clip, PROMPT, name)
+
+
+def test_safree_on_the_chat_families_refuses_what_it_cannot_serve_before_sampling(pack, family):
+    nodes, _ = pack
+    name, model, clip = family
+    if name not in CHAT_SAFREE:
+        pytest.skip(f"{name} is a T5 family")
+    calls = clip.calls
+    with pytest.raises(ValueError, match="keywords_as_negative cannot be applied"):
+        chat_safree(nodes, model, clip, keywords_as_negative=True)
+    assert clip.calls == calls, "the refused option encoded text first"
+    if name == "qwen_image":  # a prompt with its own chat template replaces the host's (QwenImageTokenizer)
+        with pytest.raises(ValueError, match="do not sit inside its template"):
+            chat_safree(nodes, model, clip, prompt="<|im_start|>user\na nude person<|im_end|>")
+
+
+def test_safree_on_flux2_projects_behind_the_left_padding(comfy, pack, analysed, monkeypatch):
+    import comfy.model_base as mb
+
+    nodes, hooks = pack
+    if not hasattr(mb, "Flux2"):
+        pytest.skip("this ComfyUI has no Flux2 class")
+    model, clip, _ = build(comfy, "flux2")
+    clip = GuardCLIP(UnpaddedTokenizer(clip.tokenizer), clip.width, causal=clip.causal)
+    ids, _ = token_texts(clip, PROMPT)
+    offsets = []
+    locate, executor_ctx = hooks.locate, []
+    monkeypatch.setattr(hooks, "locate", lambda row, ref: offsets.append(locate(row, ref)) or offsets[-1])
+    dm = model.model.diffusion_model
+    hook = dm.register_forward_pre_hook(lambda mod, args, kw: executor_ctx.append(kw.get("context")), with_kwargs=True)
+    try:
+        base = sample(comfy, model, clip, PROMPT, "flux2")
+        executor_ctx.clear()
+        m = chat_safree(nodes, model, clip)
+        on = sample(comfy, m, clip, PROMPT, "flux2")
+    finally:
+        hook.remove()
+    ((res, ctx),) = analysed
+    assert res.changed and ctx.shape[0] == len(ids) < 512
+    pad = 512 - len(ids)
+    assert offsets and set(offsets) == {pad}, offsets
+    assert not torch.equal(on, base)
+    seen = [c for c in executor_ctx if c is not None]
+    assert seen and all(c.shape[1] == 512 for c in seen)
+    for c in seen:  # each call's positive row: zeros in front as the host padded it, the projection behind them
+        rows = [r.float() for r in c if torch.allclose(r[pad:].float(), res.hidden.float(), atol=1e-3)]
+        assert len(rows) == 1 and (rows[0][:pad] == 0).all()
+
+
 def test_refusals_name_the_family_before_sampling(pack, family):
     nodes, _ = pack
     name, model, clip = family
     label = {"chroma": "Chroma", "flux2": "Flux.2", "qwen_image": "Qwen-Image", "lumina2": "Lumina 2"}
     label.update(zimage="Z-Image", wan="Wan 2.1 text-to-video")
     calls = clip.calls
-    if name not in SAFREE_FAMILIES:
-        with pytest.raises(
-            ValueError, match=rf"SAFREE cannot serve {label[name]} \({FAMILIES[name][0]}.*(template|end token)"
-        ):
-            safree_node(nodes, model, clip)
     if name not in ("wan", "chroma", "flux2", "qwen_image"):  # test_guidance_joint_families_comfy.py
         with pytest.raises(ValueError, match=rf"Concept guidance cannot serve {label[name]} .*the concept's text"):
             guidance_node(nodes, model, clip)

@@ -235,8 +235,6 @@ def test_every_new_family_states_every_guard(record):
     [
         ("Flux2", "Flux2", "sld", "Safe Latent Diffusion cannot serve Flux.2 (Flux2.*guidance-distilled"),
         ("Flux", "Flux", "sld", "cannot serve Flux.1 (Flux.*guidance-distilled"),
-        ("Lumina2", "Lumina2", "safree", "SAFREE cannot serve Lumina 2 (Lumina2.*no end token"),
-        ("Flux2", "Flux2", "safree", "SAFREE cannot serve Flux.2 (Flux2.*chat template"),
         ("Lumina2", "ZImage", "concept_guidance", "Concept guidance cannot serve Z-Image.*text stream.*replace hook"),
         ("WAN21", "WAN21_I2V", "token_suppression", "WAN21 is loaded with the config WAN21_I2V"),
         ("HiDream", "HiDream", "sld", "HiDream-I1 .HiDream. is refused by name"),
@@ -260,6 +258,14 @@ def test_the_served_families_are_the_ones_the_record_says():
     assert families.lookup_guard("Flux2", "Flux2", "token_suppression").family.value == "flux2"
     assert families.lookup_guard("Chroma", "Chroma", "safree").family.value == "chroma"
     assert families.lookup_guard("WAN21", "WAN21_T2V", "safree").family.value == "wan"
+    # SAFREE's decoder-LLM port (the prompt's own rows inside the host's chat template)
+    for host, config, family in (
+        ("Flux2", "Flux2", "flux2"),
+        ("QwenImage", "QwenImage", "qwen_image"),
+        ("Lumina2", "Lumina2", "lumina2"),
+        ("Lumina2", "ZImage", "zimage"),
+    ):
+        assert families.lookup_guard(host, config, "safree").family.value == family
     assert families.lookup_guard("WAN22", "WAN22_T2V", "concept_guidance").family.value == "wan"
     # concept guidance through the host's own blocks (nodes/suppression_hooks.py host_block_guidance)
     for host, family in (("Chroma", "chroma"), ("Flux2", "flux2"), ("QwenImage", "qwen_image")):
