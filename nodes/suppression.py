@@ -160,7 +160,9 @@ class EraserSAFREE(io.ComfyNode):
                 io.Boolean.Input(
                     "include_eos",
                     default=True,
-                    tooltip="also project the EOS/padding positions, which carry the concept in causal CLIP",
+                    tooltip="also project the EOS/padding positions, which carry the concept in causal CLIP. "
+                    "Flux.2 / Qwen-Image / Lumina 2 / Z-Image: the prompt's rows after the flagged word (a causal "
+                    "decoder carries it forward); their template rows and padding are never projected",
                 ),
                 io.Boolean.Input(
                     "self_validating",
