@@ -164,8 +164,16 @@ DIFFUSERS_FAMILIES = {
     "WanTransformer3DModel": DiffusersFamily("WAN21", "WAN21_T2V", _wan_names, ("WanPipeline",), _wan, 512),
 }  # fmt: skip
 
-#: diffusers classes the family table refuses: the table's own reason is the message
-REFUSED = {"HiDreamImageTransformer2DModel": ("HiDream", "")}
+#: diffusers classes refused by name: (the family table's host class, config class, why diffusers refuses it
+#: where the table serves the class in ComfyUI; "" = the table refuses it and its reason is the message)
+REFUSED = {
+    "HiDreamImageTransformer2DModel": (
+        "HiDream",
+        "HiDream",
+        "through diffusers its caption projections read the pipeline's T5 and per-layer Llama states, which "
+        "the diffusers adapter does not take from HiDreamImagePipeline.encode_prompt yet (ComfyUI: supported)",
+    )
+}
 
 #: the module paths of the norms in front (diffusers names), for their live ε
 NORM_MODULES = {
@@ -180,7 +188,9 @@ def lookup(module) -> Optional[DiffusersFamily]:
     variants raise ``UnsupportedFamily`` naming the class, the reason and that nothing was changed."""
     name = type(module).__name__
     if name in REFUSED:
-        family_table.lookup(*REFUSED[name])  # raises with the table's reason
+        host, config, reason = REFUSED[name]
+        record = family_table.lookup(host, config)  # raises with the table's reason where it refuses the class
+        raise UnsupportedFamily(f"{record.label} ({name}) is refused by name: {reason}. Nothing was changed.")
     entry = DIFFUSERS_FAMILIES.get(name)
     if entry is not None:
         refuse_variant(module, entry)

@@ -20,12 +20,13 @@ import torch
 
 from ..erasers import families as family_table
 from ..erasers.config import ConfigError
-from ..erasers.edits.eraser import Eraser, compute_eraser, fingerprint
+from ..erasers.edits.eraser import Eraser, compute_eraser, compute_eraser_by_stream, fingerprint
 from ..erasers.edits.methods import check_family, get_method
 from ..erasers.errors import ConceptTooLong, FamilyMismatch, UnknownKeys, UnsupportedFamily
 from ..erasers.families.key_map import KeyMapEncoder, build_key_map, map_width, pre_keys
 from ..erasers.files.families import Family, detect_family, layer_specs
 from ..erasers.text import PromptEncoding, shared_head_tail, split_concepts
+from . import text_streams
 
 log = logging.getLogger(__name__)
 
@@ -460,6 +461,12 @@ def compute_on_model(model, clip, config, progress: Optional[Callable] = None) -
         raise UnsupportedFamily(
             f"{method.title} does not apply to {record.label}; the family supports {', '.join(record.methods)}."
         )
+    if family is Family.HIDREAM:  # one text stream per caption projection: one solve per stream
+        llama_layers = getattr(getattr(model.model, "diffusion_model", None), "llama_layers", None)
+        streams = family_table.hidream.caption_streams(list(shapes), llama_layers)
+        encoders = text_streams.hidream_encoders(clip, streams.values(), ComfyCLIPEncoder)
+        weights = canonical_base_weights(model, list(streams))
+        return compute_eraser_by_stream(config, encoders, weights, streams, family)
     keys = [s.key for s in layer_specs(shapes, family) if s.kind in method.kinds]
     weights = canonical_base_weights(model, keys)
     encoder = text_entry_encoder(model, record, ComfyCLIPEncoder(clip), shapes, family)

@@ -243,3 +243,36 @@ def compute_eraser(config, encoder, weights: Mapping[str, torch.Tensor], family=
         "compress_s": time.perf_counter() - solved,
     }
     return eraser
+
+
+def compute_eraser_by_stream(
+    config, encoders: Mapping[str, object], weights: Mapping[str, torch.Tensor], streams: Mapping[str, str], family
+) -> Eraser:
+    """One eraser for a model whose edited Linears read *different* text streams (HiDream-I1: each caption
+    projection its own Llama layer, erasers/families/hidream.py): ``compute_eraser`` once per stream, on that
+    stream's Linears with ``encoders[stream]``, merged. Exact for methods that solve each Linear on its own
+    (UCE, SPEED, MACE-CFR); RECE derives its adversarial c′ per stream.
+
+    ``streams``: canonical key → stream name; every stream needs an encoder."""
+    groups: dict = {}
+    for key, stream in streams.items():
+        groups.setdefault(stream, []).append(key)
+    missing = sorted(set(groups) - set(encoders))
+    if missing:
+        raise ArgumentTypeError(f"No text encoder for the streams {missing[:5]} (have {sorted(encoders)[:5]}…).")
+    parts = [
+        compute_eraser(config, encoders[stream], {k: weights[k] for k in keys}, family=family)
+        for stream, keys in groups.items()
+    ]
+    deltas = {k: d for part in parts for k, d in part.deltas.items()}
+    base = {k: weights[k] for k in deltas}
+    eraser = Eraser(
+        deltas,
+        parts[0].family,
+        config.to_dict(),
+        fingerprint(base, keys=sorted(deltas)),
+        max(p.reconstruction_error for p in parts),
+    )
+    eraser.timings = {name: sum(p.timings.get(name, 0.0) for p in parts) for name in parts[0].timings}
+    eraser.timings["streams"] = len(parts)
+    return eraser

@@ -1,6 +1,6 @@
-"""MMDiTs whose text enters through one input projection: SD3, Qwen-Image, Lumina 2 / Z-Image; HiDream.
+"""MMDiTs whose text enters through one input projection: SD3, Qwen-Image, Lumina 2 / Z-Image.
 
-comfyui_host.md §3.2–3.3; the layer names are ComfyUI's (comfy/ldm/{qwen_image,lumina,hidream}).
+comfyui_host.md §3.2–3.3; the layer names are ComfyUI's (comfy/ldm/{qwen_image,lumina}).
 """
 
 from ..files.families import Family
@@ -74,12 +74,5 @@ RECORDS = (
         guards=("token_suppression", "sld", "safree"),
         guard_refusals=(("concept_guidance", NO_NAG),),
         guard_layout="joint_model_level",
-    ),
-    FamilyRecord(
-        "HiDream",
-        "HiDream-I1",
-        refused="its text enters through ~49 caption projections fed by T5 and by each of Llama-3.1-8B's layers, "
-        "which the pack cannot encode through ComfyUI's HiDream CLIP yet",
-        notes=("needs: per-layer Llama hidden states from the host CLIP (conditioning_llama3)",),
     ),
 )

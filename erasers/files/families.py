@@ -29,6 +29,8 @@ class Family(str, enum.Enum):
     LUMINA2 = "lumina2"
     ZIMAGE = "zimage"
     WAN = "wan"
+    #: HiDream-I1: ~49 bias-free caption projections, each fed by its own text stream (T5, Llama layers)
+    HIDREAM = "hidream"
     #: any other UNet with cross-attention (e.g. the pack's shapes-world model); context dim in the config
     UNET = "unet"
 
@@ -56,6 +58,7 @@ FAMILY_LABELS = {
     Family.LUMINA2: "Lumina 2",
     Family.ZIMAGE: "Z-Image",
     Family.WAN: "Wan 2.1/2.2",
+    Family.HIDREAM: "HiDream-I1",
 }
 
 #: width of the per-token text context each family's projections read
@@ -78,6 +81,11 @@ TEXT_ENTRY_LAYERS = {
     Family.LUMINA2: {r"^cap_embedder\.1\.weight$": "text_in"},
     Family.ZIMAGE: {r"^cap_embedder\.1\.weight$": "text_in"},
     Family.WAN: {r"^blocks\.\d+\.cross_attn\.k\.weight$": "k", r"^blocks\.\d+\.cross_attn\.v\.weight$": "v"},
+    # each projection reads another encoder output (erasers/families/hidream.py: caption_streams)
+    Family.HIDREAM: {
+        r"^caption_projection\.\d+\.linear\.weight$": "text_in",
+        r"^p_embedder\.pooled_embedder\.linear_1\.weight$": "pooled_in",  # pooled CLIP-L ⊕ CLIP-G
+    },
 }
 
 
@@ -111,6 +119,8 @@ def detect_family(shapes: Mapping[str, Sequence[int]]) -> Family:
         if "double_stream_modulation_img.lin.weight" in shapes:
             return Family.FLUX2
         return Family.FLUX
+    if "caption_projection.0.linear.weight" in shapes:  # model_detection's HiDream marker
+        return Family.HIDREAM
     if "txt_in.weight" in shapes and "txt_norm.weight" in shapes and "img_in.weight" in shapes:
         return Family.QWEN_IMAGE
     if "cap_embedder.1.weight" in shapes:

@@ -179,3 +179,34 @@ def test_layer_specs_count_per_family():
     assert len(layer_specs(layer_shapes(Family.SD1), Family.SD1)) == 32
     assert len(layer_specs(layer_shapes(Family.SDXL), Family.SDXL)) == 140
     assert [s.kind for s in layer_specs(layer_shapes(Family.FLUX), Family.FLUX)] == ["text_in", "pooled_in"]
+
+
+def test_hidream_by_stream_equals_one_solve_per_stream_and_each_stream_reads_its_own_encoder():
+    """HiDream-I1's caption projections read different text streams: the merged eraser is, layer by layer,
+    the eraser solved on that stream's Linears with that stream's encoder (full-size HiDream widths)."""
+    from erasers.edits.eraser import compute_eraser_by_stream
+    from erasers.families import hidream
+
+    gen = torch.Generator().manual_seed(0)
+    keys = [f"caption_projection.{i}.linear.weight" for i in range(5)]
+    weights = {k: torch.randn(2560, 4096, generator=gen) * 0.02 for k in keys}
+    weights[hidream.POOLED_KEY] = torch.randn(2560, 2048, generator=gen) * 0.02
+    streams = hidream.caption_streams(list(weights), [0, 1, 3, 3])
+    encoders = {
+        "t5": ToyTextEncoder(dim=4096, family="t5", pooled_dim=2048, has_bos=False, context_length=16, seed=1),
+        "llama.0": ToyTextEncoder(dim=4096, family="llama", context_length=16, seed=2),
+        "llama.1": ToyTextEncoder(dim=4096, family="llama", context_length=16, seed=3),
+        "llama.3": ToyTextEncoder(dim=4096, family="llama", context_length=16, seed=4),
+    }
+    config = UCEConfig(concepts=["cat"], preserve=["dog"])
+    merged = compute_eraser_by_stream(config, encoders, weights, streams, Family.HIDREAM)
+    assert sorted(merged.deltas) == sorted(weights) and merged.family is Family.HIDREAM
+    for stream, names in hidream.group_by_stream(streams).items():
+        alone = compute_eraser(config, encoders[stream], {k: weights[k] for k in names}, family=Family.HIDREAM)
+        for key in names:
+            assert torch.equal(merged.dense(key), alone.dense(key)), (stream, key)
+    # the two projections of Llama layer 3 were solved with layer 3's keys, not layer 1's
+    other = compute_eraser(config, encoders["llama.1"], {keys[2]: weights[keys[2]]}, family=Family.HIDREAM)
+    assert not torch.allclose(merged.dense(keys[2]), other.dense(keys[2]))
+    with pytest.raises(TypeError, match="No text encoder for the streams"):
+        compute_eraser_by_stream(config, {"t5": encoders["t5"]}, weights, streams, Family.HIDREAM)

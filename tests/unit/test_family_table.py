@@ -46,7 +46,7 @@ def test_legacy_unet_classes_take_the_family_from_their_keys():
         ("PixArt", "PixArtSigma", "PixArt-α / PixArt-Σ \\(PixArt\\) is refused by name: .*kv_linear"),
         ("Kandinsky5", "Kandinsky5", "Kandinsky 5 video \\(Kandinsky5\\) is refused by name: .*timestep"),
         ("LongCatImage", "LongCatImage", "LongCat-Image \\(LongCatImage\\) is refused by name"),
-        ("HiDream", "HiDream", "HiDream-I1 \\(HiDream\\) is refused by name: .*Llama"),
+        ("HiDream", "HiDreamX", "HiDream is loaded with the config HiDreamX"),
         ("WAN21", "WAN21_I2V", "WAN21 is loaded with the config WAN21_I2V"),
         ("Lumina2", "ZImagePixelSpace", "Lumina2 is loaded with the config ZImagePixelSpace"),
     ],
@@ -191,3 +191,18 @@ def test_generic_encoder_finds_the_last_word_behind_a_dropped_template_prefix():
     assert last[0] == 100 + 3 * 7 + 2 and last[2] == 100 + 3 * 7  # 'car' and 'dog'
     assert last[1] == 3  # the empty prompt: the row before the suffix (the kept template end)
     assert out.token_ids[0] == [3, 107, 122, 123, 8, 9] and out.has_bos  # row i ↔ id i; one template row kept
+
+
+def test_hidream_streams_follow_the_llama_layers_and_refuse_another_layout():
+    from erasers.families import hidream
+
+    keys = [f"caption_projection.{i}.linear.weight" for i in range(5)] + [hidream.POOLED_KEY]
+    streams = hidream.caption_streams(keys, [0, 1, 3, 3])
+    assert [streams[f"caption_projection.{i}.linear.weight"] for i in range(5)] == [
+        "llama.0", "llama.1", "llama.3", "llama.3", "t5"
+    ]  # fmt: skip
+    assert streams[hidream.POOLED_KEY] == "t5"  # the pooled embedder runs with the T5 stream (pooled vectors)
+    assert list(hidream.group_by_stream(streams)) == ["t5", "llama.0", "llama.1", "llama.3"]
+    with pytest.raises(ValueError, match="HiDream-I1 has one caption projection per block"):
+        hidream.caption_streams(keys[:4], [0, 1, 3, 3])
+    assert len(hidream.caption_streams([f"caption_projection.{i}.linear.weight" for i in range(49)])) == 49

@@ -1,0 +1,222 @@
+"""HiDream-I1's closed form on a tiny instance of ComfyUI 0.29's own ``HiDream`` class.
+
+The model: ComfyUI's HiDream config class on a reduced unet config (2 double + 2 single blocks, Llama layers
+[0, 1, 3, 3] so two blocks share a stream, small caption widths), random weights. The text encoder: a
+stand-in with HiDream's four tokenizer keys and output layout — T5 rows as the context, every "Llama
+layer" stacked as ``conditioning_llama3`` with the start token's row dropped, pooled CLIP-L ⊕ CLIP-G —
+over ComfyUI's shipped CLIP-L / CLIP-G / T5 tokenizers; the snapshot ships no Llama-3 tokenizer.json, so
+its Llama tokenizer is a word-hash stand-in with the real special tokens (start 128000, pad 128009, 128
+positions, no end token).
+
+Checked: each caption projection is edited with the keys of the stream it reads (UCE's equations per
+projection, through the host's own Linear, with the key rows found independently from the token ids);
+the pooled embedder too; projections sharing a Llama layer are solved in one stream; strength 0 patches nothing; the
+other closed forms run; save → load → apply reproduces the patches; the model samples; a non-HiDream
+CLIP and a HiDream variant with another projection count are refused by name before encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import torch
+from test_closed_form_families_comfy import LAM, PREFIX, built, config_of, host_output, pack  # noqa: F401
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("COMFYUI_PATH", "").strip(), reason="COMFYUI_PATH is not set: real-ComfyUI tests skipped"
+)
+
+T5_WIDTH, LLAMA_WIDTH, LLAMA_DEPTH = 40, 48, 4
+LLAMA_LAYERS = [0, 1, 3, 3]
+HIDREAM = {
+    "image_model": "hidream",
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "caption_channels": [T5_WIDTH, LLAMA_WIDTH],
+    "text_emb_dim": 2048,
+    "num_routed_experts": 4,
+    "num_activated_experts": 2,
+    "axes_dims_rope": [8, 4, 4],
+    "max_resolution": [16, 16],
+    "llama_layers": LLAMA_LAYERS,
+}
+PROJECTIONS = [f"caption_projection.{i}.linear.weight" for i in range(len(LLAMA_LAYERS) + 1)]
+POOLED = "p_embedder.pooled_embedder.linear_1.weight"
+
+
+class LlamaWords:
+    """Llama 3's layout without its tokenizer.json: start token, one id per word, padded to 128, no end."""
+
+    start_token, pad_token, min_length = 128000, 128009, 128
+
+    def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        ids = [self.start_token] + [1000 + int(hashlib.md5(w.encode()).hexdigest(), 16) % 100000 for w in text.split()]
+        ids += [self.pad_token] * (self.min_length - len(ids))
+        return [[(i, 1.0) for i in ids]]
+
+
+class HiDreamStandInCLIP:
+    """comfy.sd.CLIP's API with HiDream's output layout (HiDreamTEModel.encode_token_weights)."""
+
+    def __init__(self, seed=0):
+        from comfy.text_encoders.hidream import HiDreamTokenizer
+
+        self.tokenizer = HiDreamTokenizer()
+        self.tokenizer.llama = LlamaWords()
+        self.cond_stage_model = type("StandInHiDreamTE", (), {})()
+        self.seed, self.calls = seed, 0
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        out = self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+        out["llama"] = self.tokenizer.llama.tokenize_with_weights(text)
+        return out
+
+    def rows(self, ids, width, salt):
+        gen = lambda t: torch.Generator().manual_seed(self.seed * 1_000_003 + salt * 7919 + int(t))  # noqa: E731
+        return torch.stack([torch.randn(width, generator=gen(t)) for t in ids])
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        self.calls += 1
+        t5_ids = [t[0] for t in tokens["t5xxl"][0]]
+        x = self.rows(t5_ids, T5_WIDTH, 1)
+        t5 = torch.tanh(x + x.mean(0, keepdim=True))[None]  # bidirectional: padding changes every row
+        llama_ids = [t[0] for t in tokens["llama"][0]]
+        layers = []
+        for layer in range(LLAMA_DEPTH):
+            x = self.rows(llama_ids, LLAMA_WIDTH, 10 + layer)
+            layers.append(torch.tanh(x.cumsum(0) / torch.arange(1, len(llama_ids) + 1)[:, None]))
+        llama = torch.stack(layers)[None][:, :, 1:]  # the host drops the start token's row
+        pooled = self.rows([t[0] for t in tokens["l"][0]], 2048, 2).mean(0, keepdim=True)
+        if return_dict:
+            return {"cond": t5, "pooled_output": pooled, "conditioning_llama3": llama}
+        return (t5, pooled) if return_pooled else t5
+
+    def encode_from_tokens_scheduled(self, tokens, **kwargs):
+        out = self.encode_from_tokens(tokens, return_dict=True)
+        cond = out.pop("cond")
+        return [[cond, out]]
+
+
+@pytest.fixture(scope="module")
+def hidream(comfy):
+    import comfy.model_base as mb
+    import comfy.supported_models as sm
+
+    if not hasattr(mb, "HiDream"):
+        pytest.skip("this ComfyUI has no HiDream class")
+    patcher = built(comfy, config_of(comfy, HIDREAM, sm.HiDream), 21)
+    assert type(patcher.model).__name__ == "HiDream"
+    return patcher, HiDreamStandInCLIP()
+
+
+def key_rows(clip, prompt):
+    """(T5 row, {Llama layer: row}, pooled) of the prompt's last word, found from the token ids alone."""
+    tokens = clip.tokenize(prompt)
+    out = clip.encode_from_tokens(tokens, return_dict=True)
+    t5_ids = [t[0] for t in tokens["t5xxl"][0]]
+    t5_row = out["cond"][0, t5_ids.index(1) - 1]  # the word before </s>
+    n_words = len(prompt.split())
+    llama = {layer: out["conditioning_llama3"][0, layer, n_words - 1] for layer in range(LLAMA_DEPTH)}
+    return t5_row, llama, out["pooled_output"][0]
+
+
+def projection(dm, key):
+    if key == POOLED:
+        return dm.p_embedder.pooled_embedder.linear_1
+    return dm.caption_projection[int(key.split(".")[1])].linear
+
+
+def test_uce_edits_every_projection_with_its_own_streams_keys(comfy, pack, hidream):
+    nodes, adapters = pack
+    patcher, clip = hidream
+    assert adapters.model_family(patcher).value == "hidream"
+    erased, eraser = nodes.EraserClosedForm.execute(
+        patcher, clip, "uce", "Van Gogh", "a painter", "a photo of a cat", 1.0, params=f"lam={LAM}"
+    ).args
+    assert sorted(eraser.keys()) == sorted(PROJECTIONS + [POOLED]) and eraser.family.value == "hidream"
+    assert eraser.timings["streams"] == 1 + len(set(LLAMA_LAYERS))  # T5 (+ pooled) and Llama 0, 1, 3
+    assert patcher.patches == {}, "the node patched its input model"
+    c, c_star, p = (key_rows(clip, t) for t in ("Van Gogh", "a painter", "a photo of a cat"))
+    for key in eraser.keys():
+        if key == POOLED:
+            pick = lambda rows: rows[2]  # noqa: E731
+        elif key == PROJECTIONS[-1]:
+            pick = lambda rows: rows[0]  # noqa: E731
+        else:
+            layer = LLAMA_LAYERS[int(key.split(".")[1])]
+            pick = lambda rows, j=layer: rows[1][j]  # noqa: E731
+        before = host_output(comfy, patcher, projection, key, torch.stack([pick(c), pick(c_star), pick(p)]))
+        after = host_output(comfy, erased, projection, key, torch.stack([pick(c), pick(p)]))
+        moved = (before[0] - before[1]).norm()
+        assert moved > 0
+        assert (after[0] - before[1]).norm() < 0.02 * moved, f"{key}: the concept did not map to the anchor"
+        assert (after[1] - before[2]).norm() < 0.02 * moved, f"{key}: the preserved prompt moved"
+
+
+def test_strength_zero_patches_nothing_and_the_other_methods_run(comfy, pack, hidream):
+    nodes, _ = pack
+    patcher, clip = hidream
+    same, eraser = nodes.EraserClosedForm.execute(patcher, clip, "uce", "Van Gogh", "", "", 0.0).args
+    assert same.patches == {} and len(eraser.keys()) == len(PROJECTIONS) + 1
+    c = key_rows(clip, "Van Gogh")[1][0][None]
+    for method in ("rece", "speed", "mace"):
+        erased, eraser = nodes.EraserClosedForm.execute(patcher, clip, method, "Van Gogh", "", "a photo", 1.0).args
+        assert eraser.keys() and set(eraser.keys()) <= set(PROJECTIONS + [POOLED]), method
+        key = PROJECTIONS[0]
+        moved = host_output(comfy, erased, projection, key, c) - host_output(comfy, patcher, projection, key, c)
+        assert moved.abs().max() > 0, f"{method} did not move the concept at {key}"
+
+
+def test_save_load_apply_and_sample(comfy, pack, hidream, tmp_path, monkeypatch):
+    import importlib
+
+    nodes, _ = pack
+    patcher, clip = hidream
+    erased, eraser = nodes.EraserClosedForm.execute(patcher, clip, "uce", "Van Gogh", "", "", 1.0).args
+    files = importlib.import_module(nodes.__name__.rsplit(".", 2)[0] + ".erasers.files.eraser_file")
+    path = tmp_path / "hidream_van_gogh.safetensors"
+    files.save_eraser(eraser, str(path))
+    loaded = files.load_eraser(str(path))
+    assert loaded.family.value == "hidream" and sorted(loaded.keys()) == sorted(eraser.keys())
+    adapters = importlib.import_module(nodes.__name__.rsplit(".", 1)[0] + ".adapters")
+    again = adapters.apply_eraser(patcher, loaded, 1.0)
+    assert sorted(again.patches) == sorted(erased.patches)
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a painting by Van Gogh"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    latent = torch.zeros((1, 16, 8, 8))
+    noise = comfy.sample.prepare_noise(latent, 42)
+    with torch.no_grad():
+        base = comfy.sample.sample(
+            patcher, noise, 2, 4.0, "euler", "normal", pos, neg, latent, seed=42, disable_pbar=True
+        )
+        out = comfy.sample.sample(
+            again, noise, 2, 4.0, "euler", "normal", pos, neg, latent, seed=42, disable_pbar=True
+        )
+    assert torch.isfinite(out).all() and not torch.equal(out, base), "the HiDream eraser had no effect on sampling"
+
+
+def test_a_clip_that_is_not_hidreams_and_a_variant_are_refused_by_name(comfy, pack, hidream):
+    from test_closed_form_families_comfy import StandInCLIP, WordTokenizer
+
+    nodes, _ = pack
+    patcher, clip = hidream
+    wrong = StandInCLIP(WordTokenizer(), T5_WIDTH, causal=False)
+    with pytest.raises(ValueError, match="HiDream-I1.*CLIP-L, CLIP-G, T5-XXL and Llama"):
+        nodes.EraserClosedForm.execute(patcher, wrong, "uce", "Van Gogh", "", "", 1.0)
+    assert wrong.calls == 0
+    calls = clip.calls
+    variant = dict(HIDREAM, llama_layers=LLAMA_LAYERS[:-1] + [3, 3])  # one Llama-fed projection more
+    import comfy.supported_models as sm
+
+    other = built(comfy, config_of(comfy, dict(variant, num_single_layers=3), sm.HiDream), 22)
+    other.model.diffusion_model.llama_layers = LLAMA_LAYERS  # says 4, has 5 Llama-fed projections
+    with pytest.raises(ValueError, match="HiDream-I1 has one caption projection per block"):
+        nodes.EraserClosedForm.execute(other, clip, "uce", "Van Gogh", "", "", 1.0)
+    assert clip.calls == calls, "a refused model's concepts were encoded"
