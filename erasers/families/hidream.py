@@ -33,11 +33,6 @@ NO_GUARDS = (
     "tokens, and each block reads a different Llama layer; the guards' token layouts do not cover that yet"
 )
 
-NO_SLD = (
-    "SLD's extra pass needs the safety concept as a whole HiDream conditioning (T5 context, the per-layer Llama "
-    "states conditioning_llama3 and the pooled vector), and the SLD pass builds the context alone"
-)
-
 RECORDS = (
     FamilyRecord(
         "HiDream",
@@ -49,7 +44,10 @@ RECORDS = (
         text_encoder="CLIP-L ⊕ CLIP-G (pooled 2048), T5-XXL (128 positions) as the context, Llama-3.1-8B every "
         "layer (conditioning_llama3, 128 positions, start token's row dropped); no template",
         text_tokens="per block: [image ‖ T5 ‖ Llama initial ‖ Llama layer i]; image first",
-        guard_refusals=tuple((g, NO_SLD if g == "sld" else NO_GUARDS) for g in GUARDS),
+        # SLD: its extra pass is the host's own conditioning of the safety concept (T5 context, conditioning_llama3,
+        # pooled) through the model, so no token layout is involved; the others act on the text tokens
+        guards=("sld",),
+        guard_refusals=tuple((g, NO_GUARDS) for g in GUARDS if g != "sld"),
     ),
 )
 

@@ -95,6 +95,12 @@ def comfy():
 
 @pytest.fixture(scope="module")
 def pack(comfy):
+    return import_guard_pack()
+
+
+def import_guard_pack():
+    """(nodes.suppression, nodes.suppression_hooks) of the pack imported once under its own name (ComfyUI
+    must be importable: the ``comfy`` fixture)."""
     name = "concept_erasers_suppression_test"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(

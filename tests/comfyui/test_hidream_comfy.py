@@ -220,3 +220,45 @@ def test_a_clip_that_is_not_hidreams_and_a_variant_are_refused_by_name(comfy, pa
     with pytest.raises(ValueError, match="HiDream-I1 has one caption projection per block"):
         nodes.EraserClosedForm.execute(other, clip, "uce", "Van Gogh", "", "", 1.0)
     assert clip.calls == calls, "a refused model's concepts were encoded"
+
+
+@pytest.fixture(scope="module")
+def guard_nodes(comfy):
+    """(nodes.suppression, nodes.suppression_hooks) of the pack imported as the suppression tests import it."""
+    from suppression_models import import_guard_pack
+
+    return import_guard_pack()
+
+
+def test_sld_runs_its_extra_pass_on_hidream_and_the_token_guards_are_refused(comfy, guard_nodes, hidream, monkeypatch):
+    """SLD's safety pass is the host's own conditioning of the safety concept (T5 context, per-layer Llama
+    states, pooled) through the model: it runs each step, changes the output, strength 0 is bit-identical.
+    The guards that act on text tokens refuse HiDream by name before encoding."""
+    from suppression_models import makers
+
+    nodes, hooks = guard_nodes
+    patcher, clip = hidream
+    calls = []
+    calc = hooks._comfy_calc
+    monkeypatch.setattr(hooks, "_comfy_calc", lambda *a, **k: calls.append(1) or calc(*a, **k))
+
+    def run(model):
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a nude person"))
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        latent = torch.zeros((1, 16, 8, 8))
+        noise = comfy.sample.prepare_noise(latent, 42)
+        with torch.no_grad():
+            return comfy.sample.sample(
+                model, noise, 2, 4.0, "euler", "normal", pos, neg, latent, seed=42, disable_pbar=True
+            )
+
+    make = makers(nodes, patcher, clip)
+    base = run(patcher)
+    assert torch.equal(run(make["sld"](0.0)), base) and not calls
+    on = run(make["sld"](1.0))
+    assert calls and torch.isfinite(on).all() and not torch.equal(on, base), "SLD did not act on HiDream"
+    encoded = clip.calls
+    for name in ("tokens", "guidance", "safree"):
+        with pytest.raises(ValueError, match=r"cannot serve HiDream-I1 \(HiDream.*after. the image tokens"):
+            make[name](1.0)
+    assert clip.calls == encoded, "a refused guard encoded text"
