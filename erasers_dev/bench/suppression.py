@@ -93,6 +93,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the text-stream branches, depends on the size)",
     )
     parser.set_defaults(flux=True)
+    parser.add_argument("--no-unet", dest="unet", action="store_false", help="skip the UNet table")
+    from .suppression_families import DEFAULT_VARIANTS, VARIANTS
+
+    parser.add_argument(
+        "--families",
+        default=DEFAULT_VARIANTS,
+        help=f"ComfyUI 0.29 family tables, comma-separated, from {', '.join(VARIANTS)}; 'none' skips them "
+        f"(default {DEFAULT_VARIANTS}; they need COMFYUI_PATH)",
+    )
+    parser.add_argument(
+        "--blocks", type=int, default=1, help="blocks per family model (Flux.2: as many double as single)"
+    )
+    parser.add_argument("--qwen-sizes", default="512,1328", help="Qwen-Image sizes in px (SIZE or WxH)")
+    parser.add_argument("--flux2-sizes", default="512,1024", help="Flux.2 sizes in px (SIZE or WxH)")
+    parser.add_argument(
+        "--wan-sizes", default="832x480x5,832x480x17", help="Wan sizes WIDTHxHEIGHTxFRAMES (frames = 4k+1)"
+    )
+    parser.add_argument(
+        "--no-family-sld", dest="sld", action="store_false", help="skip SLD in the family tables (slow)"
+    )
+    parser.add_argument(
+        "--warmup",
+        choices=("first", "all"),
+        default="first",
+        help="family tables: warm every method up at the first size only (default; the rounds' minimum "
+        "absorbs a later size's first-call cost) or at every size",
+    )
 
 
 class _HashTokenizer:
@@ -220,14 +247,17 @@ def bench_unet(args) -> tuple:
     return per_step, analysis
 
 
-def bench_flux(args):
+def comfy_and_pack():
+    """(comfy, the pack's suppression nodes, its hooks module) imported as ComfyUI imports a custom node, or
+    a string saying why not (``COMFYUI_PATH`` unset, or ComfyUI not importable by this interpreter)."""
     import os
     import sys
 
     path = os.environ.get("COMFYUI_PATH", "").strip()
     if not path:
         return "COMFYUI_PATH is not set (point it at a ComfyUI checkout)"
-    sys.path.insert(0, path)
+    if path not in sys.path:
+        sys.path.insert(0, path)
     saved = sys.argv
     # --use-pytorch-cross-attention: the host attention is torch's SDPA, ComfyUI's default on NVIDIA GPUs. On
     # CPU ComfyUI would otherwise pick its sub-quadratic attention, slower than the fused kernel that
@@ -250,12 +280,25 @@ def bench_flux(args):
 
     root = Path(__file__).resolve().parents[2]
     name = "concept_erasers_bench"
-    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    nodes = importlib.import_module(f"{name}.nodes.suppression")
-    hooks = importlib.import_module(f"{name}.nodes.suppression_hooks")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, root / "__init__.py", submodule_search_locations=[str(root)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return (
+        comfy,
+        importlib.import_module(f"{name}.nodes.suppression"),
+        importlib.import_module(f"{name}.nodes.suppression_hooks"),
+    )
+
+
+def bench_flux(args):
+    loaded = comfy_and_pack()
+    if isinstance(loaded, str):
+        return loaded
+    comfy, nodes, hooks = loaded
     import dataclasses
 
     from comfy.ldm.flux.model import FluxParams
@@ -403,18 +446,20 @@ def run(args) -> list:
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     _pick_clock(getattr(args, "clock", "auto"))
-    per_step, analysis = bench_unet(args)
-    kind = "reduced" if args.small else "SD1.5-shaped"
-    rows = _table(
-        f"{kind} UNet, {args.size} px ({args.size // 8}x{args.size // 8} latent), CFG batch 2, CPU, "
-        f"{torch.get_num_threads()} threads",
-        per_step,
-    )
-    print(
-        f"SAFREE one-off prompt analysis (12 masked copies + 17 keywords, random CLIP-L): {analysis:.2f} s "
-        f"({CLOCK['name']} clock)"
-    )
-    rows.append({"table": "safree", "method": "SAFREE one-off analysis", "seconds": analysis})
+    rows = []
+    if getattr(args, "unet", True):
+        per_step, analysis = bench_unet(args)
+        kind = "reduced" if args.small else "SD1.5-shaped"
+        rows += _table(
+            f"{kind} UNet, {args.size} px ({args.size // 8}x{args.size // 8} latent), CFG batch 2, CPU, "
+            f"{torch.get_num_threads()} threads",
+            per_step,
+        )
+        print(
+            f"SAFREE one-off prompt analysis (12 masked copies + 17 keywords, random CLIP-L): {analysis:.2f} s "
+            f"({CLOCK['name']} clock)"
+        )
+        rows.append({"table": "safree", "method": "SAFREE one-off analysis", "seconds": analysis})
     if getattr(args, "flux", True):
         flux = bench_flux(args)
         if isinstance(flux, str):
@@ -450,6 +495,43 @@ def run(args) -> list:
                     }
                 )
             print("SLD on Flux: refused by the node (guidance-distilled, no unconditional branch)")
+    rows += family_tables(args)
+    return rows
+
+
+def family_tables(args) -> list:
+    """The ComfyUI 0.29 family tables (Qwen-Image, Wan 2.1, Flux.2): one table per variant and size."""
+    from . import suppression_families as fam
+
+    chosen = [v.strip() for v in str(getattr(args, "families", "none")).split(",") if v.strip()]
+    if chosen in ([], ["none"]):
+        return []
+    unknown = [v for v in chosen if v not in fam.VARIANTS]
+    if unknown:
+        raise ValueError(f"--families: unknown {unknown}; expected some of {', '.join(fam.VARIANTS)} or 'none'")
+    loaded = comfy_and_pack()
+    if isinstance(loaded, str):
+        print(f"\nFamily tables: skipped: {loaded}")
+        return [{"table": "families", "method": "skipped", "reason": loaded}]
+    comfy, nodes, _ = loaded
+    args.warmup_first_only = getattr(args, "warmup", "first") == "first"
+    rows = []
+    for variant in chosen:
+        family = fam.VARIANTS[variant][0]
+        text = (
+            fam.SMALL_SIZES[family]
+            if args.small
+            else getattr(args, f"{'qwen' if family == 'qwen_image' else family}_sizes")
+        )
+        sizes = [fam.parse_size(family, t.strip()) for t in text.split(",") if t.strip()]
+        config, results = fam.bench_variant(comfy, nodes, variant, sizes, args, _time)
+        for size, per_step in results.items():
+            rows += _table(
+                f"{fam.describe(variant, config, size)}, CPU, {torch.get_num_threads()} threads, host attention SDPA",
+                per_step,
+            )
+        if family == "flux2":
+            print("SLD on Flux.2: refused by the node (guidance-distilled, no unconditional branch)")
     return rows
 
 
