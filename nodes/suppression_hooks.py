@@ -894,18 +894,25 @@ def concept_rotary(family: str, dm, pe: torch.Tensor, txt_len: int, n_concept: i
     """The block's rotary table with the prompt's T text rows replaced by the concept's: the image rows are
     the prompt's, the concept's text rows are computed by the model's own pe_embedder. Fails closed when the
     text rows this computes for the prompt are not the ones the model passed (another ComfyUI's layout)."""
-    device = pe.device
-    mine = dm.pe_embedder(text_position_ids(family, dm, txt_len, state.get("latent_shape")).to(device))
-    prompt_rows = pe[:1, :, :txt_len].float()
-    same = mine.shape[2] == txt_len and torch.allclose(mine.to(pe.dtype).float(), prompt_rows, atol=1e-4)
+    # EmbedND gives (B, 1, L, …); Qwen-Image in ComfyUI 0.3.x moved the sequence to axis 1: (B, L, 1, …)
+    seq = 2 if pe.shape[1] == 1 else 1
+
+    def rotary(length: int) -> torch.Tensor:
+        table = dm.pe_embedder(text_position_ids(family, dm, length, state.get("latent_shape")).to(pe.device))
+        return (table if seq == 2 else table.squeeze(1).unsqueeze(2)).to(pe.dtype)
+
+    mine = rotary(txt_len)
+    prompt_rows = pe[:1].narrow(seq, 0, txt_len).float()
+    same = mine.shape == prompt_rows.shape and torch.allclose(mine.float(), prompt_rows, atol=1e-4)
     if not same:
         raise RuntimeError(
             f"Concept guidance could not reproduce the {family} model's rotary positions of its {txt_len} text "
             "tokens (this ComfyUI assigns them differently), so the concept's cannot be made: stopped at the first "
             "step rather than sampling unguarded."
         )
-    text = dm.pe_embedder(text_position_ids(family, dm, n_concept, state.get("latent_shape")).to(device))
-    return torch.cat((text.to(pe.dtype).expand(pe.shape[0], *text.shape[1:]), pe[:, :, txt_len:]), dim=2)
+    text = rotary(n_concept)
+    image = pe.narrow(seq, txt_len, pe.shape[seq] - txt_len)
+    return torch.cat((text.expand(pe.shape[0], *text.shape[1:]), image), dim=seq)
 
 
 def take_rows(obj, rows: torch.Tensor, batch: int):

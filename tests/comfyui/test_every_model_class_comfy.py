@@ -144,7 +144,7 @@ def test_every_shipped_class_is_served_end_to_end_or_refused_by_name(comfy, pack
         strength=1.0,
     )
     classes = host_classes(comfy)
-    assert len(classes) > 60, f"only {len(classes)} model classes found: is COMFYUI_PATH a full ComfyUI?"
+    assert len(classes) > 40, f"only {len(classes)} model classes found: is COMFYUI_PATH a full ComfyUI?"
     served, refused, wrong = {}, 0, []
     for cls in classes:
         base = cls.__new__(cls)
