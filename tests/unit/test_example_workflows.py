@@ -35,6 +35,11 @@ CORE_TYPES = {
     "FluxGuidance",
     "EmptySD3LatentImage",
     "ConditioningZeroOut",
+    # the family examples (erasers_dev/family_workflows.py): their text-encoder loaders and latents
+    "CLIPLoader",
+    "QuadrupleCLIPLoader",
+    "EmptyFlux2LatentImage",
+    "EmptyHunyuanLatentVideo",
 }
 
 
@@ -82,3 +87,33 @@ def test_workflow_is_consistent_ui_format(path):
                 assert link_id in links, f"node {node['id']}: dangling output link {link_id}"
         if node["type"] == "EraserClosedForm":
             assert node["widgets_values"][0] in METHODS
+
+
+def test_the_family_workflows_are_what_the_generator_writes():
+    """example_workflows/family_*.json are generated (python -m erasers_dev.family_workflows): edited by hand
+    they would drift from the family table's guards."""
+    from erasers_dev import family_workflows as fw
+
+    for name in fw.FAMILIES:
+        path = fw.OUT / f"family_{name}.json"
+        assert json.loads(path.read_text(encoding="utf-8")) == fw.family_workflow(name), path.name
+
+
+def test_each_family_workflow_uses_a_guard_its_family_serves():
+    from erasers import families
+    from erasers_dev import family_workflows as fw
+
+    record_of = {
+        "chroma": ("Chroma", "Chroma"),
+        "flux2_klein": ("Flux2", "Flux2"),
+        "qwen_image": ("QwenImage", "QwenImage"),
+        "lumina2": ("Lumina2", "Lumina2"),
+        "zimage_turbo": ("Lumina2", "ZImage"),
+        "wan21_t2v": ("WAN21", "WAN21_T2V"),
+        "hidream": ("HiDream", "HiDream"),
+    }
+    guard_name = {"token": "token_suppression", "guidance": "concept_guidance", "sld": "sld", "safree": "safree"}
+    assert set(record_of) == set(fw.FAMILIES)
+    for name, spec in fw.FAMILIES.items():
+        families.lookup_guard(*record_of[name], guard_name[spec[5]])  # raises if the family refuses the guard
+        assert "uce" in families.lookup(*record_of[name]).methods
