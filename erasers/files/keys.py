@@ -298,7 +298,7 @@ _ZIMAGE_TOP = {
 }
 
 #: families whose LoRA names come from ``comfy_lora_names`` (by their ``Family`` value)
-DIT_LORA_FAMILIES = ("chroma", "flux2", "qwen_image", "lumina2", "zimage", "wan")
+DIT_LORA_FAMILIES = ("chroma", "flux2", "qwen_image", "lumina2", "zimage", "wan", "hidream")
 
 
 def _stem(key: str) -> str:
@@ -381,7 +381,8 @@ def comfy_lora_names(shapes, family: str) -> dict:
     Flux-style (Chroma, Flux.2): diffusers names as ``transformer.<d>``, ``lycoris_<d_>``,
     ``lora_transformer_<d_>`` and bare ``<d>`` (DiffSynth), plus ``diffusion_model.single_blocks.<i>.linear1_qkv``
     (rows [0, 3H) of linear1); Qwen-Image: its own (diffusers-like) keys bare, as ``transformer.<k>`` and
-    ``lycoris_<k_>``; Lumina 2 / Z-Image: diffusers names as ``diffusion_model.<d>``, ``transformer.<d>``,
+    ``lycoris_<k_>``; HiDream: its own keys as ``transformer.<k>`` and ``lycoris_<k_>`` (SimpleTuner); Lumina 2 /
+    Z-Image: diffusers names as ``diffusion_model.<d>``, ``transformer.<d>``,
     ``lycoris_<d_>`` and bare; Wan: the generic spellings only. Targets the model lacks are dropped.
     """
     family = getattr(family, "value", family)
@@ -405,6 +406,11 @@ def comfy_lora_names(shapes, family: str) -> dict:
         for key in weights:
             stem = _stem(key)
             names[stem] = key
+            names[f"transformer.{stem}"] = key
+            names[f"lycoris_{stem.replace('.', '_')}"] = key
+    elif family == "hidream":  # SimpleTuner's spellings of the model's own keys (comfy/lora.py, HiDream)
+        for key in weights:
+            stem = _stem(key)
             names[f"transformer.{stem}"] = key
             names[f"lycoris_{stem.replace('.', '_')}"] = key
     elif family in ("lumina2", "zimage"):

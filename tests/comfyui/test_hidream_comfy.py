@@ -262,3 +262,75 @@ def test_sld_runs_its_extra_pass_on_hidream_and_the_token_guards_are_refused(com
         with pytest.raises(ValueError, match=r"cannot serve HiDream-I1 \(HiDream.*after. the image tokens"):
             make[name](1.0)
     assert clip.calls == encoded, "a refused guard encoded text"
+
+
+@pytest.fixture(scope="module")
+def lora_pack(comfy):
+    import importlib
+
+    from test_closed_form_nodes import PACK, import_pack
+
+    import_pack()
+    mod = lambda name: importlib.import_module(f"{PACK}.{name}")  # noqa: E731
+    return dict(
+        adapters=mod("nodes.adapters"),
+        lora=mod("nodes.lora"),
+        files=mod("erasers.files.eraser_file"),
+        keys=mod("erasers.files.keys"),
+        closed_form=mod("nodes.closed_form"),
+    )
+
+
+def test_the_lora_names_are_comfyuis_and_every_spelling_patches_as_comfyui_does(comfy, lora_pack, hidream, tmp_path):
+    """ComfyUI reads HiDream LoRAs by its generic spellings and SimpleTuner's (``transformer.<key>``,
+    ``lycoris_<key_>``, comfy/lora.py): the pack's name table is exactly the host's, and a LoRA in each
+    spelling (kohya and PEFT factors) patches, through Load Erasure LoRA, the weights ComfyUI's own loader
+    patches."""
+    from test_family_lora_files_comfy import (
+        assert_same_weights,
+        host_table,
+        patched_weights,
+        run_node,
+        shapes_of,
+        spellings,
+        write_lora,
+    )
+
+    patcher, _ = hidream
+    shapes = shapes_of(patcher)
+    mine = lora_pack["keys"].comfy_lora_names(shapes, "hidream")
+    host = host_table(comfy, patcher)
+    assert mine == host, (sorted(set(mine) ^ set(host))[:6], [n for n in host if mine.get(n) != host[n]][:3])
+    classes = spellings(host)
+    assert {"lora_unet_", "diffusion_model.", "transformer.", "lycoris_"} <= set(classes)
+    base = patched_weights(patcher)
+    for i, (cls, names) in enumerate(sorted(classes.items())):
+        picked = {n: t for n, t in names.items() if "caption_projection" in t or "double_stream_blocks.0." in t}
+        for style in ("kohya", "peft"):
+            file = f"hidream-{cls.strip('._')}-{style}.safetensors"
+            lora = write_lora(tmp_path / file, picked, shapes, style, seed=i)
+            theirs, _ = comfy.sd.load_lora_for_models(patcher, None, dict(lora), 1.0, 0.0)
+            ours = run_node(lora_pack, tmp_path, patcher, file)
+            assert sorted(ours.patches) == sorted(theirs.patches) and ours.patches, (cls, style)
+            assert_same_weights(patched_weights(ours), patched_weights(theirs), base)
+
+
+def test_an_eraser_file_loads_in_comfyuis_lora_loader_with_every_key_matched(
+    comfy, lora_pack, hidream, tmp_path, caplog
+):
+    import logging
+
+    from test_family_lora_files_comfy import assert_same_weights, patched_weights
+
+    patcher, clip = hidream
+    erased, eraser = (
+        lora_pack["closed_form"].EraserClosedForm.execute(patcher, clip, "uce", "Van Gogh", "", "a photo", 1.0).args
+    )
+    path = lora_pack["files"].save_eraser(eraser, str(tmp_path / "hidream-uce.safetensors"), exact=True)
+    lora = comfy.utils.load_torch_file(path, safe_load=True)
+    with caplog.at_level(logging.WARNING):
+        theirs, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage() or "NOT LOADED" in r.getMessage()]
+    assert sorted(theirs.patches) == sorted(erased.patches) == sorted(PREFIX + k for k in eraser.keys())
+    base = patched_weights(patcher)
+    assert_same_weights(patched_weights(theirs), patched_weights(erased), base, list(eraser.keys()))
