@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Optional
 from .errors import EraserError
 from .text import check_prompts
 
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
 
 class ConfigError(EraserError):
     """A parameter has a value the pack refuses (the message names the parameter)."""
@@ -78,6 +80,39 @@ def text_list(name: str, value) -> list:
             f"{name} must hold strings only, found {type(bad[0]).__name__} {bad[0]!r}. Quote each entry."
         )
     return items
+
+
+def shipped_names(filename: str) -> list:
+    """The names of a list shipped in erasers/data/ (one per line; a role after the first comma dropped;
+    blank lines and ``#`` comments skipped; a name repeated in another case kept once, first spelling)."""
+    with open(os.path.join(DATA_DIR, filename), encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    names, seen = [], set()
+    for line in lines:
+        name = line.split(",")[0].strip()
+        if name and not name.startswith("#") and name.lower() not in seen:
+            seen.add(name.lower())
+            names.append(name)
+    return names
+
+
+@dataclass(frozen=True)
+class PresetList:
+    """A preset's ``preserve`` entry that stands for a list shipped in erasers/data/: ``from_preset`` puts
+    its names in the config, minus the concepts being erased (compared case-insensitively — the config
+    refuses a concept that is both erased and preserved). A ``preserve`` the caller passes replaces it."""
+
+    filename: str
+    description: str = ""
+
+    def names(self, erased=()) -> list:
+        drop = {str(c).strip().lower() for c in erased if c is not None}
+        return [n for n in shipped_names(self.filename) if n.lower() not in drop]
+
+
+#: the 1,834 artists of the UCE authors' erasers/data/artists_sd.txt: the preservation set of UCE's (and,
+#: following it, SPEED's and RECE's) published artistic-style erasure (closed_form.md §3.2, §4.2, §5.4)
+ARTISTS = PresetList("artists_sd.txt", "every other artist of erasers/data/artists_sd.txt")
 
 
 class SerialisedConfig:
@@ -175,10 +210,18 @@ class EraserConfig(SerialisedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **fields) -> "EraserConfig":
-        """A config with a published preset's values; explicit ``fields`` override the preset."""
+        """A config with a published preset's values; explicit ``fields`` override the preset.
+
+        A preset whose ``preserve`` is a ``PresetList`` (SPEED ``styles``, RECE ``art``: the other artists
+        of erasers/data/artists_sd.txt) gets that list minus the erased ``concepts``; a ``preserve`` passed
+        here (even ``[]``) replaces it.
+        """
         if name not in cls.PRESETS:
             raise ConfigError(f"{cls.method}: unknown preset '{name}'; available: {', '.join(cls.PRESETS) or 'none'}.")
-        return cls(**{**cls.PRESETS[name], **fields})
+        values = {**cls.PRESETS[name], **fields}
+        if isinstance(values.get("preserve"), PresetList):
+            values["preserve"] = values["preserve"].names(text_list("concepts", values.get("concepts")))
+        return cls(**values)
 
 
 def describe(config: EraserConfig) -> str:

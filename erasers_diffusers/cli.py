@@ -97,18 +97,42 @@ def parse_value(text: str, annotation: str, key: str = "the parameter"):
         raise EraserError(f"--param {key}: expected {type_words(kind)}, found '{text}'.") from None
 
 
-def build_config(method_name: str, concepts, anchors, preserve, concept_type, rank_cap, params):
+def preset_names() -> str:
+    """'speed: few, styles, …; rece: …' — every method's presets, for error messages and --help."""
+    from erasers.edits.methods import METHODS
+
+    return "; ".join(
+        f"{name}: {', '.join(m.config_class.PRESETS)}" for name, m in sorted(METHODS.items()) if m.config_class.PRESETS
+    )
+
+
+def build_config(method_name: str, concepts, anchors, preserve, concept_type, rank_cap, params, preset=None):
+    """The method's config from the command line. With ``preset`` it is ``from_preset(preset, …)`` and only
+    the options actually given override the preset (an empty anchor/preserve list or an unset
+    --concept-type / --rank-cap leaves the preset's value; --preserve replaces a preset's artist list)."""
+    from erasers.config import ConfigError
     from erasers.edits.methods import get_method
 
     method = get_method(method_name)
     fields = {f.name: f.type for f in dataclasses.fields(method.config_class)}
+    if preset is not None and preset not in method.config_class.PRESETS:
+        have = method.config_class.PRESETS
+        raise ConfigError(
+            f"--preset '{preset}': {method.name} "
+            + (f"has the presets {', '.join(have)}." if have else "has no presets.")
+            + f" Presets by method: {preset_names()} (pick the method with --method)."
+        )
     data = {
         "concepts": concepts,
         "anchors": anchors,
         "preserve": preserve,
-        "concept_type": concept_type,
+        "concept_type": concept_type if concept_type is not None else "object",
         "rank_cap": rank_cap,
     }
+    if preset is not None:  # only what was given overrides the preset
+        data = {"concepts": concepts}
+        data.update({k: v for k, v in (("anchors", anchors), ("preserve", preserve)) if v})
+        data.update({k: v for k, v in (("concept_type", concept_type), ("rank_cap", rank_cap)) if v is not None})
     for item in params or []:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -120,6 +144,8 @@ def build_config(method_name: str, concepts, anchors, preserve, concept_type, ra
                 f"{', '.join(k for k in fields if k not in ('concepts', 'anchors', 'preserve'))}."
             )
         data[key] = parse_value(value.strip(), fields[key], key)
+    if preset is not None:
+        return method.config_class.from_preset(preset, **data)
     return method.config_class.from_dict(data)
 
 
@@ -239,7 +265,7 @@ def cmd_erase(args) -> int:
     concepts = list(args.concept or []) + read_list_file(args.concepts_file)
     preserve = list(args.preserve or []) + read_list_file(args.preserve_file)
     config = build_config(
-        args.method, concepts, args.anchor or [], preserve, args.concept_type, args.rank_cap, args.param
+        args.method, concepts, args.anchor or [], preserve, args.concept_type, args.rank_cap, args.param, args.preset
     )
     out = output_file(args.out)  # None for a folder: the name comes from the eraser, checked when written
     if out:  # before any model is read: a refused output costs nothing
@@ -259,9 +285,10 @@ def cmd_erase(args) -> int:
     loaded = time.perf_counter()
 
     def progress(done, total):
-        print(f"  encoded {done}/{total} concepts", file=sys.stderr)
+        print(f"  encoded {done}/{total} prompts", file=sys.stderr)
 
-    eraser = compute_eraser(config, encoder, weights, family, progress=progress if len(concepts) > 64 else None)
+    many = len(config.concepts) + len(config.preserve) > 64
+    eraser = compute_eraser(config, encoder, weights, family, progress=progress if many else None)
     path = save_eraser(
         eraser,
         args.out,
@@ -449,9 +476,16 @@ def add_erase(subparsers) -> None:
     p.add_argument("--preserve-file", metavar="FILE", help="more concepts to preserve, one per line")
     p.add_argument(
         "--concept-type",
-        default="object",
+        default=None,
         choices=EraserConfig.CONCEPT_TYPES,
-        help="picks the published defaults (default object)",
+        help="picks the published defaults (default object, or the preset's)",
+    )
+    p.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="a published setting of the method (as METHOD.from_preset); options given explicitly override it. "
+        "speed 'styles' and rece 'art' preserve every other artist of erasers/data/artists_sd.txt unless "
+        "--preserve/--preserve-file is given. Presets: " + preset_names(),
     )
     p.add_argument(
         "--param",

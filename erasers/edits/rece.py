@@ -25,11 +25,12 @@ from typing import ClassVar, Mapping, Optional
 
 import torch
 
-from ..config import ConfigError, EraserConfig
+from ..config import ARTISTS, ConfigError, EraserConfig
 from ..lowrank import LowRankDelta, compress
-from ..text import PromptEncoding, TextEncoder, encode_batched
+from ..text import PromptEncoding, TextEncoder
 from . import uce
 from .closed_form import same_length, shared_factors
+from .encoding import Gram, Need, encode_needs
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,15 @@ class RECEConfig(EraserConfig):
     PRESETS: ClassVar[dict] = {
         "nudity": {"concept_type": "nudity", "epochs": 3, "regular_scale": 0.1, "uce_preserve_scale": 1.0},
         "unsafe": {"concept_type": "nudity", "epochs": 2, "regular_scale": 0.1, "uce_preserve_scale": 1.0},
-        "art": {"concept_type": "art", "epochs": 1, "regular_scale": 1e-3, "uce_preserve_scale": 0.1},
+        # §4.2/§4.3: artists are erased towards "art" preserving '' and every other artist of the UCE list (all
+        # token rows); from_preset fills in erasers/data/artists_sd.txt minus the erased names
+        "art": {
+            "concept_type": "art",
+            "epochs": 1,
+            "regular_scale": 1e-3,
+            "uce_preserve_scale": 0.1,
+            "preserve": ARTISTS,
+        },
         "object-easy": {"concept_type": "object", "epochs": 1, "regular_scale": 0.1},
         "object-hard": {"concept_type": "object", "epochs": 1, "regular_scale": 1e-3},
     }
@@ -209,19 +218,29 @@ def uce_start_factors(
     rows) it is formed densely from grams instead of factored, since it has full rank anyway.
     """
     if pooled:
-        keys, targets, preserve = enc_c.pooled, enc_g.pooled, enc_p.pooled
+        keys, targets = enc_c.pooled, enc_g.pooled
     else:
         keys, targets = uce.aligned_token_rows(enc_c, enc_g)
-        preserve = enc_p.hidden.reshape(-1, enc_p.hidden.shape[-1])
-    keys, targets, preserve = keys.double(), targets.double(), preserve.double()
+    keys, targets = keys.double(), targets.double()
+    gram_pp = preserve_gram(enc_p, pooled)
     d = keys.shape[1]
     eta_e, eta_p = uce_cfg.erase_scale, uce_cfg.effective_preserve_scale(len(enc_p))
     if keys.shape[0] < d:
-        return shared_factors(keys, targets, uce_cfg.lam, eta_e, preserve, eta_p)
+        return shared_factors(keys, targets, uce_cfg.lam, eta_e, None, eta_p, preserve_gram=gram_pp)
     gram_kk, gram_tk = row_grams(keys, targets)
-    mat = uce_cfg.lam * torch.eye(d, dtype=torch.float64) + eta_e * gram_kk + eta_p * (preserve.T @ preserve)
+    mat = uce_cfg.lam * torch.eye(d, dtype=torch.float64) + eta_e * gram_kk + eta_p * gram_pp
     # ΔW = W⁰ η_e (C* − C)ᵀ C G⁻¹ (closed_form.py); G symmetric
     return torch.eye(d, dtype=torch.float64), solve_spd(mat, eta_e * (gram_tk - gram_kk).T).T
+
+
+def preserve_gram(enc, pooled: bool) -> torch.Tensor:
+    """PᵀP (float64) of a preserve set read at every token row (or its pooled vectors): from a ``Gram``
+    accumulated while encoding, or from a ``PromptEncoding``'s rows."""
+    if isinstance(enc, Gram):
+        rows = enc.pooled.double() if pooled else None
+        return rows.T @ rows if pooled else enc.gram
+    rows = stream_rows(enc, pooled).reshape(-1, enc.hidden.shape[-1] if not pooled else enc.pooled.shape[-1])
+    return rows.double().T @ rows.double()
 
 
 def stream_rows(enc: PromptEncoding, pooled: bool) -> torch.Tensor:
@@ -245,13 +264,12 @@ def stream_delta(config: RECEConfig, uce_cfg, encodings: dict, weights0: list, p
     s0 = (stacked.T @ stacked).to(torch.float64)
     c, c_star = same_length(stream_rows(enc_c, pooled), stream_rows(enc_a, pooled))
     c, c_star = c.reshape(-1, d), c_star.reshape(-1, d)  # aligned by position
-    p = stream_rows(enc_p, pooled).reshape(-1, d).to(torch.float64)
     if c.shape[0] < d:  # the rows themselves are used; the concept grams are not needed
         c, c_star = c.to(torch.float64), c_star.to(torch.float64)
         gram_cc = gram_sc = None
     else:
         gram_cc, gram_sc = row_grams(c, c_star)
-    gram_pp = p.T @ p
+    gram_pp = preserve_gram(enc_p, pooled)
     lam_r = config.effective_regular_scale()
     eye = torch.eye(d, dtype=torch.float64)
     for _ in range(epochs):
@@ -279,18 +297,30 @@ def stream_delta(config: RECEConfig, uce_cfg, encodings: dict, weights0: list, p
 
 
 def encode_inputs(config: RECEConfig, encoder: TextEncoder, progress=None) -> dict:
-    """Every encoding RECE needs: its concepts/anchors/preserve set and those of its UCE start."""
+    """Every encoding RECE needs: its concepts/anchors/preserve set and those of its UCE start.
+
+    Each distinct prompt is encoded once (``encoding.encode_needs``): the UCE start erases the same concepts
+    and preserves the same list ('' + the user's) as the RECE rounds, so "uc"/"up" are the very objects
+    "c"/"p". Every row of every prompt is used (c′ has all T rows; the preserve set all 77 positions of each
+    prompt), so nothing is shortened; the preserve sets enter only as PᵀP, accumulated while encoding.
+    """
     uce_cfg = config.uce_start()
     uce_concepts, uce_guides = uce.erase_pairs(uce_cfg)
-    return {
-        "c": encode_batched(encoder, config.concepts, progress=progress),
-        "a": encode_batched(encoder, config.anchors_for_concepts(config.default_anchor())),
+    needs = {
+        "c": Need(config.concepts, "all"),
+        "a": Need(config.anchors_for_concepts(config.default_anchor()), "all"),
         # §4.2 preserve set: the empty prompt plus the user's list, all token rows
-        "p": encode_batched(encoder, [""] + list(config.preserve)),
-        "uc": encode_batched(encoder, uce_concepts),
-        "ug": encode_batched(encoder, uce_guides),
-        "up": encode_batched(encoder, uce.retain_prompts(uce_cfg)),
+        "p": Need([""] + list(config.preserve), "gram"),
+        "uc": Need(uce_concepts, "all"),
+        "ug": Need(uce_guides, "all"),
+        "up": Need(uce.retain_prompts(uce_cfg), "gram"),
     }
+    # the same prompt list asked for twice is one need (one PromptEncoding / one gram)
+    unique = {}
+    for name, need in needs.items():
+        unique.setdefault(need, name)
+    encoded = encode_needs(encoder, {name: need for need, name in unique.items()}, progress=progress)
+    return {name: encoded[unique[need]] for name, need in needs.items()}
 
 
 def erase(config: RECEConfig, encoder: TextEncoder, weights: Mapping[str, torch.Tensor], specs, progress=None) -> dict:

@@ -43,9 +43,10 @@ from typing import ClassVar, Mapping, Optional
 
 import torch
 
-from ..config import ConfigError, EraserConfig
+from ..config import ARTISTS, ConfigError, EraserConfig
 from ..lowrank import LowRankDelta, compress
-from ..text import PromptEncoding, TextEncoder, encode_batched
+from ..text import PromptEncoding, TextEncoder
+from .encoding import Need, encode_needs
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ class SPEEDConfig(EraserConfig):
             "lamb": 0.0,
             "prior_filter": True,
             "anchors": ["art"],
+            # the published style setting retains the other artists of the UCE list (closed_form.md §5.4):
+            # from_preset fills in erasers/data/artists_sd.txt minus the erased names; a given preserve wins
+            "preserve": ARTISTS,
         },
         "multi": {
             "concept_type": "object",
@@ -430,16 +434,29 @@ def invariants(enc_null: PromptEncoding, pooled: bool, n_centroids: int, seed: i
 # -- the method ------------------------------------------------------------------------------------
 
 
+def encode_inputs(config: SPEEDConfig, encoder: TextEncoder, progress=None) -> dict:
+    """Concepts "c", anchors "a", the null prompt "null" and the retained prompts "r" (when listed), each
+    distinct prompt encoded once. Outside nudity every stream is read at its last word only, so those
+    prompts are encoded up to their EOS (exact for causal CLIP; ``encoding.py``); the null prompt needs its
+    EOS/padding rows (the invariants' k-means), nudity every row after the SOT."""
+    rows = "all" if config.concept_type == "nudity" else "real"
+    needs = {
+        "c": Need(config.concepts, rows),
+        "a": Need(config.anchors_for_concepts(config.default_anchor()), rows),
+        "null": Need([""], "all"),
+    }
+    if config.preserve:
+        needs["r"] = Need(config.preserve, rows)
+    return encode_needs(encoder, needs, progress=progress)
+
+
 def erase(
     config: SPEEDConfig, encoder: TextEncoder, weights: Mapping[str, torch.Tensor], specs, progress=None
 ) -> dict:
     """ΔW for the selected layers in ``specs`` (canonical key → W₀ in ``weights``)."""
     specs = [s for s in specs if s.kind in config.kinds()]
-    last_only = config.concept_type != "nudity"  # nudity aligns every row; otherwise last words only
-    enc_c = encode_batched(encoder, config.concepts, progress=progress, real_tokens_only=last_only)
-    enc_a = encode_batched(encoder, config.anchors_for_concepts(config.default_anchor()), real_tokens_only=last_only)
-    enc_null = encode_batched(encoder, [""])  # invariants need its EOS/padding rows
-    enc_r = encode_batched(encoder, config.preserve, real_tokens_only=last_only) if config.preserve else None
+    encodings = encode_inputs(config, encoder, progress)
+    enc_c, enc_a, enc_null, enc_r = (encodings.get(k) for k in ("c", "a", "null", "r"))
     if enc_r is None:
         log.info(
             "SPEED: no preserve list given; retaining the empty prompt's rows as the reference does. "
@@ -451,7 +468,7 @@ def erase(
         if not group:
             continue
         c1, c_star, n = concept_rows(config, enc_c, enc_a, pooled)
-        retain = retain_rows(enc_r, enc_null, pooled, all_rows=not last_only)
+        retain = retain_rows(enc_r, enc_null, pooled, all_rows=config.concept_type == "nudity")
         k2 = invariants(enc_null, pooled, config.n_centroids, config.seed)
         gen = torch.Generator().manual_seed(config.seed)
         results = layer_deltas([weights[s.key] for s in group], c1, c_star, n, retain, k2, config, gen)
