@@ -151,6 +151,200 @@ def run_one(method, count: int, encoder, weights, out_dir: str) -> dict:
     }
 
 
+#: whole-edit targets of #16 for the published style presets with the full artist list (SD1.5 shapes)
+PRESET_TARGET = {"speed": 5.0, "rece": 120.0}
+PRESETS = (("speed", "styles"), ("rece", "art"))
+PRESET_CONCEPT = "Vincent Van Gogh"
+
+
+def run_preset(method, preset: str, encoder, weights, concepts=(PRESET_CONCEPT,)) -> dict:
+    """The whole edit (text encoding included) of a published preset with its own preserve list."""
+    from erasers.edits.eraser import compute_eraser
+    from erasers.files.families import Family
+
+    config = method.config_class.from_preset(preset, concepts=list(concepts))
+    with PeakRSS() as memory:
+        started = time.perf_counter()
+        eraser = compute_eraser(config, encoder, weights, Family.SD1)
+        total = time.perf_counter() - started
+    return {
+        "preserve": len(config.preserve),
+        "encode": eraser.timings.get("encode_s", 0.0),
+        "solve": eraser.timings.get("solve_s", 0.0) + eraser.timings.get("compress_s", 0.0),
+        "total": total,
+        "peak_mb": memory.growth_mb,
+    }
+
+
+# -- 100 concepts on each family's real widths ------------------------------------------------------------
+
+#: (label, family, canonical key pattern, (out, in), layers, where the widths come from)
+FAMILY_WIDTHS = (
+    (
+        "Flux.2 dev",
+        "flux2",
+        "txt_in.weight",
+        (6144, 15360),
+        1,
+        "txt_in 15360 = 3×5120 (Mistral-3-24B layers, erasers/families/flux.py); 6144 = 48 heads × 128 "
+        "(ComfyUI 0.29 model_detection.py: num_heads 48 for flux2, hidden_size = txt_in.weight.shape[0])",
+    ),
+    (
+        "Flux.2 klein 4B",
+        "flux2",
+        "txt_in.weight",
+        (3072, 7680),
+        1,
+        "7680 = 3×2560 (Qwen3-4B, erasers/families/flux.py); 3072 assumed (24 heads × 128; ComfyUI reads it "
+        "from the checkpoint, not in its sources: unverified)",
+    ),
+    (
+        "Flux.2 klein 9B",
+        "flux2",
+        "txt_in.weight",
+        (4096, 12288),
+        1,
+        "12288 = 3×4096 (Qwen3-8B, erasers/families/flux.py); 4096 assumed (32 heads × 128; unverified)",
+    ),
+    (
+        "Chroma",
+        "chroma",
+        "txt_in.weight",
+        (3072, 4096),
+        1,
+        "T5-XXL 4096 → hidden 3072 (ComfyUI 0.29 model_detection.py Flux/Chroma defaults; ldm/chroma)",
+    ),
+    (
+        "Qwen-Image",
+        "qwen_image",
+        "txt_in.weight",
+        (3072, 3584),
+        1,
+        "joint_attention_dim 3584 → 24 heads × 128 (ComfyUI 0.29 ldm/qwen_image/model.py)",
+    ),
+    (
+        "Z-Image",
+        "zimage",
+        "cap_embedder.1.weight",
+        (3840, 2560),
+        1,
+        "cap_feat_dim 2560 (Qwen3-4B, erasers/families/mmdit.py) → dim 3840 (ComfyUI 0.29 model_detection.py)",
+    ),
+    (
+        "Lumina 2",
+        "lumina2",
+        "cap_embedder.1.weight",
+        (2304, 2304),
+        1,
+        "Gemma-2-2B 2304 → dim 2304 (ComfyUI 0.29 model_detection.py 'Original Lumina 2')",
+    ),
+    (
+        "Wan 2.1 14B",
+        "wan",
+        "blocks.{i}.cross_attn.{kv}.weight",
+        (5120, 5120),
+        80,
+        "40 blocks × cross_attn k/v 5120→5120 reading text_embedding(UMT5 4096→5120) (ComfyUI 0.29 "
+        "ldm/wan/model.py; dim and depth are read from the checkpoint: the 14B release's 5120 / 40)",
+    ),
+)
+#: the 100-concept UCE solve target of #16
+FAMILY_SOLVE_TARGET = 1.0
+
+
+class RandomRowsEncoder:
+    """Deterministic random token rows of a given width (no text model: the family table times the solve).
+
+    Each prompt gets ``words + 1`` rows (no start token, an end token, as T5/LLM encoders) padded to
+    ``context_length`` with the end row's neighbourhood, seeded by the prompt text.
+    """
+
+    def __init__(self, dim: int, family: str, context_length: int = 32):
+        self.dim, self.family, self.context_length, self.context_dim = dim, family, context_length, dim
+
+    def encode(self, prompts):
+        import hashlib
+
+        from erasers.text import PromptEncoding
+
+        hidden, lengths, ids = [], [], []
+        for p in prompts:
+            seed = int(hashlib.md5(p.encode()).hexdigest()[:8], 16)
+            gen = torch.Generator().manual_seed(seed)
+            hidden.append(torch.randn(self.context_length, self.dim, generator=gen))
+            n = min(len(p.split()) + 1, self.context_length)
+            lengths.append(n)
+            ids.append(list(range(n)))
+        return PromptEncoding(torch.stack(hidden), torch.tensor(lengths), ids, None, has_bos=False)
+
+
+def family_weights(key: str, shape: tuple, layers: int, seed: int = 0) -> dict:
+    """Random weights (std 1/√in); a many-layer family shares one tensor between its keys (80 × 5120² float32
+    would be 8.4 GB), which changes no arithmetic of the solve."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+    if layers == 1:
+        return {key: w}
+    return {key.format(i=i, kv=kv): w for i in range(layers // 2) for kv in "kv"}
+
+
+def run_family(label, family_name, key, shape, layers, method_name: str, count: int) -> dict:
+    from erasers.edits.eraser import compute_eraser
+    from erasers.edits.methods import METHODS
+    from erasers.files.families import Family
+
+    method = METHODS[method_name]
+    family = Family(family_name)
+    weights = family_weights(key, shape, layers)
+    encoder = RandomRowsEncoder(shape[1], family_name)
+    config = method.config_class(concepts=artist_names(count))
+    eraser = compute_eraser(config, encoder, weights, family)
+    return {
+        "solve": eraser.timings.get("solve_s", 0.0) + eraser.timings.get("compress_s", 0.0),
+        "encode": eraser.timings.get("encode_s", 0.0),
+        "layers": len(eraser.deltas),
+        "rank": max(d.rank for d in eraser.deltas.values()),
+    }
+
+
+#: method → largest context width it is run at in the family table (cost of its d×d parts on 2 cores)
+FAMILY_MAX_WIDTH = {"uce": 10**9, "speed": 4096, "rece": 2560}
+
+
+def family_table(methods: list, count: int, quick: bool) -> None:
+    rows = FAMILY_WIDTHS[-2:-1] if quick else FAMILY_WIDTHS
+    print()
+    print(f"{count} concepts on each family's real widths (random weights, random {'{'}words+1{'}'} token rows):")
+    print()
+    print("| family | edited layers (out × in) | method | solve s | max rank | target |")
+    print("|---|---|---|---:|---:|---|")
+    for label, family_name, key, shape, layers, _ in rows:
+        for name in methods:
+            if shape[1] > FAMILY_MAX_WIDTH.get(name, 0) or (name != "uce" and layers > 1):
+                print(
+                    f"| {label} | {layers} × {shape[0]}×{shape[1]} | {name} | – | – | not run: d×d float64 "
+                    f"parts ({shape[1]}² × 8 B = {shape[1] ** 2 * 8 / 1e9:.2f} GB per system) are not cheap |"
+                )
+                continue
+            try:
+                row = run_family(label, family_name, key, shape, layers, name, count)
+            except Exception as exc:  # one family failing must not hide the others
+                print(f"| {label} | {layers} × {shape[0]}×{shape[1]} | {name} | – | – | failed: {exc!s:.80} |")
+                continue
+            target = ""
+            if name == "uce" and count == 100:
+                target = f"{'✓' if row['solve'] <= FAMILY_SOLVE_TARGET else '✗'} ≤{FAMILY_SOLVE_TARGET:g}s"
+            print(
+                f"| {label} | {row['layers']} × {shape[0]}×{shape[1]} | {name} | {row['solve']:.3f} | "
+                f"{row['rank']} | {target} |",
+                flush=True,
+            )
+    print()
+    print("Widths and where they come from:")
+    for label, _, _, shape, layers, source in rows:
+        print(f"- {label}: {source}.")
+
+
 def verdict(name: str, count: int, row: dict) -> str:
     notes = []
     if count == 100 and name in SOLVE_TARGET:
@@ -174,6 +368,18 @@ def main(argv: Optional[list] = None) -> int:
     )
     parser.add_argument("--counts", default=None, help="comma-separated concept counts (default 1,10,100)")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument(
+        "--presets",
+        default=None,
+        help="published presets with their full preserve lists, e.g. speed:styles,rece:art (default both; "
+        "'none' skips them; --quick skips them)",
+    )
+    parser.add_argument(
+        "--families",
+        default=None,
+        help="methods for the real-widths family table, e.g. uce,speed,rece (default uce,speed,rece; "
+        "--quick: uce on one family; 'none' skips it)",
+    )
     args = parser.parse_args(argv)
 
     counts = [int(c) for c in (args.counts or ("1,10" if args.quick else "1,10,100")).split(",")]
@@ -181,6 +387,12 @@ def main(argv: Optional[list] = None) -> int:
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    presets = PRESETS if not args.quick else ()
+    if args.presets:
+        presets = () if args.presets == "none" else tuple(tuple(p.split(":", 1)) for p in args.presets.split(","))
+    bad = [p for p in presets if len(p) != 2 or p[0] not in METHODS or p[1] not in METHODS[p[0]].config_class.PRESETS]
+    if bad:
+        parser.error(f"unknown preset(s) {bad}; give method:preset, e.g. speed:styles,rece:art")
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     built = time.perf_counter()
     encoder, note = sd15_text_encoder()
@@ -210,6 +422,26 @@ def main(argv: Optional[list] = None) -> int:
                     f"{row['peak_mb']:.0f} | {row['file_mb']:.2f} | {row['rank']} | {verdict(name, count, row)} |",
                     flush=True,
                 )
+    if presets:
+        print()
+        print(f"Published presets with their own preserve lists, erasing '{PRESET_CONCEPT}' (whole edit):")
+        print()
+        print("| method | preset | preserved | text encoding s | solve s | total s | peak RSS growth MB | target |")
+        print("|---|---|---:|---:|---:|---:|---:|---|")
+        for name, preset in presets:
+            row = run_preset(METHODS[name], preset, encoder, weights)
+            target = PRESET_TARGET.get(name)
+            note = f"{'✓' if row['total'] <= target else '✗'} ≤{target:g}s" if target else ""
+            print(
+                f"| {name} | {preset} | {row['preserve']} | {row['encode']:.2f} | {row['solve']:.2f} | "
+                f"{row['total']:.2f} | {row['peak_mb']:.0f} | {note} |",
+                flush=True,
+            )
+    family_methods = ["uce"] if args.quick else ["uce", "speed", "rece"]
+    if args.families:
+        family_methods = [] if args.families == "none" else [m.strip() for m in args.families.split(",")]
+    if family_methods:
+        family_table(family_methods, 10 if args.quick else 100, args.quick)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     print()
     print(

@@ -246,3 +246,24 @@ def test_cli_unknown_preset_is_refused_before_any_model_loads(tmp_path, monkeypa
     assert "uce has no presets" in capsys.readouterr().err
     sub = cli.build_parser()._subparsers._group_actions[0].choices["erase"].format_help()
     assert "--preset NAME" in sub and "styles" in sub
+
+
+# -- the bench ------------------------------------------------------------------------------------------
+
+
+def test_bench_family_table_quick_runs_uce_at_a_real_width(capsys):
+    from erasers_dev.bench import closed_form
+
+    closed_form.family_table(["uce"], 10, quick=True)
+    out = capsys.readouterr().out
+    assert "| Lumina 2 | 1 × 2304×2304 | uce |" in out and "ComfyUI 0.29" in out
+    widths = {label: shape for label, _, _, shape, _, _ in closed_form.FAMILY_WIDTHS}
+    assert widths["Flux.2 dev"] == (6144, 15360) and widths["Wan 2.1 14B"] == (5120, 5120)
+
+
+def test_bench_refuses_an_unknown_preset_before_building_anything(monkeypatch):
+    from erasers_dev.bench import closed_form
+
+    monkeypatch.setattr(closed_form, "sd15_text_encoder", lambda *a: (_ for _ in ()).throw(AssertionError("built")))
+    with pytest.raises(SystemExit):
+        closed_form.main(["--presets", "speed:nope"])
