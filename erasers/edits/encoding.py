@@ -56,9 +56,14 @@ class Gram:
         return self.count
 
 
-def encode_needs(encoder: TextEncoder, needs: Mapping[str, Need], chunk: int = 64, progress=None) -> dict:
+def encode_needs(
+    encoder: TextEncoder, needs: Mapping[str, Need], chunk: int = 64, progress=None, short_chunk: int = 16
+) -> dict:
     """name → ``PromptEncoding`` (modes "real"/"all") or ``Gram`` (mode "gram"), each distinct prompt
-    encoded once. ``progress(done, total)`` counts distinct prompts. Over-long prompts are refused as by
+    encoded once, full-length prompts ``chunk`` at a time and shortened ones ``short_chunk`` at a time (small
+    batches of similar length pad less: on the 1,834 artists with CLIP's BPE, 13.7k token positions in
+    batches of 16 against 18.0k unsorted in 64s and 141k at 77 each). ``progress(done, total)`` counts
+    distinct prompts. Over-long prompts are refused as by
     ``encode_batched`` (``ConceptTooLong``)."""
     needs = dict(needs)
     for name, need in needs.items():
@@ -109,8 +114,8 @@ def encode_needs(encoder: TextEncoder, needs: Mapping[str, Need], chunk: int = 6
         # shortest first: each batch is padded only to about its own prompts' length (characters stand in
         # for tokens, which the encoder protocol does not expose before encoding)
         ordered = sorted(short, key=lambda p: (len(p.split()), len(p)))
-        for start in range(0, len(ordered), chunk):
-            batch = ordered[start : start + chunk]
+        for start in range(0, len(ordered), short_chunk):
+            batch = ordered[start : start + short_chunk]
             take(batch, (encode or encoder.encode)(batch))
             done += len(batch)
             if progress is not None:
