@@ -1,15 +1,19 @@
 """Benchmark: per-step cost of the sampling-time suppression methods (``bench suppression``).
 
 Each method is timed against the same unpatched model in the same run, interleaved round by round, and
-reported as a ratio of per-step times (the fastest round: robust to other load on the machine). Two
-tables in one run:
+reported as a ratio of per-step times (the fastest round: robust to other load on the machine). The
+tables of one run:
 
 * UNet: a random-weight SD1.5-shaped diffusers ``UNet2DConditionModel`` at 256 px (32×32 latent), CFG
   batch of 2, the methods through ``erasers_diffusers.suppression``;
 * Flux: ComfyUI's own Flux class reduced to 2 double + 4 single blocks (hidden 512) with random weights,
   sampled end to end through the real nodes (needs ``COMFYUI_PATH`` and an interpreter that can import
   ComfyUI; ``--no-flux`` skips it). SLD is refused on Flux (no unconditional branch), SAFREE is not timed
-  there (its per-step work is a conditioning swap, as on the UNet).
+  there (its per-step work is a conditioning swap, as on the UNet);
+* families (``--families``, needs ComfyUI 0.29): Qwen-Image, Wan 2.1 t2v and Flux.2, each ComfyUI's own class
+  reduced to ``--blocks`` blocks at the real width and head layout, sampled through the real nodes at
+  ``--qwen-sizes`` / ``--wan-sizes`` / ``--flux2-sizes`` (``suppression_families.py``); ``--no-unet`` skips
+  the UNet table.
 
 Targets (issue 4): token suppression ≤ 1.10, concept guidance ≤ 1.35, SAFREE ≤ 1.10 after its one-off
 prompt analysis, SLD ≤ 1.60 (one extra pass is inherent).
