@@ -431,10 +431,10 @@ def main(argv: Optional[list] = None) -> int:
         for name, preset in presets:
             row = run_preset(METHODS[name], preset, encoder, weights)
             target = PRESET_TARGET.get(name)
-            note = f"{'✓' if row['total'] <= target else '✗'} ≤{target:g}s" if target else ""
+            mark = f"{'✓' if row['total'] <= target else '✗'} ≤{target:g}s" if target else ""
             print(
                 f"| {name} | {preset} | {row['preserve']} | {row['encode']:.2f} | {row['solve']:.2f} | "
-                f"{row['total']:.2f} | {row['peak_mb']:.0f} | {note} |",
+                f"{row['total']:.2f} | {row['peak_mb']:.0f} | {mark} |",
                 flush=True,
             )
     family_methods = ["uce"] if args.quick else ["uce", "speed", "rece"]
