@@ -43,7 +43,10 @@ TARGETS = {
 CLOSED_FORM = ("uce", "rece", "speed", "mace")
 TRAINED = ("spm", "lora-esd")
 GUARDS = ("safree", "sld", "guidance", "token")
-DEFAULT_METHODS = CLOSED_FORM + tuple(f"{m}-paper" for m in CLOSED_FORM) + TRAINED + GUARDS
+#: the guards' strong presets (issue 14; the shapes-world DIAGNOSTICS.md): SAFREE's svf_window "whole",
+#: SLD "max" — rows beside the paper settings (concept guidance and token suppression have no other preset)
+STRONG_GUARDS = ("safree-strong", "sld-strong")
+DEFAULT_METHODS = CLOSED_FORM + tuple(f"{m}-paper" for m in CLOSED_FORM) + TRAINED + GUARDS + STRONG_GUARDS
 LABELS = {
     "uce": "UCE",
     "rece": "RECE",
@@ -55,6 +58,8 @@ LABELS = {
     "sld": "SLD",
     "guidance": "concept guidance",
     "token": "token suppression",
+    "safree-strong": "SAFREE strong (svf_window whole)",
+    "sld-strong": "SLD max",
 }
 #: trained adapters (spm_train on the world-2 model), only for the one-artist task: file per kind
 TRAINED_FILES = {"spm": "spm_{concept}_membrane.safetensors", "lora-esd": "esdx_{concept}_lora.safetensors"}
@@ -245,10 +250,18 @@ def prepare(pipe, name: str, task: Task) -> Applied:
             False,
             note=f"{path.name}, {len(membrane.deltas)} layers",
         )
-    if method in GUARDS:
+    if method in GUARDS + STRONG_GUARDS:
+        from erasers.guards import safree, sld
+
         from .shapes_suppression import ShapesSuppression
 
-        guard = ShapesSuppression(pipe, method, list(task.concepts))
+        concepts = list(task.concepts)
+        config = None
+        if method == "safree-strong":
+            config = safree.SAFREEConfig(concepts=concepts, svf_window="whole")
+        elif method == "sld-strong":
+            config = sld.SLDConfig(concepts=concepts, preset="max")
+        guard = ShapesSuppression(pipe, method.split("-")[0], concepts, config=config)
         return Applied(contextlib.nullcontext, time.perf_counter() - started, False, sampler=guard.sample)
     raise ValueError(f"unknown eraser '{name}'")
 
