@@ -536,3 +536,11 @@ def changed_keys(before: dict, after: dict) -> list:
         if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(bits(a), bits(b)):
             changed.append(k)
     return changed
+
+
+def needs_newer_comfyui(workflow: dict, version: str) -> bool:
+    """A family workflow (erasers_dev/family_workflows.py) names the ComfyUI that has its nodes and CLIP types
+    (``extra.concept_erasers.requires_comfyui``); True when ``version`` is older."""
+    needed = workflow.get("extra", {}).get("concept_erasers", {}).get("requires_comfyui")
+    as_tuple = lambda v: tuple(int(x) for x in str(v).split(".")[:3])  # noqa: E731
+    return bool(needed) and as_tuple(version) < as_tuple(needed)

@@ -248,12 +248,17 @@ def widget_names(node_info: dict) -> list:
 
 
 @pytest.mark.server
-def test_example_workflows_match_the_server_node_schemas(comfy_server):
+def test_example_workflows_match_the_server_node_schemas(comfy, comfy_server):
     import json
+
+    from comfy_harness import needs_newer_comfyui
 
     info = comfy_server.object_info()
     for path in sorted((ROOT / "example_workflows").glob("*.json")):
-        for node in json.loads(path.read_text(encoding="utf-8"))["nodes"]:
+        workflow = json.loads(path.read_text(encoding="utf-8"))
+        if needs_newer_comfyui(workflow, comfy.version):
+            continue  # a family workflow for a newer ComfyUI (it says which)
+        for node in workflow["nodes"]:
             assert node["type"] in info, f"{path.name}: {node['type']} is not a node of this ComfyUI"
             if node["type"] in NODE_IDS:
                 names = widget_names(info[node["type"]])

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from comfy_harness import CHECKPOINT_NAME, REPO_ROOT, sd15_checkpoint_shapes
+from comfy_harness import CHECKPOINT_NAME, REPO_ROOT, needs_newer_comfyui, sd15_checkpoint_shapes
 from safetensors.torch import save_file
 from ui_to_api import to_api, validate
 
@@ -52,13 +52,6 @@ MODEL_FILE_WIDGETS = {
     ("CLIPLoader", "clip_name"),
     *(("QuadrupleCLIPLoader", f"clip_name{i}") for i in range(1, 5)),
 }
-
-
-def needs_newer_comfyui(workflow: dict, version: str) -> bool:
-    """A family workflow (erasers_dev/family_workflows.py) states the ComfyUI that has its nodes and CLIP types."""
-    needed = workflow.get("extra", {}).get("concept_erasers", {}).get("requires_comfyui")
-    as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:3])  # noqa: E731
-    return bool(needed) and as_tuple(version) < as_tuple(needed)
 
 
 def is_dit_workflow(workflow: dict) -> bool:
