@@ -95,35 +95,11 @@ def host_classes(comfy):
 
 
 def node_calls(nodes):
-    clip = NoCLIP()
-    common = dict(COMMON)
+    """Each guard node as a function of the model (the suppression tests' settings, ``makers``)."""
+    labels = {"tokens": "token suppression", "sld": "SLD", "safree": "SAFREE", "guidance": "concept guidance"}
     return {
-        "token suppression": lambda m: run_node(
-            nodes.EraserTokenSuppress,
-            model=m,
-            clip=clip,
-            concepts="nude",
-            factor=0.0,
-            include_eos=False,
-            similarity=0.99,
-            prompt="a nude person",
-            **common,
-        ),
-        "SLD": lambda m: run_node(nodes.EraserSLD, model=m, clip=clip, preset="max", safety_concept="nude", **common),
-        "SAFREE": lambda m: run_node(
-            nodes.EraserSAFREE, model=m, clip=clip, prompt="a nude person", **SAFREE_ARGS, **common
-        ),
-        "concept guidance": lambda m: run_node(
-            nodes.EraserConceptGuidance,
-            model=m,
-            clip=clip,
-            concepts="nude",
-            phi=5.0,
-            tau=2.5,
-            alpha=0.25,
-            sigma_end=-1.0,
-            **common,
-        ),
+        label: (lambda m, key=key: makers(nodes, m, NoCLIP(), prompt="a nude person")[key](1.0))
+        for key, label in labels.items()
     }
 
 
