@@ -341,22 +341,9 @@ def bench_flux(args):
 
     clip = Clip()
     prompt = "a photo of a nude person"
-    common = {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "risk_gate": 0.0}
-    patched = {
-        "token suppression": nodes.EraserTokenSuppress.execute(
-            model=base,
-            clip=clip,
-            concepts="nude",
-            factor=0.0,
-            include_eos=False,
-            similarity=0.99,
-            prompt=prompt,
-            **common,
-        ).result[0],
-        "concept guidance": nodes.EraserConceptGuidance.execute(
-            model=base, clip=clip, concepts="nude", phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0, **common
-        ).result[0],
-    }
+    from .suppression_families import patched_models
+
+    patched = patched_models(nodes, base, clip, "flux", with_sld=False, prompt=prompt)
     pos = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
     per_size = {}
     for size in flux_sizes(args):

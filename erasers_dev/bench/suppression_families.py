@@ -251,8 +251,9 @@ def build(comfy, variant: str, blocks: int, small: bool = False):
     return patcher, stand_in_clip(variant, config), config
 
 
-def patched_models(nodes, base, clip, family: str, with_sld: bool) -> dict:
-    """Each timed method as the real node returns it (the bench's settings; risk gate 0: always on)."""
+def patched_models(nodes, base, clip, family: str, with_sld: bool, prompt: str = PROMPT) -> dict:
+    """Each timed method as the real node returns it (the bench's settings; risk gate 0: always on); SLD
+    only ``with_sld`` and where the family has an unconditional branch."""
     common = {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "risk_gate": 0.0}
     out = {
         "token suppression": nodes.EraserTokenSuppress.execute(
@@ -262,14 +263,14 @@ def patched_models(nodes, base, clip, family: str, with_sld: bool) -> dict:
             factor=0.0,
             include_eos=False,
             similarity=0.99,
-            prompt=PROMPT,
+            prompt=prompt,
             **common,
         ).result[0],
         "concept guidance": nodes.EraserConceptGuidance.execute(
             model=base, clip=clip, concepts="nude", phi=5.0, tau=2.5, alpha=0.25, sigma_end=0.0, **common
         ).result[0],
     }
-    if with_sld and family != "flux2":
+    if with_sld and family not in ("flux2", "flux"):
         out["SLD"] = nodes.EraserSLD.execute(
             model=base, clip=clip, preset="medium", safety_concept="nude", **common
         ).result[0]
