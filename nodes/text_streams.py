@@ -84,14 +84,14 @@ class WithPooled:
 def hidream_encoders(clip, streams: Iterable[str], make_encoder) -> dict:
     """stream name → closed-form encoder (``make_encoder(one_key_clip)``, the adapter's ComfyCLIPEncoder).
     A CLIP that is not HiDream's (CLIP-L, CLIP-G, T5-XXL, Llama) is refused before anything is encoded."""
-    keys = tuple(sorted(clip.tokenize("")))
+    host = HostEncodes(clip)
+    keys = tuple(sorted(host.tokens("")))  # kept: the encoders' template probe tokenizes "" again
     if keys != HIDREAM_KEYS:
         raise FamilyMismatch(
             f"The model is HiDream-I1, which reads CLIP-L, CLIP-G, T5-XXL and Llama 3.1 (tokenizer keys "
             f"{list(HIDREAM_KEYS)}), but the CLIP input tokenizes into {list(keys)}. Connect HiDream's text "
             "encoders (QuadrupleCLIPLoader, type hidream)."
         )
-    host = HostEncodes(clip)
     out = {}
     for stream in sorted(set(streams)):
         if stream == hidream.T5_STREAM:
