@@ -660,15 +660,9 @@ class DitDispatch:
         rows = torch.tensor(guided_rows, dtype=torch.long, device=q.device)
         image_qkv = tuple(_heads(_take(t, guided_rows), heads, skip_reshape)[:, :, txt_len:] for t in (q, k, v))
         img = lse.attention_lse(*image_qkv)
-        seq = 3 if kw.get("skip_output_reshape") else 2  # image queries along this axis of out[rows]…
-        z_pos = _to_seq(out[rows].narrow(seq - 1, txt_len, out.shape[seq - 1] - txt_len), seq == 3).float()
+        z_pos = _image_part(out, txt_len, kw)[rows].float()
         z = self.guide(ops, guided_rows, z_pos, img, image_qkv, args, state["model"].diffusion_model)
-        out = out.clone()
-        if seq == 2:
-            out[rows, txt_len:] = z.to(out.dtype)
-        else:
-            out[rows, :, txt_len:] = _heads(z, heads, False).to(out.dtype)
-        return out
+        return _with_image_part(out, rows, z, txt_len, kw)
 
     def guided(self, func, q, k, v, heads, skip_reshape, kw, state, args, txt_len, bias, ops):
         """Joint attention with NAG: the host's attention for every text query and for the unguided rows;
