@@ -1,4 +1,6 @@
-"""The sampling-time methods on a diffusers ``UNet2DConditionModel`` (removable attention processors).
+"""The sampling-time methods on a diffusers ``UNet2DConditionModel`` or Wan 2.x text-to-video
+``WanTransformer3DModel`` (removable attention processors on their cross-attention; other denoisers are
+refused by class).
 
 The same core math as the ComfyUI nodes:
 * ``SuppressionProcessors(unet).install()`` swaps the processor of every cross-attention layer ("attn2")
@@ -97,14 +99,13 @@ class SuppressionAttnProcessor:
                 state.probe(
                     "bias", attn=attn, hidden=hidden_states, context=encoder_hidden_states, bias=state.token_bias
                 )
-            if state.nag_context is None:
+            if state.nag_context is None and not self.controller.wan:
                 # token suppression alone is an additive (B, 1, T) attention mask: the layer's own processor
                 # (and its optimized kernel) does all the work; the caller's mask is added to it
                 mask = state.token_bias.to(hidden_states.device, hidden_states.dtype)[:, None, :]
                 mask = mask if user is None else mask + user
                 return self.original(attn, hidden_states, encoder_hidden_states, mask, temb, **kwargs)
-        q = attn.to_q(hidden_states)
-        k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        q, k, v = self.project(attn, hidden_states, encoder_hidden_states)
         heads = attn.heads
         bias = None  # (B, 1, 1 or Lq, T): token bias + the caller's mask, broadcast over heads
         if state.token_bias is not None:
@@ -116,7 +117,8 @@ class SuppressionAttnProcessor:
             state.calls["nag"] += 1
             rows = state.nag_rows.to(q.device)
             neg = state.nag_context.to(q.device, q.dtype).expand(len(rows), -1, -1)
-            z_neg = ts.attention(q[rows], attn.to_k(neg), attn.to_v(neg), heads)
+            _, k_neg, v_neg = self.project(attn, None, neg)
+            z_neg = ts.attention(q[rows], k_neg, v_neg, heads)
             z_pos = out[rows]
             out = out.clone()
             out[rows] = cg.nag(z_pos, z_neg, state.phi, state.tau, state.alpha)
@@ -124,9 +126,19 @@ class SuppressionAttnProcessor:
                 state.probe("nag", z_pos=z_pos, z_neg=z_neg, z_out=out[rows], phi=state.phi, tau=state.tau)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
-        if attn.residual_connection:
+        if getattr(attn, "residual_connection", False):
             out = out + hidden_states
-        return out / attn.rescale_output_factor
+        return out / getattr(attn, "rescale_output_factor", 1.0)
+
+    def project(self, attn, hidden_states, context):
+        """Q (or None), K, V as the layer's own processor computes them: Wan 2.x normalises Q and K with an
+        RMSNorm across all heads before splitting them (WanAttnProcessor); a UNet's attn2 has no Q/K norm."""
+        q = None if hidden_states is None else attn.to_q(hidden_states)
+        k, v = attn.to_k(context), attn.to_v(context)
+        if self.controller.wan:
+            q = None if q is None else attn.norm_q(q)
+            k = attn.norm_k(k)
+        return q, k, v
 
 
 class SuppressionProcessors:
@@ -136,6 +148,7 @@ class SuppressionProcessors:
         self.unet = unet
         self.state: Optional[SuppressionState] = None
         self._originals: Optional[dict] = None
+        self.wan = check_denoiser(unet)
 
     def cross_attention_names(self) -> list:
         return [name for name in self.unet.attn_processors if ".attn2." in name]
@@ -143,6 +156,12 @@ class SuppressionProcessors:
     def install(self) -> "SuppressionProcessors":
         if self._originals is not None:
             return self
+        if not self.cross_attention_names():
+            # nothing to patch would mean sampling unsuppressed: refuse (fail closed), never install nothing
+            raise UnsupportedFamily(
+                f"Token suppression / concept guidance found no cross-attention layer ('attn2') in this "
+                f"{type(self.unet).__name__}; nothing would be suppressed, so nothing was installed."
+            )
         self._originals = dict(self.unet.attn_processors)
         procs = {
             name: (SuppressionAttnProcessor(self, p) if ".attn2." in name else p)
@@ -161,6 +180,36 @@ class SuppressionProcessors:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+#: the denoisers whose text enters through per-block cross-attention ("attn2") that these processors
+#: reproduce exactly; a joint-attention DiT (Flux, SD3, Qwen-Image, …) has no attn2 and is refused by name
+CROSS_ATTENTION_DENOISERS = ("UNet2DConditionModel", "WanTransformer3DModel")
+
+
+def check_denoiser(module) -> bool:
+    """Refuse, by class, a denoiser these processors cannot suppress on; True for Wan 2.x (Q/K norms).
+
+    Wan image-to-video blocks also attend to image-encoder tokens through ``add_k_proj`` (the first
+    257 context rows); a per-token bias over the text alone does not describe that layer, so it is refused."""
+    name = type(module).__name__
+    if name not in CROSS_ATTENTION_DENOISERS:
+        raise UnsupportedFamily(
+            f"Token suppression / concept guidance through diffusers works on {', '.join(CROSS_ATTENTION_DENOISERS)} "
+            f"(per-block cross-attention); found {name}. Its text enters through joint attention, which these "
+            f"processors do not patch: use the ComfyUI nodes (which serve Flux, SD3, Chroma, Flux.2 and "
+            f"Qwen-Image through the host's joint attention), or a closed-form eraser."
+        )
+    if name != "WanTransformer3DModel":
+        return False
+    i2v = [n for n, m in module.named_modules() if n.endswith("attn2") and getattr(m, "add_k_proj", None) is not None]
+    if i2v:
+        raise UnsupportedFamily(
+            f"Token suppression / concept guidance through diffusers serves Wan text-to-video; this "
+            f"WanTransformer3DModel is an image-to-video model ({i2v[0]} attends to image tokens through "
+            f"add_k_proj). Use a closed-form eraser on it, or the ComfyUI nodes."
+        )
+    return True
 
 
 # -- SAFREE on a diffusers CLIP ------------------------------------------------------------------------
