@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 CATEGORY = "concept_erasers/suppression"
 UNET_FAMILIES = ("sd1", "sd2", "sdxl")
+#: families whose host encoder returns one row per token (no padding to a fixed length): a keyword encoding
+#: cannot stand in for a negative prompt's rows in a batch, so keywords_as_negative is refused on them
+UNPADDED_CONDITIONING = sc.LLM_FAMILIES + ("chroma",)
 
 
 def common_inputs():
@@ -238,8 +241,14 @@ class EraserSAFREE(io.ComfyNode):
         prompt = prompt.strip() or cls.recover_prompt(allow_pass_through)
         if not prompt:
             return io.NodeOutput(m)
+        if keywords_as_negative and family in UNPADDED_CONDITIONING:
+            raise UnsupportedFamily(
+                f"SAFREE on {family}: keywords_as_negative cannot be applied: this family's conditionings are not "
+                "padded to one length, so the keyword encoding cannot replace the negative rows. Type the keywords "
+                "into the negative prompt's CLIP Text Encode instead and turn keywords_as_negative off."
+            )
         if family in sc.LLM_FAMILIES:
-            prompt_ctx, result = cls.analyse_chat(config, clip, prompt, family, keywords_as_negative)
+            prompt_ctx, result = cls.analyse_chat(config, clip, prompt, family)
         else:
             prompt_ctx, result = cls.analyse_clip_t5(config, clip, prompt, family)
         negative = sc.encode(clip, safree.joined_keywords(config))[0][0] if keywords_as_negative else None
@@ -250,7 +259,10 @@ class EraserSAFREE(io.ComfyNode):
             return io.NodeOutput(m)
         end = min(config.end_percent, result.filter_fraction) if result.changed else config.end_percent
         s_start, s_end = sigma_window(m.get_model_object("model_sampling").percent_to_sigma, config.start_percent, end)
-        add_wrapper(m, "safree", hooks.make_safree_wrapper(result, prompt_ctx[0], s_start, s_end, negative))
+        wrapper = hooks.make_safree_wrapper(
+            result, prompt_ctx[0], s_start, s_end, negative, allow_pass_through=allow_pass_through, unique_id=uid
+        )
+        add_wrapper(m, "safree", wrapper)
         return io.NodeOutput(m)
 
     @staticmethod
@@ -283,17 +295,11 @@ class EraserSAFREE(io.ComfyNode):
         return prompt_ctx, result
 
     @staticmethod
-    def analyse_chat(config, clip, prompt, family, keywords_as_negative) -> tuple:
+    def analyse_chat(config, clip, prompt, family) -> tuple:
         """Flux.2, Qwen-Image, Lumina 2, Z-Image (decoder LLMs behind a chat template or a start token; the
         pack's port, erasers/guards/safree.py): the prompt's own rows are found inside the host's template and
         checked before anything is patched; masked copies replace one own token each with the host's id for
         "!"; pooled vectors are means over own rows; only own rows are projected."""
-        if keywords_as_negative:
-            raise UnsupportedFamily(
-                f"SAFREE on {family}: keywords_as_negative cannot be applied: this family's conditionings are not "
-                "batched to one length, so the keyword encoding cannot replace the negative rows. Type the keywords "
-                "into the negative prompt's CLIP Text Encode instead and turn keywords_as_negative off."
-            )
         layout = sc.chat_layout(clip, family)
         text = sc.chat_text(clip, layout, prompt)
         positions, masked_ctx = sc.chat_masked_copies(clip, layout, text)

@@ -1068,6 +1068,8 @@ def make_safree_wrapper(
     sigma_end: float,
     negative_ref: Optional[torch.Tensor] = None,
     pooled_ref: Optional[torch.Tensor] = None,
+    allow_pass_through: bool = False,
+    unique_id=None,
 ) -> Callable:
     """APPLY_MODEL wrapper: rows of the positive branch whose context is the analysed prompt's encoding
     get the projected context (and pooled ``y`` on DiTs); with ``negative_ref`` (keywords as negative) the
@@ -1113,6 +1115,20 @@ def make_safree_wrapper(
                         new_ctx = c_crossattn.clone()
                     new_ctx[r] = tile_to(negative_ref.to(row.device, row.dtype), row.shape[0])
                     changed = True
+                elif not warned.get("negative"):
+                    # the option was asked for: a negative row it cannot replace is refused, not skipped
+                    from .fail_closed import cannot
+
+                    cannot(
+                        "SAFREE",
+                        f"keywords_as_negative: the negative conditioning has {row.shape[0]} rows and the keywords' "
+                        f"encoding {negative_ref.shape[0]}, which is not a whole multiple of it, so it cannot replace "
+                        "them in the batch. Shorten the keyword list, or type the keywords into the negative "
+                        "prompt's CLIP Text Encode and turn keywords_as_negative off.",
+                        allow_pass_through,
+                        unique_id,
+                    )
+                    warned["negative"] = True
         if not changed:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         if new_y is not None:

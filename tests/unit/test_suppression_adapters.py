@@ -1,5 +1,6 @@
 """Host adapters driven with fake transformer_options (no ComfyUI): DiT dispatch, wrappers, helpers."""
 
+import pytest
 import torch
 from pack_import import pack_module as load
 
@@ -102,6 +103,34 @@ def test_safree_wrapper_swaps_only_the_matching_positive_prompt():
     assert seen["ctx"] is ctx2
     w(executor, torch.zeros(2), torch.tensor([500.0, 500.0]), None, ctx, None, {"cond_or_uncond": [1, 0]})
     assert seen["ctx"] is ctx  # outside the window
+
+
+def test_safree_keywords_as_negative_refuses_a_negative_it_cannot_replace():
+    """keywords_as_negative was asked for: a negative row whose length is no multiple of the keywords'
+    encoding (a keyword list longer than one 77-token chunk) stops the run; with pass-through it warns once
+    and samples that row as given — never a silent skip."""
+    from erasers.guards.safree import SafreeResult
+
+    ErasureNotApplied = load("nodes.fail_closed").ErasureNotApplied
+    prompt = torch.randn(77, 4)
+    res = SafreeResult(prompt.clone(), torch.tensor([False]), [], torch.ones(1), changed=False)
+    keywords = torch.randn(154, 4)
+    seen = {}
+
+    def executor(x, t, c_concat, c_crossattn, control, to, **kw):
+        seen["ctx"] = c_crossattn
+        return x
+
+    ctx = torch.stack([torch.randn(77, 4), prompt])  # [uncond, cond]
+    args = (executor, torch.zeros(2), torch.tensor([5.0, 5.0]), None, ctx, None, {"cond_or_uncond": [1, 0]})
+    with pytest.raises(ErasureNotApplied, match="keywords_as_negative"):
+        hooks.make_safree_wrapper(res, prompt, 100.0, 0.0, negative_ref=keywords)(*args)
+    lenient = hooks.make_safree_wrapper(res, prompt, 100.0, 0.0, negative_ref=keywords, allow_pass_through=True)
+    lenient(*args)
+    assert seen["ctx"] is ctx
+    fits = hooks.make_safree_wrapper(res, prompt, 100.0, 0.0, negative_ref=keywords[:77])
+    fits(*args)
+    assert torch.equal(seen["ctx"][0], keywords[:77]) and torch.equal(seen["ctx"][1], prompt)
 
 
 def test_step_index():
