@@ -105,7 +105,8 @@ class SuppressionAttnProcessor:
                 mask = state.token_bias.to(hidden_states.device, hidden_states.dtype)[:, None, :]
                 mask = mask if user is None else mask + user
                 return self.original(attn, hidden_states, encoder_hidden_states, mask, temb, **kwargs)
-        q, k, v = self.project(attn, hidden_states, encoder_hidden_states)
+        q = self.queries(attn, hidden_states)
+        k, v = self.keys_values(attn, encoder_hidden_states)
         heads = attn.heads
         bias = None  # (B, 1, 1 or Lq, T): token bias + the caller's mask, broadcast over heads
         if state.token_bias is not None:
@@ -117,7 +118,7 @@ class SuppressionAttnProcessor:
             state.calls["nag"] += 1
             rows = state.nag_rows.to(q.device)
             neg = state.nag_context.to(q.device, q.dtype).expand(len(rows), -1, -1)
-            _, k_neg, v_neg = self.project(attn, None, neg)
+            k_neg, v_neg = self.keys_values(attn, neg)
             z_neg = ts.attention(q[rows], k_neg, v_neg, heads)
             z_pos = out[rows]
             out = out.clone()
@@ -130,15 +131,15 @@ class SuppressionAttnProcessor:
             out = out + hidden_states
         return out / getattr(attn, "rescale_output_factor", 1.0)
 
-    def project(self, attn, hidden_states, context):
-        """Q (or None), K, V as the layer's own processor computes them: Wan 2.x normalises Q and K with an
-        RMSNorm across all heads before splitting them (WanAttnProcessor); a UNet's attn2 has no Q/K norm."""
-        q = None if hidden_states is None else attn.to_q(hidden_states)
-        k, v = attn.to_k(context), attn.to_v(context)
-        if self.controller.wan:
-            q = None if q is None else attn.norm_q(q)
-            k = attn.norm_k(k)
-        return q, k, v
+    # Q, K, V as the layer's own processor computes them: Wan 2.x normalises Q and K with an RMSNorm across
+    # all heads before splitting them (WanAttnProcessor); a UNet's attn2 has no Q/K norm
+    def queries(self, attn, hidden_states):
+        q = attn.to_q(hidden_states)
+        return attn.norm_q(q) if self.controller.wan else q
+
+    def keys_values(self, attn, context):
+        k = attn.to_k(context)
+        return (attn.norm_k(k) if self.controller.wan else k), attn.to_v(context)
 
 
 class SuppressionProcessors:
