@@ -537,7 +537,129 @@ class DitDispatch:
             )
         return out
 
+    #: the concept's text stream rides in the block's own pass, appended to the prompt's text
+    #: (``inline_guidance``). False → the block runs once more for the guided rows with [concept ‖ image]
+    #: (``two_pass_guidance``): the reference the tests compare the inline path against, and the path taken
+    #: by Flux-type single blocks with reference images (their modulation ranges follow the prompt's length).
+    inline_concept_stream = True
+
     def host_block_guidance(self, args, extra, to, state):
+        """NAG on Chroma / Flux.2 / Qwen-Image through the host's own block (§5.4)."""
+        if args.get("attn_mask") is not None:
+            raise RuntimeError(
+                f"Concept guidance on {self.family} runs the concept's text through the model's blocks, and this "
+                "model call brought an attention mask laid out for the prompt's text length (a regional mask?), "
+                "which cannot be applied to the concept's: stopped at the first step rather than sampling unguarded."
+            )
+        if self.inline_concept_stream and not (self.kind == "single" and to.get("reference_image_num_tokens")):
+            return self.inline_guidance(args, extra, to, state)
+        return self.two_pass_guidance(args, extra, to, state)
+
+    def inline_guidance(self, args, extra, to, state):
+        """One pass of the host's block over [prompt text ‖ concept text(s) ‖ image] (§5.4).
+
+        Z⁻ needs the concept's text stream carried through every block by that block's own projections, norms
+        and modulation, exactly as the prompt's is. Every one of those is per token, so appending the concept's
+        tokens to the text the block reads makes the block compute the concept stream beside the prompt's; only
+        the joint attention mixes tokens, and there ``inline_joint_attention`` keeps the streams apart: prompt
+        text attends to [prompt, image] keys, each concept to [its own, image] keys, the image queries to
+        [prompt, image] (Z⁺) and, on the guided rows, to [concept, image] (Z⁻), then NAG. The block's text
+        output holds the next block's concept stream; it is cut out before the model sees the block's output.
+        The extra work is the concept's tokens (Flux.2: 512, Qwen-Image: the prompt's own length), not a
+        second pass over the image tokens (the cost table in docs/suppression.md)."""
+        img = args["img"]
+        single = self.kind == "single"
+        batch = img.shape[0]
+        txt_len = int(state.get("txt_len", 0)) if single else args["txt"].shape[1]
+        dm = state["model"].diffusion_model
+        ops = state["nag"]
+        streams, spans, start = [], [], txt_len
+        for op in ops:
+            stream = op["stream"]
+            if "txt" not in stream:
+                stream["txt"] = concept_text_stream(self.family, dm, op["neg"].to(img.device, img.dtype))
+            concept = stream["txt"].to(img.dtype).expand(batch, -1, -1)
+            streams.append(concept)
+            spans.append((start, concept.shape[1]))
+            start += concept.shape[1]
+        text_end = start
+        cache = ops[0]["stream"]
+        if "inline_pe" not in cache:
+            cache["inline_pe"] = joint_rotary(self.family, dm, args["pe"], txt_len, [n for _, n in spans], state)
+        joint_len = img.shape[1] + text_end - txt_len if single else text_end + img.shape[1]
+        previous = to.get("optimized_attention_override")
+        acted = [0]
+
+        def attention_override(func, q, k, v, heads, *rest, mask=None, skip_reshape=False, **kw):
+            if (q.shape[2] if skip_reshape else q.shape[1]) != joint_len:
+                return _host_call(previous, func, q, k, v, heads, rest, mask, skip_reshape, kw)
+            if any(r is not None for r in rest) or mask is not None or not skip_reshape:
+                raise RuntimeError(
+                    f"Concept guidance expected {self.family} {self.kind} block {self.index}'s joint attention as "
+                    "(B, H, L, D) tensors without a mask; this ComfyUI passes "
+                    f"{'a mask' if mask is not None or any(r is not None for r in rest) else 'another layout'}: "
+                    "stopped at the first step rather than sampling unguarded."
+                )
+            acted[0] += 1
+            return self.inline_joint_attention(func, q, k, v, heads, kw, state, txt_len, spans, ops)
+
+        to2 = dict(to, optimized_attention_override=attention_override)
+        block_args = dict(args, pe=cache["inline_pe"], transformer_options=to2)
+        if single:
+            block_args["img"] = torch.cat((img[:, :txt_len], *streams, img[:, txt_len:]), dim=1)
+            to2["img_slice"] = [text_end, joint_len]
+        else:
+            block_args["txt"] = torch.cat((args["txt"], *streams), dim=1)
+        out = extra["original_block"](block_args)
+        if acted[0] != 1:
+            raise RuntimeError(
+                f"Concept guidance found {acted[0]} joint attention(s) of length {joint_len} in {self.family} "
+                f"{self.kind} block {self.index} (expected one): this ComfyUI lays the block out differently; "
+                "stopped at the first step rather than sampling unguarded."
+            )
+        sequence = out["img"] if single else out["txt"]
+        for op, (first, length) in zip(ops, spans):
+            op["stream"]["txt"] = sequence[:, first : first + length]
+        if single:
+            return dict(out, img=torch.cat((sequence[:, :txt_len], sequence[:, text_end:]), dim=1))
+        return dict(out, txt=sequence[:, :txt_len])
+
+    def inline_joint_attention(self, func, q, k, v, heads, kw, state, txt_len, spans, ops):
+        """The joint attention of [prompt ‖ concept₁ ‖ … ‖ image] as (B, H, L, D) tensors, each stream kept to
+        its own text keys (``inline_guidance``). The image queries' image-key part is computed once for every
+        row and shared by Z⁺ and each Z⁻ (log-sum-exp merge, exact); token suppression's column bias applies to
+        the image queries' prompt keys, as on the model's own joint attention."""
+        text_end = spans[-1][0] + spans[-1][1]
+        k_img, v_img, q_img = k[:, :, text_end:], v[:, :, text_end:], q[:, :, text_end:]
+
+        def text_queries(first, length):
+            keys = torch.cat((k[:, :, first : first + length], k_img), dim=2)
+            values = torch.cat((v[:, :, first : first + length], v_img), dim=2)
+            q_text = q[:, :, first : first + length]
+            return func(q_text, keys, values, heads, skip_reshape=True, **dict(kw, skip_output_reshape=True))
+
+        outputs = [text_queries(0, txt_len)] + [text_queries(first, length) for first, length in spans]
+        image = lse.attention_lse(q_img, k_img, v_img)
+        bias = state.get("token_bias")
+        columns = None
+        if bias is not None:
+            state["acted"][0] += 1
+            columns = joint.joint_column_bias(bias.to(q.device), txt_len)[:, None, None, :]
+        prompt = lse.attention_lse(q_img, k[:, :, :txt_len], v[:, :, :txt_len], columns)
+        z = _to_seq(lse.merge(*image, *prompt)[0], True)
+        for op, (first, length) in zip(ops, spans):
+            rows = op["rows"].to(q.device)
+            shared = tuple(t[rows] for t in image)
+            keys, values = (t[rows, :, first : first + length] for t in (k, v))
+            concept = lse.attention_lse(q_img[rows], keys, values)
+            z_neg = _to_seq(lse.merge(*shared, *concept)[0], True)
+            z = z.clone()
+            z[rows] = cg.nag(z[rows], z_neg, op["phi"], op["tau"], op["alpha"])
+        outputs.append(_heads(z.to(q.dtype), heads, False))
+        out = torch.cat(outputs, dim=2)
+        return out if kw.get("skip_output_reshape") else _to_seq(out, True)
+
+    def two_pass_guidance(self, args, extra, to, state):
         """NAG on Chroma / Flux.2 / Qwen-Image through the host's own block, twice (§5.4).
 
         Z⁻ needs the concept's text stream carried through every block by that block's own projections, norms
@@ -555,12 +677,6 @@ class DitDispatch:
         joint_len = img.shape[1] if single else txt_len + img.shape[1]
         previous = to.get("optimized_attention_override")
         dm = state["model"].diffusion_model
-        if args.get("attn_mask") is not None:
-            raise RuntimeError(
-                f"Concept guidance on {self.family} runs the concept's text through the model's blocks, and this "
-                "model call brought an attention mask laid out for the prompt's text length (a regional mask?), "
-                "which cannot be applied to the concept's: stopped at the first step rather than sampling unguarded."
-            )
         z_negs = []
         for op in state["nag"]:
             rows = op["rows"].to(img.device)
@@ -888,6 +1004,16 @@ def concept_rotary(family: str, dm, pe: torch.Tensor, txt_len: int, n_concept: i
     """The block's rotary table with the prompt's T text rows replaced by the concept's: the image rows are
     the prompt's, the concept's text rows are computed by the model's own pe_embedder. Fails closed when the
     text rows this computes for the prompt are not the ones the model passed (another ComfyUI's layout)."""
+    return _rotary_with_concepts(family, dm, pe, txt_len, [n_concept], state, keep_prompt=False)
+
+
+def joint_rotary(family: str, dm, pe: torch.Tensor, txt_len: int, lengths: list, state: dict) -> torch.Tensor:
+    """The rotary table of [prompt text ‖ concept texts of ``lengths`` ‖ image] (``inline_guidance``): each
+    concept's rows are the positions the model gives a prompt of that length."""
+    return _rotary_with_concepts(family, dm, pe, txt_len, lengths, state, keep_prompt=True)
+
+
+def _rotary_with_concepts(family, dm, pe, txt_len, lengths, state, keep_prompt):
     # EmbedND gives (B, 1, L, …); Qwen-Image in ComfyUI 0.3.x moved the sequence to axis 1: (B, L, 1, …)
     seq = 2 if pe.shape[1] == 1 else 1
 
@@ -904,9 +1030,10 @@ def concept_rotary(family: str, dm, pe: torch.Tensor, txt_len: int, n_concept: i
             "tokens (this ComfyUI assigns them differently), so the concept's cannot be made: stopped at the first "
             "step rather than sampling unguarded."
         )
-    text = rotary(n_concept)
+    texts = [pe.narrow(seq, 0, txt_len)] if keep_prompt else []
+    texts += [(lambda t: t.expand(pe.shape[0], *t.shape[1:]))(rotary(n)) for n in lengths]
     image = pe.narrow(seq, txt_len, pe.shape[seq] - txt_len)
-    return torch.cat((text.expand(pe.shape[0], *text.shape[1:]), image), dim=seq)
+    return torch.cat((*texts, image), dim=seq)
 
 
 def take_rows(obj, rows: torch.Tensor, batch: int):

@@ -1,8 +1,12 @@
 """Concept guidance (NAG) on Chroma, Flux.2 and Qwen-Image, on tiny instances of ComfyUI 0.29's own classes.
 
-On these families the concept's text stream runs through the host's own blocks (an extra pass of each block
-for the guided rows with [concept stream ‖ the same image stream], ``DitDispatch.host_block_guidance``).
+On these families the concept's text stream runs through the host's own blocks: appended to the prompt's
+text in the block's one pass (``DitDispatch.inline_guidance``), or, the reference, in an extra pass of each
+block for the guided rows with [concept stream ‖ the same image stream] (``two_pass_guidance``).
 Checked, against ComfyUI's own sampler:
+
+* the one-pass path samples what the two-pass reference samples (every block, cfg > 1, alone and with token
+  suppression), and its Z⁻ equals the reference's at every call;
 
 * Z⁻ is what the paper defines: in the first block it equals the image queries' attention output of the
   unpatched model run with the concept as the prompt (same latent, same σ) — the concept encoded, padded
@@ -103,6 +107,41 @@ def test_z_minus_in_the_first_block_is_the_model_run_on_the_concept(comfy, pack,
     own = first_block_image_attention(comfy, model, clip, PROMPT, name)
     torch.testing.assert_close(z_pos.float(), own.float(), rtol=1e-4, atol=1e-5)  # Z⁺: the prompt's own pass
     assert not torch.allclose(z_neg, z_pos), "the concept's branch is the prompt's"
+
+
+@pytest.mark.parametrize("with_tokens", [False, True], ids=["guidance", "guidance+tokens"])
+def test_the_one_pass_path_samples_what_the_two_pass_reference_does(
+    comfy, pack, family, nag_calls, with_tokens, monkeypatch
+):
+    nodes, hooks = pack
+    name, model, clip = family
+    paths = []
+    for path in ("inline_guidance", "two_pass_guidance"):
+        original = getattr(hooks.DitDispatch, path)
+        monkeypatch.setattr(
+            hooks.DitDispatch, path, lambda self, *a, _o=original, _p=path: paths.append(_p) or _o(self, *a)
+        )
+    guided = guidance_node(nodes, model, clip)
+    if with_tokens:
+        guided = tokens_node(nodes, guided, clip)
+    assert hooks.DitDispatch.inline_concept_stream
+    inline = sample(comfy, guided, clip, PROMPT, name, cfg=4.0, steps=2)
+    inline_calls = list(nag_calls)
+    nag_calls.clear()
+    try:
+        hooks.DitDispatch.inline_concept_stream = False
+        reference = sample(comfy, guided, clip, PROMPT, name, cfg=4.0, steps=2)
+    finally:
+        hooks.DitDispatch.inline_concept_stream = True
+    blocks = blocks_of(name, model.model.diffusion_model)
+    assert paths == ["inline_guidance"] * (2 * blocks) + ["two_pass_guidance"] * (2 * blocks), paths
+    assert len(inline_calls) == len(nag_calls) == 2 * blocks
+    for (zp, zn), (rp, rn) in zip(inline_calls, nag_calls):
+        torch.testing.assert_close(zn.float(), rn.float(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(zp.float(), rp.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(inline.float(), reference.float(), rtol=1e-4, atol=1e-4)
+    unguided = sample(comfy, model, clip, PROMPT, name, cfg=4.0, steps=2)
+    assert not torch.allclose(inline, unguided), "the comparison is vacuous: guidance changed nothing"
 
 
 def test_every_block_guides_the_cond_rows_only(comfy, pack, family, nag_calls):
