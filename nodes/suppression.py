@@ -649,6 +649,13 @@ class EraserTokenSuppress(io.ComfyNode):
         m = model.clone()
         if not config.active:
             return io.NodeOutput(m)
+        if family == "hidream":  # two token streams, T5 and Llama, after the image tokens
+            llama_layer = int(m.model.diffusion_model.llama_layers[-1])
+            concept_ctx, t5, llama = sc.hidream_token_streams(clip, config.concepts, prompt, llama_layer)
+            s_start, s_end = window(m, config)
+            wrapper = hooks.make_hidream_token_wrapper(config, t5, llama, concept_ctx, s_start, s_end, llama_layer)
+            add_wrapper(m, "token_suppress", wrapper)
+            return io.NodeOutput(m)
         concept_ctx, concept_tokens, words = sc.concept_words(clip, config.concepts, family)
         prompt_ref, positions, prompt_length = sc.prompt_positions(clip, prompt, words, family)
         s_start, s_end = window(m, config)

@@ -474,3 +474,95 @@ def chat_concepts(clip, layout: ChatLayout, concepts) -> tuple:
     for k, r in enumerate(own):
         padded[k, : r.shape[0]] = r
     return padded, torch.tensor([r.shape[0] for r in own])
+
+
+# -- HiDream-I1: two token streams reach every block's joint attention (T5 rows, Llama rows) -------------
+
+#: HiDream's T5 end token (T5XXLTokenizer) and its Llama tokenizer's start / pad ids (HiDreamTokenizer)
+LLAMA_START, LLAMA_PAD = 128000, 128009
+
+
+@dataclasses.dataclass
+class TokenStream:
+    """One text stream's token-suppression inputs: the concepts' word-token states (N, D) and word-id
+    sequences; for a prompt typed into the node, its rows (T, D), the concept's row positions in them and
+    the length whose EOS rule keeps rows before ``length − 1`` (``hooks.token_mask_for_row``)."""
+
+    concept_states: torch.Tensor
+    words: list
+    prompt_ref: Optional[torch.Tensor] = None
+    positions: tuple = ()
+    length: Optional[int] = None
+
+
+def _hidream_encode(clip, text: str, llama_layer: int) -> tuple:
+    """(T5 ids, T5 rows (128, D), Llama ids, Llama rows of ``llama_layer`` (R, D)) as HiDream's CLIP gives
+    them: conditioning_llama3 (1, layers, R, D) has one row per Llama token after the start token."""
+    tokens = clip.tokenize(text)
+    if "t5xxl" not in tokens or "llama" not in tokens:
+        raise FamilyMismatch(
+            f"Token suppression on HiDream-I1 reads the T5 and Llama tokens of the prompt, but the CLIP input "
+            f"tokenizes into {sorted(tokens)}. Connect HiDream's text encoders (QuadrupleCLIPLoader, type hidream)."
+        )
+    out = clip.encode_from_tokens(tokens, return_dict=True)
+    llama = out.get("conditioning_llama3")
+    t5_ids, llama_ids = ids_of(tokens, "t5xxl"), ids_of(tokens, "llama")
+    if llama is None or llama.ndim != 4 or llama.shape[1] <= llama_layer or llama.shape[2] != len(llama_ids) - 1:
+        raise FamilyMismatch(
+            f"Token suppression on HiDream-I1 reads Llama layer {llama_layer} with one row per Llama token after "
+            f"the start token ({len(llama_ids) - 1}), but the CLIP returned conditioning_llama3 of shape "
+            f"{None if llama is None else tuple(llama.shape)}. Connect HiDream's text encoders."
+        )
+    return t5_ids, out["cond"][0].float().cpu(), llama_ids, llama[0, llama_layer].float().cpu()
+
+
+def _t5_words(ids: list) -> list:
+    return ids[: ids.index(T5_EOS)] if T5_EOS in ids else ids
+
+
+def _llama_words(ids: list) -> list:
+    """The text's own Llama ids: after the start token, before the padding (no end token)."""
+    body = ids[1:] if ids and ids[0] == LLAMA_START else ids
+    return body[: body.index(LLAMA_PAD)] if LLAMA_PAD in body else body
+
+
+def hidream_token_streams(clip, concepts, prompt: str, llama_layer: int) -> tuple:
+    """(the concepts' T5 contexts (K, 128, D) for the risk gate, the T5 ``TokenStream``, the Llama one).
+
+    HiDream-I1's blocks attend to [image ‖ T5 ‖ Llama ``llama_layers[-1]`` ‖ that block's Llama layer]
+    (HiDreamImageTransformer2DModel._forward); the concept's columns are found in each encoder's own rows:
+    T5 (no start token: row = token position) and Llama (row = token position − 1: the host drops the start
+    token's row). Similarity is measured at ``llama_layer``, the Llama layer every block reads; a BPE tokenizer
+    spells a word differently after a space, so both spellings are matched exactly."""
+    contexts, t5_states, llama_states, t5_words, llama_words = [], [], [], [], []
+    for concept in concepts:
+        t5_ids, t5_rows, llama_ids, llama_rows = _hidream_encode(clip, concept, llama_layer)
+        own_t5, own_llama = _t5_words(t5_ids), _llama_words(llama_ids)
+        contexts.append(t5_rows)
+        t5_states.append(t5_rows[: len(own_t5)])
+        llama_states.append(llama_rows[: len(own_llama)])
+        for seq, found in ((own_t5, t5_words), (own_llama, llama_words)):
+            if seq and seq not in found:
+                found.append(seq)
+        spaced = _llama_words(ids_of(clip.tokenize(" " + concept), "llama"))
+        if spaced and spaced not in llama_words:
+            llama_words.append(spaced)
+    if not t5_words or not llama_words:
+        raise ValueError(f"The concepts {list(concepts)!r} add no token of their own to HiDream's T5 or Llama text.")
+    length = min(c.shape[0] for c in contexts)
+    concept_ctx = torch.stack([c[:length] for c in contexts])
+    t5 = TokenStream(torch.cat(t5_states), t5_words)
+    llama = TokenStream(torch.cat(llama_states), llama_words)
+    if not prompt.strip():
+        log.warning(
+            "Token suppression on HiDream-I1: no prompt was typed into the node, so the concept's Llama tokens are "
+            "found only by their similarity to the concept encoded alone; a decoder LLM gives a word a different "
+            "state in every context. Type the positive prompt into the node for exact token matches."
+        )
+        return concept_ctx, t5, llama
+    t5_ids, t5_rows, llama_ids, llama_rows = _hidream_encode(clip, prompt, llama_layer)
+    own_t5, own_llama = _t5_words(t5_ids), _llama_words(llama_ids)
+    t5.prompt_ref, t5.positions, t5.length = t5_rows, tuple(match_token_ids(own_t5, t5_words)), len(own_t5) + 1
+    llama.prompt_ref, llama.positions = llama_rows, tuple(match_token_ids(own_llama, llama_words))
+    llama.length = len(own_llama) + 1  # the first padding row is the "EOS" of a text without an end token
+    return concept_ctx, t5, llama

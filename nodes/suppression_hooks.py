@@ -245,6 +245,117 @@ def make_token_wrapper(
     return apply_model_wrapper
 
 
+def make_hidream_token_wrapper(
+    config, t5, llama, concept_hidden: torch.Tensor, sigma_start: float, sigma_end: float, llama_layer: int
+) -> Callable:
+    """APPLY_MODEL wrapper for HiDream-I1: per call, the (B, T5 + R) bias of the suppressed T5 rows and Llama
+    rows (positive rows only; ``t5`` / ``llama``: suppression_clip.TokenStream), applied to every block's
+    joint attention through a model-wide override (HiDream has no per-block replace hook). Raises at the
+    first model call when no attention had the layout, instead of sampling unguarded."""
+    factor = config.effective_factor
+    gate = GateLog("TokenSuppress", config.risk_gate)
+
+    def mask(row, stream):
+        return token_mask_for_row(
+            row,
+            stream.concept_states,
+            config.similarity,
+            config.include_eos,
+            stream.prompt_ref,
+            stream.positions,
+            stream.length,
+            skip_first=False,  # T5 has no start token; the host dropped Llama's start token's row
+        )
+
+    def apply_model_wrapper(
+        executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs
+    ):
+        if c_crossattn is None or not in_window(t, sigma_start, sigma_end):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        llama_rows = kwargs.get("encoder_hidden_states_llama3")
+        if llama_rows is None or llama_rows.ndim != 4 or llama_rows.shape[1] <= llama_layer:
+            raise RuntimeError(
+                "Token suppression on HiDream-I1 needs the conditioning's per-layer Llama states (B, layers > "
+                f"{llama_layer}, tokens, width) and this model call got "
+                f"{None if llama_rows is None else tuple(llama_rows.shape)}: stopped before the first step rather "
+                "than sampling unguarded. Encode the prompt with HiDream's text encoders."
+            )
+        rows = cond_rows(transformer_options.get("cond_or_uncond"), c_crossattn.shape[0])
+        t5_len, llama_len = c_crossattn.shape[1], llama_rows.shape[2]
+        bias = torch.zeros((c_crossattn.shape[0], t5_len + llama_len), dtype=torch.float32)
+        for r in rows.tolist():
+            if gate(c_crossattn[r], concept_hidden, False):
+                both = torch.cat((mask(c_crossattn[r], t5), mask(llama_rows[r, llama_layer], llama)))
+                bias[r] = ts.logit_bias(both, factor)
+        if not bool(bias.any()):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        acted = [0]
+        to = with_state(
+            transformer_options,
+            token_bias=bias.to(c_crossattn.device),
+            txt_len=t5_len,
+            model=getattr(executor, "class_obj", None),
+            acted=acted,
+        )
+        dm = to[STATE_KEY]["model"].diffusion_model
+        image_cond = kwargs.get("image_cond")
+        width = x.shape[-1] + (image_cond.shape[-1] if image_cond is not None else 0)  # _forward: cat on width
+        p = int(dm.patch_size)
+        image_len = (-(-x.shape[-2] // p)) * (-(-width // p))
+        to["optimized_attention_override"] = ImageFirstJoint(
+            image_len, t5_len, llama_len, to[STATE_KEY], to.get("optimized_attention_override")
+        )
+        out = executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+        if acted[0] == 0:
+            raise RuntimeError(
+                "Token suppression found none of HiDream-I1's joint attentions in the layout it was built for "
+                f"({LAYOUTS['hidream']}: {image_len} + {t5_len} + 2 × {llama_len} positions), so the concept would "
+                "not be suppressed; it stops at this first model call. This ComfyUI may lay the model out "
+                "differently: report it with the ComfyUI version."
+            )
+        return out
+
+    return apply_model_wrapper
+
+
+class ImageFirstJoint:
+    """``optimized_attention_override`` for one HiDream-I1 model call. Every block's joint attention is
+    [image ‖ T5 ‖ Llama ``llama_layers[-1]`` ‖ that block's Llama layer] (double blocks: image, then their text;
+    single blocks: the same concatenation), all of one length; the image queries get the T5 part of the bias
+    on the T5 keys and the Llama part on both Llama key blocks, the text queries attend as the model does."""
+
+    def __init__(self, image_len: int, t5_len: int, llama_len: int, state: dict, previous=None):
+        self.image_len, self.t5_len, self.llama_len = image_len, t5_len, llama_len
+        self.state, self.previous = state, previous
+
+    def __call__(self, func, q, k, v, heads, *rest, mask=None, skip_reshape=False, **kw):
+        seq = 2 if skip_reshape else 1
+        bias = self.state.get("token_bias")
+        joint_len = self.image_len + self.t5_len + 2 * self.llama_len
+        if q.shape[seq] != joint_len or rest or mask is not None or bias is None:
+            return _host_call(self.previous, func, q, k, v, heads, rest, mask, skip_reshape, kw)
+        self.state["acted"][0] += 1
+        bias = bias.to(q.device)
+        t5, llama = bias[:, : self.t5_len], bias[:, self.t5_len :]
+        columns = torch.cat((bias.new_zeros(bias.shape[0], self.image_len), t5, llama, llama), dim=1)
+        return joint.joint_suppressed_attention(
+            q,
+            k,
+            v,
+            heads,
+            columns,
+            0,
+            lambda q_, k_, v_, h, mask=None: func(q_, k_, v_, h, mask=mask, skip_reshape=skip_reshape, **kw),
+            seq,
+            2 if kw.get("skip_output_reshape") else 1,
+            None,
+            image_end=self.image_len,
+        )
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 # -- concept guidance: per-call parameters ------------------------------------------------------------
 
 
@@ -1119,6 +1230,7 @@ LAYOUTS = {
     "lumina2": "joint layers [caption ‖ image] after the caption and noise refiners",
     "zimage": "joint layers [caption padded to 32 ‖ image padded to 32] after the refiners",
     "wan": "per-block cross-attention to the 512 text rows",
+    "hidream": "[image ‖ T5 ‖ Llama initial ‖ Llama layer i] in every block",
 }
 
 

@@ -30,7 +30,8 @@ PROJECTION = re.compile(r"^caption_projection\.(\d+)\.linear\.weight$")
 
 NO_GUARDS = (
     "its text enters every block as [T5 ‖ Llama 3.1 initial ‖ that block's Llama layer] tokens *after* the image "
-    "tokens, and each block reads a different Llama layer; the guards' token layouts do not cover that yet"
+    "tokens, and each block reads a different Llama layer: this guard's port (a projection per text stream, a "
+    "concept stream per Llama layer) is not written yet"
 )
 
 RECORDS = (
@@ -45,9 +46,11 @@ RECORDS = (
         "layer (conditioning_llama3, 128 positions, start token's row dropped); no template",
         text_tokens="per block: [image ‖ T5 ‖ Llama initial ‖ Llama layer i]; image first",
         # SLD: its extra pass is the host's own conditioning of the safety concept (T5 context, conditioning_llama3,
-        # pooled) through the model, so no token layout is involved; the others act on the text tokens
-        guards=("sld",),
-        guard_refusals=tuple((g, NO_GUARDS) for g in GUARDS if g != "sld"),
+        # pooled) through the model, so no token layout is involved. Token suppression: the concept's T5 rows and
+        # Llama rows, biased for the image queries in every block's joint attention (a model-wide override)
+        guards=("sld", "token_suppression"),
+        guard_layout="joint_image_first",
+        guard_refusals=tuple((g, NO_GUARDS) for g in GUARDS if g not in ("sld", "token_suppression")),
     ),
 )
 

@@ -25,7 +25,13 @@ GUARD_LABELS = {
     "concept_guidance": "Concept guidance",
 }
 #: where a guard acts on a family's text tokens (documentation of ``FamilyRecord.guard_layout``)
-GUARD_LAYOUTS = ("cross_attention", "joint_text_first", "joint_model_level", "cross_attention_blocks")
+GUARD_LAYOUTS = (
+    "cross_attention",
+    "joint_text_first",
+    "joint_model_level",
+    "cross_attention_blocks",
+    "joint_image_first",
+)
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,9 @@ class FamilyRecord:
     #: how the guards reach the text tokens (``GUARD_LAYOUTS``): "cross_attention" (UNet attn2),
     #: "joint_text_first" (a joint attention per patches_replace["dit"] block, text keys first),
     #: "joint_model_level" (joint layers reached only through the model-wide attention override, text
-    #: first and padded), "cross_attention_blocks" (per-block cross-attention to the text, Wan)
+    #: first and padded), "cross_attention_blocks" (per-block cross-attention to the text, Wan),
+    #: "joint_image_first" (every block's joint attention through the model-wide override, image first, then
+    #: several text streams: HiDream)
     guard_layout: str = ""
 
     @property

@@ -105,17 +105,22 @@ def joint_suppressed_attention(
     seq_dim: int,
     out_seq_dim: int,
     mask: Optional[torch.Tensor] = None,
+    image_end: Optional[int] = None,
 ) -> torch.Tensor:
-    """Joint attention in which only the image queries [image_start, L) see ``column_bias`` (B, L) on the
-    keys; the text queries [0, image_start) attend as the model does. Query rows are independent, so the
-    two calls of ``attention_fn(q, k, v, heads, mask=…)`` give exactly the unsplit attention elsewhere.
+    """Joint attention in which only the image queries [image_start, image_end) (default: to the end) see
+    ``column_bias`` (B, L) on the keys; the text queries before and after them attend as the model does
+    (text first: Flux, SD3, Qwen-Image; image first: HiDream). Query rows are independent, so the calls of
+    ``attention_fn(q, k, v, heads, mask=…)`` give exactly the unsplit attention elsewhere.
 
     ``seq_dim`` is q's sequence axis (2 for head-split (B, H, L, D), 1 for (B, L, H·D)); ``out_seq_dim``
-    the output's. ``mask`` is the model's own mask (additive or bool), kept on both parts."""
+    the output's. ``mask`` is the model's own mask (additive or bool), kept on every part."""
     total = q.shape[seq_dim]
+    image_end = total if image_end is None else image_end
+    if not 0 <= image_start < image_end <= total:
+        raise ValueError(f"the image queries [{image_start}, {image_end}) do not fit a sequence of {total}")
     host = additive_mask(mask, q.dtype) if mask is not None else None
     bias = column_bias.to(q.device, q.dtype)[:, None, None, :]
-    image_len = total - image_start
+    image_len = image_end - image_start
     img_mask = bias if host is None else _query_rows(host, image_start, image_len, total) + bias
     parts = []
     if image_start > 0:
@@ -123,4 +128,8 @@ def joint_suppressed_attention(
             attention_fn(q.narrow(seq_dim, 0, image_start), k, v, heads, mask=_query_rows(host, 0, image_start, total))
         )
     parts.append(attention_fn(q.narrow(seq_dim, image_start, image_len), k, v, heads, mask=img_mask))
+    if image_end < total:
+        tail = total - image_end
+        tail_mask = _query_rows(host, image_end, tail, total)
+        parts.append(attention_fn(q.narrow(seq_dim, image_end, tail), k, v, heads, mask=tail_mask))
     return torch.cat(parts, dim=out_seq_dim) if len(parts) > 1 else parts[0]

@@ -233,7 +233,7 @@ def guard_nodes(comfy):
 def test_sld_runs_its_extra_pass_on_hidream_and_the_token_guards_are_refused(comfy, guard_nodes, hidream, monkeypatch):
     """SLD's safety pass is the host's own conditioning of the safety concept (T5 context, per-layer Llama
     states, pooled) through the model: it runs each step, changes the output, strength 0 is bit-identical.
-    The guards that act on text tokens refuse HiDream by name before encoding."""
+    SAFREE and concept guidance refuse HiDream by name before encoding (token suppression: below)."""
     from suppression_models import makers
 
     nodes, hooks = guard_nodes
@@ -258,10 +258,131 @@ def test_sld_runs_its_extra_pass_on_hidream_and_the_token_guards_are_refused(com
     on = run(make["sld"](1.0))
     assert calls and torch.isfinite(on).all() and not torch.equal(on, base), "SLD did not act on HiDream"
     encoded = clip.calls
-    for name in ("tokens", "guidance", "safree"):
+    for name in ("guidance", "safree"):
         with pytest.raises(ValueError, match=r"cannot serve HiDream-I1 \(HiDream.*after. the image tokens"):
             make[name](1.0)
     assert clip.calls == encoded, "a refused guard encoded text"
+
+
+# -- token suppression: the concept's T5 rows and Llama rows, for the image queries of every block ------------
+
+NUDE, BENIGN_PROMPT = "a photo of a nude person", "a photo of a dog"
+LATENT_HW = (8, 8)  # 4 × 4 patches of 2
+
+
+def hidream_sample(comfy, model, clip, prompt, cfg=4.0, steps=2):
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    latent = torch.zeros((1, 16) + LATENT_HW)
+    noise = comfy.sample.prepare_noise(latent, 42)
+    with torch.no_grad():
+        return comfy.sample.sample(
+            model, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=42, disable_pbar=True
+        )
+
+
+def hidream_tokens(nodes, model, clip, strength=1.0, include_eos=False, prompt=NUDE):
+    from suppression_models import COMMON, run_node
+
+    return run_node(
+        nodes.EraserTokenSuppress,
+        model=model,
+        clip=clip,
+        concepts="nude",
+        factor=0.0,
+        include_eos=include_eos,
+        similarity=0.999,
+        prompt=prompt,
+        **dict(COMMON, strength=strength),
+    )
+
+
+@pytest.fixture
+def joint_calls(guard_nodes, monkeypatch):
+    """What reached the host's attention: (columns, image_start, image_end, length) per biased call."""
+    _, hooks = guard_nodes
+    seen, original = [], hooks.joint.joint_suppressed_attention
+
+    def spy(q, k, v, heads, columns, image_start, fn, seq, out_seq, mask=None, image_end=None):
+        seen.append((columns.clone(), image_start, image_end, q.shape[seq]))
+        return original(q, k, v, heads, columns, image_start, fn, seq, out_seq, mask, image_end=image_end)
+
+    monkeypatch.setattr(hooks.joint, "joint_suppressed_attention", spy)
+    return seen
+
+
+def expected_columns(clip, prompt, word, image_len):
+    """The joint columns of ``word``, found from the token ids alone: its T5 positions (no start token) and
+    its Llama rows (the word-id stand-in: one id per word, the start token's row dropped) in both Llama blocks."""
+    tokens = clip.tokenize(prompt)
+    t5 = [t[0] for t in tokens["t5xxl"][0]]
+    t5_word = [t[0] for t in clip.tokenize(word)["t5xxl"][0]]
+    t5_word = t5_word[: t5_word.index(1)]
+    t5_hits = {p + j for p in range(len(t5)) if t5[p : p + len(t5_word)] == t5_word for j in range(len(t5_word))}
+    llama_rows = len(tokens["llama"][0]) - 1
+    row = prompt.split().index(word)
+    t5_len = len(t5)
+    columns = {image_len + p for p in t5_hits}
+    columns |= {image_len + t5_len + row, image_len + t5_len + llama_rows + row}
+    return columns, image_len + t5_len + 2 * llama_rows
+
+
+def test_token_suppression_on_hidream_biases_the_concepts_t5_and_llama_columns_in_every_block(
+    comfy, guard_nodes, hidream, joint_calls
+):
+    nodes, _ = guard_nodes
+    patcher, clip = hidream
+    assert nodes.sc.model_family(patcher, "token_suppression") == "hidream"
+    base, benign = hidream_sample(comfy, patcher, clip, NUDE), hidream_sample(comfy, patcher, clip, BENIGN_PROMPT)
+    m = hidream_tokens(nodes, patcher, clip)
+    assert patcher.model_options.get("transformer_options", {}).get("optimized_attention_override") is None
+
+    assert torch.equal(hidream_sample(comfy, m, clip, BENIGN_PROMPT), benign), "a prompt without the concept changed"
+    assert not joint_calls, "the attention was biased for a prompt without the concept"
+
+    on = hidream_sample(comfy, m, clip, NUDE)
+    assert torch.isfinite(on).all() and not torch.equal(on, base), "token suppression had no effect on HiDream"
+    image_len = (LATENT_HW[0] // 2) * (LATENT_HW[1] // 2)
+    columns, length = expected_columns(clip, NUDE, "nude", image_len)
+    dm = patcher.model.diffusion_model
+    blocks = len(dm.double_stream_blocks) + len(dm.single_stream_blocks)
+    assert len(joint_calls) == 2 * blocks, (len(joint_calls), blocks)  # every block, each of the 2 steps
+    for bias, image_start, image_end, seen_length in joint_calls:
+        assert (image_start, image_end, seen_length) == (0, image_len, length)
+        # the positive row only (cfg 4: cond and uncond in one batch)
+        assert [bool((row < 0).any()) for row in bias].count(True) == 1
+        assert set(torch.nonzero((bias < 0).any(0)).flatten().tolist()) == columns
+
+
+def test_token_suppression_on_hidream_strength_zero_and_eos(comfy, guard_nodes, hidream, joint_calls):
+    nodes, _ = guard_nodes
+    patcher, clip = hidream
+    off = hidream_tokens(nodes, patcher, clip, strength=0.0)
+    assert torch.equal(hidream_sample(comfy, off, clip, NUDE), hidream_sample(comfy, patcher, clip, NUDE))
+    assert not joint_calls
+    hidream_sample(comfy, hidream_tokens(nodes, patcher, clip, include_eos=True), clip, NUDE)
+    image_len = (LATENT_HW[0] // 2) * (LATENT_HW[1] // 2)
+    columns, length = expected_columns(clip, NUDE, "nude", image_len)
+    t5_len = len(clip.tokenize(NUDE)["t5xxl"][0])
+    llama_rows = (length - image_len - t5_len) // 2
+    words = len(NUDE.split())
+    # EOS on: T5 from </s> to the end, Llama from the first padding row to the end, in both Llama blocks
+    t5_ids = [t[0] for t in clip.tokenize(NUDE)["t5xxl"][0]]
+    eos = set(range(image_len + t5_ids.index(1), image_len + t5_len))
+    llama = image_len + t5_len
+    eos |= set(range(llama + words, llama + llama_rows)) | set(range(llama + llama_rows + words, length))
+    for bias, *_ in joint_calls:
+        assert set(torch.nonzero((bias < 0).any(0)).flatten().tolist()) == columns | eos
+
+
+def test_token_suppression_on_hidream_stops_when_no_attention_has_its_layout(comfy, guard_nodes, hidream, monkeypatch):
+    nodes, hooks = guard_nodes
+    patcher, clip = hidream
+    init = hooks.ImageFirstJoint.__init__
+    # a ComfyUI that lays HiDream's tokens out otherwise: the layout the override expects is never seen
+    monkeypatch.setattr(hooks.ImageFirstJoint, "__init__", lambda self, n, *a, **k: init(self, n + 1, *a, **k))
+    with pytest.raises(Exception, match="found none of HiDream-I1's joint attentions"):
+        hidream_sample(comfy, hidream_tokens(nodes, patcher, clip), clip, NUDE)
 
 
 @pytest.fixture(scope="module")

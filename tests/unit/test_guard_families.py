@@ -94,6 +94,22 @@ def test_image_queries_lose_the_concepts_columns_and_keep_the_rest_in_proportion
     torch.testing.assert_close(out[:, :image_start], plain[:, :image_start], rtol=0, atol=1e-12)
 
 
+def test_image_first_layout_biases_only_the_image_queries_in_front():
+    """HiDream: [image (10) ‖ T5 (3) ‖ Llama initial (3)]; the text queries after the image attend as before."""
+    q, k, v = joint_case(4)
+    plain = probs_fn(q, k, v, 1)
+    columns = torch.zeros(2, 16)
+    columns[:, [11, 14]] = ts.DROP_BIAS  # the concept's T5 row and its Llama row
+    out = joint.joint_suppressed_attention(q, k, v, 1, columns, 0, probs_fn, 1, 1, None, image_end=10)
+    assert out[:, :10][..., [11, 14]].abs().max() < 1e-12
+    rest = [j for j in range(16) if j not in (11, 14)]
+    renorm = plain[:, :10][..., rest] / (1 - plain[:, :10][..., [11, 14]].sum(-1, keepdim=True))
+    torch.testing.assert_close(out[:, :10][..., rest], renorm, rtol=1e-9, atol=1e-12)
+    assert torch.equal(out[:, 10:], probs_fn(q[:, 10:], k, v, 1))
+    with pytest.raises(ValueError, match=r"image queries \[0, 17\) do not fit a sequence of 16"):
+        joint.joint_suppressed_attention(q, k, v, 1, columns, 0, probs_fn, 1, 1, None, image_end=17)
+
+
 def test_a_factor_scales_the_odds_of_the_concepts_columns_by_exactly_c():
     q, k, v = joint_case(1)
     plain = probs_fn(q, k, v, 1)
@@ -205,6 +221,34 @@ def test_the_model_level_override_acts_only_at_the_joint_length_and_keeps_a_posi
     assert text_call[2].shape[-1] == 14 and text_call[2].abs().max() == 0  # the model's mask, no bias
 
 
+def test_the_hidream_override_biases_t5_and_both_llama_blocks_for_the_image_queries_only():
+    """HiDream: [image 6 ‖ T5 4 ‖ Llama initial 3 ‖ Llama layer i 3] as (B, L, H·D) (the host's layout); the
+    (B, T5 + R) bias lands on the T5 keys and on both Llama key blocks; another length passes through."""
+    bias = torch.zeros(1, 4 + 3)
+    bias[0, 1] = bias[0, 4 + 2] = ts.DROP_BIAS  # the concept's T5 row 1 and its Llama row 2
+    state = {"token_bias": bias, "acted": [0]}
+    override = hooks.ImageFirstJoint(image_len=6, t5_len=4, llama_len=3, state=state)
+    seen = []
+
+    def host(q, k, v, heads, mask=None, skip_reshape=False, **kw):
+        seen.append((q.shape[1], mask))
+        b, length, _ = q.shape
+        split = lambda t: t.view(b, -1, heads, 2).transpose(1, 2)  # noqa: E731
+        out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, length, -1)
+
+    gen = torch.Generator().manual_seed(7)
+    other = torch.randn(1, 10, 4, generator=gen)
+    assert torch.equal(override(host, other, other, other, 2), host(other, other, other, 2)) and state["acted"] == [0]
+    q, k, v = (torch.randn(1, 16, 4, generator=gen) for _ in range(3))
+    out = override(host, q, k, v, 2)
+    assert state["acted"] == [1] and out.shape == (1, 16, 4)
+    (n_img, img_mask), (n_txt, txt_mask) = seen[-2:]
+    assert (n_img, n_txt, txt_mask) == (6, 10, None)  # image queries first, then the text queries unbiased
+    assert torch.nonzero(img_mask[0, 0, 0] < 0).flatten().tolist() == [6 + 1, 10 + 2, 13 + 2]
+    torch.testing.assert_close(out[:, 6:], host(q[:, 6:], k, v, 2))
+
+
 def test_lumina_lengths_follow_the_hosts_padding():
     class Lumina:
         patch_size, pad_tokens_multiple = 2, None
@@ -219,7 +263,7 @@ def test_lumina_lengths_follow_the_hosts_padding():
 
 # -- the family table's guard statements --------------------------------------------------------------------
 
-NEW = ("Chroma", "Flux2", "QwenImage", "Lumina2", "WAN21", "WAN22")
+NEW = ("Chroma", "Flux2", "QwenImage", "Lumina2", "WAN21", "WAN22", "HiDream")
 
 
 @pytest.mark.parametrize("record", [r for r in families.RECORDS if r.host_class in NEW])
@@ -237,7 +281,7 @@ def test_every_new_family_states_every_guard(record):
         ("Flux", "Flux", "sld", "cannot serve Flux.1 (Flux.*guidance-distilled"),
         ("Lumina2", "ZImage", "concept_guidance", "Concept guidance cannot serve Z-Image.*text stream.*replace hook"),
         ("WAN21", "WAN21_I2V", "token_suppression", "WAN21 is loaded with the config WAN21_I2V"),
-        ("HiDream", "HiDream", "token_suppression", "cannot serve HiDream-I1 .HiDream.*after. the image tokens"),
+        ("HiDream", "HiDream", "safree", "cannot serve HiDream-I1 .HiDream.*after. the image tokens"),
         ("SDXLRefiner", "SDXLRefiner", "sld", "cannot serve SDXL refiner .SDXLRefiner"),
         ("CosmosPredict2", "X", "token_suppression", "CosmosPredict2 .config X. is not in the pack's family table"),
     ],
@@ -271,6 +315,7 @@ def test_the_served_families_are_the_ones_the_record_says():
     for host, family in (("Chroma", "chroma"), ("Flux2", "flux2"), ("QwenImage", "qwen_image")):
         assert families.lookup_guard(host, host, "concept_guidance").family.value == family
     assert families.lookup_guard("HiDream", "HiDream", "sld").family.value == "hidream"
+    assert families.lookup_guard("HiDream", "HiDream", "token_suppression").family.value == "hidream"
 
 
 README = Path(__file__).resolve().parents[2] / "README.md"
