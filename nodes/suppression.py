@@ -117,6 +117,17 @@ def add_wrapper(m, name: str, wrapper, kind: str = "APPLY_MODEL") -> None:
     m.add_wrapper_with_key(getattr(comfy.patcher_extension.WrappersMP, kind), f"{hooks.WRAPPER_KEY}.{name}", wrapper)
 
 
+def add_hidream_joint(m) -> None:
+    """HiDream-I1's joint-attention override, installed per model call by one DIFFUSION_MODEL wrapper that
+    token suppression and concept guidance share (registered once per model)."""
+    import comfy.patcher_extension
+
+    kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    key = f"{hooks.WRAPPER_KEY}.{hooks.HIDREAM_JOINT_KEY}"
+    if not m.get_wrappers(kind, key):
+        m.add_wrapper_with_key(kind, key, hooks.make_hidream_joint_wrapper())
+
+
 class EraserSAFREE(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -536,12 +547,19 @@ class EraserConceptGuidance(io.ComfyNode):
         m = model.clone()
         if not config.active:
             return io.NodeOutput(m)
-        neg = sc.encode(clip, ", ".join(config.concepts))[0]
+        neg_llama = None
+        if family == "hidream":  # the concept's T5 rows and per-layer Llama rows, appended to the prompt's
+            neg, neg_llama = sc.hidream_conditioning(clip, ", ".join(config.concepts), "Concept guidance")
+        else:
+            neg = sc.encode(clip, ", ".join(config.concepts))[0]
         concept_ctx = sc.encode_many(clip, config.concepts)[0]
         s_start, s_end = window(m, config)
         if family == "sd1" and alpha == 0.25 and ALPHA.get(family):
             log.info("ConceptGuidance: the published SD1.5 workflow uses α = %.2f", ALPHA[family])
-        register_attention(m, family, "Concept guidance", allow_pass_through, _uid(cls))
+        if family == "hidream":
+            add_hidream_joint(m)
+        else:
+            register_attention(m, family, "Concept guidance", allow_pass_through, _uid(cls))
         if family in UNET_FAMILIES:
             to = m.model_options.setdefault("transformer_options", {})
             patches = to.get("patches", {}).get("attn2_patch", [])
@@ -559,6 +577,7 @@ class EraserConceptGuidance(io.ComfyNode):
                 config.sigma_end_for(family),
                 skip_first=not sc.is_t5(family),
                 text_mask_refusal=family if family in hooks.HOST_BLOCK_NAG else None,
+                neg_llama=neg_llama,
             ),
         )
         return io.NodeOutput(m)
@@ -655,6 +674,7 @@ class EraserTokenSuppress(io.ComfyNode):
             s_start, s_end = window(m, config)
             wrapper = hooks.make_hidream_token_wrapper(config, t5, llama, concept_ctx, s_start, s_end, llama_layer)
             add_wrapper(m, "token_suppress", wrapper)
+            add_hidream_joint(m)
             return io.NodeOutput(m)
         concept_ctx, concept_tokens, words = sc.concept_words(clip, config.concepts, family)
         prompt_ref, positions, prompt_length = sc.prompt_positions(clip, prompt, words, family)

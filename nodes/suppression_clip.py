@@ -516,6 +516,25 @@ def _hidream_encode(clip, text: str, llama_layer: int) -> tuple:
     return t5_ids, out["cond"][0].float().cpu(), llama_ids, llama[0, llama_layer].float().cpu()
 
 
+def hidream_conditioning(clip, text: str, node: str) -> tuple:
+    """(T5 context (1, T, D), per-layer Llama states (1, layers, R, D)) of ``text`` as HiDream's CLIP conditions
+    a prompt (the same ``cond`` and ``conditioning_llama3`` the sampler hands the model)."""
+    tokens = clip.tokenize(text)
+    if "t5xxl" not in tokens or "llama" not in tokens:
+        raise FamilyMismatch(
+            f"{node} on HiDream-I1 reads the T5 and Llama conditioning of the concept, but the CLIP input tokenizes "
+            f"into {sorted(tokens)}. Connect HiDream's text encoders (QuadrupleCLIPLoader, type hidream)."
+        )
+    out = clip.encode_from_tokens(tokens, return_dict=True)
+    llama = out.get("conditioning_llama3")
+    if llama is None or llama.ndim != 4:
+        raise FamilyMismatch(
+            f"{node} on HiDream-I1 needs the per-layer Llama states (conditioning_llama3: 1, layers, tokens, width); "
+            f"the CLIP returned {None if llama is None else tuple(llama.shape)}. Connect HiDream's text encoders."
+        )
+    return out["cond"].float().cpu(), llama.float().cpu()
+
+
 def _t5_words(ids: list) -> list:
     return ids[: ids.index(T5_EOS)] if T5_EOS in ids else ids
 

@@ -297,44 +297,127 @@ def make_hidream_token_wrapper(
             model=getattr(executor, "class_obj", None),
             acted=acted,
         )
-        dm = to[STATE_KEY]["model"].diffusion_model
-        image_cond = kwargs.get("image_cond")
-        width = x.shape[-1] + (image_cond.shape[-1] if image_cond is not None else 0)  # _forward: cat on width
-        p = int(dm.patch_size)
-        image_len = (-(-x.shape[-2] // p)) * (-(-width // p))
-        to["optimized_attention_override"] = ImageFirstJoint(
-            image_len, t5_len, llama_len, to[STATE_KEY], to.get("optimized_attention_override")
-        )
         out = executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
         if acted[0] == 0:
             raise RuntimeError(
                 "Token suppression found none of HiDream-I1's joint attentions in the layout it was built for "
-                f"({LAYOUTS['hidream']}: {image_len} + {t5_len} + 2 × {llama_len} positions), so the concept would "
-                "not be suppressed; it stops at this first model call. This ComfyUI may lay the model out "
-                "differently: report it with the ComfyUI version."
+                f"({LAYOUTS['hidream']}: image + {t5_len} + 2 × {llama_len} positions), so the concept would not be "
+                "suppressed; it stops at this first model call. This ComfyUI may lay the model out differently: "
+                "report it with the ComfyUI version."
             )
         return out
 
     return apply_model_wrapper
 
 
+HIDREAM_JOINT_KEY = "hidream_joint"
+
+
+def make_hidream_joint_wrapper() -> Callable:
+    """DIFFUSION_MODEL wrapper for HiDream-I1, shared by token suppression and concept guidance: installs the
+    model-wide ``ImageFirstJoint`` override for this call (HiDream has no per-block replace hook) and, for each
+    concept guidance op in the state, appends the concept's T5 rows to ``context`` and its per-layer Llama rows
+    to ``encoder_hidden_states_llama3``. Every per-token part of HiDream's forward (caption projections, the
+    blocks' text modulation, norms and feed-forward, all-zero text positions) then carries the concept's text
+    stream through every block beside the prompt's, as the model would carry it with the concept as the prompt;
+    the override keeps the streams apart in the joint attention and the output reads image tokens only. One
+    pass, no second run of the image stream (Flux.2 / Qwen-Image: ``DitDispatch.inline_guidance``)."""
+
+    def diffusion_model_wrapper(executor, x, t, y, context, llama, image_cond, control, transformer_options, *a, **kw):
+        state = transformer_options.get(STATE_KEY) or {}
+        ops = state.get("nag") or []
+        current = transformer_options.get("optimized_attention_override")
+        if isinstance(current, ImageFirstJoint) or (state.get("token_bias") is None and not ops):
+            return executor(x, t, y, context, llama, image_cond, control, transformer_options, *a, **kw)
+        if context is None or llama is None or llama.ndim != 4:
+            raise RuntimeError(
+                "Concept guidance / token suppression on HiDream-I1 needs the T5 context and the per-layer Llama "
+                f"states (B, layers, tokens, width); this model call got context "
+                f"{None if context is None else tuple(context.shape)} and Llama "
+                f"{None if llama is None else tuple(llama.shape)}: stopped before the first step rather than "
+                "sampling unguarded. Encode the prompt with HiDream's text encoders."
+            )
+        batch = x.shape[0]
+        t5_parts, llama_parts, concepts = [context], [llama], []
+        for op in ops:
+            t5_c = op["neg"].to(context.device, context.dtype).expand(batch, -1, -1)
+            llama_c = op["neg_llama"].to(llama.device, llama.dtype).expand(batch, -1, -1, -1)
+            if (
+                t5_c.shape[2] != context.shape[2]
+                or llama_c.shape[1] != llama.shape[1]
+                or llama_c.shape[3] != llama.shape[3]
+            ):
+                raise RuntimeError(
+                    "Concept guidance on HiDream-I1: the concept was encoded as T5 "
+                    f"{tuple(t5_c.shape[1:])} and Llama {tuple(llama_c.shape[1:])}, the prompt as "
+                    f"{tuple(context.shape[1:])} and {tuple(llama.shape[1:])}: encode both with the same text "
+                    "encoders (the CLIP input of the guidance node)."
+                )
+            t5_parts.append(t5_c)
+            llama_parts.append(llama_c)
+            concepts.append((t5_c.shape[1], llama_c.shape[2]))
+        width = x.shape[-1] + (image_cond.shape[-1] if image_cond is not None else 0)  # _forward: cat on width
+        p = int(getattr(executor, "class_obj", None).patch_size)  # the executor runs HiDream's own _forward
+        image_len = (-(-x.shape[-2] // p)) * (-(-width // p))
+        joint_override = ImageFirstJoint(image_len, context.shape[1], llama.shape[2], state, current, concepts)
+        to = dict(transformer_options, optimized_attention_override=joint_override)
+        if ops:
+            context, llama = torch.cat(t5_parts, dim=1), torch.cat(llama_parts, dim=2)
+        out = executor(x, t, y, context, llama, image_cond, control, to, *a, **kw)
+        if ops and joint_override.calls == 0:
+            raise RuntimeError(
+                "Concept guidance found none of HiDream-I1's joint attentions in the layout it was built for "
+                f"({LAYOUTS['hidream']} with the concept's rows after the prompt's in each text block: "
+                f"{joint_override.length} positions), so the concept would not be guided against; it stops at this "
+                "first model call. This ComfyUI may lay the model out differently: report it with the ComfyUI version."
+            )
+        return out
+
+    return diffusion_model_wrapper
+
+
 class ImageFirstJoint:
     """``optimized_attention_override`` for one HiDream-I1 model call. Every block's joint attention is
     [image ‖ T5 ‖ Llama ``llama_layers[-1]`` ‖ that block's Llama layer] (double blocks: image, then their text;
-    single blocks: the same concatenation), all of one length; the image queries get the T5 part of the bias
-    on the T5 keys and the Llama part on both Llama key blocks, the text queries attend as the model does."""
+    single blocks: the same concatenation), all of one length.
 
-    def __init__(self, image_len: int, t5_len: int, llama_len: int, state: dict, previous=None):
+    Without concepts: the image queries get the T5 part of token suppression's bias on the T5 keys and the
+    Llama part on both Llama key blocks, the text queries attend as the model does. With concept guidance's
+    concepts (``concepts``: (T5 rows, Llama rows) each, appended after the prompt's rows in each of the three
+    text blocks by ``make_hidream_joint_wrapper``): the prompt's text queries attend to [image, prompt text]
+    keys and each concept's to [image, its own text] — each stream exactly as in a model call with that text
+    alone —, the image queries give Z⁺ over [image, prompt text] (with the bias) and, on each op's rows, Z⁻
+    over [image, concept text] (image-key part shared, log-sum-exp merge), then NAG (§5.4)."""
+
+    def __init__(self, image_len: int, t5_len: int, llama_len: int, state: dict, previous=None, concepts=()):
         self.image_len, self.t5_len, self.llama_len = image_len, t5_len, llama_len
-        self.state, self.previous = state, previous
+        self.state, self.previous, self.concepts = state, previous, list(concepts)
+        self.t5_total = t5_len + sum(c for c, _ in self.concepts)
+        self.llama_total = llama_len + sum(d for _, d in self.concepts)
+        self.length = image_len + self.t5_total + 2 * self.llama_total
+        self.calls = 0
+
+    def stream_columns(self, index: int, device) -> torch.Tensor:
+        """Key positions of text stream ``index`` (0: the prompt, j: concept j) in its three text blocks."""
+        before = self.concepts[: index - 1] if index else []
+        t5_at = self.image_len + (self.t5_len + sum(c for c, _ in before) if index else 0)
+        offset = self.llama_len + sum(d for _, d in before) if index else 0
+        t5_n, llama_n = self.concepts[index - 1] if index else (self.t5_len, self.llama_len)
+        last = self.image_len + self.t5_total + offset
+        layer = last + self.llama_total
+        spans = [(t5_at, t5_n), (last, llama_n), (layer, llama_n)]
+        return torch.cat([torch.arange(s, s + n, device=device) for s, n in spans])
 
     def __call__(self, func, q, k, v, heads, *rest, mask=None, skip_reshape=False, **kw):
         seq = 2 if skip_reshape else 1
         bias = self.state.get("token_bias")
-        joint_len = self.image_len + self.t5_len + 2 * self.llama_len
-        if q.shape[seq] != joint_len or rest or mask is not None or bias is None:
+        if q.shape[seq] != self.length or rest or mask is not None or (bias is None and not self.concepts):
             return _host_call(self.previous, func, q, k, v, heads, rest, mask, skip_reshape, kw)
-        self.state["acted"][0] += 1
+        self.calls += 1
+        if bias is not None and "acted" in self.state:
+            self.state["acted"][0] += 1
+        if self.concepts:
+            return self.guided(func, q, k, v, heads, skip_reshape, kw, bias)
         bias = bias.to(q.device)
         t5, llama = bias[:, : self.t5_len], bias[:, self.t5_len :]
         columns = torch.cat((bias.new_zeros(bias.shape[0], self.image_len), t5, llama, llama), dim=1)
@@ -352,6 +435,39 @@ class ImageFirstJoint:
             image_end=self.image_len,
         )
 
+    def guided(self, func, q, k, v, heads, skip_reshape, kw, bias):
+        qh, kh, vh = (_heads(t, heads, skip_reshape) for t in (q, k, v))  # (B, H, L, D)
+        n = self.image_len
+        k_img, v_img, q_img = kh[:, :, :n], vh[:, :, :n], qh[:, :, :n]
+        out = torch.empty_like(qh)
+        host_kw = dict(kw, skip_output_reshape=True)
+        ops = self.state.get("nag") or []
+        image = lse.attention_lse(q_img, k_img, v_img)
+        z = None
+        for index in range(len(self.concepts) + 1):
+            cols = self.stream_columns(index, q.device)
+            keys = torch.cat((k_img, kh[:, :, cols]), dim=2)
+            values = torch.cat((v_img, vh[:, :, cols]), dim=2)
+            out[:, :, cols] = func(qh[:, :, cols], keys, values, heads, skip_reshape=True, **host_kw).to(out.dtype)
+            if index == 0:
+                columns = None
+                if bias is not None:
+                    b = bias.to(q.device).float()
+                    t5, llama = b[:, : self.t5_len], b[:, self.t5_len :]
+                    columns = torch.cat((t5, llama, llama), dim=1)[:, None, None, :]
+                prompt = lse.attention_lse(q_img, kh[:, :, cols], vh[:, :, cols], columns)
+                z = _to_seq(lse.merge(*image, *prompt)[0], True)
+                continue
+            op = ops[index - 1]
+            rows = op["rows"].to(q.device)
+            shared = tuple(t[rows] for t in image)
+            concept = lse.attention_lse(q_img[rows], kh[rows][:, :, cols], vh[rows][:, :, cols])
+            z_neg = _to_seq(lse.merge(*shared, *concept)[0], True)
+            z = z.clone()
+            z[rows] = cg.nag(z[rows], z_neg, op["phi"], op["tau"], op["alpha"])
+        out[:, :, :n] = _heads(z.to(q.dtype), heads, False)
+        return out if kw.get("skip_output_reshape") else _to_seq(out, True)
+
     def __deepcopy__(self, memo):
         return self
 
@@ -368,10 +484,12 @@ def make_nag_wrapper(
     nag_sigma_end: float,
     skip_first: bool = True,
     text_mask_refusal: Optional[str] = None,
+    neg_llama: Optional[torch.Tensor] = None,
 ) -> Callable:
     """APPLY_MODEL wrapper: enables NAG for the positive rows while σ is in the window and σ ≥ σ_end.
     ``text_mask_refusal`` (a family label): a model call with a text attention mask is refused (the families
-    whose concept stream runs through the host's blocks, ``HOST_BLOCK_NAG``)."""
+    whose concept stream runs through the host's blocks, ``HOST_BLOCK_NAG``). ``neg_llama``: HiDream-I1's
+    per-layer Llama states of the concept (1, layers, R, D), appended by ``make_hidream_joint_wrapper``."""
     gate = GateLog("ConceptGuidance", config.risk_gate)
     params = {"phi": float(config.phi), "tau": float(config.tau), "alpha": float(config.effective_alpha)}
 
@@ -395,6 +513,8 @@ def make_nag_wrapper(
                 "stopped at the first step rather than sampling unguarded."
             )
         op = dict(params, neg=neg_context, rows=rows.to(c_crossattn.device), stream={})
+        if neg_llama is not None:
+            op["neg_llama"] = neg_llama
         to = with_state(
             transformer_options,
             nag=op,

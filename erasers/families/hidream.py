@@ -21,17 +21,17 @@ from typing import Mapping, Optional, Sequence
 
 from ..errors import FamilyMismatch
 from ..files.families import Family
-from .record import GUARDS, FamilyRecord
+from .record import FamilyRecord
 
 #: ComfyUI's model_detection default for HiDream-I1 (full, dev, fast): Llama layers 0…31, then 31 for the rest
 LLAMA_LAYERS = tuple(range(32)) + (31,) * 16
 T5_STREAM, POOLED_KEY = "t5", "p_embedder.pooled_embedder.linear_1.weight"
 PROJECTION = re.compile(r"^caption_projection\.(\d+)\.linear\.weight$")
 
-NO_GUARDS = (
-    "its text enters every block as [T5 ‖ Llama 3.1 initial ‖ that block's Llama layer] tokens *after* the image "
-    "tokens, and each block reads a different Llama layer: this guard's port (a projection per text stream, a "
-    "concept stream per Llama layer) is not written yet"
+NO_SAFREE = (
+    "SAFREE projects the prompt's token embeddings out of the concept's subspace in one text-embedding space, and "
+    "HiDream's text is T5 plus every Llama 3.1 layer (each block reads a different one, after the image tokens): "
+    "its port (a subspace and a self-validating projection per text stream) is not written yet"
 )
 
 RECORDS = (
@@ -47,10 +47,12 @@ RECORDS = (
         text_tokens="per block: [image ‖ T5 ‖ Llama initial ‖ Llama layer i]; image first",
         # SLD: its extra pass is the host's own conditioning of the safety concept (T5 context, conditioning_llama3,
         # pooled) through the model, so no token layout is involved. Token suppression: the concept's T5 rows and
-        # Llama rows, biased for the image queries in every block's joint attention (a model-wide override)
-        guards=("sld", "token_suppression"),
+        # Llama rows, biased for the image queries in every block's joint attention (a model-wide override).
+        # Concept guidance: the concept's T5 and per-layer Llama rows ride after the prompt's in the model's own
+        # text streams (every per-token part of the forward carries them); the same override keeps them apart
+        guards=("sld", "token_suppression", "concept_guidance"),
         guard_layout="joint_image_first",
-        guard_refusals=tuple((g, NO_GUARDS) for g in GUARDS if g not in ("sld", "token_suppression")),
+        guard_refusals=(("safree", NO_SAFREE),),
     ),
 )
 

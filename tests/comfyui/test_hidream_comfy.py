@@ -230,10 +230,10 @@ def guard_nodes(comfy):
     return import_guard_pack()
 
 
-def test_sld_runs_its_extra_pass_on_hidream_and_the_token_guards_are_refused(comfy, guard_nodes, hidream, monkeypatch):
+def test_sld_runs_its_extra_pass_on_hidream_and_safree_is_refused(comfy, guard_nodes, hidream, monkeypatch):
     """SLD's safety pass is the host's own conditioning of the safety concept (T5 context, per-layer Llama
     states, pooled) through the model: it runs each step, changes the output, strength 0 is bit-identical.
-    SAFREE and concept guidance refuse HiDream by name before encoding (token suppression: below)."""
+    SAFREE refuses HiDream by name before encoding (token suppression and concept guidance: below)."""
     from suppression_models import makers
 
     nodes, hooks = guard_nodes
@@ -258,9 +258,8 @@ def test_sld_runs_its_extra_pass_on_hidream_and_the_token_guards_are_refused(com
     on = run(make["sld"](1.0))
     assert calls and torch.isfinite(on).all() and not torch.equal(on, base), "SLD did not act on HiDream"
     encoded = clip.calls
-    for name in ("guidance", "safree"):
-        with pytest.raises(ValueError, match=r"cannot serve HiDream-I1 \(HiDream.*after. the image tokens"):
-            make[name](1.0)
+    with pytest.raises(ValueError, match=r"cannot serve HiDream-I1 \(HiDream.*projection per text stream"):
+        make["safree"](1.0)
     assert clip.calls == encoded, "a refused guard encoded text"
 
 
@@ -383,6 +382,98 @@ def test_token_suppression_on_hidream_stops_when_no_attention_has_its_layout(com
     monkeypatch.setattr(hooks.ImageFirstJoint, "__init__", lambda self, n, *a, **k: init(self, n + 1, *a, **k))
     with pytest.raises(Exception, match="found none of HiDream-I1's joint attentions"):
         hidream_sample(comfy, hidream_tokens(nodes, patcher, clip), clip, NUDE)
+
+
+# -- concept guidance: the concept's text rows ride after the prompt's through the model's own streams -------
+
+
+def hidream_guidance(nodes, model, clip, strength=1.0, alpha=0.25, concepts="nude"):
+    from suppression_models import COMMON, run_node
+
+    return run_node(
+        nodes.EraserConceptGuidance,
+        model=model,
+        clip=clip,
+        concepts=concepts,
+        phi=5.0,
+        tau=2.5,
+        alpha=alpha,
+        sigma_end=0.0,
+        **dict(COMMON, strength=strength),
+    )
+
+
+def test_concept_guidance_on_hidream_guides_and_strength_zero_is_bit_identical(comfy, guard_nodes, hidream):
+    nodes, hooks = guard_nodes
+    patcher, clip = hidream
+    assert nodes.sc.model_family(patcher, "concept_guidance") == "hidream"
+    base = hidream_sample(comfy, patcher, clip, NUDE)
+    assert torch.equal(hidream_sample(comfy, hidream_guidance(nodes, patcher, clip, strength=0.0), clip, NUDE), base)
+    m = hidream_guidance(nodes, patcher, clip)
+    assert patcher.model_options.get("transformer_options", {}).get("optimized_attention_override") is None
+    calls, original = [], hooks.ImageFirstJoint.guided
+
+    def spy(self, *a, **k):
+        calls.append(self.length)
+        return original(self, *a, **k)
+
+    hooks.ImageFirstJoint.guided = spy
+    try:
+        on = hidream_sample(comfy, m, clip, NUDE)
+    finally:
+        hooks.ImageFirstJoint.guided = original
+    assert torch.isfinite(on).all() and not torch.equal(on, base), "concept guidance had no effect on HiDream"
+    dm = patcher.model.diffusion_model
+    assert len(calls) == 2 * (len(dm.double_stream_blocks) + len(dm.single_stream_blocks))  # every block, 2 steps
+    # composes with token suppression: one override, both acting
+    both = hidream_sample(comfy, hidream_tokens(nodes, m, clip), clip, NUDE)
+    assert torch.isfinite(both).all() and not torch.equal(both, on)
+
+
+def test_concept_guidance_on_hidream_with_alpha_zero_samples_what_the_model_does(comfy, guard_nodes, hidream):
+    """α = 0 makes NAG return Z⁺: the concept's rows still ride through every block, so the sample equals the
+    unpatched model's (to float rounding: Z⁺ is computed by the log-sum-exp merge) only if the prompt's text
+    stream and the image stream never see them and they are cut before the output."""
+    nodes, _ = guard_nodes
+    patcher, clip = hidream
+    base = hidream_sample(comfy, patcher, clip, NUDE)
+    m = hidream_guidance(nodes, patcher, clip, alpha=0.0)
+    torch.testing.assert_close(hidream_sample(comfy, m, clip, NUDE), base, rtol=1e-4, atol=1e-4)
+
+
+def test_concept_guidance_on_hidreams_negative_branch_is_the_model_with_the_concept_as_its_text(
+    comfy, guard_nodes, hidream, monkeypatch
+):
+    """Z⁻ of the first block at the first step equals that block's image attention in an unpatched call whose
+    T5 context and Llama states are the concept's (the pooled vector stays the prompt's: NAG guides the
+    attention, the modulation is the step's own) — the concept's rows reach the joint attention exactly as the
+    host's own conditioning would put them there."""
+    nodes, hooks = guard_nodes
+    patcher, clip = hidream
+    negatives, original = [], hooks.cg.nag
+    monkeypatch.setattr(hooks.cg, "nag", lambda zp, zn, *a: negatives.append(zn.clone()) or original(zp, zn, *a))
+    hidream_sample(comfy, hidream_guidance(nodes, patcher, clip), clip, NUDE, cfg=1.0, steps=1)
+    z_neg = negatives[0]  # double block 0, the only row (cfg 1)
+
+    prompt = clip.encode_from_tokens(clip.tokenize(NUDE), return_dict=True)
+    concept = clip.encode_from_tokens(clip.tokenize("nude"), return_dict=True)
+    extra = {"pooled_output": prompt["pooled_output"], "conditioning_llama3": concept["conditioning_llama3"]}
+    cond = [[concept["cond"], extra]]
+    seen = []
+
+    def capture(func, q, k, v, heads, *rest, **kw):
+        out = func(q, k, v, heads, *rest, **kw)
+        seen.append(out)
+        return out
+
+    ref = patcher.clone()
+    ref.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = capture
+    latent = torch.zeros((1, 16) + LATENT_HW)
+    noise = comfy.sample.prepare_noise(latent, 42)
+    with torch.no_grad():
+        comfy.sample.sample(ref, noise, 1, 1.0, "euler", "normal", cond, cond, latent, seed=42, disable_pbar=True)
+    image_len = z_neg.shape[1]
+    torch.testing.assert_close(z_neg, seen[0][:, :image_len].float(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -249,6 +249,80 @@ def test_the_hidream_override_biases_t5_and_both_llama_blocks_for_the_image_quer
     torch.testing.assert_close(out[:, 6:], host(q[:, 6:], k, v, 2))
 
 
+def _host_attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kw):
+    """ComfyUI's optimized_attention contract: (B, L, H·D) or, with skip_reshape, (B, H, L, D) in and out."""
+    if not skip_reshape:
+        q, k, v = (t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out if skip_output_reshape else out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
+def _masked_attention(q, k, v, heads, allowed):
+    """Reference: (B, L, H·D) attention of every query over the key positions ``allowed[query]`` only."""
+    b, length, _ = q.shape
+    split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+    mask = torch.full((length, k.shape[1]), float("-inf"))
+    for row, cols in allowed.items():
+        mask[row, cols] = 0.0
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, length, -1)
+
+
+def test_the_hidream_override_keeps_each_text_stream_apart_and_guides_the_image_queries():
+    """Concept guidance on HiDream: [image 3 ‖ T5 prompt 2, concept 2 ‖ Llama initial prompt 2, concept 1 ‖
+    Llama layer prompt 2, concept 1]. The prompt's text queries see [image, prompt] keys and the concept's
+    [image, concept] — each as in a call with that text alone —, the image queries give Z⁺ over [image,
+    prompt] and, on the guided row only, NAG(Z⁺, Z⁻ over [image, concept])."""
+    from erasers.guards import concept_guidance as cg
+
+    image, prompt, concept = [0, 1, 2], [3, 4, 7, 8, 10, 11], [5, 6, 9, 12]
+    op = {"phi": 5.0, "tau": 2.5, "alpha": 0.5, "rows": torch.tensor([0])}
+    state = {"nag": [op]}
+    override = hooks.ImageFirstJoint(3, 2, 2, state, None, [(2, 1)])
+    assert override.length == 13
+    assert override.stream_columns(0, "cpu").tolist() == prompt
+    assert override.stream_columns(1, "cpu").tolist() == concept
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 13, 8, generator=gen) for _ in range(3))
+    out = override(_host_attention, q, k, v, 2)
+    assert override.calls == 1 and out.shape == (2, 13, 8)
+    streams = {**{r: image + prompt for r in image + prompt}, **{r: image + concept for r in concept}}
+    plain = _masked_attention(q, k, v, 2, streams)
+    negative = _masked_attention(q, k, v, 2, {r: image + concept for r in range(13)})
+    torch.testing.assert_close(out[:, 3:], plain[:, 3:], rtol=1e-5, atol=1e-5)  # text streams apart, exact
+    torch.testing.assert_close(out[1, :3], plain[1, :3], rtol=1e-5, atol=1e-5)  # unguided row: Z⁺
+    guided = cg.nag(plain[:1, :3], negative[:1, :3], 5.0, 2.5, 0.5)
+    torch.testing.assert_close(out[:1, :3], guided, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[:1, :3], plain[:1, :3], atol=1e-3)  # NAG moved the guided row
+    other = torch.randn(2, 12, 8, generator=gen)  # another length passes through untouched
+    assert torch.equal(override(lambda *a, **kw: a[0], other, other, other, 2), other) and override.calls == 1
+
+
+def test_the_hidream_wrapper_appends_the_concepts_rows_and_stops_when_no_attention_has_the_layout():
+    wrapper = hooks.make_hidream_joint_wrapper()
+    neg, neg_llama = torch.randn(1, 3, 4), torch.randn(1, 2, 5, 6)
+    op = {"phi": 5.0, "tau": 2.5, "alpha": 0.25, "rows": torch.tensor([0]), "neg": neg, "neg_llama": neg_llama}
+    seen = {}
+
+    class Executor:
+        class_obj = type("DM", (), {"patch_size": 2})()
+
+        def __call__(self, x, t, y, context, llama, image_cond, control, to):
+            seen.update(context=context, llama=llama, override=to["optimized_attention_override"])
+            return x
+
+    x, context, llama = torch.zeros(2, 16, 4, 6), torch.zeros(2, 7, 4), torch.zeros(2, 2, 9, 6)
+    to = {hooks.STATE_KEY: {"nag": [op]}}
+    with pytest.raises(RuntimeError, match="found none of HiDream-I1's joint attentions"):
+        wrapper(Executor(), x, 1.0, None, context, llama, None, None, to)
+    assert seen["context"].shape == (2, 10, 4) and torch.equal(seen["context"][1, 7:], neg[0])
+    assert seen["llama"].shape == (2, 2, 14, 6) and torch.equal(seen["llama"][0, :, 9:], neg_llama[0])
+    assert seen["override"].length == 2 * 3 + 10 + 2 * 14 and seen["override"].concepts == [(3, 5)]
+    passed = {}
+    plain = lambda x_, t_, y_, c_, l_, i_, k_, to_: passed.update(to=to_) or x_  # noqa: E731
+    assert wrapper(plain, x, 1.0, None, context, llama, None, None, {}) is x and passed["to"] == {}  # nothing to do
+
+
 def test_lumina_lengths_follow_the_hosts_padding():
     class Lumina:
         patch_size, pad_tokens_multiple = 2, None
@@ -281,7 +355,7 @@ def test_every_new_family_states_every_guard(record):
         ("Flux", "Flux", "sld", "cannot serve Flux.1 (Flux.*guidance-distilled"),
         ("Lumina2", "ZImage", "concept_guidance", "Concept guidance cannot serve Z-Image.*text stream.*replace hook"),
         ("WAN21", "WAN21_I2V", "token_suppression", "WAN21 is loaded with the config WAN21_I2V"),
-        ("HiDream", "HiDream", "safree", "cannot serve HiDream-I1 .HiDream.*after. the image tokens"),
+        ("HiDream", "HiDream", "safree", "cannot serve HiDream-I1 .HiDream.*projection per text stream"),
         ("SDXLRefiner", "SDXLRefiner", "sld", "cannot serve SDXL refiner .SDXLRefiner"),
         ("CosmosPredict2", "X", "token_suppression", "CosmosPredict2 .config X. is not in the pack's family table"),
     ],
