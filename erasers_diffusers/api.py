@@ -26,8 +26,9 @@ from typing import Optional
 
 import torch
 
+from erasers import families as family_table
 from erasers.config import ArgumentTypeError, check_number, check_path
-from erasers.edits.eraser import Eraser, compute_eraser, fingerprint
+from erasers.edits.eraser import Eraser, compute_eraser, compute_eraser_by_stream, fingerprint
 from erasers.errors import EraserAlreadyApplied, NonFiniteResult, UnsupportedFamily
 from erasers.files.eraser_file import load_eraser as _load_file
 from erasers.files.eraser_file import save_eraser as _save_file
@@ -214,6 +215,12 @@ def DiffusersTextEncoder(pipe):
         return pipe.text_encoder_adapter()
     module = denoiser(pipe)
     entry = new_families.lookup(module)
+    if entry is not None and entry.record.family == Family.HIDREAM:
+        raise UnsupportedFamily(
+            "HiDream-I1's caption projections read different text streams (T5, one Llama layer each), so no one "
+            "text encoder describes them: use compute_eraser_for_pipeline, which solves each stream with its own "
+            "encoder (api.hidream_encoders)."
+        )
     if entry is not None:
         names = {k: n for k, (n, _) in projection_params(pipe).items()}
         names.update(entry.names([n for n, _ in module.named_parameters()]))
@@ -243,8 +250,23 @@ def DiffusersTextEncoder(pipe):
 # -- compute / apply / remove -------------------------------------------------------------------------
 
 
+def hidream_encoders(pipe) -> tuple:
+    """(stream name → encoder, canonical key → stream) of a HiDream-I1 pipeline: each caption projection
+    reads T5 or one Llama layer (``transformer.config.llama_layers``), the pooled embedder T5's stream."""
+    module = denoiser(pipe)
+    entry = new_families.lookup(module)
+    keys = list(canonical_weights(pipe))
+    streams = family_table.hidream.caption_streams(keys, getattr(module.config, "llama_layers", None))
+    return new_families.hidream_stream_encoders(pipe, module, entry, streams.values()), streams
+
+
 def compute_eraser_for_pipeline(pipe, config, progress=None) -> Eraser:
-    """Solve ``config`` (a method config, e.g. ``UCEConfig``) on the pipeline's own weights and text encoder."""
+    """Solve ``config`` (a method config, e.g. ``UCEConfig``) on the pipeline's own weights and text encoder
+    (HiDream-I1: per text stream, ``compute_eraser_by_stream``)."""
+    if pipeline_family(pipe) == Family.HIDREAM:
+        encoders, streams = hidream_encoders(pipe)
+        weights = canonical_weights(pipe)
+        return compute_eraser_by_stream(config, encoders, {k: weights[k] for k in streams}, streams, Family.HIDREAM)
     return compute_eraser(
         config, DiffusersTextEncoder(pipe), canonical_weights(pipe), pipeline_family(pipe), progress=progress
     )

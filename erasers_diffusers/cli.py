@@ -280,7 +280,6 @@ def cmd_erase(args) -> int:
         from . import api as diffusers_api
 
         pipe = load_diffusers_folder(args.diffusers)
-        encoder, weights = diffusers_api.DiffusersTextEncoder(pipe), diffusers_api.canonical_weights(pipe)
         family, source = diffusers_api.pipeline_family(pipe), args.diffusers
     loaded = time.perf_counter()
 
@@ -288,7 +287,10 @@ def cmd_erase(args) -> int:
         print(f"  encoded {done}/{total} prompts", file=sys.stderr)
 
     many = len(config.concepts) + len(config.preserve) > 64
-    eraser = compute_eraser(config, encoder, weights, family, progress=progress if many else None)
+    if args.checkpoint:
+        eraser = compute_eraser(config, encoder, weights, family, progress=progress if many else None)
+    else:  # the pipeline's own encoders (HiDream-I1: one per text stream)
+        eraser = diffusers_api.compute_eraser_for_pipeline(pipe, config, progress=progress if many else None)
     path = save_eraser(
         eraser,
         args.out,

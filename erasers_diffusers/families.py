@@ -18,18 +18,25 @@ Lumina2Transformer2DModel           time_caption_embed.caption_      time_captio
                                     embedder.1 → cap_embedder.1      → cap_embedder.0 (RMSNorm)
 WanTransformer3DModel (t2v)         blocks.i.attn2.to_k / to_v →     condition_embedder.text_embedder.linear_1
                                     blocks.i.cross_attn.k / .v       / linear_2 → text_embedding.0 / .2
+HiDreamImageTransformer2DModel      caption_projection.i.linear,     — (one text stream per projection: T5
+                                    p_embedder.pooled_embedder.      or one Llama layer; the pooled embedder
+                                    linear_1 (same names)            reads CLIP-L ⊕ CLIP-G with T5's stream)
 =================================  ==============================  ===========================================
 
 The rows an eraser is solved on are the rows the transformer attends to: Chroma's T5 up to and including
 the first pad (its mask), Flux.2's 512 (no mask), Qwen-Image's rows after the dropped 34-token system
 prefix, Z-Image's unpadded rows, Lumina 2's masked rows, Wan's 512 (real rows, then zeros: no mask, so the
-zero rows reach every block through text_embedding). The token ids behind each row are read from the
-``input_ids`` the pipeline passes to its text encoder (a forward pre-hook; nothing is re-tokenized).
+zero rows reach every block through text_embedding), HiDream's 128 T5 rows and, per Llama layer, its 128
+rows (diffusers keeps the start token's row, which ComfyUI drops; no mask reaches the transformer). The
+token ids behind each row are read from the ``input_ids`` the pipeline passes to its text encoder (a
+forward pre-hook; nothing is re-tokenized).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -41,7 +48,15 @@ from erasers.families.key_map import KeyMapEncoder, build_key_map, map_width, pr
 from erasers.files.families import layer_specs
 from erasers.text import PromptEncoding, shared_head_tail
 
-__all__ = ["DIFFUSERS_FAMILIES", "DiffusersFamily", "TemplatedPipelineEncoder", "lookup", "refuse_variant"]
+__all__ = [
+    "DIFFUSERS_FAMILIES",
+    "DiffusersFamily",
+    "HiDreamStreamEncoder",
+    "TemplatedPipelineEncoder",
+    "hidream_stream_encoders",
+    "lookup",
+    "refuse_variant",
+]
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,9 @@ class DiffusersFamily:
     #: rows the pipeline drops from the front of the unpadded encoder output (Qwen-Image's system prefix):
     #: the attribute of the pipeline that holds the count, or ""
     drop_attr: str = ""
+    #: the pipeline attributes of the text encoder whose input_ids the rows come from, and of its tokenizer
+    text_encoder_attr: str = "text_encoder"
+    tokenizer_attr: str = "tokenizer"
 
     @property
     def record(self):
@@ -85,6 +103,15 @@ def _wan_names(names: list) -> dict:
             if name in names:
                 out[f"text_embedding.{canonical}.{part}"] = name
     return out
+
+
+_HIDREAM_PROJECTION = re.compile(r"^caption_projection\.\d+\.linear\.weight$")
+_HIDREAM_POOLED = "p_embedder.pooled_embedder.linear_1.weight"
+
+
+def _hidream_names(names: list) -> dict:
+    """diffusers' HiDream names its caption projections and pooled embedder as ComfyUI does."""
+    return {n: n for n in names if _HIDREAM_PROJECTION.match(n) or n == _HIDREAM_POOLED}
 
 
 # -- encode_prompt, per pipeline: (embeddings (R, d), transformer mask (R,) or None) --------------------
@@ -162,18 +189,16 @@ DIFFUSERS_FAMILIES = {
         ("Lumina2Pipeline",), _lumina2, 256,
     ),
     "WanTransformer3DModel": DiffusersFamily("WAN21", "WAN21_T2V", _wan_names, ("WanPipeline",), _wan, 512),
+    # encode: HiDreamEncodings below (one encode_prompt per prompt serves every text stream)
+    "HiDreamImageTransformer2DModel": DiffusersFamily(
+        "HiDream", "HiDream", _hidream_names, ("HiDreamImagePipeline",), None, 128,
+        text_encoder_attr="text_encoder_3", tokenizer_attr="tokenizer_3",
+    ),
 }  # fmt: skip
 
 #: diffusers classes refused by name: (the family table's host class, config class, why diffusers refuses it
 #: where the table serves the class in ComfyUI; "" = the table refuses it and its reason is the message)
-REFUSED = {
-    "HiDreamImageTransformer2DModel": (
-        "HiDream",
-        "HiDream",
-        "through diffusers its caption projections read the pipeline's T5 and per-layer Llama states, which "
-        "the diffusers adapter does not take from HiDreamImagePipeline.encode_prompt yet (ComfyUI: supported)",
-    )
-}
+REFUSED: dict = {}
 
 #: the module paths of the norms in front (diffusers names), for their live ε
 NORM_MODULES = {
@@ -276,18 +301,13 @@ class TemplatedPipelineEncoder:
         """(rows the transformer attends to (R, d) float32 CPU, the token id behind each, the position in the
         encoder's input of each, the unpadded ids fed to the encoder, their positions)."""
         pipe = self.pipe
-        text_encoder = getattr(pipe, "text_encoder", None)
-        if text_encoder is None:
-            raise UnsupportedFamily(f"{self.family} has no text_encoder; concepts cannot be encoded.")
-        device = getattr(pipe, "device", "cpu")
-        with _Capture(text_encoder) as capture:
-            embeds, mask = self.entry.encode(pipe, prompt, device, self.entry.max_sequence_length)
-        if len(capture.calls) != 1 or capture.calls[0][0] is None:
+        embeds, mask, calls = self._encoder_call(prompt)
+        if len(calls) != 1 or calls[0][0] is None:
             raise UnsupportedFamily(
-                f"{self.family}.encode_prompt called its text encoder {len(capture.calls)} time(s) for one prompt "
+                f"{self.family}.encode_prompt called its text encoder {len(calls)} time(s) for one prompt "
                 "(expected once, with input_ids); the pack cannot tell which row holds which token."
             )
-        ids, enc_mask = capture.calls[0]
+        ids, enc_mask = calls[0]
         ids = [int(t) for t in ids[0].tolist()]
         enc_mask = [1] * len(ids) if enc_mask is None else [int(bool(t)) for t in enc_mask[0].tolist()]
         real = [i for i, m in enumerate(enc_mask) if m]  # positions of the unpadded tokens
@@ -304,12 +324,24 @@ class TemplatedPipelineEncoder:
             )
         keep = list(range(rows)) if mask is None else [i for i, m in enumerate(mask.tolist()) if m]
         row_ids = [ids[positions[i]] for i in keep]
-        pad = getattr(getattr(pipe, "tokenizer", None), "pad_token_id", None)
+        pad = getattr(getattr(pipe, self.entry.tokenizer_attr, None), "pad_token_id", None)
         while pad is not None and row_ids and row_ids[-1] == pad and len(row_ids) > len(real) - drop:
             row_ids.pop()  # trailing padding, as the ComfyUI adapter strips it (MACE aligns the pad runs)
         hidden = embeds[keep].float().cpu()
         unpadded = [ids[i] for i in real]
         return hidden, row_ids, [positions[i] for i in keep], unpadded, real
+
+    def _encoder_call(self, prompt: str) -> tuple:
+        """(embeddings (R, d), transformer mask (R,) or None, the text encoder's recorded (ids, mask) calls)."""
+        text_encoder = getattr(self.pipe, self.entry.text_encoder_attr, None)
+        if text_encoder is None:
+            raise UnsupportedFamily(
+                f"{self.family} has no {self.entry.text_encoder_attr}; concepts cannot be encoded."
+            )
+        device = getattr(self.pipe, "device", "cpu")
+        with _Capture(text_encoder) as capture:
+            embeds, mask = self.entry.encode(self.pipe, prompt, device, self.entry.max_sequence_length)
+        return embeds, mask, capture.calls
 
     def _head_tail(self) -> tuple:
         if self._template is None:
@@ -346,6 +378,93 @@ class TemplatedPipelineEncoder:
             rows.append(hidden)
             token_ids.append(row_ids)
         return PromptEncoding.from_rows(rows, lengths, token_ids, before)
+
+
+class HiDreamEncodings:
+    """``HiDreamImagePipeline.encode_prompt`` once per prompt for all of HiDream-I1's text streams (T5, every
+    Llama layer, the pooled CLIP-L ⊕ CLIP-G), with the input_ids its T5 and Llama encoders were called with.
+    The last ``keep`` prompts are kept: a stream's solve encodes its prompts in turn, so a concept list plus
+    a short preserve list is encoded once for all streams; a longer list is re-encoded per stream (one
+    prompt's 32 Llama layers are 64 MB at 4096 wide: holding a 1,000-prompt list would need 64 GB)."""
+
+    def __init__(self, pipe, length: int, keep: int = 64):
+        self.pipe, self.length, self.keep, self._cache = pipe, length, keep, OrderedDict()
+
+    @torch.no_grad()
+    def get(self, prompt: str) -> dict:
+        if prompt in self._cache:
+            self._cache.move_to_end(prompt)
+            return self._cache[prompt]
+        pipe = self.pipe
+        for attr in ("text_encoder_3", "text_encoder_4"):
+            if getattr(pipe, attr, None) is None:
+                raise UnsupportedFamily(f"{type(pipe).__name__} has no {attr}; concepts cannot be encoded.")
+        device = getattr(pipe, "device", "cpu")
+        with _Capture(pipe.text_encoder_3) as t5, _Capture(pipe.text_encoder_4) as llama:
+            out = pipe.encode_prompt(
+                prompt=[prompt], device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+                max_sequence_length=self.length,
+            )  # fmt: skip
+        t5_rows, llama_rows, pooled = out[0], out[2], out[4]
+        if t5_rows.ndim != 3 or llama_rows.ndim != 4 or pooled is None:
+            raise FamilyMismatch(
+                f"{type(pipe).__name__}.encode_prompt returned T5 {tuple(t5_rows.shape)} and Llama "
+                f"{tuple(llama_rows.shape)} (expected (1, T, D) and (layers, 1, T, D)): not the layout of diffusers "
+                "0.42's HiDream pipeline; nothing was changed."
+            )
+        got = {
+            "t5": t5_rows[0], "llama": llama_rows[:, 0], "pooled": pooled[0].float().cpu(),
+            "text_encoder_3": t5.calls, "text_encoder_4": llama.calls,
+        }  # fmt: skip
+        self._cache[prompt] = got
+        while len(self._cache) > self.keep:
+            self._cache.popitem(last=False)
+        return got
+
+
+class HiDreamStreamEncoder(TemplatedPipelineEncoder):
+    """``TemplatedPipelineEncoder`` over one HiDream text stream: ``t5`` (with the pooled vector: the stream
+    that feeds the pooled embedder) or ``llama.<layer>``, read from a shared ``HiDreamEncodings``."""
+
+    def __init__(self, pipe, entry: DiffusersFamily, label: str, encodings: HiDreamEncodings, stream: str):
+        llama = stream != family_table.hidream.T5_STREAM
+        if llama:
+            entry = dataclasses.replace(entry, text_encoder_attr="text_encoder_4", tokenizer_attr="tokenizer_4")
+        super().__init__(pipe, entry, label)
+        self.encodings, self.stream = encodings, stream
+        self.layer = int(stream.split(".")[1]) if llama else None
+        self.family = f"{type(pipe).__name__} ({'Llama layer %d' % self.layer if llama else 'T5'})"
+
+    def _encoder_call(self, prompt: str) -> tuple:
+        got = self.encodings.get(prompt)
+        if self.layer is None:
+            return got["t5"], None, got["text_encoder_3"]
+        if self.layer >= got["llama"].shape[0]:
+            raise FamilyMismatch(
+                f"HiDream's projection reads Llama layer {self.layer}, but {type(self.pipe).__name__} returned "
+                f"{got['llama'].shape[0]} layers. Nothing was changed."
+            )
+        return got["llama"][self.layer], None, got["text_encoder_4"]
+
+    def encode(self, prompts) -> PromptEncoding:
+        prompts = list(prompts)
+        enc = super().encode(prompts)
+        if self.layer is not None:
+            return enc
+        return dataclasses.replace(enc, pooled=torch.stack([self.encodings.get(p)["pooled"] for p in prompts]))
+
+
+def hidream_stream_encoders(pipe, transformer, entry: DiffusersFamily, streams) -> dict:
+    """stream name → encoder, for ``compute_eraser_by_stream`` (one text stream per caption projection)."""
+    pipeline = type(pipe).__name__
+    if pipeline not in entry.pipelines:
+        raise UnsupportedFamily(
+            f"{pipeline} holds a HiDream-I1 transformer ({type(transformer).__name__}), but the pack encodes "
+            f"concepts for it only through {', '.join(entry.pipelines)}. Nothing was changed."
+        )
+    encodings = HiDreamEncodings(pipe, entry.max_sequence_length)
+    label = entry.record.label
+    return {s: HiDreamStreamEncoder(pipe, entry, label, encodings, s) for s in sorted(set(streams))}
 
 
 def live_eps(module, path: str) -> Optional[float]:

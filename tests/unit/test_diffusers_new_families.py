@@ -8,7 +8,7 @@ UMT5, Qwen3, Qwen2.5-VL, Gemma 2) with random weights and 1–27 layers; the tok
 template, start / end tokens and padding side (the real tokenizers are downloads), so every prompt goes
 through the pipeline's own ``encode_prompt`` (template, dropped head, padding, mask) unchanged. Flux.2 is
 tested through ``Flux2KleinPipeline`` (Qwen3); ``Flux2Pipeline`` (Mistral-3 with a Pixtral processor) takes
-the same path but is not built here. HiDream stays refused by the family table's reason.
+the same path but is not built here. HiDream-I1 (one text stream per projection): test_diffusers_hidream.py.
 """
 
 from __future__ import annotations
@@ -425,23 +425,6 @@ def test_wan_variants_are_refused_by_name():
     )  # fmt: skip
     with pytest.raises(UnsupportedFamily, match="image-to-video"):
         api.pipeline_family(diffusers.WanPipeline(pipe.tokenizer, pipe.text_encoder, None, SCHED(), i2v))
-
-
-def test_hidream_is_refused_with_the_family_tables_reason():
-    from types import SimpleNamespace
-
-    tr = diffusers.HiDreamImageTransformer2DModel(
-        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, caption_channels=[16, 16], text_emb_dim=16, num_routed_experts=2,
-        num_activated_experts=1, axes_dims_rope=(2, 2, 4), max_resolution=(16, 16), llama_layers=[0],
-    )  # fmt: skip
-    pipe = SimpleNamespace(transformer=tr)
-    before = state(pipe)
-    for call in (api.pipeline_family, api.canonical_weights, api.DiffusersTextEncoder):
-        refused = r"HiDream-I1 \(HiDreamImageTransformer2DModel\) is refused by name: .*encode_prompt"
-        with pytest.raises(UnsupportedFamily, match=refused):
-            call(pipe)
-    assert same(before, state(pipe))
 
 
 def test_every_front_module_of_the_records_is_found_under_diffusers_names(family):
