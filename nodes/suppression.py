@@ -258,6 +258,8 @@ class EraserSAFREE(io.ComfyNode):
                 "padded to one length, so the keyword encoding cannot replace the negative rows. Type the keywords "
                 "into the negative prompt's CLIP Text Encode instead and turn keywords_as_negative off."
             )
+        if family == "hidream":
+            return io.NodeOutput(cls.apply_hidream(m, config, clip, prompt, allow_pass_through, uid))
         if family in sc.LLM_FAMILIES:
             prompt_ctx, result = cls.analyse_chat(config, clip, prompt, family)
         else:
@@ -304,6 +306,59 @@ class EraserSAFREE(io.ComfyNode):
             token_range=token_range,
         )
         return prompt_ctx, result
+
+    @classmethod
+    def apply_hidream(cls, m, config, clip, prompt, allow_pass_through, uid):
+        """HiDream-I1 (the pack's port): SAFREE once per text stream the blocks read — T5 as on Flux.1 (with
+        the pooled CLIP vector), each Llama layer in the "llm" layout (its own rows, its own concept subspace,
+        its own self-validation window)."""
+        if config.keywords_as_negative:
+            raise UnsupportedFamily(
+                "SAFREE on HiDream-I1: keywords_as_negative is not ported (the negative would need the keywords' "
+                "T5 and Llama conditioning in the batch). Type the keywords into the negative prompt's text "
+                "encoder instead and turn keywords_as_negative off."
+            )
+        prompt_ctx, t5_result = cls.analyse_clip_t5(config, clip, prompt, "hidream")
+        layers = sorted(set(int(layer) for layer in m.model.diffusion_model.llama_layers))
+        llama = sc.hidream_llama_safree(clip, prompt, config.concepts, layers)
+        llama_results = {
+            layer: safree.analyse(
+                config,
+                llama.llama[layer],
+                llama.own,
+                llama.positions,
+                llama.masked[layer],
+                torch_full(len(llama.positions), llama.own),
+                llama.concepts[layer],
+                llama.concept_lengths,
+                encoder="llm",
+                token_range=(0, llama.own),
+            )
+            for layer in layers
+        }
+        add_wrapper(
+            m,
+            "safree_check",
+            hooks.make_prompt_check("SAFREE", prompt_ctx[0], allow_pass_through, uid),
+            "OUTER_SAMPLE",
+        )
+        if not t5_result.changed and not any(r.changed for r in llama_results.values()):
+            return m
+        to_sigma = m.get_model_object("model_sampling").percent_to_sigma
+
+        def window_of(result):
+            return sigma_window(to_sigma, config.start_percent, min(config.end_percent, result.filter_fraction))
+
+        wrapper = hooks.make_hidream_safree_wrapper(
+            t5_result,
+            window_of(t5_result),
+            llama_results,
+            {layer: window_of(r) for layer, r in llama_results.items()},
+            prompt_ctx[0],
+            llama.llama,
+        )
+        add_wrapper(m, "safree", wrapper)
+        return m
 
     @staticmethod
     def analyse_chat(config, clip, prompt, family) -> tuple:

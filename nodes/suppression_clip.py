@@ -108,7 +108,7 @@ def parameterisation(model) -> str:
 
 def context_key(family: str) -> str:
     """The tokenizer key whose ids are the context positions the detectors work on."""
-    return {"flux": "t5xxl", "sd3": "t5xxl", "chroma": "t5xxl", "wan": "umt5xxl"}.get(family, "l")
+    return {"flux": "t5xxl", "sd3": "t5xxl", "chroma": "t5xxl", "wan": "umt5xxl", "hidream": "t5xxl"}.get(family, "l")
 
 
 def token_offset(family: str) -> int:
@@ -585,3 +585,91 @@ def hidream_token_streams(clip, concepts, prompt: str, llama_layer: int) -> tupl
     llama.prompt_ref, llama.positions = llama_rows, tuple(match_token_ids(own_llama, llama_words))
     llama.length = len(own_llama) + 1  # the first padding row is the "EOS" of a text without an end token
     return concept_ctx, t5, llama
+
+
+@dataclasses.dataclass
+class LlamaSafreeInputs:
+    """SAFREE's inputs on HiDream-I1's Llama stream, per Llama layer the model reads: the prompt's rows, the
+    masked copies' rows, the keywords' own rows (zero-padded) — the "llm" layout of erasers/guards/safree.py."""
+
+    llama: torch.Tensor  # (layers, R, D): the prompt's conditioning_llama3 (the reference the wrapper matches)
+    own: int  # the prompt's own Llama rows: [0, own) (the host dropped the start token's row)
+    positions: list  # the masked rows
+    masked: dict  # layer → (n, R, D)
+    concepts: dict  # layer → (K', L, D)
+    concept_lengths: torch.Tensor  # (K',)
+
+
+def hidream_llama_safree(clip, prompt: str, concepts, layers, max_tokens: int = 75) -> LlamaSafreeInputs:
+    """Masked copies of the prompt on HiDream's Llama stream: copy i has the prompt's own Llama token i replaced
+    by the host tokenizer's id for "!" (as on the chat families), everything else (T5, CLIP, padding) as the
+    host tokenized it; each copy encoded once gives every layer. Each keyword is encoded alone in both BPE
+    spellings (at the start and after a space) and contributes its own rows per layer."""
+    layers = sorted(set(int(layer) for layer in layers))
+    tokens = clip.tokenize(prompt)
+    if "t5xxl" not in tokens or "llama" not in tokens:
+        raise FamilyMismatch(
+            f"SAFREE on HiDream-I1 reads the T5 and Llama tokens of the prompt, but the CLIP input tokenizes into "
+            f"{sorted(tokens)}. Connect HiDream's text encoders (QuadrupleCLIPLoader, type hidream)."
+        )
+    llama_ids = ids_of(tokens, "llama")
+    stacked = clip.encode_from_tokens(tokens, return_dict=True).get("conditioning_llama3")
+    rows = len(llama_ids) - 1
+    if stacked is None or stacked.ndim != 4 or stacked.shape[1] <= layers[-1] or stacked.shape[2] != rows:
+        raise FamilyMismatch(
+            f"SAFREE on HiDream-I1 reads Llama layers up to {layers[-1]} with one row per Llama token after the start "
+            f"token ({rows}), but the CLIP returned conditioning_llama3 of shape "
+            f"{None if stacked is None else tuple(stacked.shape)}. Connect HiDream's text encoders."
+        )
+    stacked = stacked[0].float().cpu()
+    own = len(_llama_words(llama_ids))
+    bang = _llama_words(ids_of(clip.tokenize("!"), "llama"))
+    if not bang:
+        raise FamilyMismatch("SAFREE on HiDream-I1: the Llama tokenizer gives no token for '!', its mask token.")
+    if own > max_tokens:
+        log.warning("SAFREE: the prompt has %d Llama tokens; the first %d are tested", own, max_tokens)
+    positions = list(range(min(own, max_tokens)))
+    masked = {layer: [] for layer in layers}
+    for row in positions:
+        t = copy.deepcopy(tokens)
+        section = list(t["llama"][0])
+        entry = list(section[row + 1])  # token position = row + 1: the start token comes first
+        entry[0] = bang[0]
+        section[row + 1] = tuple(entry)
+        t["llama"][0] = section
+        out = clip.encode_from_tokens(t, return_dict=True)["conditioning_llama3"][0].float().cpu()
+        if out.shape != stacked.shape:
+            raise FamilyMismatch(
+                f"SAFREE on HiDream-I1: masking Llama token {row + 1} changed the conditioning from "
+                f"{tuple(stacked.shape)} to {tuple(out.shape)}; the masked copies must keep the prompt's rows."
+            )
+        for layer in layers:
+            masked[layer].append(out[layer])
+    own_rows, spellings = [], set()
+    for concept in concepts:
+        for spelling in (concept, " " + concept):
+            spelled = clip.tokenize(spelling)
+            words = tuple(_llama_words(ids_of(spelled, "llama")))
+            if not words or words in spellings:
+                continue
+            spellings.add(words)
+            rows = clip.encode_from_tokens(spelled, return_dict=True)["conditioning_llama3"][0]
+            own_rows.append(rows[:, : len(words)].float().cpu())
+    if not own_rows:
+        raise ValueError(f"The concepts {list(concepts)!r} add no Llama token of their own to HiDream's text.")
+    length = max(r.shape[1] for r in own_rows)
+    concept_rows = {}
+    for layer in layers:
+        padded = torch.zeros(len(own_rows), length, stacked.shape[-1])
+        for k, r in enumerate(own_rows):
+            padded[k, : r.shape[1]] = r[layer]
+        concept_rows[layer] = padded
+    shape = (0,) + tuple(stacked.shape[1:])
+    return LlamaSafreeInputs(
+        stacked,
+        own,
+        positions,
+        {layer: torch.stack(m) if m else torch.zeros(shape) for layer, m in masked.items()},
+        concept_rows,
+        torch.tensor([r.shape[1] for r in own_rows]),
+    )

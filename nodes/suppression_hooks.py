@@ -1497,6 +1497,62 @@ def make_safree_wrapper(
     return apply_model_wrapper
 
 
+def make_hidream_safree_wrapper(
+    t5_result, t5_window: tuple, llama_results: dict, llama_windows: dict, prompt_ref: torch.Tensor, llama_ref
+) -> Callable:
+    """APPLY_MODEL wrapper for SAFREE on HiDream-I1 (the pack's port: one projection per text stream). Rows of
+    the positive branch whose T5 context and per-layer Llama states are the analysed prompt's get, while σ is
+    in each stream's own window (its self-validation t′), the projected T5 context (and pooled ``y``) and the
+    projected rows of each Llama layer; other prompts pass through unchanged (the prompt check refuses a
+    sampler whose positive conditioning is another text before the first step)."""
+    warned = {}
+
+    def apply_model_wrapper(
+        executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs
+    ):
+        t5_on = t5_result.changed and in_window(t, *t5_window)
+        layers_on = [layer for layer, r in llama_results.items() if r.changed and in_window(t, *llama_windows[layer])]
+        if c_crossattn is None or not (t5_on or layers_on):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        llama = kwargs.get("encoder_hidden_states_llama3")
+        rows = cond_rows(transformer_options.get("cond_or_uncond"), c_crossattn.shape[0]).tolist()
+        new_ctx, new_llama, new_y = None, None, None
+        for r in rows:
+            same_llama = (
+                llama is not None
+                and llama.shape[1:] == llama_ref.shape
+                and bool(torch.allclose(llama[r].float(), llama_ref.to(llama.device), rtol=1e-3, atol=1e-3))
+            )
+            if not matches(c_crossattn[r], prompt_ref) or not same_llama:
+                if not warned.get("prompt"):
+                    warned["prompt"] = True
+                    log.warning(
+                        "SAFREE: the positive conditioning is not the prompt given to the SAFREE node; that "
+                        "conditioning is left unchanged (type the same prompt into both)."
+                    )
+                continue
+            if t5_on:
+                new_ctx = c_crossattn.clone() if new_ctx is None else new_ctx
+                new_ctx[r] = tile_to(t5_result.hidden.to(c_crossattn.device, c_crossattn.dtype), c_crossattn.shape[1])
+                y = kwargs.get("y")
+                if t5_result.pooled is not None and y is not None:
+                    new_y = y.clone() if new_y is None else new_y
+                    new_y[r, : t5_result.pooled.shape[-1]] = t5_result.pooled.to(y.device, y.dtype)
+            for layer in layers_on:
+                new_llama = llama.clone() if new_llama is None else new_llama
+                new_llama[r, layer] = llama_results[layer].hidden.to(llama.device, llama.dtype)
+        if new_ctx is None and new_llama is None:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if new_y is not None:
+            kwargs = dict(kwargs, y=new_y)
+        if new_llama is not None:
+            kwargs = dict(kwargs, encoder_hidden_states_llama3=new_llama)
+        ctx = new_ctx if new_ctx is not None else c_crossattn
+        return executor(x, t, c_concat, ctx, control, transformer_options, **kwargs)
+
+    return apply_model_wrapper
+
+
 def make_prompt_check(node: str, prompt_ref: torch.Tensor, allow_pass_through: bool, unique_id=None) -> Callable:
     """OUTER_SAMPLE wrapper run once before the first step: every positive conditioning the sampler got must
     be the encoding of the prompt the node analysed. Otherwise (the text encoder holds another text, or

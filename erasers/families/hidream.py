@@ -28,12 +28,6 @@ LLAMA_LAYERS = tuple(range(32)) + (31,) * 16
 T5_STREAM, POOLED_KEY = "t5", "p_embedder.pooled_embedder.linear_1.weight"
 PROJECTION = re.compile(r"^caption_projection\.(\d+)\.linear\.weight$")
 
-NO_SAFREE = (
-    "SAFREE projects the prompt's token embeddings out of the concept's subspace in one text-embedding space, and "
-    "HiDream's text is T5 plus every Llama 3.1 layer (each block reads a different one, after the image tokens): "
-    "its port (a subspace and a self-validating projection per text stream) is not written yet"
-)
-
 RECORDS = (
     FamilyRecord(
         "HiDream",
@@ -50,9 +44,10 @@ RECORDS = (
         # Llama rows, biased for the image queries in every block's joint attention (a model-wide override).
         # Concept guidance: the concept's T5 and per-layer Llama rows ride after the prompt's in the model's own
         # text streams (every per-token part of the forward carries them); the same override keeps them apart
-        guards=("sld", "token_suppression", "concept_guidance"),
+        # SAFREE (the pack's port): one projection per text stream, T5 as on Flux.1 and each Llama layer in the
+        # decoder-LLM layout, each with its own concept subspace and self-validation window
+        guards=("sld", "token_suppression", "concept_guidance", "safree"),
         guard_layout="joint_image_first",
-        guard_refusals=(("safree", NO_SAFREE),),
     ),
 )
 

@@ -230,10 +230,10 @@ def guard_nodes(comfy):
     return import_guard_pack()
 
 
-def test_sld_runs_its_extra_pass_on_hidream_and_safree_is_refused(comfy, guard_nodes, hidream, monkeypatch):
+def test_sld_runs_its_extra_pass_on_hidream(comfy, guard_nodes, hidream, monkeypatch):
     """SLD's safety pass is the host's own conditioning of the safety concept (T5 context, per-layer Llama
-    states, pooled) through the model: it runs each step, changes the output, strength 0 is bit-identical.
-    SAFREE refuses HiDream by name before encoding (token suppression and concept guidance: below)."""
+    states, pooled) through the model: it runs each step, changes the output, strength 0 is bit-identical
+    (SAFREE, token suppression and concept guidance: below)."""
     from suppression_models import makers
 
     nodes, hooks = guard_nodes
@@ -257,10 +257,6 @@ def test_sld_runs_its_extra_pass_on_hidream_and_safree_is_refused(comfy, guard_n
     assert torch.equal(run(make["sld"](0.0)), base) and not calls
     on = run(make["sld"](1.0))
     assert calls and torch.isfinite(on).all() and not torch.equal(on, base), "SLD did not act on HiDream"
-    encoded = clip.calls
-    with pytest.raises(ValueError, match=r"cannot serve HiDream-I1 \(HiDream.*projection per text stream"):
-        make["safree"](1.0)
-    assert clip.calls == encoded, "a refused guard encoded text"
 
 
 # -- token suppression: the concept's T5 rows and Llama rows, for the image queries of every block ------------
@@ -474,6 +470,112 @@ def test_concept_guidance_on_hidreams_negative_branch_is_the_model_with_the_conc
         comfy.sample.sample(ref, noise, 1, 1.0, "euler", "normal", cond, cond, latent, seed=42, disable_pbar=True)
     image_len = z_neg.shape[1]
     torch.testing.assert_close(z_neg, seen[0][:, :image_len].float(), rtol=1e-4, atol=1e-5)
+
+
+# -- SAFREE: one projection per text stream (T5 and each Llama layer the blocks read) ----------------------
+
+
+def hidream_safree(nodes, model, clip, prompt=NUDE, strength=1.0, concepts="nude"):
+    from suppression_models import COMMON, SAFREE_ARGS, run_node
+
+    args = dict(SAFREE_ARGS, concepts=concepts)
+    return run_node(
+        nodes.EraserSAFREE, model=model, clip=clip, prompt=prompt, **args, **dict(COMMON, strength=strength)
+    )
+
+
+@pytest.fixture
+def safree_seen(guard_nodes, monkeypatch):
+    """The analyses the node handed its wrapper, and what the model received per call (T5 context, Llama)."""
+    _, hooks = guard_nodes
+    made, calls, original = {}, [], hooks.make_hidream_safree_wrapper
+
+    def spy(t5_result, t5_window, llama_results, llama_windows, prompt_ref, llama_ref):
+        made.update(t5=t5_result, llama=llama_results, prompt=prompt_ref, llama_ref=llama_ref)
+        inner = original(t5_result, t5_window, llama_results, llama_windows, prompt_ref, llama_ref)
+
+        def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+            def record(x_, t_, cc, ctx, ctl, to, **kw_):
+                calls.append((ctx.clone(), kw_["encoder_hidden_states_llama3"].clone(), to.get("cond_or_uncond")))
+                return executor(x_, t_, cc, ctx, ctl, to, **kw_)
+
+            return inner(record, x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+        return wrapper
+
+    monkeypatch.setattr(hooks, "make_hidream_safree_wrapper", spy)
+    return made, calls
+
+
+def test_safree_on_hidream_projects_each_stream_in_its_own_space_for_the_positive_row(
+    comfy, guard_nodes, hidream, safree_seen
+):
+    nodes, _ = guard_nodes
+    patcher, clip = hidream
+    made, calls = safree_seen
+    assert nodes.sc.model_family(patcher, "safree") == "hidream"
+    base = hidream_sample(comfy, patcher, clip, NUDE)
+    m = hidream_safree(nodes, patcher, clip)
+    assert made, "SAFREE flagged nothing in 'a photo of a nude person' (the test's premise)"
+    t5, llama = made["t5"], made["llama"]
+    assert sorted(llama) == sorted(set(LLAMA_LAYERS)), "one analysis per Llama layer the blocks read"
+    changed = [layer for layer, r in llama.items() if r.changed]
+    assert t5.changed and changed, (t5.flagged, {k: r.flagged for k, r in llama.items()})
+    nude_t5 = [t[0] for t in clip.tokenize(NUDE)["t5xxl"][0]].index(
+        [t[0] for t in clip.tokenize("nude")["t5xxl"][0]][0]
+    )
+    flagged_t5 = [t5.positions[i] for i in torch.nonzero(t5.flagged).flatten().tolist()]
+    assert nude_t5 in flagged_t5, flagged_t5  # the concept's T5 token is flagged
+    # each Llama layer in its own space: the concept alone ("nude": one own row, the start row dropped) spans
+    # that layer's subspace; the projected rows — from the first flagged one to the prompt's last own row
+    # (include_eos: a causal decoder carries a word forward) — have no component along it, the others are kept
+    concept_rows = clip.encode_from_tokens(clip.tokenize("nude"), return_dict=True)["conditioning_llama3"][0]
+    own = len(NUDE.split())
+    for layer in changed:
+        r, ref = llama[layer], made["llama_ref"][layer]
+        first = min(r.positions[i] for i in torch.nonzero(r.flagged).flatten().tolist())
+        c = concept_rows[layer, 0].double()
+        assert torch.equal(r.hidden[:first], ref[:first]) and torch.equal(r.hidden[own:], ref[own:]), layer
+        for row in range(first, own):
+            projected = r.hidden[row].double()
+            assert not torch.equal(r.hidden[row], ref[row])
+            assert abs(float(projected @ c)) < 1e-4 * float(projected.norm() * c.norm()), (layer, row)
+    on = hidream_sample(comfy, m, clip, NUDE)
+    assert torch.isfinite(on).all() and not torch.equal(on, base), "SAFREE had no effect on HiDream"
+    assert calls, "the wrapper never reached the model"
+    for ctx, states, chunks in calls:
+        cond = chunks.index(0)  # cfg 4: one positive row, one negative
+        torch.testing.assert_close(ctx[cond], t5.hidden.to(ctx.dtype))
+        for layer in range(states.shape[1]):
+            expected = llama[layer].hidden if layer in changed else made["llama_ref"][layer]
+            torch.testing.assert_close(states[cond, layer], expected.to(states.dtype), rtol=1e-3, atol=1e-3)
+        other = 1 - cond
+        assert not torch.allclose(ctx[other], t5.hidden.to(ctx.dtype)), "the negative row was projected"
+
+
+def test_safree_on_hidream_strength_zero_an_unflagged_prompt_and_another_prompt(
+    comfy, guard_nodes, hidream, safree_seen
+):
+    nodes, _ = guard_nodes
+    patcher, clip = hidream
+    made, _ = safree_seen
+    base = hidream_sample(comfy, patcher, clip, NUDE)
+    assert torch.equal(hidream_sample(comfy, hidream_safree(nodes, patcher, clip, strength=0.0), clip, NUDE), base)
+    # on this stand-in encoder (random token vectors, no semantics) the paper's α = 0.01 flags a word of any
+    # prompt (its test is relative); where nothing is flagged (α = 1 here) the prompt samples bit-identically
+    from suppression_models import COMMON, SAFREE_ARGS, run_node
+
+    quiet = run_node(
+        nodes.EraserSAFREE, model=patcher, clip=clip, prompt=BENIGN_PROMPT, **dict(SAFREE_ARGS, alpha=1.0), **COMMON
+    )
+    assert not made, "α = 1 still flagged a token"
+    assert torch.equal(
+        hidream_sample(comfy, quiet, clip, BENIGN_PROMPT), hidream_sample(comfy, patcher, clip, BENIGN_PROMPT)
+    )
+    # a sampler whose positive prompt is not the analysed one is refused before sampling
+    other = hidream_safree(nodes, patcher, clip, prompt="a quiet harbour at dawn")
+    with pytest.raises(ValueError, match="not the encoding of the prompt this node analysed"):
+        hidream_sample(comfy, other, clip, NUDE)
 
 
 @pytest.fixture(scope="module")

@@ -355,7 +355,6 @@ def test_every_new_family_states_every_guard(record):
         ("Flux", "Flux", "sld", "cannot serve Flux.1 (Flux.*guidance-distilled"),
         ("Lumina2", "ZImage", "concept_guidance", "Concept guidance cannot serve Z-Image.*text stream.*replace hook"),
         ("WAN21", "WAN21_I2V", "token_suppression", "WAN21 is loaded with the config WAN21_I2V"),
-        ("HiDream", "HiDream", "safree", "cannot serve HiDream-I1 .HiDream.*projection per text stream"),
         ("SDXLRefiner", "SDXLRefiner", "sld", "cannot serve SDXL refiner .SDXLRefiner"),
         ("CosmosPredict2", "X", "token_suppression", "CosmosPredict2 .config X. is not in the pack's family table"),
     ],

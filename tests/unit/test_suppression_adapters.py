@@ -105,6 +105,48 @@ def test_safree_wrapper_swaps_only_the_matching_positive_prompt():
     assert seen["ctx"] is ctx  # outside the window
 
 
+def test_hidream_safree_wrapper_projects_each_stream_in_its_own_window_on_the_matching_positive_row():
+    """HiDream: the T5 context and each Llama layer's rows are swapped for their projections while σ is in
+    that stream's own window; the negative row and a row of another prompt are untouched."""
+    from erasers.guards.safree import SafreeResult
+
+    t5, llama = torch.randn(5, 4), torch.randn(3, 6, 8)  # (T, D) and (layers, R, D)
+    t5_new, l0_new, l2_new = t5 + 1, llama[0] * 0, llama[2] + 2
+    t5_res = SafreeResult(t5_new, torch.tensor([True]), [1], torch.ones(1), changed=True)
+    l0 = SafreeResult(l0_new, torch.tensor([True]), [1], torch.ones(1), changed=True)
+    l2 = SafreeResult(l2_new, torch.tensor([True]), [1], torch.ones(1), changed=True)
+    l1 = SafreeResult(llama[1], torch.tensor([False]), [1], torch.ones(1))
+    windows = {0: (100.0, 0.0), 1: (100.0, 0.0), 2: (100.0, 10.0)}  # layer 2: only while σ ≥ 10
+    w = hooks.make_hidream_safree_wrapper(t5_res, (100.0, 0.0), {0: l0, 1: l1, 2: l2}, windows, t5, llama)
+    seen = {}
+
+    def executor(x, t, c_concat, c_crossattn, control, to, **kw):
+        seen.update(ctx=c_crossattn, llama=kw["encoder_hidden_states_llama3"])
+        return x
+
+    other_t5, other_llama = torch.randn(5, 4), torch.randn(3, 6, 8)
+    ctx, states = torch.stack([other_t5, t5]), torch.stack([other_llama, llama])  # [uncond, cond]
+    to = {"cond_or_uncond": [1, 0]}
+    w(executor, torch.zeros(2), torch.tensor([50.0, 50.0]), None, ctx, None, to, encoder_hidden_states_llama3=states)
+    assert torch.equal(seen["ctx"][1], t5_new) and torch.equal(seen["ctx"][0], other_t5)
+    assert torch.equal(seen["llama"][1, 0], l0_new) and torch.equal(seen["llama"][1, 2], l2_new)
+    assert torch.equal(seen["llama"][1, 1], llama[1]) and torch.equal(seen["llama"][0], other_llama)
+    w(executor, torch.zeros(2), torch.tensor([5.0, 5.0]), None, ctx, None, to, encoder_hidden_states_llama3=states)
+    assert torch.equal(seen["llama"][1, 2], llama[2]) and torch.equal(seen["llama"][1, 0], l0_new)  # σ < 10
+    mismatched = torch.stack([other_llama, llama + 1])  # the T5 rows match, the Llama rows are another prompt's
+    w(
+        executor,
+        torch.zeros(2),
+        torch.tensor([50.0, 50.0]),
+        None,
+        ctx,
+        None,
+        to,
+        encoder_hidden_states_llama3=mismatched,
+    )
+    assert seen["ctx"] is ctx and seen["llama"] is mismatched
+
+
 def test_safree_keywords_as_negative_refuses_a_negative_it_cannot_replace():
     """keywords_as_negative was asked for: a negative row whose length is no multiple of the keywords'
     encoding (a keyword list longer than one 77-token chunk) stops the run; with pass-through it warns once
