@@ -46,7 +46,7 @@ pytestmark = pytest.mark.skipif(
 END_TO_END = {"BaseModel", "SDXL", "SD3", "Flux", "Chroma", "Flux2", "QwenImage", "Lumina2", "WAN21", "WAN22"}
 #: the guarded UNet variants sampled below (test_the_guarded_unet_variants_sample_with_every_guard)
 END_TO_END |= {"SDXL_instructpix2pix", "SD21UNCLIP"}
-#: HiDream-I1: closed form only (its guards refuse it by name), sampled with an eraser in test_hidream_comfy.py
+#: HiDream-I1: closed form and all four guards, sampled end to end in test_hidream_comfy.py
 END_TO_END |= {"HiDream"}
 #: the closed form also edits these UNet variants' attn2 K/V (same CLIP, same cross-attention as the UNet
 #: they derive from; the family comes from the keys' widths): a weight edit, nothing that runs in sampling
