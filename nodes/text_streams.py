@@ -17,15 +17,19 @@ import torch
 
 from ..erasers.errors import FamilyMismatch
 from ..erasers.families import hidream
+from .caches import BoundedCache
 
 HIDREAM_KEYS = ("g", "l", "llama", "t5xxl")
 
 
 class HostEncodes:
-    """The host CLIP's full output per prompt (``encode_from_tokens(…, return_dict=True)``), once each."""
+    """The host CLIP's full output per prompt (``encode_from_tokens(…, return_dict=True)``), for the most recent
+    ``keep`` prompts. Each stream's solve encodes its prompts in turn, so a concept list with a short preserve
+    list is encoded once for all streams; a longer list is re-encoded per stream rather than held: one prompt's
+    32 Llama layers are 64 MB at full width, so a published preserve list (1,733 artists) would need ~110 GB."""
 
-    def __init__(self, clip):
-        self.clip, self._full, self._out = clip, {}, {}
+    def __init__(self, clip, keep: int = 64):
+        self.clip, self._full, self._out = clip, BoundedCache(4 * keep), BoundedCache(keep)
 
     def tokens(self, prompt: str) -> dict:
         if prompt not in self._full:
