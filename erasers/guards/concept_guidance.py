@@ -27,6 +27,8 @@ SIGMA_END = {"sd1": 4.0, "sd2": 4.0, "sdxl": 4.0, "unet": 4.0, "sd3": 0.75, "flu
 SIGMA_END["wan"] = SIGMA_END["flux"]
 #: Chroma, Flux.2, Qwen-Image: flow models like Flux.1 (NAG's Flux cut-off; none published for them)
 SIGMA_END.update(chroma=SIGMA_END["flux"], flux2=SIGMA_END["flux"], qwen_image=SIGMA_END["flux"])
+#: HiDream-I1: a flow model too (ModelSamplingSD3, shift 3): the same cut-off
+SIGMA_END["hidream"] = SIGMA_END["flux"]
 #: shipped α per family where it differs from 0.25 (SD1.5 workflow: 0.38)
 ALPHA = {"sd1": 0.38}
 

@@ -102,3 +102,13 @@ def test_nag_wrapper_respects_sigma_cutoff_and_rows():
     w(executor, torch.zeros(4), torch.tensor([9.0] * 4), None, ctx, None, to)
     op = seen["to"][hooks.STATE_KEY]["nag"][0]
     assert op["rows"].tolist() == [2, 3] and op["alpha"] == 0.25 and hooks.STATE_KEY not in to
+
+
+def test_every_family_the_table_serves_guidance_on_has_its_cut_off():
+    """A family missing from SIGMA_END would get σ_end = 0: NAG over the whole schedule, unlike its siblings."""
+    from erasers import families
+
+    served = {
+        r.family.value for r in families.RECORDS if r.family is not None and r.guard_reason("concept_guidance") is None
+    }
+    assert served and not served - set(cg.SIGMA_END), sorted(served - set(cg.SIGMA_END))
