@@ -198,7 +198,14 @@ DIFFUSERS_FAMILIES = {
 
 #: diffusers classes refused by name: (the family table's host class, config class, why diffusers refuses it
 #: where the table serves the class in ComfyUI; "" = the table refuses it and its reason is the message)
-REFUSED: dict = {}
+REFUSED = {
+    "AuraFlowTransformer2DModel": (
+        "AuraFlow",
+        "AuraFlow",
+        "its text-input Linear (context_embedder) and the pipeline's Pile-T5 encoding are not mapped through "
+        "diffusers yet (ComfyUI: closed form, token suppression and SLD)",
+    )
+}
 
 #: the module paths of the norms in front (diffusers names), for their live ε
 NORM_MODULES = {

@@ -30,7 +30,7 @@ SD3_CLIP_POSITIONS = 77
 
 #: families whose guards are found through the family table (erasers/families/): their prompt sits in a
 #: chat template or padding that the CLIP/T5 helpers below (written for SD1.x–SDXL, SD3, Flux.1) do not know
-TABLE_FAMILIES = ("chroma", "flux2", "qwen_image", "lumina2", "zimage", "wan", "hidream")
+TABLE_FAMILIES = ("chroma", "flux2", "qwen_image", "lumina2", "zimage", "wan", "hidream", "auraflow")
 
 
 def host_classes(model) -> tuple:
@@ -117,7 +117,8 @@ def token_offset(family: str) -> int:
 
 def is_t5(family: str) -> bool:
     """A T5-style encoder: no start token, so nothing to skip at position 0 (Chroma's T5, Wan's UMT5 too)."""
-    return family in ("flux", "sd3", "chroma", "wan", "hidream")  # HiDream's context is its T5 rows
+    # HiDream's context is its T5 rows; AuraFlow's Pile-T5 has no start token either
+    return family in ("flux", "sd3", "chroma", "wan", "hidream", "auraflow")
 
 
 def ids_of(tokens: dict, key: str) -> list:

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..erasers.families import aura
 from ..erasers.guards import attention_lse as lse
 from ..erasers.guards import concept_guidance as cg
 from ..erasers.guards import joint
@@ -673,11 +674,13 @@ class DitDispatch:
         if self.family in HOST_BLOCK_NAG and state.get("nag"):
             return self.host_block_guidance(args, extra, to, state)
         img = args["img"]
+        # AuraFlow puts its register tokens before the text: [registers ‖ text ‖ image]
+        registers = aura.REGISTER_TOKENS if self.family == "auraflow" else 0
         if self.kind == "double":
             txt_len = args["txt"].shape[1]
             joint = txt_len + img.shape[1]
-        else:  # Flux single block: img is already cat(txt, img)
-            txt_len = state.get("txt_len", 0)
+        else:  # Flux / AuraFlow single block: img is already cat(txt, img)
+            txt_len = state.get("txt_len", 0) + registers
             joint = img.shape[1]
         previous = to.get("optimized_attention_override")
 
@@ -685,7 +688,7 @@ class DitDispatch:
             length = q.shape[2] if skip_reshape else q.shape[1]
             if self.family in TABLE_FAMILIES:
                 return self.table_joint(
-                    func, q, k, v, heads, rest, mask, skip_reshape, kw, state, txt_len, joint, previous
+                    func, q, k, v, heads, rest, mask, skip_reshape, kw, state, txt_len, joint, previous, registers
                 )
             if length != joint or rest:
                 if previous is not None:
@@ -697,11 +700,14 @@ class DitDispatch:
         to2["optimized_attention_override"] = attention_override
         return extra["original_block"](dict(args, transformer_options=to2))
 
-    def table_joint(self, func, q, k, v, heads, rest, mask, skip_reshape, kw, state, txt_len, joint_len, previous):
-        """Token suppression in a family-table model's joint attention (text first, ``txt_len`` text keys);
-        Qwen-Image passes its text mask positionally. Anything else (another length) runs unchanged."""
+    def table_joint(
+        self, func, q, k, v, heads, rest, mask, skip_reshape, kw, state, txt_len, joint_len, previous, text_start=0
+    ):
+        """Token suppression in a family-table model's joint attention (text first, ``txt_len`` text keys, the
+        context's from ``text_start``: AuraFlow's registers come before it); Qwen-Image passes its text mask
+        positionally. Anything else (another length) runs unchanged."""
         return table_joint_attention(
-            func, q, k, v, heads, rest, mask, skip_reshape, kw, state, 0, txt_len, joint_len, previous
+            func, q, k, v, heads, rest, mask, skip_reshape, kw, state, text_start, txt_len, joint_len, previous
         )
 
     def cross_attention_block(self, args, extra, to, state):
@@ -1351,6 +1357,7 @@ LAYOUTS = {
     "zimage": "joint layers [caption padded to 32 ‖ image padded to 32] after the refiners",
     "wan": "per-block cross-attention to the 512 text rows",
     "hidream": "[image ‖ T5 ‖ Llama initial ‖ Llama layer i] in every block",
+    "auraflow": "[8 registers ‖ Pile-T5 text ‖ image] in every double and single layer",
 }
 
 
@@ -1414,6 +1421,10 @@ def dit_sites(family: str, diffusion_model) -> list:
         ]
     if family == "sd3":
         return [("double", i) for i in range(len(diffusion_model.joint_blocks))]
+    if family == "auraflow":  # MMDiT's double_layers / single_layers, replaced as double_block / single_block
+        return [("double", i) for i in range(len(diffusion_model.double_layers))] + [
+            ("single", i) for i in range(len(diffusion_model.single_layers))
+        ]
     return []
 
 

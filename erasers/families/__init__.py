@@ -1,7 +1,7 @@
 """The family table: host model class → where text enters its denoiser and which methods apply.
 
-One file per family group (``unet``, ``flux``, ``mmdit``, ``hidream``, ``wan``; ``tier2``: refused by name); each
-exports ``RECORDS``. Adding a model class is one record. Hosts that know the model's class (ComfyUI:
+One file per family group (``unet``, ``flux``, ``mmdit``, ``hidream``, ``wan``, ``aura``; ``tier2``: refused by
+name); each exports ``RECORDS``. Adding a model class is one record. Hosts that know the model's class (ComfyUI:
 ``type(model.model).__name__`` and its ``model_config`` class) look it up here; files and diffusers keep
 key sniffing (``erasers.files.families.detect_family``).
 """
@@ -9,11 +9,11 @@ key sniffing (``erasers.files.families.detect_family``).
 from __future__ import annotations
 
 from ..errors import UnsupportedFamily
-from . import flux, hidream, mmdit, tier2, unet, wan
+from . import aura, flux, hidream, mmdit, tier2, unet, wan
 from .key_map import KeyMapEncoder, build_key_map, gelu_mlp, rms_norm
 from .record import CLOSED_FORM, GUARD_LABELS, GUARDS, FamilyRecord, PreMLP, PreNorm
 
-RECORDS = unet.RECORDS + flux.RECORDS + mmdit.RECORDS + hidream.RECORDS + wan.RECORDS + tier2.RECORDS
+RECORDS = unet.RECORDS + flux.RECORDS + mmdit.RECORDS + hidream.RECORDS + wan.RECORDS + aura.RECORDS + tier2.RECORDS
 
 __all__ = [
     "CLOSED_FORM",

@@ -1,8 +1,9 @@
 """Issue #16's Tier 2, refused by name with what each would need (read from ComfyUI 0.29's comfy/ldm/).
 
-Tier 2 asks for at least the closed form and token suppression, or a refusal naming the reason. None of
-these is checked against the host yet, so every guard and edit refuses them before anything runs; each
-reason says where the text enters the model, which is what a record would have to describe.
+Tier 2 asks for at least the closed form and token suppression, or a refusal naming the reason (AuraFlow is
+served: erasers/families/aura.py). None of these is checked against the host yet, so every guard and edit
+refuses them before anything runs; each reason says where the text enters the model, which is what a record
+would have to describe.
 """
 
 from .record import FamilyRecord
@@ -22,13 +23,6 @@ RECORDS = (
         refused="every block's cross-attention (attn2.to_k / .to_v) reads caption_projection(context) — a "
         "PixArt-style MLP or, in later versions, a connector in front of it — which no record describes yet",
         notes=("needs: a PreMLP record per caption-projection variant and ComfyUI's LTXV T5 encoding",),
-    ),
-    FamilyRecord(
-        "AuraFlow",
-        "AuraFlow",
-        refused="its text enters through one bias-free Linear (cond_seq_linear, Pile-T5 hidden states) into "
-        "joint MMDiT blocks behind register tokens; the Pile-T5 encoding (padding, mask) is not checked yet",
-        notes=("needs: a record for cond_seq_linear and a test against ComfyUI's AuraFlow CLIP",),
     ),
     FamilyRecord(
         "HunyuanVideo",

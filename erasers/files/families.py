@@ -31,6 +31,8 @@ class Family(str, enum.Enum):
     WAN = "wan"
     #: HiDream-I1: ~49 bias-free caption projections, each fed by its own text stream (T5, Llama layers)
     HIDREAM = "hidream"
+    #: AuraFlow: one bias-free text-input Linear (cond_seq_linear), register tokens before the text
+    AURAFLOW = "auraflow"
     #: any other UNet with cross-attention (e.g. the pack's shapes-world model); context dim in the config
     UNET = "unet"
 
@@ -59,6 +61,7 @@ FAMILY_LABELS = {
     Family.ZIMAGE: "Z-Image",
     Family.WAN: "Wan 2.1/2.2",
     Family.HIDREAM: "HiDream-I1",
+    Family.AURAFLOW: "AuraFlow",
 }
 
 #: width of the per-token text context each family's projections read
@@ -86,6 +89,7 @@ TEXT_ENTRY_LAYERS = {
         r"^caption_projection\.\d+\.linear\.weight$": "text_in",
         r"^p_embedder\.pooled_embedder\.linear_1\.weight$": "pooled_in",  # pooled CLIP-L ⊕ CLIP-G
     },
+    Family.AURAFLOW: {r"^cond_seq_linear\.weight$": "text_in"},
 }
 
 
@@ -121,6 +125,8 @@ def detect_family(shapes: Mapping[str, Sequence[int]]) -> Family:
         return Family.FLUX
     if "caption_projection.0.linear.weight" in shapes:  # model_detection's HiDream marker
         return Family.HIDREAM
+    if "cond_seq_linear.weight" in shapes:  # model_detection's AuraFlow marker
+        return Family.AURAFLOW
     if "txt_in.weight" in shapes and "txt_norm.weight" in shapes and "img_in.weight" in shapes:
         return Family.QWEN_IMAGE
     if "cap_embedder.1.weight" in shapes:

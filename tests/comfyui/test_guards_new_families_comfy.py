@@ -33,7 +33,7 @@ import os
 import pytest
 import torch
 from suppression_models import COMMON, SAFREE_ARGS, comfy, makers, pack, run_node  # noqa: F401  (comfy, pack are fixtures)
-from test_closed_form_families_comfy import FAMILIES, LUMINA, WAN, StandInCLIP, build, built, config_of
+from test_closed_form_families_comfy import ALL_FAMILIES, LUMINA, WAN, StandInCLIP, build, built, config_of
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("COMFYUI_PATH", "").strip(), reason="COMFYUI_PATH is not set: real-ComfyUI tests skipped"
@@ -50,8 +50,11 @@ LATENT = {
     "lumina2": (16, 8, 8),
     "zimage": (16, 8, 8),
     "wan": (16, 9, 8, 8),
+    "auraflow": (4, 8, 8),  # SDXL's latent format
 }
-SLD_FAMILIES = ("chroma", "qwen_image", "lumina2", "zimage", "wan")
+SLD_FAMILIES = ("chroma", "qwen_image", "lumina2", "zimage", "wan", "auraflow")
+#: text rows before the context in every joint attention (AuraFlow's register tokens)
+REGISTERS = {"auraflow": 8}
 T5_SAFREE = ("chroma", "wan")
 CHAT_SAFREE = ("flux2", "qwen_image", "lumina2", "zimage")
 
@@ -68,11 +71,11 @@ def guard_clip(clip: StandInCLIP) -> GuardCLIP:
     return GuardCLIP(clip.tokenizer, clip.width, causal=clip.causal, drop=clip.drop, seed=clip.seed)
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(ALL_FAMILIES))
 def family(request, comfy):
     import comfy.model_base as mb
 
-    host = FAMILIES[request.param][0]
+    host = ALL_FAMILIES[request.param][0]
     if not hasattr(mb, host):
         pytest.skip(f"this ComfyUI has no {host} class")
     patcher, clip, _ = build(comfy, request.param)
@@ -217,10 +220,16 @@ def test_token_suppression_acts_on_the_concepts_own_columns_only_when_it_is_in_t
             assert set(torch.nonzero((bias < 0).any(0)).flatten().tolist()) == expected
         return
     assert spy["joint"], f"{name}: the bias never reached the joint attention"
+    registers = REGISTERS.get(name, 0)
     for columns, image_start, length in spy["joint"]:
-        # text first: the concept's columns are the context's, the image queries start after the text block
-        assert set(torch.nonzero((columns < 0).any(0)).flatten().tolist()) == expected
-        assert image_start >= context.shape[0] and length > image_start
+        # text first: the concept's columns are the context's (after any register tokens), the image queries
+        # start after the text block
+        assert set(torch.nonzero((columns < 0).any(0)).flatten().tolist()) == {registers + p for p in expected}
+        assert image_start >= registers + context.shape[0] and length > image_start
+    if name == "auraflow":  # every double and single layer, both steps (the positive row batched with the negative)
+        dm = model.model.diffusion_model
+        assert len(spy["joint"]) == 2 * (len(dm.double_layers) + len(dm.single_layers))
+        assert {j[1] for j in spy["joint"]} == {registers + context.shape[0]}
     if name == "zimage":  # the caption block is padded to a multiple of 32 before the image
         assert {j[1] for j in spy["joint"]} == {32 * -(-context.shape[0] // 32)}
     if name in ("lumina2", "zimage"):  # the main layers only, not the caption / noise refiners
@@ -439,11 +448,14 @@ def test_refusals_name_the_family_before_sampling(pack, family):
     nodes, _ = pack
     name, model, clip = family
     label = {"chroma": "Chroma", "flux2": "Flux.2", "qwen_image": "Qwen-Image", "lumina2": "Lumina 2"}
-    label.update(zimage="Z-Image", wan="Wan 2.1 text-to-video")
+    label.update(zimage="Z-Image", wan="Wan 2.1 text-to-video", auraflow="AuraFlow")
     calls = clip.calls
     if name not in ("wan", "chroma", "flux2", "qwen_image"):  # test_guidance_joint_families_comfy.py
         with pytest.raises(ValueError, match=rf"Concept guidance cannot serve {label[name]} .*the concept's text"):
             guidance_node(nodes, model, clip)
+    if name == "auraflow":
+        with pytest.raises(ValueError, match=r"SAFREE cannot serve AuraFlow \(AuraFlow.*Pile-T5"):
+            safree_node(nodes, model, clip)
     if name not in SLD_FAMILIES:
         with pytest.raises(ValueError, match=r"Safe Latent Diffusion cannot serve Flux.2 \(Flux2.*guidance-distilled"):
             sld_node(nodes, model, clip)

@@ -480,3 +480,18 @@ def test_the_cli_erases_on_a_saved_pipeline_folder_of_a_new_family(tmp_path, cap
     with api.erased(pipe, eraser):
         assert not torch.equal(before["cap_embedder.1.weight"], pipe.transformer.state_dict()["cap_embedder.1.weight"])
     assert same(before, state(pipe))
+
+
+def test_auraflow_is_refused_by_name_through_diffusers():
+    from types import SimpleNamespace
+
+    tr = diffusers.AuraFlowTransformer2DModel(
+        sample_size=8, num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pos_embed_max_size=16,
+    )  # fmt: skip
+    pipe = SimpleNamespace(transformer=tr)
+    before = state(pipe)
+    for call in (api.pipeline_family, api.canonical_weights, api.DiffusersTextEncoder):
+        with pytest.raises(UnsupportedFamily, match=r"AuraFlow \(AuraFlowTransformer2DModel\) is refused by name"):
+            call(pipe)
+    assert same(before, state(pipe))

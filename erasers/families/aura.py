@@ -1,0 +1,44 @@
+"""AuraFlow (ComfyUI's ``AuraFlow`` / comfy/ldm/aura/mmdit.py ``MMDiT``): issue #16's first Tier-2 family served.
+
+Text enters through one bias-free Linear, ``cond_seq_linear`` (Pile-T5-XL hidden states, 2048 wide →
+the model width); the model then puts its 8 learned ``register_tokens`` in front: every joint attention, in
+the double layers (``cat(c, x)``) and the single layers (``cx``), is [8 registers ‖ T text ‖ image]. No
+rotary or positional encoding touches the text, and no mask reaches the model: the rows ComfyUI's Pile-T5
+zeroes after </s> (``zero_out_masked``) are keys of zeros, which ``cond_seq_linear`` (no bias) keeps zero.
+
+The closed form edits ``cond_seq_linear`` (the text-input projection, as Flux's ``txt_in``); token
+suppression biases the image queries' text columns [8, 8 + T) through the dit replace hooks.
+"""
+
+from ..files.families import Family
+from .record import FamilyRecord
+
+#: the register tokens the model puts before the text in every joint attention (MMDiT.register_tokens)
+REGISTER_TOKENS = 8
+
+NO_SAFREE = (
+    "its Pile-T5 encoding (no start token, </s> = 2, padding 1, rows zeroed after </s>) is not the T5 layout "
+    "SAFREE's masked-token test is written for (T5's </s> = 1, padding 0), and the port is not checked yet"
+)
+NO_NAG = (
+    "the concept's text stream would need its own 8 register tokens carried through every layer beside the "
+    "prompt's (the registers are the model's, prepended inside its forward): the port is not written yet"
+)
+
+RECORDS = (
+    FamilyRecord(
+        "AuraFlow",
+        "AuraFlow",
+        Family.AURAFLOW,
+        config_classes=("AuraFlow",),
+        context_key="cond_seq_linear.weight",
+        context_widths=(2048,),
+        text_encoder="Pile-T5-XL (pile_t5xl), last layer; no start token, ends with </s> (2), padded to 256 with 1; "
+        "rows after </s> zeroed; no mask reaches the model",
+        text_tokens="joint attention [8 register tokens ‖ text ‖ image] in double and single layers",
+        # SLD: its pass is the host's own conditioning of the safety concept through the model (CFG model)
+        guards=("token_suppression", "sld"),
+        guard_refusals=(("safree", NO_SAFREE), ("concept_guidance", NO_NAG)),
+        guard_layout="joint_text_first",
+    ),
+)
