@@ -496,15 +496,21 @@ class TokenStream:
     length: Optional[int] = None
 
 
-def _hidream_encode(clip, text: str, llama_layer: int) -> tuple:
-    """(T5 ids, T5 rows (128, D), Llama ids, Llama rows of ``llama_layer`` (R, D)) as HiDream's CLIP gives
-    them: conditioning_llama3 (1, layers, R, D) has one row per Llama token after the start token."""
+def _hidream_tokens(clip, text: str, node: str) -> dict:
+    """The host's tokens of ``text``, refused by name unless they are HiDream's (a T5 and a Llama section)."""
     tokens = clip.tokenize(text)
     if "t5xxl" not in tokens or "llama" not in tokens:
         raise FamilyMismatch(
-            f"Token suppression on HiDream-I1 reads the T5 and Llama tokens of the prompt, but the CLIP input "
-            f"tokenizes into {sorted(tokens)}. Connect HiDream's text encoders (QuadrupleCLIPLoader, type hidream)."
+            f"{node} on HiDream-I1 reads the T5 and Llama tokens of the text, but the CLIP input tokenizes into "
+            f"{sorted(tokens)}. Connect HiDream's text encoders (QuadrupleCLIPLoader, type hidream)."
         )
+    return tokens
+
+
+def _hidream_encode(clip, text: str, llama_layer: int) -> tuple:
+    """(T5 ids, T5 rows (128, D), Llama ids, Llama rows of ``llama_layer`` (R, D)) as HiDream's CLIP gives
+    them: conditioning_llama3 (1, layers, R, D) has one row per Llama token after the start token."""
+    tokens = _hidream_tokens(clip, text, "Token suppression")
     out = clip.encode_from_tokens(tokens, return_dict=True)
     llama = out.get("conditioning_llama3")
     t5_ids, llama_ids = ids_of(tokens, "t5xxl"), ids_of(tokens, "llama")
@@ -520,12 +526,7 @@ def _hidream_encode(clip, text: str, llama_layer: int) -> tuple:
 def hidream_conditioning(clip, text: str, node: str) -> tuple:
     """(T5 context (1, T, D), per-layer Llama states (1, layers, R, D)) of ``text`` as HiDream's CLIP conditions
     a prompt (the same ``cond`` and ``conditioning_llama3`` the sampler hands the model)."""
-    tokens = clip.tokenize(text)
-    if "t5xxl" not in tokens or "llama" not in tokens:
-        raise FamilyMismatch(
-            f"{node} on HiDream-I1 reads the T5 and Llama conditioning of the concept, but the CLIP input tokenizes "
-            f"into {sorted(tokens)}. Connect HiDream's text encoders (QuadrupleCLIPLoader, type hidream)."
-        )
+    tokens = _hidream_tokens(clip, text, node)
     out = clip.encode_from_tokens(tokens, return_dict=True)
     llama = out.get("conditioning_llama3")
     if llama is None or llama.ndim != 4:
@@ -607,12 +608,7 @@ def hidream_llama_safree(clip, prompt: str, concepts, layers, max_tokens: int = 
     host tokenized it; each copy encoded once gives every layer. Each keyword is encoded alone in both BPE
     spellings (at the start and after a space) and contributes its own rows per layer."""
     layers = sorted(set(int(layer) for layer in layers))
-    tokens = clip.tokenize(prompt)
-    if "t5xxl" not in tokens or "llama" not in tokens:
-        raise FamilyMismatch(
-            f"SAFREE on HiDream-I1 reads the T5 and Llama tokens of the prompt, but the CLIP input tokenizes into "
-            f"{sorted(tokens)}. Connect HiDream's text encoders (QuadrupleCLIPLoader, type hidream)."
-        )
+    tokens = _hidream_tokens(clip, prompt, "SAFREE")
     llama_ids = ids_of(tokens, "llama")
     stacked = clip.encode_from_tokens(tokens, return_dict=True).get("conditioning_llama3")
     rows = len(llama_ids) - 1
