@@ -830,14 +830,15 @@ class DitDispatch:
         def attention_override(func, q, k, v, heads, *rest, mask=None, skip_reshape=False, **kw):
             if (q.shape[2] if skip_reshape else q.shape[1]) != joint_len:
                 return _host_call(previous, func, q, k, v, heads, rest, mask, skip_reshape, kw)
-            if any(r is not None for r in rest) or mask is not None or not skip_reshape:
+            if any(r is not None for r in rest) or mask is not None:
                 raise RuntimeError(
-                    f"Concept guidance expected {self.family} {self.kind} block {self.index}'s joint attention as "
-                    "(B, H, L, D) tensors without a mask; this ComfyUI passes "
-                    f"{'a mask' if mask is not None or any(r is not None for r in rest) else 'another layout'}: "
-                    "stopped at the first step rather than sampling unguarded."
+                    f"Concept guidance expected {self.family} {self.kind} block {self.index}'s joint attention "
+                    "without a mask; this ComfyUI passes a mask: stopped at the first step rather than sampling "
+                    "unguarded."
                 )
             acted[0] += 1
+            if not skip_reshape:  # (B, L, H·D), as ComfyUI 0.3.x's Qwen-Image passes it: head-split here
+                q, k, v = (_heads(t, heads, False) for t in (q, k, v))
             return self.inline_joint_attention(func, q, k, v, heads, kw, state, txt_len, spans, ops)
 
         to2 = dict(to, optimized_attention_override=attention_override)
