@@ -137,7 +137,24 @@ def test_a_flux_mlp_lora_at_another_ratio_gets_the_rows_the_model_has(comfy, pac
 def test_an_eraser_file_loads_in_comfyuis_lora_loader_as_the_pack_applies_it(
     comfy, pack, family, method, tmp_path, caplog
 ):
-    name, patcher, clip = family
+    eraser_file_round_trip(comfy, pack, *family, method, tmp_path, caplog)
+
+
+@pytest.mark.parametrize("method", ["uce", "rece"])
+def test_an_auraflow_eraser_file_loads_in_comfyuis_lora_loader_as_the_pack_applies_it(
+    comfy, pack, method, tmp_path, caplog
+):
+    import comfy.model_base as mb
+
+    if not hasattr(mb, "AuraFlow"):
+        pytest.skip("this ComfyUI has no AuraFlow class")
+    patcher, clip, _ = build(comfy, "auraflow")
+    eraser_file_round_trip(comfy, pack, "auraflow", patcher, clip, method, tmp_path, caplog)
+
+
+def eraser_file_round_trip(comfy, pack, name, patcher, clip, method, tmp_path, caplog):
+    """Save Eraser's file, applied by the pack's Load Eraser and by ComfyUI's own LoRA loader (every key
+    loaded), patches what the closed-form node patched."""
     erased, eraser = (
         pack["closed_form"]
         .EraserClosedForm.execute(patcher, clip, method, "Van Gogh", "a painter", "a photo of a cat", 1.0)
