@@ -297,8 +297,62 @@ _ZIMAGE_TOP = {
     "t_embedder.mlp.2": "t_embedder.mlp.2",
 }
 
+# --- AuraFlow: diffusers' AuraFlowTransformer2DModel names → ComfyUI's MMDiT names --------------------------
+# the image stream is "X" / w2*, the text stream "C" / w1* in ComfyUI's double layers; single layers keep w1*
+_AURA_DOUBLE = {
+    "attn.to_q": "attn.w2q",
+    "attn.to_k": "attn.w2k",
+    "attn.to_v": "attn.w2v",
+    "attn.to_out.0": "attn.w2o",
+    "attn.add_q_proj": "attn.w1q",
+    "attn.add_k_proj": "attn.w1k",
+    "attn.add_v_proj": "attn.w1v",
+    "attn.to_add_out": "attn.w1o",
+    "ff.linear_1": "mlpX.c_fc1",
+    "ff.linear_2": "mlpX.c_fc2",
+    "ff.out_projection": "mlpX.c_proj",
+    "ff_context.linear_1": "mlpC.c_fc1",
+    "ff_context.linear_2": "mlpC.c_fc2",
+    "ff_context.out_projection": "mlpC.c_proj",
+    "norm1.linear": "modX.1",
+    "norm1_context.linear": "modC.1",
+}
+_AURA_SINGLE = {
+    "attn.to_q": "attn.w1q",
+    "attn.to_k": "attn.w1k",
+    "attn.to_v": "attn.w1v",
+    "attn.to_out.0": "attn.w1o",
+    "norm1.linear": "modCX.1",
+    "ff.linear_1": "mlp.c_fc1",
+    "ff.linear_2": "mlp.c_fc2",
+    "ff.out_projection": "mlp.c_proj",
+}
+_AURA_BASIC = {
+    "context_embedder": "cond_seq_linear",
+    "pos_embed.proj": "init_x_linear",
+    "time_step_proj.linear_1": "t_embedder.mlp.0",
+    "time_step_proj.linear_2": "t_embedder.mlp.2",
+    "proj_out": "final_linear",
+}
+
+
+def aura_diffusers_names(shapes) -> dict:
+    """Every diffusers module name ComfyUI's AuraFlow table maps → canonical weight key, for this model
+    (diffusers numbers the single blocks from 0 after the joint ones). The final ``norm_out.linear`` is left
+    out, as on Flux: ComfyUI swaps its shift/scale rows with a function the pack's patches cannot carry."""
+    names = {}
+    for i in range(_count(shapes, "double_layers")):
+        for d, c in _AURA_DOUBLE.items():
+            names[f"joint_transformer_blocks.{i}.{d}"] = f"double_layers.{i}.{c}.weight"
+    for i in range(_count(shapes, "single_layers")):
+        for d, c in _AURA_SINGLE.items():
+            names[f"single_transformer_blocks.{i}.{d}"] = f"single_layers.{i}.{c}.weight"
+    names.update({d: f"{c}.weight" for d, c in _AURA_BASIC.items()})
+    return names
+
+
 #: families whose LoRA names come from ``comfy_lora_names`` (by their ``Family`` value)
-DIT_LORA_FAMILIES = ("chroma", "flux2", "qwen_image", "lumina2", "zimage", "wan", "hidream")
+DIT_LORA_FAMILIES = ("chroma", "flux2", "qwen_image", "lumina2", "zimage", "wan", "hidream", "auraflow")
 
 
 def _stem(key: str) -> str:
@@ -381,7 +435,8 @@ def comfy_lora_names(shapes, family: str) -> dict:
     Flux-style (Chroma, Flux.2): diffusers names as ``transformer.<d>``, ``lycoris_<d_>``,
     ``lora_transformer_<d_>`` and bare ``<d>`` (DiffSynth), plus ``diffusion_model.single_blocks.<i>.linear1_qkv``
     (rows [0, 3H) of linear1); Qwen-Image: its own (diffusers-like) keys bare, as ``transformer.<k>`` and
-    ``lycoris_<k_>``; HiDream: its own keys as ``transformer.<k>`` and ``lycoris_<k_>`` (SimpleTuner); Lumina 2 /
+    ``lycoris_<k_>``; HiDream: its own keys as ``transformer.<k>`` and ``lycoris_<k_>`` (SimpleTuner); AuraFlow:
+    diffusers names as ``transformer.<d>``; Lumina 2 /
     Z-Image: diffusers names as ``diffusion_model.<d>``, ``transformer.<d>``,
     ``lycoris_<d_>`` and bare; Wan: the generic spellings only. Targets the model lacks are dropped.
     """
@@ -413,6 +468,9 @@ def comfy_lora_names(shapes, family: str) -> dict:
             stem = _stem(key)
             names[f"transformer.{stem}"] = key
             names[f"lycoris_{stem.replace('.', '_')}"] = key
+    elif family == "auraflow":  # diffusers names as transformer.<d> (comfy/lora.py, AuraFlow)
+        for d, target in aura_diffusers_names(shapes).items():
+            names[f"transformer.{d}"] = target
     elif family in ("lumina2", "zimage"):
         for d, target in zimage_diffusers_names(shapes).items():
             for name in (f"diffusion_model.{d}", f"transformer.{d}", f"lycoris_{d.replace('.', '_')}", d):

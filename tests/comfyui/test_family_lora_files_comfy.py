@@ -291,30 +291,34 @@ def test_unmatched_keys_are_listed_and_the_rest_applies(comfy, pack, tmp_path, c
     assert re.search(r"1 key\(s\) match no layer.*transformer\.transformer_blocks\.7\.attn\.to_k", warned)
 
 
-def test_an_erasure_lora_on_auraflow_in_comfyuis_generic_names_patches_as_comfyui_does(comfy, pack, tmp_path):
-    """AuraFlow (Tier 2) has no family name table in the pack: a LoRA in ComfyUI's generic spelling of its text
-    input (lora_unet_cond_seq_linear) patches exactly what ComfyUI's own loader patches; one in diffusers'
-    names (transformer.context_embedder, which ComfyUI maps for AuraFlow) is refused naming its keys, before
-    anything is patched, rather than loaded partly."""
+def test_auraflow_lora_names_are_comfyuis_and_both_spellings_patch_as_comfyui_does(comfy, pack, tmp_path):
+    """AuraFlow (Tier 2): the pack's name table equals ComfyUI's (generic spellings and diffusers'
+    ``transformer.<name>``), and a LoRA on the text input in either spelling patches exactly what ComfyUI's
+    own loader patches."""
     import comfy.model_base as mb
 
     if not hasattr(mb, "AuraFlow"):
         pytest.skip("this ComfyUI has no AuraFlow class")
-    patcher, clip, _ = build(comfy, "auraflow")
-    out_f, in_f = shapes_of(patcher)["cond_seq_linear.weight"]
+    patcher, _, _ = build(comfy, "auraflow")
+    shapes = shapes_of(patcher)
+    mine, host = pack["keys"].comfy_lora_names(shapes, "auraflow"), host_table(comfy, patcher)
+    assert mine == host, (sorted(set(mine) ^ set(host))[:6], [n for n in host if mine.get(n) != host[n]][:4])
+    out_f, in_f = shapes["cond_seq_linear.weight"]
     gen = torch.Generator().manual_seed(3)
     up, down = torch.randn(out_f, 2, generator=gen) * 0.1, torch.randn(2, in_f, generator=gen) * 0.1
-    tensors = {"lora_unet_cond_seq_linear.lora_up.weight": up, "lora_unet_cond_seq_linear.lora_down.weight": down}
-    save_file(tensors, str(tmp_path / "aura.safetensors"))
     base = patched_weights(patcher)
-    mine = run_node(pack, tmp_path, patcher, "aura.safetensors")
-    host, _ = comfy.sd.load_lora_for_models(patcher, None, tensors, 1.0, 0.0)
-    assert_same_weights(patched_weights(mine), patched_weights(host), base, ["cond_seq_linear.weight"])
-    diffusers_names = {
-        "transformer.context_embedder.lora_B.weight": up,
-        "transformer.context_embedder.lora_A.weight": down,
-    }
-    save_file(diffusers_names, str(tmp_path / "aura_diffusers.safetensors"))
-    with pytest.raises(Exception, match="context_embedder"):
-        run_node(pack, tmp_path, patcher, "aura_diffusers.safetensors")
+    for file, tensors in (
+        (
+            "aura.safetensors",
+            {"lora_unet_cond_seq_linear.lora_up.weight": up, "lora_unet_cond_seq_linear.lora_down.weight": down},
+        ),
+        (
+            "aura_diffusers.safetensors",
+            {"transformer.context_embedder.lora_B.weight": up, "transformer.context_embedder.lora_A.weight": down},
+        ),
+    ):
+        save_file(tensors, str(tmp_path / file))
+        mine_m = run_node(pack, tmp_path, patcher, file)
+        host_m, _ = comfy.sd.load_lora_for_models(patcher, None, tensors, 1.0, 0.0)
+        assert_same_weights(patched_weights(mine_m), patched_weights(host_m), base, ["cond_seq_linear.weight"])
     assert patcher.patches == {}
