@@ -239,6 +239,25 @@ FAMILY_WIDTHS = (
         "Gemma-2-2B 2304 → dim 2304 (ComfyUI 0.29 model_detection.py 'Original Lumina 2')",
     ),
     (
+        "HiDream-I1",
+        "hidream",
+        "caption_projection.{i}.linear.weight",
+        (2560, 4096),
+        49,
+        "48 Llama-fed + 1 T5-fed caption projections 4096 → 2560 = 20 heads × 128 (ComfyUI 0.29 "
+        "model_detection.py HiDream); solved here as one stream (the pack solves each Llama layer's and T5's "
+        "projections with that stream's keys: the same per-Linear solves)",
+    ),
+    (
+        "AuraFlow",
+        "auraflow",
+        "cond_seq_linear.weight",
+        (3072, 2048),
+        1,
+        "Pile-T5-XL 2048 (supported_models.AuraFlow cond_seq_dim) → MMDiT dim 3072 (ComfyUI 0.29 ldm/aura/mmdit.py "
+        "default; the checkpoint's width is read at load)",
+    ),
+    (
         "Wan 2.1 14B",
         "wan",
         "blocks.{i}.cross_attn.{kv}.weight",
@@ -285,7 +304,9 @@ def family_weights(key: str, shape: tuple, layers: int, seed: int = 0) -> dict:
     w = torch.randn(shape, generator=gen) / shape[1] ** 0.5
     if layers == 1:
         return {key: w}
-    return {key.format(i=i, kv=kv): w for i in range(layers // 2) for kv in "kv"}
+    if "{kv}" in key:  # K and V of every block
+        return {key.format(i=i, kv=kv): w for i in range(layers // 2) for kv in "kv"}
+    return {key.format(i=i): w for i in range(layers)}
 
 
 def run_family(label, family_name, key, shape, layers, method_name: str, count: int) -> dict:
@@ -311,8 +332,10 @@ def run_family(label, family_name, key, shape, layers, method_name: str, count: 
 FAMILY_MAX_WIDTH = {"uce": 10**9, "speed": 4096, "rece": 2560}
 
 
-def family_table(methods: list, count: int, quick: bool) -> None:
-    rows = FAMILY_WIDTHS[-2:-1] if quick else FAMILY_WIDTHS
+def family_table(methods: list, count: int, quick: bool, labels: Optional[list] = None) -> None:
+    rows = [r for r in FAMILY_WIDTHS if r[0] == "Lumina 2"] if quick else FAMILY_WIDTHS
+    if labels:
+        rows = [r for r in FAMILY_WIDTHS if r[0] in labels]
     print()
     print(f"{count} concepts on each family's real widths (random weights, random {'{'}words+1{'}'} token rows):")
     print()
@@ -380,6 +403,9 @@ def main(argv: Optional[list] = None) -> int:
         help="methods for the real-widths family table, e.g. uce,speed,rece (default uce,speed,rece; "
         "--quick: uce on one family; 'none' skips it)",
     )
+    parser.add_argument(
+        "--family-rows", default=None, help="only these rows of the family table, by label (e.g. HiDream-I1,AuraFlow)"
+    )
     args = parser.parse_args(argv)
 
     counts = [int(c) for c in (args.counts or ("1,10" if args.quick else "1,10,100")).split(",")]
@@ -441,7 +467,8 @@ def main(argv: Optional[list] = None) -> int:
     if args.families:
         family_methods = [] if args.families == "none" else [m.strip() for m in args.families.split(",")]
     if family_methods:
-        family_table(family_methods, 10 if args.quick else 100, args.quick)
+        labels = [r.strip() for r in args.family_rows.split(",")] if args.family_rows else None
+        family_table(family_methods, 10 if args.quick else 100, args.quick, labels)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     print()
     print(
