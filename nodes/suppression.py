@@ -279,12 +279,14 @@ class EraserSAFREE(io.ComfyNode):
         return io.NodeOutput(m)
 
     @staticmethod
-    def analyse_clip_t5(config, clip, prompt, family) -> tuple:
-        """SD1.x–SDXL (CLIP), SD3 / Flux.1 / Chroma / Wan (T5): (prompt context (1, T, D), SafreeResult)."""
+    def analyse_clip_t5(config, clip, prompt, family, prepared=None, masked=None) -> tuple:
+        """SD1.x–SDXL (CLIP), SD3 / Flux.1 / Chroma / Wan (T5): (prompt context (1, T, D), SafreeResult).
+        ``prepared``: ``masked_token_dicts``' output, ``masked``: its copies' contexts, when encoded elsewhere
+        (HiDream: beside the Llama stream's copies)."""
         mask_id = sc.T5_PAD if sc.is_t5(family) else safree.CLIP_MASK_ID
-        tokens, positions, copies, n_real = sc.masked_token_dicts(clip, prompt, family, mask_id)
+        tokens, positions, copies, n_real = prepared or sc.masked_token_dicts(clip, prompt, family, mask_id)
         prompt_ctx, prompt_pooled = sc.encode(clip, tokens)
-        masked = [sc.encode(clip, t)[0][0] for t in copies]
+        masked = masked if masked is not None else [sc.encode(clip, t)[0][0] for t in copies]
         length = min([prompt_ctx.shape[1]] + [c.shape[0] for c in masked])
         masked_ctx = torch_stack([c[:length] for c in masked], prompt_ctx)
         concept_ctx, concept_pooled, concept_lengths, _ = sc.encode_many(clip, config.concepts)
@@ -318,9 +320,13 @@ class EraserSAFREE(io.ComfyNode):
                 "T5 and Llama conditioning in the batch). Type the keywords into the negative prompt's text "
                 "encoder instead and turn keywords_as_negative off."
             )
-        prompt_ctx, t5_result = cls.analyse_clip_t5(config, clip, prompt, "hidream")
         layers = sorted(set(int(layer) for layer in m.model.diffusion_model.llama_layers))
-        llama = sc.hidream_llama_safree(clip, prompt, config.concepts, layers)
+        prepared = sc.masked_token_dicts(clip, prompt, "hidream", sc.T5_PAD)
+        # one encode per masked position serves both streams (the four encoders run independently)
+        llama = sc.hidream_llama_safree(clip, prompt, config.concepts, layers, t5_copies=prepared[2])
+        prompt_ctx, t5_result = cls.analyse_clip_t5(
+            config, clip, prompt, "hidream", prepared=prepared, masked=llama.t5_masked
+        )
         llama_results = {
             layer: safree.analyse(
                 config,

@@ -600,13 +600,17 @@ class LlamaSafreeInputs:
     masked: dict  # layer → (n, R, D)
     concepts: dict  # layer → (K', L, D)
     concept_lengths: torch.Tensor  # (K',)
+    #: the T5 contexts (T, D) of ``t5_copies`` (the T5 stream's masked copies), from the same encodes
+    t5_masked: list = dataclasses.field(default_factory=list)
 
 
-def hidream_llama_safree(clip, prompt: str, concepts, layers, max_tokens: int = 75) -> LlamaSafreeInputs:
+def hidream_llama_safree(clip, prompt: str, concepts, layers, max_tokens: int = 75, t5_copies=()) -> LlamaSafreeInputs:
     """Masked copies of the prompt on HiDream's Llama stream: copy i has the prompt's own Llama token i replaced
-    by the host tokenizer's id for "!" (as on the chat families), everything else (T5, CLIP, padding) as the
-    host tokenized it; each copy encoded once gives every layer. Each keyword is encoded alone in both BPE
-    spellings (at the start and after a space) and contributes its own rows per layer."""
+    by the host tokenizer's id for "!" (as on the chat families), everything else (CLIP, padding) as the host
+    tokenized it; each copy encoded once gives every layer. HiDream's four encoders run independently, so copy i
+    also carries the T5 section of ``t5_copies[i]`` (the T5 stream's masked copy i): one encode serves both
+    streams' tests (``t5_masked``). Each keyword is encoded alone in both BPE spellings (at the start and after a
+    space) and contributes its own rows per layer."""
     layers = sorted(set(int(layer) for layer in layers))
     tokens = _hidream_tokens(clip, prompt, "SAFREE")
     llama_ids = ids_of(tokens, "llama")
@@ -626,22 +630,30 @@ def hidream_llama_safree(clip, prompt: str, concepts, layers, max_tokens: int = 
     if own > max_tokens:
         log.warning("SAFREE: the prompt has %d Llama tokens; the first %d are tested", own, max_tokens)
     positions = list(range(min(own, max_tokens)))
-    masked = {layer: [] for layer in layers}
-    for row in positions:
+    masked, t5_masked = {layer: [] for layer in layers}, []
+    for i in range(max(len(positions), len(t5_copies))):
         t = copy.deepcopy(tokens)
-        section = list(t["llama"][0])
-        entry = list(section[row + 1])  # token position = row + 1: the start token comes first
-        entry[0] = bang[0]
-        section[row + 1] = tuple(entry)
-        t["llama"][0] = section
-        out = clip.encode_from_tokens(t, return_dict=True)["conditioning_llama3"][0].float().cpu()
-        if out.shape != stacked.shape:
+        if i < len(t5_copies):
+            t["t5xxl"] = copy.deepcopy(t5_copies[i]["t5xxl"])
+        if i < len(positions):
+            section = list(t["llama"][0])
+            entry = list(section[i + 1])  # token position = row + 1: the start token comes first
+            entry[0] = bang[0]
+            section[i + 1] = tuple(entry)
+            t["llama"][0] = section
+        out = clip.encode_from_tokens(t, return_dict=True)
+        if i < len(t5_copies):
+            t5_masked.append(out["cond"][0].float().cpu())
+        if i >= len(positions):
+            continue
+        states = out["conditioning_llama3"][0].float().cpu()
+        if states.shape != stacked.shape:
             raise FamilyMismatch(
-                f"SAFREE on HiDream-I1: masking Llama token {row + 1} changed the conditioning from "
-                f"{tuple(stacked.shape)} to {tuple(out.shape)}; the masked copies must keep the prompt's rows."
+                f"SAFREE on HiDream-I1: masking Llama token {i + 1} changed the conditioning from "
+                f"{tuple(stacked.shape)} to {tuple(states.shape)}; the masked copies must keep the prompt's rows."
             )
         for layer in layers:
-            masked[layer].append(out[layer])
+            masked[layer].append(states[layer])
     own_rows, spellings = [], set()
     for concept in concepts:
         for spelling in (concept, " " + concept):
@@ -669,4 +681,5 @@ def hidream_llama_safree(clip, prompt: str, concepts, layers, max_tokens: int = 
         {layer: torch.stack(m) if m else torch.zeros(shape) for layer, m in masked.items()},
         concept_rows,
         torch.tensor([r.shape[1] for r in own_rows]),
+        t5_masked,
     )

@@ -515,8 +515,12 @@ def test_safree_on_hidream_projects_each_stream_in_its_own_space_for_the_positiv
     made, calls = safree_seen
     assert nodes.sc.model_family(patcher, "safree") == "hidream"
     base = hidream_sample(comfy, patcher, clip, NUDE)
+    before = clip.calls
     m = hidream_safree(nodes, patcher, clip)
     assert made, "SAFREE flagged nothing in 'a photo of a nude person' (the test's premise)"
+    # one encode per masked position serves both streams' tests (HiDream's four encoders run independently)
+    n_t5, n_llama = len(made["t5"].positions), len(next(iter(made["llama"].values())).positions)
+    assert clip.calls - before <= 4 + max(n_t5, n_llama) < n_t5 + n_llama, (clip.calls - before, n_t5, n_llama)
     t5, llama = made["t5"], made["llama"]
     assert sorted(llama) == sorted(set(LLAMA_LAYERS)), "one analysis per Llama layer the blocks read"
     changed = [layer for layer, r in llama.items() if r.changed]
