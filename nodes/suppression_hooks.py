@@ -788,7 +788,9 @@ class DitDispatch:
                 "model call brought an attention mask laid out for the prompt's text length (a regional mask?), "
                 "which cannot be applied to the concept's: stopped at the first step rather than sampling unguarded."
             )
-        if self.inline_concept_stream and not (self.kind == "single" and to.get("reference_image_num_tokens")):
+        if self.family == "auraflow" or (
+            self.inline_concept_stream and not (self.kind == "single" and to.get("reference_image_num_tokens"))
+        ):  # AuraFlow has no two-pass port: its concept stream rides in the one pass only
             return self.inline_guidance(args, extra, to, state)
         return self.two_pass_guidance(args, extra, to, state)
 
@@ -807,7 +809,9 @@ class DitDispatch:
         img = args["img"]
         single = self.kind == "single"
         batch = img.shape[0]
-        txt_len = int(state.get("txt_len", 0)) if single else args["txt"].shape[1]
+        # AuraFlow's text block is [8 registers ‖ context]; its single layers' cx starts with it too
+        registers = aura.REGISTER_TOKENS if self.family == "auraflow" else 0
+        txt_len = int(state.get("txt_len", 0)) + registers if single else args["txt"].shape[1]
         dm = state["model"].diffusion_model
         ops = state["nag"]
         streams, spans, start = [], [], txt_len
@@ -821,7 +825,7 @@ class DitDispatch:
             start += concept.shape[1]
         text_end = start
         cache = ops[0]["stream"]
-        if "inline_pe" not in cache:
+        if "inline_pe" not in cache and "pe" in args:  # AuraFlow has no rotary positions
             cache["inline_pe"] = joint_rotary(self.family, dm, args["pe"], txt_len, [n for _, n in spans], state)
         joint_len = img.shape[1] + text_end - txt_len if single else text_end + img.shape[1]
         previous = to.get("optimized_attention_override")
@@ -839,10 +843,12 @@ class DitDispatch:
             acted[0] += 1
             if not skip_reshape:  # (B, L, H·D), as ComfyUI 0.3.x's Qwen-Image passes it: head-split here
                 q, k, v = (_heads(t, heads, False) for t in (q, k, v))
-            return self.inline_joint_attention(func, q, k, v, heads, kw, state, txt_len, spans, ops)
+            return self.inline_joint_attention(func, q, k, v, heads, kw, state, txt_len, spans, ops, registers)
 
         to2 = dict(to, optimized_attention_override=attention_override)
-        block_args = dict(args, pe=cache["inline_pe"], transformer_options=to2)
+        block_args = dict(args, transformer_options=to2)
+        if "inline_pe" in cache:
+            block_args["pe"] = cache["inline_pe"]
         if single:
             block_args["img"] = torch.cat((img[:, :txt_len], *streams, img[:, txt_len:]), dim=1)
             to2["img_slice"] = [text_end, joint_len]
@@ -856,13 +862,18 @@ class DitDispatch:
                 "stopped at the first step rather than sampling unguarded."
             )
         sequence = out["img"] if single else out["txt"]
+        if sequence is None:  # an MMDiT's last joint layer may drop its text output (AuraFlow's is_last)
+            raise RuntimeError(
+                f"Concept guidance on {self.family}: {self.kind} block {self.index} returns no text stream, so the "
+                "concept's stream cannot be carried on: stopped at the first step rather than sampling unguarded."
+            )
         for op, (first, length) in zip(ops, spans):
             op["stream"]["txt"] = sequence[:, first : first + length]
         if single:
             return dict(out, img=torch.cat((sequence[:, :txt_len], sequence[:, text_end:]), dim=1))
         return dict(out, txt=sequence[:, :txt_len])
 
-    def inline_joint_attention(self, func, q, k, v, heads, kw, state, txt_len, spans, ops):
+    def inline_joint_attention(self, func, q, k, v, heads, kw, state, txt_len, spans, ops, text_start=0):
         """The joint attention of [prompt ‖ concept₁ ‖ … ‖ image] as (B, H, L, D) tensors, each stream kept to
         its own text keys (``inline_guidance``). The image queries' image-key part is computed once for every
         row and shared by Z⁺ and each Z⁻ (log-sum-exp merge, exact); token suppression's column bias applies to
@@ -882,7 +893,7 @@ class DitDispatch:
         columns = None
         if bias is not None:
             state["acted"][0] += 1
-            columns = joint.joint_column_bias(bias.to(q.device), txt_len)[:, None, None, :]
+            columns = joint.joint_column_bias(bias.to(q.device), txt_len, text_start)[:, None, None, :]
         prompt = lse.attention_lse(q_img, k[:, :, :txt_len], v[:, :, :txt_len], columns)
         z = _to_seq(lse.merge(*image, *prompt)[0], True)
         for op, (first, length) in zip(ops, spans):
@@ -1204,7 +1215,7 @@ class DitDispatch:
 
 
 #: the families whose concept guidance runs through the host's own blocks (``DitDispatch.host_block_guidance``)
-HOST_BLOCK_NAG = ("chroma", "flux2", "qwen_image")
+HOST_BLOCK_NAG = ("chroma", "flux2", "qwen_image", "auraflow")
 #: Flux.2's context length at sampling: model_base.Flux2.extra_conds left-pads the context to 512 with zeros
 FLUX2_TEXT_LEN = 512
 
@@ -1213,6 +1224,9 @@ def concept_text_stream(family: str, dm, context: torch.Tensor) -> torch.Tensor:
     """The text stream the first block reads for ``context`` (1, T, D), made as the model makes a prompt's:
     Flux.2 left-pads it to 512 (extra_conds), then txt_norm where the model has one (Flux.2 with the norm,
     Qwen-Image), then txt_in (Flux.forward_orig, Chroma.forward_orig, QwenImageTransformer2DModel._forward)."""
+    if family == "auraflow":  # MMDiT._forward: cond_seq_linear, then the register tokens in front
+        text = dm.cond_seq_linear(context)
+        return torch.cat((dm.register_tokens.to(text.dtype).expand(text.shape[0], -1, -1), text), dim=1)
     if family == "flux2" and context.shape[1] < FLUX2_TEXT_LEN:
         context = torch.nn.functional.pad(context, (0, 0, FLUX2_TEXT_LEN - context.shape[1], 0))
     norm = getattr(dm, "txt_norm", None)

@@ -7,7 +7,8 @@ rotary or positional encoding touches the text, and no mask reaches the model: t
 zeroes after </s> (``zero_out_masked``) are keys of zeros, which ``cond_seq_linear`` (no bias) keeps zero.
 
 The closed form edits ``cond_seq_linear`` (the text-input projection, as Flux's ``txt_in``); token
-suppression biases the image queries' text columns [8, 8 + T) through the dit replace hooks.
+suppression biases the image queries' text columns [8, 8 + T) through the dit replace hooks; concept guidance
+carries the concept's own [registers ‖ text] stream beside the prompt's through every layer.
 """
 
 from ..files.families import Family
@@ -20,11 +21,6 @@ NO_SAFREE = (
     "its Pile-T5 encoding (no start token, </s> = 2, padding 1, rows zeroed after </s>) is not the T5 layout "
     "SAFREE's masked-token test is written for (T5's </s> = 1, padding 0), and the port is not checked yet"
 )
-NO_NAG = (
-    "the concept's text stream would need its own 8 register tokens carried through every layer beside the "
-    "prompt's (the registers are the model's, prepended inside its forward): the port is not written yet"
-)
-
 RECORDS = (
     FamilyRecord(
         "AuraFlow",
@@ -37,8 +33,10 @@ RECORDS = (
         "rows after </s> zeroed; no mask reaches the model",
         text_tokens="joint attention [8 register tokens ‖ text ‖ image] in double and single layers",
         # SLD: its pass is the host's own conditioning of the safety concept through the model (CFG model)
-        guards=("token_suppression", "sld"),
-        guard_refusals=(("safree", NO_SAFREE), ("concept_guidance", NO_NAG)),
+        # concept guidance: the concept's stream ([the model's 8 registers ‖ cond_seq_linear(concept)], as the model
+        # makes a prompt's) rides beside the prompt's in every layer's one pass (suppression_hooks.inline_guidance)
+        guards=("token_suppression", "sld", "concept_guidance"),
+        guard_refusals=(("safree", NO_SAFREE),),
         guard_layout="joint_text_first",
     ),
 )

@@ -29,6 +29,8 @@ SIGMA_END["wan"] = SIGMA_END["flux"]
 SIGMA_END.update(chroma=SIGMA_END["flux"], flux2=SIGMA_END["flux"], qwen_image=SIGMA_END["flux"])
 #: HiDream-I1: a flow model too (ModelSamplingSD3, shift 3): the same cut-off
 SIGMA_END["hidream"] = SIGMA_END["flux"]
+#: AuraFlow: a flow model (ModelSamplingAuraFlow, shift 1.73): the same cut-off
+SIGMA_END["auraflow"] = SIGMA_END["flux"]
 #: shipped α per family where it differs from 0.25 (SD1.5 workflow: 0.38)
 ALPHA = {"sd1": 0.38}
 

@@ -1,4 +1,4 @@
-"""Concept guidance (NAG) on Chroma, Flux.2 and Qwen-Image, on tiny instances of ComfyUI 0.29's own classes.
+"""Concept guidance (NAG) on Chroma, Flux.2, Qwen-Image and AuraFlow, on tiny instances of ComfyUI's own classes.
 
 On these families the concept's text stream runs through the host's own blocks: appended to the prompt's
 text in the block's one pass (``DitDispatch.inline_guidance``), or, the reference, in an extra pass of each
@@ -27,14 +27,16 @@ import os
 import pytest
 import torch
 from suppression_models import comfy, pack, run_node  # noqa: F401  (comfy, pack are fixtures)
-from test_closed_form_families_comfy import FAMILIES, build
+from test_closed_form_families_comfy import ALL_FAMILIES, build
 from test_guards_new_families_comfy import LATENT, PROMPT, guard_clip, guidance_node, sample, tokens_node
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("COMFYUI_PATH", "").strip(), reason="COMFYUI_PATH is not set: real-ComfyUI tests skipped"
 )
 
-GUIDED = ("chroma", "flux2", "qwen_image")
+GUIDED = ("chroma", "flux2", "qwen_image", "auraflow")
+#: the families with the two-pass reference path (AuraFlow's concept stream rides in the one pass only)
+TWO_PASS = ("chroma", "flux2", "qwen_image")
 #: the concept the tests' guidance node erases (suppression_models.makers: concepts="nude")
 CONCEPT = "nude"
 
@@ -43,7 +45,7 @@ CONCEPT = "nude"
 def family(request, comfy):
     import comfy.model_base as mb
 
-    host = FAMILIES[request.param][0]
+    host = ALL_FAMILIES[request.param][0]
     if not hasattr(mb, host):
         pytest.skip(f"this ComfyUI has no {host} class")
     patcher, clip, _ = build(comfy, request.param)
@@ -53,6 +55,8 @@ def family(request, comfy):
 def blocks_of(name, dm) -> int:
     if name == "qwen_image":
         return len(dm.transformer_blocks)
+    if name == "auraflow":
+        return len(dm.double_layers) + len(dm.single_layers)
     return len(dm.double_blocks) + len(dm.single_blocks)
 
 
@@ -115,6 +119,8 @@ def test_the_one_pass_path_samples_what_the_two_pass_reference_does(
 ):
     nodes, hooks = pack
     name, model, clip = family
+    if name not in TWO_PASS:
+        pytest.skip(f"{name} has no two-pass reference path")
     paths = []
     for path in ("inline_guidance", "two_pass_guidance"):
         original = getattr(hooks.DitDispatch, path)
