@@ -532,8 +532,8 @@ class EraserConceptGuidance(io.ComfyNode):
             "cross/joint attention; works on guidance-distilled Flux. Acts while σ ≥ σ_end (the early steps) "
             "and pushes benign prompts about as far as concept prompts: on the shapes world (which decides "
             "late) it does not erase ('circle' 94 % → 89 %; world 2: no named concept erased). On Chroma, "
-            "Flux.2, Qwen-Image, HiDream and AuraFlow the concept's text rides beside the prompt's in each block's one pass "
-            "(per step: Qwen-Image 1.02–1.04×, Flux.2-klein 1.06× at 1024 px, 1.53× at 512 px).",
+            "Flux.2, Qwen-Image, HiDream and AuraFlow the concept's text rides beside the prompt's in each block's "
+            "one pass (per step: Qwen-Image 1.02–1.04×, Flux.2-klein 1.06× at 1024 px, 1.53× at 512 px).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (cloned, never modified)."),
                 io.Clip.Input(
