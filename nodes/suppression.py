@@ -283,7 +283,8 @@ class EraserSAFREE(io.ComfyNode):
         """SD1.x–SDXL (CLIP), SD3 / Flux.1 / Chroma / Wan (T5): (prompt context (1, T, D), SafreeResult).
         ``prepared``: ``masked_token_dicts``' output, ``masked``: its copies' contexts, when encoded elsewhere
         (HiDream: beside the Llama stream's copies)."""
-        mask_id = sc.T5_PAD if sc.is_t5(family) else safree.CLIP_MASK_ID
+        # the masked copy's id: T5's padding (Pile-T5's on AuraFlow), CLIP's "!" (the reference's id 0)
+        mask_id = sc.PILE_T5_PAD if family == "auraflow" else sc.T5_PAD if sc.is_t5(family) else safree.CLIP_MASK_ID
         tokens, positions, copies, n_real = prepared or sc.masked_token_dicts(clip, prompt, family, mask_id)
         prompt_ctx, prompt_pooled = sc.encode(clip, tokens)
         masked = masked if masked is not None else [sc.encode(clip, t)[0][0] for t in copies]

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 CLIP_EOS = 49407
 T5_EOS = 1
 T5_PAD = 0
+#: AuraFlow's Pile-T5 (comfy/text_encoders/aura_t5.py PT5XlModel special tokens): </s> = 2, padding = 1
+PILE_T5_EOS, PILE_T5_PAD = 2, 1
 #: SD3's context: 77 CLIP positions (L ⊕ G padded to 4096) before the T5 tokens
 SD3_CLIP_POSITIONS = 77
 
@@ -108,7 +110,8 @@ def parameterisation(model) -> str:
 
 def context_key(family: str) -> str:
     """The tokenizer key whose ids are the context positions the detectors work on."""
-    return {"flux": "t5xxl", "sd3": "t5xxl", "chroma": "t5xxl", "wan": "umt5xxl", "hidream": "t5xxl"}.get(family, "l")
+    keys = {"flux": "t5xxl", "sd3": "t5xxl", "chroma": "t5xxl", "wan": "umt5xxl", "hidream": "t5xxl"}
+    return dict(keys, auraflow="pile_t5xl").get(family, "l")
 
 
 def token_offset(family: str) -> int:
@@ -130,7 +133,7 @@ def ids_of(tokens: dict, key: str) -> list:
 
 def real_length(ids: list, family: str) -> int:
     """Number of real positions, EOS included (BOS too for CLIP)."""
-    eos = T5_EOS if is_t5(family) else CLIP_EOS
+    eos = PILE_T5_EOS if family == "auraflow" else T5_EOS if is_t5(family) else CLIP_EOS
     return ids.index(eos) + 1 if eos in ids else len(ids)
 
 
@@ -153,7 +156,8 @@ def encode_many(clip, texts) -> tuple:
         pooled.append(p[0] if p is not None else None)
         row = ids_of(tokens, family_key)
         ids.append(row)
-        lengths.append(real_length(row, "flux" if family_key == "t5xxl" else "sd1"))
+        row_family = {"t5xxl": "flux", "pile_t5xl": "auraflow"}.get(family_key, "sd1")
+        lengths.append(real_length(row, row_family))
     length = min(c.shape[0] for c in ctxs)
     stacked = torch.stack([c[:length] for c in ctxs])
     pooled_t = torch.stack(pooled) if all(p is not None for p in pooled) else None

@@ -8,7 +8,8 @@ zeroes after </s> (``zero_out_masked``) are keys of zeros, which ``cond_seq_line
 
 The closed form edits ``cond_seq_linear`` (the text-input projection, as Flux's ``txt_in``); token
 suppression biases the image queries' text columns [8, 8 + T) through the dit replace hooks; concept guidance
-carries the concept's own [registers ‖ text] stream beside the prompt's through every layer.
+carries the concept's own [registers ‖ text] stream beside the prompt's through every layer; SAFREE works in the
+T5 layout with Pile-T5's ids.
 """
 
 from ..files.families import Family
@@ -17,10 +18,6 @@ from .record import FamilyRecord
 #: the register tokens the model puts before the text in every joint attention (MMDiT.register_tokens)
 REGISTER_TOKENS = 8
 
-NO_SAFREE = (
-    "its Pile-T5 encoding (no start token, </s> = 2, padding 1, rows zeroed after </s>) is not the T5 layout "
-    "SAFREE's masked-token test is written for (T5's </s> = 1, padding 0), and the port is not checked yet"
-)
 RECORDS = (
     FamilyRecord(
         "AuraFlow",
@@ -35,8 +32,9 @@ RECORDS = (
         # SLD: its pass is the host's own conditioning of the safety concept through the model (CFG model)
         # concept guidance: the concept's stream ([the model's 8 registers ‖ cond_seq_linear(concept)], as the model
         # makes a prompt's) rides beside the prompt's in every layer's one pass (suppression_hooks.inline_guidance)
-        guards=("token_suppression", "sld", "concept_guidance"),
-        guard_refusals=(("safree", NO_SAFREE),),
+        # SAFREE: the T5 layout (no start token, mean-pooled, every row projected) with Pile-T5's ids: </s> = 2, the
+        # masked copies' id its padding (1); the rows zeroed after </s> stay zero (the projection is linear)
+        guards=("token_suppression", "sld", "concept_guidance", "safree"),
         guard_layout="joint_text_first",
     ),
 )

@@ -48,7 +48,7 @@ END_TO_END = {"BaseModel", "SDXL", "SD3", "Flux", "Chroma", "Flux2", "QwenImage"
 END_TO_END |= {"SDXL_instructpix2pix", "SD21UNCLIP"}
 #: HiDream-I1: closed form and all four guards, sampled end to end in test_hidream_comfy.py
 END_TO_END |= {"HiDream"}
-#: AuraFlow (Tier 2): closed form, token suppression, SLD and concept guidance, sampled in
+#: AuraFlow (Tier 2): closed form and all four guards, sampled in
 #: test_guards_new_families_comfy.py and test_guidance_joint_families_comfy.py
 END_TO_END |= {"AuraFlow"}
 #: the closed form also edits these UNet variants' attn2 K/V (same CLIP, same cross-attention as the UNet

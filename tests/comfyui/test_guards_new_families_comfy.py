@@ -55,7 +55,7 @@ LATENT = {
 SLD_FAMILIES = ("chroma", "qwen_image", "lumina2", "zimage", "wan", "auraflow")
 #: text rows before the context in every joint attention (AuraFlow's register tokens)
 REGISTERS = {"auraflow": 8}
-T5_SAFREE = ("chroma", "wan")
+T5_SAFREE = ("chroma", "wan", "auraflow")
 CHAT_SAFREE = ("flux2", "qwen_image", "lumina2", "zimage")
 
 
@@ -273,14 +273,16 @@ def test_sld_runs_its_extra_pass_where_the_sampler_has_an_uncond_branch(comfy, p
 
 
 class ZeroPadCLIP(GuardCLIP):
-    """Wan's UMT5 as ComfyUI runs it (zero_out_masked): the rows after </s> are zero."""
+    """Wan's UMT5 / AuraFlow's Pile-T5 as ComfyUI runs them (zero_out_masked): the rows after </s> are zero."""
+
+    eos = 1  # UMT5's </s>; Pile-T5's is 2
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         cond = super().encode_from_tokens(tokens)
         ((_, sections),) = tokens.items()
         ids = [t[0] for t in sections[0]]
         cond = cond.clone()
-        cond[:, ids.index(1) + 1 :] = 0
+        cond[:, ids.index(self.eos) + 1 :] = 0
         return (cond, None) if return_pooled else cond
 
 
@@ -289,8 +291,16 @@ def test_safree_projects_the_prompt_on_the_t5_families(comfy, pack, family, monk
     name, model, clip = family
     if name not in T5_SAFREE:
         pytest.skip(f"{name} is a decoder-LLM family (test_safree_on_the_chat_families_*)")
-    if name == "wan":
+    if name in ("wan", "auraflow"):
         clip = ZeroPadCLIP(clip.tokenizer, clip.width, causal=clip.causal, seed=clip.seed)
+        clip.eos = 2 if name == "auraflow" else 1
+    masking = []
+    masked_dicts = nodes.sc.masked_token_dicts
+    monkeypatch.setattr(
+        nodes.sc,
+        "masked_token_dicts",
+        lambda c, p, f, m, *a: masking.append((m, masked_dicts(c, p, f, m, *a))) or masking[-1][1],
+    )
     swapped = []
     tile_to = hooks.tile_to
     monkeypatch.setattr(hooks, "tile_to", lambda t, n: swapped.append(t.clone()) or tile_to(t, n))
@@ -301,9 +311,13 @@ def test_safree_projects_the_prompt_on_the_t5_families(comfy, pack, family, monk
     assert swapped and torch.isfinite(on).all() and not torch.equal(on, base), f"{name}: SAFREE had no effect"
     prompt = clip.encode_from_tokens(clip.tokenize(PROMPT))[0]
     assert swapped[0].shape == prompt.shape and not torch.equal(swapped[0].float(), prompt.float())
-    if name == "wan":
+    if name in ("wan", "auraflow"):
         zero = (prompt == 0).all(-1)
-        assert zero.sum() > 400 and (swapped[0][zero] == 0).all(), "the projection moved Wan's zeroed padding"
+        assert zero.sum() > 200 and (swapped[0][zero] == 0).all(), f"the projection moved {name}'s zeroed padding"
+    if name == "auraflow":  # Pile-T5's ids: the copies masked with its padding (1), the prompt counted to </s> (2)
+        mask_id, (tokens, positions, _, n_real) = masking[-1]
+        ids = [t[0] for t in tokens["pile_t5xl"][0]]
+        assert mask_id == 1 and n_real == ids.index(2) + 1 and positions == list(range(n_real - 1))
     other = safree_node(nodes, model, clip, prompt="a quiet harbour at dawn")
     with pytest.raises(ValueError, match="not the encoding of the prompt this node analysed"):
         sample(comfy, other, clip, PROMPT, name)
@@ -453,9 +467,6 @@ def test_refusals_name_the_family_before_sampling(pack, family):
     if name not in ("wan", "chroma", "flux2", "qwen_image", "auraflow"):  # test_guidance_joint_families_comfy.py
         with pytest.raises(ValueError, match=rf"Concept guidance cannot serve {label[name]} .*the concept's text"):
             guidance_node(nodes, model, clip)
-    if name == "auraflow":
-        with pytest.raises(ValueError, match=r"SAFREE cannot serve AuraFlow \(AuraFlow.*Pile-T5"):
-            safree_node(nodes, model, clip)
     if name not in SLD_FAMILIES:
         with pytest.raises(ValueError, match=r"Safe Latent Diffusion cannot serve Flux.2 \(Flux2.*guidance-distilled"):
             sld_node(nodes, model, clip)
