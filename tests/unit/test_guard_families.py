@@ -337,7 +337,7 @@ def test_lumina_lengths_follow_the_hosts_padding():
 
 # -- the family table's guard statements --------------------------------------------------------------------
 
-NEW = ("Chroma", "Flux2", "QwenImage", "Lumina2", "WAN21", "WAN22", "HiDream")
+NEW = ("Chroma", "Flux2", "QwenImage", "Lumina2", "WAN21", "WAN22", "HiDream", "AuraFlow")
 
 
 @pytest.mark.parametrize("record", [r for r in families.RECORDS if r.host_class in NEW])
