@@ -7,9 +7,11 @@ from ..files.families import Family
 from .record import GUARDS, FamilyRecord, PreNorm
 
 NO_NAG = (
-    "concept guidance carries the concept's text stream through the model's own blocks, which it reaches through "
-    "the per-block replace hook (patches_replace['dit']); this model's joint layers have none (the guards reach "
-    "them only through the model-wide attention override), so the stream cannot be carried"
+    "concept guidance carries the concept's text stream through the model's own blocks, and this model's joint "
+    "layers have no per-block replace hook (patches_replace['dit']); riding in the model's own caption instead (as "
+    "on HiDream-I1) would be inexact here: the caption refiner attends over the whole caption (the concept would mix "
+    "with the prompt), the image tokens' rotary positions start after the caption, and Z-Image pads the caption to "
+    "a multiple of 32 with a learned token after its embedder"
 )
 
 

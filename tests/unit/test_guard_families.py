@@ -353,7 +353,7 @@ def test_every_new_family_states_every_guard(record):
     [
         ("Flux2", "Flux2", "sld", "Safe Latent Diffusion cannot serve Flux.2 (Flux2.*guidance-distilled"),
         ("Flux", "Flux", "sld", "cannot serve Flux.1 (Flux.*guidance-distilled"),
-        ("Lumina2", "ZImage", "concept_guidance", "Concept guidance cannot serve Z-Image.*text stream.*replace hook"),
+        ("Lumina2", "ZImage", "concept_guidance", "Concept guidance cannot serve Z-Image.*hook.*caption refiner"),
         ("WAN21", "WAN21_I2V", "token_suppression", "WAN21 is loaded with the config WAN21_I2V"),
         ("SDXLRefiner", "SDXLRefiner", "sld", "cannot serve SDXL refiner .SDXLRefiner"),
         ("CosmosPredict2", "X", "token_suppression", "CosmosPredict2 .config X. is not in the pack's family table"),
