@@ -18,6 +18,8 @@ Lumina2Transformer2DModel           time_caption_embed.caption_      time_captio
                                     embedder.1 → cap_embedder.1      → cap_embedder.0 (RMSNorm)
 WanTransformer3DModel (t2v)         blocks.i.attn2.to_k / to_v →     condition_embedder.text_embedder.linear_1
                                     blocks.i.cross_attn.k / .v       / linear_2 → text_embedding.0 / .2
+AuraFlowTransformer2DModel          context_embedder →               — (Pile-T5's 256 rows, zeroed after </s>)
+                                    cond_seq_linear
 HiDreamImageTransformer2DModel      caption_projection.i.linear,     — (one text stream per projection: T5
                                     p_embedder.pooled_embedder.      or one Llama layer; the pooled embedder
                                     linear_1 (same names)            reads CLIP-L ⊕ CLIP-G with T5's stream)
@@ -153,6 +155,15 @@ def _lumina2(pipe, prompt, device, length):
     return embeds[0], mask[0]
 
 
+def _aura(pipe, prompt, device, length):
+    # AuraFlowPipeline zeroes the rows after </s> and hands the transformer all 256 (no mask): every row counts
+    embeds, *_ = pipe.encode_prompt(
+        prompt=[prompt], do_classifier_free_guidance=False, num_images_per_prompt=1, device=device,
+        max_sequence_length=length,
+    )  # fmt: skip
+    return embeds[0], None
+
+
 def _wan(pipe, prompt, device, length):
     embeds, _ = pipe.encode_prompt(
         prompt=[prompt], do_classifier_free_guidance=False, num_videos_per_prompt=1, max_sequence_length=length,
@@ -189,6 +200,10 @@ DIFFUSERS_FAMILIES = {
         ("Lumina2Pipeline",), _lumina2, 256,
     ),
     "WanTransformer3DModel": DiffusersFamily("WAN21", "WAN21_T2V", _wan_names, ("WanPipeline",), _wan, 512),
+    "AuraFlowTransformer2DModel": DiffusersFamily(
+        "AuraFlow", "AuraFlow", _fixed({"cond_seq_linear.weight": "context_embedder.weight"}),
+        ("AuraFlowPipeline",), _aura, 256,
+    ),
     # encode: HiDreamEncodings below (one encode_prompt per prompt serves every text stream)
     "HiDreamImageTransformer2DModel": DiffusersFamily(
         "HiDream", "HiDream", _hidream_names, ("HiDreamImagePipeline",), None, 128,
@@ -198,14 +213,7 @@ DIFFUSERS_FAMILIES = {
 
 #: diffusers classes refused by name: (the family table's host class, config class, why diffusers refuses it
 #: where the table serves the class in ComfyUI; "" = the table refuses it and its reason is the message)
-REFUSED = {
-    "AuraFlowTransformer2DModel": (
-        "AuraFlow",
-        "AuraFlow",
-        "its text-input Linear (context_embedder) and the pipeline's Pile-T5 encoding are not mapped through "
-        "diffusers yet (ComfyUI: closed form, token suppression and SLD)",
-    )
-}
+REFUSED: dict = {}
 
 #: the module paths of the norms in front (diffusers names), for their live ε
 NORM_MODULES = {

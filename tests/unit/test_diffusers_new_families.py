@@ -1,5 +1,5 @@
-"""The newer families through the diffusers API (#16): Chroma, Flux.2 (klein), Qwen-Image, Z-Image, Lumina 2
-and Wan text-to-video, on the real diffusers 0.42 pipeline classes with tiny random modules, no downloads.
+"""The newer families through the diffusers API (#16): Chroma, Flux.2 (klein), Qwen-Image, Z-Image, Lumina 2,
+Wan text-to-video and AuraFlow, on the real diffusers 0.42 pipeline classes with tiny random modules, no downloads.
 
 Each pipeline is built from its own class: the transformer from its real config class with one or two
 blocks and widths of 16–48; the text encoder from the real ``transformers`` class the pipeline uses (T5,
@@ -142,6 +142,13 @@ def build(name):
         pipe = diffusers.Lumina2Pipeline(tr, SCHED(), None, transformers.Gemma2Model(cfg).eval(), tok)
         pipe.system_prompt = "you are an assistant"
         return pipe
+    if name == "auraflow":
+        tr = diffusers.AuraFlowTransformer2DModel(
+            sample_size=8, num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=16, caption_projection_dim=16, pos_embed_max_size=16,
+        )  # fmt: skip
+        tok = tokenizer(["</s>"], eos="</s>")
+        return diffusers.AuraFlowPipeline(tok, t5("UMT5EncoderModel"), None, tr, SCHED())
     tr = diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
@@ -157,6 +164,7 @@ FAMILIES = {
     "zimage": Family.ZIMAGE,
     "lumina2": Family.LUMINA2,
     "wan": Family.WAN,
+    "auraflow": Family.AURAFLOW,
 }
 EDITED = {
     "chroma": ["context_embedder.weight"],
@@ -165,6 +173,7 @@ EDITED = {
     "zimage": ["cap_embedder.1.weight"],
     "lumina2": ["time_caption_embed.caption_embedder.1.weight"],
     "wan": [f"blocks.{i}.attn2.to_{kv}.weight" for i in range(2) for kv in "kv"],
+    "auraflow": ["context_embedder.weight"],
 }
 _CACHE = {}
 
@@ -316,10 +325,12 @@ COMFY_KEYS = {
     "zimage": ["cap_embedder.1.weight"],
     "lumina2": ["cap_embedder.1.weight"],
     "wan": [f"blocks.{i}.cross_attn.{kv}.weight" for i in range(2) for kv in "kv"],
+    "auraflow": ["cond_seq_linear.weight"],
 }
 #: a family whose file uses the same canonical key names, where there is one (the family check must refuse it)
 WRONG = {
     "chroma": "flux2", "flux2": "chroma", "qwen": "chroma", "zimage": "lumina2", "lumina2": "zimage", "wan": "qwen",
+    "auraflow": "chroma",
 }  # fmt: skip
 
 
@@ -434,7 +445,7 @@ def test_every_front_module_of_the_records_is_found_under_diffusers_names(family
     entry = dfam.DIFFUSERS_FAMILIES[type(pipe.transformer).__name__]
     names = entry.names([n for n, _ in pipe.transformer.named_parameters()])
     front = [k for k in pre_keys(entry.record.pre) if k.endswith(".weight")]
-    if name == "chroma":  # T5 straight into txt_in
+    if name in ("chroma", "auraflow"):  # T5 / Pile-T5 straight into txt_in / cond_seq_linear
         assert entry.record.pre is None and front == []
     elif name == "flux2":  # ComfyUI's txt_norm exists only in checkpoints that have it; diffusers' Flux.2 has none
         assert front == ["txt_norm.weight"] and "txt_norm.weight" not in names
@@ -479,19 +490,4 @@ def test_the_cli_erases_on_a_saved_pipeline_folder_of_a_new_family(tmp_path, cap
     before = state(pipe)
     with api.erased(pipe, eraser):
         assert not torch.equal(before["cap_embedder.1.weight"], pipe.transformer.state_dict()["cap_embedder.1.weight"])
-    assert same(before, state(pipe))
-
-
-def test_auraflow_is_refused_by_name_through_diffusers():
-    from types import SimpleNamespace
-
-    tr = diffusers.AuraFlowTransformer2DModel(
-        sample_size=8, num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pos_embed_max_size=16,
-    )  # fmt: skip
-    pipe = SimpleNamespace(transformer=tr)
-    before = state(pipe)
-    for call in (api.pipeline_family, api.canonical_weights, api.DiffusersTextEncoder):
-        with pytest.raises(UnsupportedFamily, match=r"AuraFlow \(AuraFlowTransformer2DModel\) is refused by name"):
-            call(pipe)
     assert same(before, state(pipe))
