@@ -283,8 +283,8 @@ class EraserSAFREE(io.ComfyNode):
         """SD1.x–SDXL (CLIP), SD3 / Flux.1 / Chroma / Wan (T5): (prompt context (1, T, D), SafreeResult).
         ``prepared``: ``masked_token_dicts``' output, ``masked``: its copies' contexts, when encoded elsewhere
         (HiDream: beside the Llama stream's copies)."""
-        # the masked copy's id: T5's padding (Pile-T5's on AuraFlow), CLIP's "!" (the reference's id 0)
-        mask_id = sc.PILE_T5_PAD if family == "auraflow" else sc.T5_PAD if sc.is_t5(family) else safree.CLIP_MASK_ID
+        # the masked copy's id: T5's padding, CLIP's "!" (the reference's id 0)
+        mask_id = sc.pad_id(family) if sc.is_t5(family) else safree.CLIP_MASK_ID
         tokens, positions, copies, n_real = prepared or sc.masked_token_dicts(clip, prompt, family, mask_id)
         prompt_ctx, prompt_pooled = sc.encode(clip, tokens)
         masked = masked if masked is not None else [sc.encode(clip, t)[0][0] for t in copies]
@@ -321,8 +321,9 @@ class EraserSAFREE(io.ComfyNode):
                 "T5 and Llama conditioning in the batch). Type the keywords into the negative prompt's text "
                 "encoder instead and turn keywords_as_negative off."
             )
+        clip = sc.EncodeOnce(clip)  # the prompt and the keywords are asked for by both streams' helpers
         layers = sorted(set(int(layer) for layer in m.model.diffusion_model.llama_layers))
-        prepared = sc.masked_token_dicts(clip, prompt, "hidream", sc.T5_PAD)
+        prepared = sc.masked_token_dicts(clip, prompt, "hidream", sc.pad_id("hidream"))
         # one encode per masked position serves both streams (the four encoders run independently)
         llama = sc.hidream_llama_safree(clip, prompt, config.concepts, layers, t5_copies=prepared[2])
         prompt_ctx, t5_result = cls.analyse_clip_t5(
@@ -612,6 +613,7 @@ class EraserConceptGuidance(io.ComfyNode):
             return io.NodeOutput(m)
         neg_llama = None
         if family == "hidream":  # the concept's T5 rows and per-layer Llama rows, appended to the prompt's
+            clip = sc.EncodeOnce(clip)  # a single keyword is both the negative and the gate's context
             neg, neg_llama = sc.hidream_conditioning(clip, ", ".join(config.concepts), "Concept guidance")
         else:
             neg = sc.encode(clip, ", ".join(config.concepts))[0]

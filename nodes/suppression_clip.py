@@ -108,10 +108,29 @@ def parameterisation(model) -> str:
     return "eps"
 
 
+#: the tokenizer key whose ids are the context positions the detectors work on (CLIP-L's "l" otherwise)
+CONTEXT_KEYS = {
+    "flux": "t5xxl",
+    "sd3": "t5xxl",
+    "chroma": "t5xxl",
+    "wan": "umt5xxl",
+    "hidream": "t5xxl",
+    "auraflow": "pile_t5xl",
+}
+
+
 def context_key(family: str) -> str:
-    """The tokenizer key whose ids are the context positions the detectors work on."""
-    keys = {"flux": "t5xxl", "sd3": "t5xxl", "chroma": "t5xxl", "wan": "umt5xxl", "hidream": "t5xxl"}
-    return dict(keys, auraflow="pile_t5xl").get(family, "l")
+    return CONTEXT_KEYS.get(family, "l")
+
+
+def end_id(family: str) -> int:
+    """The id that ends a prompt's real tokens: T5's </s> (Pile-T5's on AuraFlow), CLIP's EOS."""
+    return PILE_T5_EOS if family == "auraflow" else T5_EOS if is_t5(family) else CLIP_EOS
+
+
+def pad_id(family: str) -> int:
+    """T5's padding id (Pile-T5's on AuraFlow): SAFREE masks a T5 prompt's token with it."""
+    return PILE_T5_PAD if family == "auraflow" else T5_PAD
 
 
 def token_offset(family: str) -> int:
@@ -133,7 +152,7 @@ def ids_of(tokens: dict, key: str) -> list:
 
 def real_length(ids: list, family: str) -> int:
     """Number of real positions, EOS included (BOS too for CLIP)."""
-    eos = PILE_T5_EOS if family == "auraflow" else T5_EOS if is_t5(family) else CLIP_EOS
+    eos = end_id(family)
     return ids.index(eos) + 1 if eos in ids else len(ids)
 
 
@@ -498,6 +517,27 @@ class TokenStream:
     prompt_ref: Optional[torch.Tensor] = None
     positions: tuple = ()
     length: Optional[int] = None
+
+
+class EncodeOnce:
+    """A CLIP that encodes each distinct token dict once for the duration of one node's analysis: the HiDream
+    guards ask for the same text through several helpers (the prompt for its T5 and its Llama stream, a keyword
+    alone for the risk gate and as a subspace column), and each encode runs T5-XXL and Llama-3.1-8B."""
+
+    def __init__(self, clip):
+        self._clip, self._outputs = clip, {}
+
+    def __getattr__(self, name):
+        return getattr(self._clip, name)
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        key = tuple((k, tuple(tuple(t[:2]) for section in v for t in section)) for k, v in sorted(tokens.items()))
+        if key not in self._outputs:
+            self._outputs[key] = self._clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        out = self._outputs[key]
+        if return_dict:
+            return out
+        return (out["cond"], out.get("pooled_output")) if return_pooled else out["cond"]
 
 
 def _hidream_tokens(clip, text: str, node: str) -> dict:
