@@ -173,6 +173,23 @@ def token_mask_for_row(
     return hit
 
 
+def call_with_token_bias(executor, args: tuple, transformer_options: dict, kwargs: dict, bias, txt_len, install=None):
+    """The model call ``executor(*args, to, **kwargs)`` with the (B, T) token bias in a copy of the state;
+    ``install(to)`` may add a model-wide override first. (output, how many attentions the bias reached): the
+    callers stop when none did rather than sampling unguarded."""
+    acted = [0]
+    to = with_state(
+        transformer_options,
+        token_bias=bias.to(args[3].device),
+        txt_len=txt_len,
+        model=getattr(executor, "class_obj", None),
+        acted=acted,
+    )
+    if install is not None:
+        install(to)
+    return executor(*args, to, **kwargs), acted[0]
+
+
 def make_token_wrapper(
     config,
     concept_tokens: torch.Tensor,
@@ -219,22 +236,24 @@ def make_token_wrapper(
             bias[r] = ts.logit_bias(mask, factor)
         if not bool(bias.any()):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        acted = [0]
-        to = with_state(
-            transformer_options,
-            token_bias=bias.to(c_crossattn.device),
-            txt_len=c_crossattn.shape[1],
-            model=getattr(executor, "class_obj", None),
-            acted=acted,
-        )
-        if family in MODEL_LEVEL_FAMILIES:
+
+        def model_level(to):  # Lumina 2 / Z-Image: no per-block hook, a model-wide override for this call
             dm = to[STATE_KEY]["model"].diffusion_model
             caption, joint_len = lumina_lengths(dm, x, c_crossattn.shape[1])
             to["optimized_attention_override"] = ModelLevelJoint(
                 joint_len, caption, to[STATE_KEY], to.get("optimized_attention_override")
             )
-        out = executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
-        if checked and acted[0] == 0:
+
+        out, acted = call_with_token_bias(
+            executor,
+            (x, t, c_concat, c_crossattn, control),
+            transformer_options,
+            kwargs,
+            bias,
+            c_crossattn.shape[1],
+            model_level if family in MODEL_LEVEL_FAMILIES else None,
+        )
+        if checked and acted == 0:
             raise RuntimeError(
                 f"Token suppression found none of the {family} model's text attentions in the layout it was "
                 f"built for ({LAYOUTS.get(family, '?')}), so the concept would not be suppressed; it stops at this "
@@ -290,16 +309,10 @@ def make_hidream_token_wrapper(
                 bias[r] = ts.logit_bias(both, factor)
         if not bool(bias.any()):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        acted = [0]
-        to = with_state(
-            transformer_options,
-            token_bias=bias.to(c_crossattn.device),
-            txt_len=t5_len,
-            model=getattr(executor, "class_obj", None),
-            acted=acted,
+        out, acted = call_with_token_bias(
+            executor, (x, t, c_concat, c_crossattn, control), transformer_options, kwargs, bias, t5_len
         )
-        out = executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
-        if acted[0] == 0:
+        if acted == 0:
             raise RuntimeError(
                 "Token suppression found none of HiDream-I1's joint attentions in the layout it was built for "
                 f"({LAYOUTS['hidream']}: image + {t5_len} + 2 × {llama_len} positions), so the concept would not be "
@@ -398,6 +411,11 @@ class ImageFirstJoint:
         self.length = image_len + self.t5_total + 2 * self.llama_total
         self.calls = 0
 
+    def text_columns(self, bias: torch.Tensor) -> torch.Tensor:
+        """The prompt's (B, T5 + R) token bias over its three text blocks [T5 ‖ Llama initial ‖ Llama layer i]."""
+        llama = bias[:, self.t5_len :]
+        return torch.cat((bias[:, : self.t5_len], llama, llama), dim=1)
+
     def stream_columns(self, index: int, device) -> torch.Tensor:
         """Key positions of text stream ``index`` (0: the prompt, j: concept j) in its three text blocks."""
         before = self.concepts[: index - 1] if index else []
@@ -419,9 +437,8 @@ class ImageFirstJoint:
             self.state["acted"][0] += 1
         if self.concepts:
             return self.guided(func, q, k, v, heads, skip_reshape, kw, bias)
-        bias = bias.to(q.device)
-        t5, llama = bias[:, : self.t5_len], bias[:, self.t5_len :]
-        columns = torch.cat((bias.new_zeros(bias.shape[0], self.image_len), t5, llama, llama), dim=1)
+        text = self.text_columns(bias.to(q.device))
+        columns = torch.cat((text.new_zeros(text.shape[0], self.image_len), text), dim=1)
         return joint.joint_suppressed_attention(
             q,
             k,
@@ -451,11 +468,7 @@ class ImageFirstJoint:
             values = torch.cat((v_img, vh[:, :, cols]), dim=2)
             out[:, :, cols] = func(qh[:, :, cols], keys, values, heads, skip_reshape=True, **host_kw).to(out.dtype)
             if index == 0:
-                columns = None
-                if bias is not None:
-                    b = bias.to(q.device).float()
-                    t5, llama = b[:, : self.t5_len], b[:, self.t5_len :]
-                    columns = torch.cat((t5, llama, llama), dim=1)[:, None, None, :]
+                columns = None if bias is None else self.text_columns(bias.to(q.device).float())[:, None, None, :]
                 prompt = lse.attention_lse(q_img, kh[:, :, cols], vh[:, :, cols], columns)
                 z = _to_seq(lse.merge(*image, *prompt)[0], True)
                 continue
@@ -660,6 +673,8 @@ class DitDispatch:
 
     def __init__(self, family: str, kind: str, index: int):
         self.family, self.kind, self.index = family, kind, index
+        # text rows the model puts before the context (AuraFlow's registers): [registers ‖ context ‖ image]
+        self.registers = TEXT_BEFORE_CONTEXT.get(family, 0)
 
     def __deepcopy__(self, memo):
         return self
@@ -674,13 +689,11 @@ class DitDispatch:
         if self.family in HOST_BLOCK_NAG and state.get("nag"):
             return self.host_block_guidance(args, extra, to, state)
         img = args["img"]
-        # AuraFlow puts its register tokens before the text: [registers ‖ text ‖ image]
-        registers = aura.REGISTER_TOKENS if self.family == "auraflow" else 0
         if self.kind == "double":
             txt_len = args["txt"].shape[1]
             joint = txt_len + img.shape[1]
         else:  # Flux / AuraFlow single block: img is already cat(txt, img)
-            txt_len = state.get("txt_len", 0) + registers
+            txt_len = state.get("txt_len", 0) + self.registers
             joint = img.shape[1]
         previous = to.get("optimized_attention_override")
 
@@ -688,7 +701,7 @@ class DitDispatch:
             length = q.shape[2] if skip_reshape else q.shape[1]
             if self.family in TABLE_FAMILIES:
                 return self.table_joint(
-                    func, q, k, v, heads, rest, mask, skip_reshape, kw, state, txt_len, joint, previous, registers
+                    func, q, k, v, heads, rest, mask, skip_reshape, kw, state, txt_len, joint, previous
                 )
             if length != joint or rest:
                 if previous is not None:
@@ -700,14 +713,12 @@ class DitDispatch:
         to2["optimized_attention_override"] = attention_override
         return extra["original_block"](dict(args, transformer_options=to2))
 
-    def table_joint(
-        self, func, q, k, v, heads, rest, mask, skip_reshape, kw, state, txt_len, joint_len, previous, text_start=0
-    ):
+    def table_joint(self, func, q, k, v, heads, rest, mask, skip_reshape, kw, state, txt_len, joint_len, previous):
         """Token suppression in a family-table model's joint attention (text first, ``txt_len`` text keys, the
-        context's from ``text_start``: AuraFlow's registers come before it); Qwen-Image passes its text mask
-        positionally. Anything else (another length) runs unchanged."""
+        context's after ``self.registers``); Qwen-Image passes its text mask positionally. Anything else
+        (another length) runs unchanged."""
         return table_joint_attention(
-            func, q, k, v, heads, rest, mask, skip_reshape, kw, state, text_start, txt_len, joint_len, previous
+            func, q, k, v, heads, rest, mask, skip_reshape, kw, state, self.registers, txt_len, joint_len, previous
         )
 
     def cross_attention_block(self, args, extra, to, state):
@@ -788,9 +799,9 @@ class DitDispatch:
                 "model call brought an attention mask laid out for the prompt's text length (a regional mask?), "
                 "which cannot be applied to the concept's: stopped at the first step rather than sampling unguarded."
             )
-        if self.family == "auraflow" or (
+        if self.family in ONE_PASS_ONLY or (
             self.inline_concept_stream and not (self.kind == "single" and to.get("reference_image_num_tokens"))
-        ):  # AuraFlow has no two-pass port: its concept stream rides in the one pass only
+        ):
             return self.inline_guidance(args, extra, to, state)
         return self.two_pass_guidance(args, extra, to, state)
 
@@ -809,9 +820,7 @@ class DitDispatch:
         img = args["img"]
         single = self.kind == "single"
         batch = img.shape[0]
-        # AuraFlow's text block is [8 registers ‖ context]; its single layers' cx starts with it too
-        registers = aura.REGISTER_TOKENS if self.family == "auraflow" else 0
-        txt_len = int(state.get("txt_len", 0)) + registers if single else args["txt"].shape[1]
+        txt_len = int(state.get("txt_len", 0)) + self.registers if single else args["txt"].shape[1]
         dm = state["model"].diffusion_model
         ops = state["nag"]
         streams, spans, start = [], [], txt_len
@@ -843,7 +852,7 @@ class DitDispatch:
             acted[0] += 1
             if not skip_reshape:  # (B, L, H·D), as ComfyUI 0.3.x's Qwen-Image passes it: head-split here
                 q, k, v = (_heads(t, heads, False) for t in (q, k, v))
-            return self.inline_joint_attention(func, q, k, v, heads, kw, state, txt_len, spans, ops, registers)
+            return self.inline_joint_attention(func, q, k, v, heads, kw, state, txt_len, spans, ops)
 
         to2 = dict(to, optimized_attention_override=attention_override)
         block_args = dict(args, transformer_options=to2)
@@ -873,7 +882,7 @@ class DitDispatch:
             return dict(out, img=torch.cat((sequence[:, :txt_len], sequence[:, text_end:]), dim=1))
         return dict(out, txt=sequence[:, :txt_len])
 
-    def inline_joint_attention(self, func, q, k, v, heads, kw, state, txt_len, spans, ops, text_start=0):
+    def inline_joint_attention(self, func, q, k, v, heads, kw, state, txt_len, spans, ops):
         """The joint attention of [prompt ‖ concept₁ ‖ … ‖ image] as (B, H, L, D) tensors, each stream kept to
         its own text keys (``inline_guidance``). The image queries' image-key part is computed once for every
         row and shared by Z⁺ and each Z⁻ (log-sum-exp merge, exact); token suppression's column bias applies to
@@ -893,7 +902,7 @@ class DitDispatch:
         columns = None
         if bias is not None:
             state["acted"][0] += 1
-            columns = joint.joint_column_bias(bias.to(q.device), txt_len, text_start)[:, None, None, :]
+            columns = joint.joint_column_bias(bias.to(q.device), txt_len, self.registers)[:, None, None, :]
         prompt = lse.attention_lse(q_img, k[:, :, :txt_len], v[:, :, :txt_len], columns)
         z = _to_seq(lse.merge(*image, *prompt)[0], True)
         for op, (first, length) in zip(ops, spans):
@@ -1216,6 +1225,10 @@ class DitDispatch:
 
 #: the families whose concept guidance runs through the host's own blocks (``DitDispatch.host_block_guidance``)
 HOST_BLOCK_NAG = ("chroma", "flux2", "qwen_image", "auraflow")
+#: of those, the ones with no two-pass port: their concept stream rides in the block's one pass only
+ONE_PASS_ONLY = ("auraflow",)
+#: text rows a family's model puts before the context in its joint attention (AuraFlow's register tokens)
+TEXT_BEFORE_CONTEXT = {"auraflow": aura.REGISTER_TOKENS}
 #: Flux.2's context length at sampling: model_base.Flux2.extra_conds left-pads the context to 512 with zeros
 FLUX2_TEXT_LEN = 512
 
