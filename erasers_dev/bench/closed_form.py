@@ -408,6 +408,11 @@ def main(argv: Optional[list] = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    labels = [r.strip() for r in args.family_rows.split(",") if r.strip()] if args.family_rows else None
+    unknown_rows = sorted(set(labels or ()) - {r[0] for r in FAMILY_WIDTHS})
+    if labels is not None and (unknown_rows or not labels):
+        found = f"unknown row(s) {unknown_rows}" if unknown_rows else "no row named"
+        parser.error(f"--family-rows: {found}; the rows are {', '.join(r[0] for r in FAMILY_WIDTHS)}")
     counts = [int(c) for c in (args.counts or ("1,10" if args.quick else "1,10,100")).split(",")]
     names = [m.strip() for m in (args.methods or ("uce" if args.quick else ",".join(METHODS))).split(",")]
     unknown = [n for n in names if n not in METHODS]
@@ -467,7 +472,6 @@ def main(argv: Optional[list] = None) -> int:
     if args.families:
         family_methods = [] if args.families == "none" else [m.strip() for m in args.families.split(",")]
     if family_methods:
-        labels = [r.strip() for r in args.family_rows.split(",")] if args.family_rows else None
         family_table(family_methods, 10 if args.quick else 100, args.quick, labels)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     print()
